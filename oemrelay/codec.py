@@ -1,0 +1,691 @@
+"""
+Digital Matter device protocol: frames, messages and records, with no I/O.
+
+Everything here is a pure function or a small value type, so the codec can be
+tested and fuzzed without a reactor.  The byte layouts follow
+``docs/dm-protocol.md`` (sections 1-3); all integers are little-endian.
+
+A frame is ``02 55 <type> <uint16 length> <payload>``.  Because the header is
+fully determined by type and payload, ``encode_frame(frame.type,
+frame.payload)`` reproduces the device's bytes exactly; the raw TCP connector
+relies on that.
+"""
+
+from __future__ import annotations
+
+import calendar
+import struct
+from time import gmtime
+from dataclasses import dataclass, field
+from enum import IntEnum
+from typing import ClassVar
+
+SYNC = b"\x02\x55"
+HEADER_SIZE = 5
+MAX_PAYLOAD = 0xFFFF
+
+#: Unix time of 2013-01-01 00:00:00 UTC, the epoch of every device time.
+EPOCH_2013 = 1356998400
+
+
+class MessageType(IntEnum):
+    """Message types, named from the side that sends them."""
+
+    HELLO = 0x00
+    HELLO_RESPONSE = 0x01
+    DATA_RECORDS = 0x04
+    COMMIT_REQUEST = 0x05
+    COMMIT_RESPONSE = 0x06
+    FIXED_RECORDS = 0x10
+    VERSION_DATA = 0x14
+    VERSION_RESPONSE = 0x15
+    ASYNC_MESSAGE = 0x20
+    ASYNC_RESPONSE = 0x21
+    ASYNC_SESSION_REQUEST = 0x22
+    ASYNC_SESSION_COMPLETE = 0x23
+    SOCKET_CLOSE = 0x26
+    TIME_REQUEST = 0x30
+    TIME_RESPONSE = 0x31
+
+
+class ProtocolError(Exception):
+    """
+    The device sent bytes that break the protocol; the connection must end.
+
+    The message is a short reason fit for a single log line.
+    """
+
+
+@dataclass(frozen=True, slots=True)
+class Frame:
+    """One protocol message: its type byte and payload."""
+
+    type: int
+    payload: bytes
+
+    def to_bytes(self) -> bytes:
+        """The frame exactly as it travels on the wire."""
+        return encode_frame(self.type, self.payload)
+
+
+def encode_frame(message_type: int, payload: bytes = b"") -> bytes:
+    """Wrap ``payload`` in a frame header."""
+    return SYNC + struct.pack("<BH", message_type, len(payload)) + payload
+
+
+class FrameDecoder:
+    """
+    Turn a byte stream into frames, whatever the TCP segmentation.
+
+    One buffer is walked by offset; a declared length above ``max_payload``
+    is refused before any of its payload is buffered.
+    """
+
+    def __init__(self, max_payload: int = MAX_PAYLOAD) -> None:
+        self.max_payload = max_payload
+        self._unprocessed = b""
+
+    @property
+    def buffered(self) -> int:
+        """Bytes received but not yet part of a complete frame."""
+        return len(self._unprocessed)
+
+    def feed(self, data: bytes) -> list[Frame]:
+        """
+        Add ``data`` and return every frame it completes.
+
+        :raises ProtocolError: on bad sync bytes or an oversized length.
+        """
+        buffer = self._unprocessed + data if self._unprocessed else data
+        frames = []
+        offset = 0
+        end = len(buffer)
+        while end - offset >= HEADER_SIZE:
+            if buffer[offset : offset + 2] != SYNC:
+                raise ProtocolError(
+                    f"bad sync bytes {bytes(buffer[offset:offset + 2]).hex()}"
+                )
+            message_type = buffer[offset + 2]
+            length = buffer[offset + 3] | buffer[offset + 4] << 8
+            if length > self.max_payload:
+                raise ProtocolError(
+                    f"declared length {length} of message type 0x{message_type:02x}"
+                    f" exceeds max_message {self.max_payload}"
+                )
+            start = offset + HEADER_SIZE
+            if end - start < length:
+                break
+            frames.append(Frame(message_type, bytes(buffer[start : start + length])))
+            offset = start + length
+        partial_sync = bytes(buffer[offset : offset + 2])
+        if partial_sync and not SYNC.startswith(partial_sync):
+            # Fail at the first wrong byte rather than once five have arrived.
+            raise ProtocolError(f"bad sync bytes {partial_sync.hex()}")
+        self._unprocessed = buffer[offset:]
+        return frames
+
+
+# -- time -------------------------------------------------------------------
+
+
+def seconds_since_2013(unix_time: float) -> int:
+    """Device time (uint32 seconds since 2013-01-01 UTC) for a Unix time."""
+    return max(0, int(unix_time) - EPOCH_2013) & 0xFFFFFFFF
+
+
+# -- hello ------------------------------------------------------------------
+
+_HELLO_IDENTITY = struct.Struct("<I16s21s")
+_HELLO_VERSION = struct.Struct("<BBBBI")
+HELLO_STANDARD_SIZE = 49
+HELLO_G50_SIZE = 51
+
+
+def _ascii_field(raw: bytes) -> str:
+    return raw.split(b"\x00", 1)[0].decode("ascii", "replace")
+
+
+@dataclass(frozen=True, slots=True)
+class Hello:
+    """
+    Who the device is, from its hello message (0x00).
+
+    ``g50`` marks the 51-byte form, which is answered with five zero bytes
+    instead of the time.  Its version bytes have an unknown layout and are
+    read like the 49-byte form's.
+    """
+
+    serial: int
+    imei: str
+    iccid: str
+    product_id: int = 0
+    hardware_rev: int = 0
+    firmware_major: int = 0
+    firmware_minor: int = 0
+    flags: int = 0
+    g50: bool = False
+    #: The payload as received, forwarded byte for byte by the TCP connector.
+    payload: bytes = field(default=b"", repr=False, compare=False)
+
+    @property
+    def firmware(self) -> str:
+        """The OEM ``FW`` string: ``Prod.Hw.Major.Minor``."""
+        return (
+            f"{self.product_id}.{self.hardware_rev}."
+            f"{self.firmware_major}.{self.firmware_minor}"
+        )
+
+    def to_payload(self) -> bytes:
+        """The 49- or 51-byte hello payload (for simulators and tests)."""
+        payload = _HELLO_IDENTITY.pack(
+            self.serial, self.imei.encode("ascii"), self.iccid.encode("ascii")
+        ) + _HELLO_VERSION.pack(
+            self.product_id,
+            self.hardware_rev,
+            self.firmware_major,
+            self.firmware_minor,
+            self.flags,
+        )
+        return payload + b"\x00\x00" if self.g50 else payload
+
+    def to_frame(self) -> bytes:
+        """The hello frame: as the device sent it, or encoded from the fields."""
+        return encode_frame(MessageType.HELLO, self.payload or self.to_payload())
+
+
+def parse_hello(payload: bytes) -> Hello:
+    """
+    Decode a hello payload.
+
+    The 49- and 51-byte forms are known.  Other lengths of at least 41 bytes
+    are accepted the way traccar accepts them, reading what is present.
+
+    :raises ProtocolError: if the identity part is incomplete.
+    """
+    if len(payload) < _HELLO_IDENTITY.size:
+        raise ProtocolError(f"hello of {len(payload)} bytes is too short")
+    serial, imei, iccid = _HELLO_IDENTITY.unpack_from(payload)
+    version = (0, 0, 0, 0, 0)
+    if len(payload) >= _HELLO_IDENTITY.size + _HELLO_VERSION.size:
+        version = _HELLO_VERSION.unpack_from(payload, _HELLO_IDENTITY.size)
+    return Hello(
+        serial,
+        _ascii_field(imei),
+        _ascii_field(iccid),
+        *version,
+        g50=len(payload) == HELLO_G50_SIZE,
+        payload=bytes(payload),
+    )
+
+
+def hello_response(hello: Hello, unix_time: float) -> bytes:
+    """The 0x01 reply: the time since 2013 and flags 0, or G50's five zeros."""
+    if hello.g50:
+        return encode_frame(MessageType.HELLO_RESPONSE, bytes(5))
+    return encode_frame(
+        MessageType.HELLO_RESPONSE,
+        struct.pack("<II", seconds_since_2013(unix_time), 0),
+    )
+
+
+# -- fixed replies -----------------------------------------------------------
+
+COMMIT_SUCCESS = encode_frame(MessageType.COMMIT_RESPONSE, b"\x01")
+COMMIT_REQUEST = encode_frame(MessageType.COMMIT_REQUEST)
+VERSION_RESPONSE = encode_frame(MessageType.VERSION_RESPONSE, bytes(12))
+ASYNC_SESSION_COMPLETE = encode_frame(MessageType.ASYNC_SESSION_COMPLETE)
+
+
+def time_response(unix_time: float) -> bytes:
+    """The 0x31 reply to a time request: seconds since 2013."""
+    return encode_frame(
+        MessageType.TIME_RESPONSE, struct.pack("<I", seconds_since_2013(unix_time))
+    )
+
+
+# -- record fields -----------------------------------------------------------
+#
+# Each field type knows its binary form.  A known field id whose length does
+# not fit its layout is kept as a RawField, so no byte is ever lost.
+
+
+@dataclass(frozen=True, slots=True)
+class GpsFix:
+    """Field 0: the GPS fix, every value raw as the device sent it."""
+
+    FIELD_ID: ClassVar[int] = 0
+    _LAYOUT: ClassVar[struct.Struct] = struct.Struct("<IiihHBBBBB")
+
+    fix_time: int
+    latitude: int
+    longitude: int
+    altitude: int
+    speed: int
+    speed_accuracy: int
+    heading: int
+    pdop: int
+    position_accuracy: int
+    status: int
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> GpsFix | None:
+        if len(data) != cls._LAYOUT.size:
+            return None
+        return cls(*cls._LAYOUT.unpack(data))
+
+    def to_bytes(self) -> bytes:
+        return self._LAYOUT.pack(
+            self.fix_time,
+            self.latitude,
+            self.longitude,
+            self.altitude,
+            self.speed,
+            self.speed_accuracy,
+            self.heading,
+            self.pdop,
+            self.position_accuracy,
+            self.status,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class DebugText:
+    """Field 1: a numbered trace line, seen in records with reason 21."""
+
+    FIELD_ID: ClassVar[int] = 1
+
+    code: int
+    text: bytes
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> DebugText | None:
+        if len(data) < 2:
+            return None
+        return cls(data[0] | data[1] << 8, data[2:])
+
+    def to_bytes(self) -> bytes:
+        return struct.pack("<H", self.code) + self.text
+
+
+@dataclass(frozen=True, slots=True)
+class Digital:
+    """Field 2: digital inputs, outputs and device status flags."""
+
+    FIELD_ID: ClassVar[int] = 2
+    _LAYOUT: ClassVar[struct.Struct] = struct.Struct("<IHH")
+
+    inputs: int
+    outputs: int
+    status: int
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> Digital | None:
+        if len(data) != cls._LAYOUT.size:
+            return None
+        return cls(*cls._LAYOUT.unpack(data))
+
+    def to_bytes(self) -> bytes:
+        return self._LAYOUT.pack(self.inputs, self.outputs, self.status)
+
+
+@dataclass(frozen=True, slots=True)
+class DriverId:
+    """Field 3: an id type byte and the id's bytes."""
+
+    FIELD_ID: ClassVar[int] = 3
+
+    id_type: int
+    data: bytes
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> DriverId | None:
+        if not data:
+            return None
+        return cls(data[0], data[1:])
+
+    def to_bytes(self) -> bytes:
+        return bytes([self.id_type]) + self.data
+
+
+@dataclass(frozen=True, slots=True)
+class Analogues:
+    """
+    Fields 6 and 7: numbered analogue readings, 16- or 32-bit signed.
+
+    ``values`` keeps the device's order, which OEM keeps in its JSON.
+    """
+
+    field_id: int
+    values: tuple[tuple[int, int], ...]
+
+    _ITEMS: ClassVar[dict[int, struct.Struct]] = {
+        6: struct.Struct("<Bh"),
+        7: struct.Struct("<Bi"),
+    }
+
+    @property
+    def FIELD_ID(self) -> int:  # noqa: N802 - same name as the other fields
+        return self.field_id
+
+    @classmethod
+    def from_bytes_for(cls, field_id: int, data: bytes) -> Analogues | None:
+        item = cls._ITEMS[field_id]
+        if len(data) % item.size:
+            return None
+        return cls(field_id, tuple(item.iter_unpack(data)))
+
+    def to_bytes(self) -> bytes:
+        item = self._ITEMS[self.field_id]
+        return b"".join(item.pack(number, value) for number, value in self.values)
+
+
+@dataclass(frozen=True, slots=True)
+class TripSummary:
+    """Field 26: trip distance and duration in seconds (traccar's reading)."""
+
+    FIELD_ID: ClassVar[int] = 26
+    _LAYOUT: ClassVar[struct.Struct] = struct.Struct("<II")
+
+    distance: int
+    duration: int
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> TripSummary | None:
+        if len(data) != cls._LAYOUT.size:
+            return None
+        return cls(*cls._LAYOUT.unpack(data))
+
+    def to_bytes(self) -> bytes:
+        return self._LAYOUT.pack(self.distance, self.duration)
+
+
+@dataclass(frozen=True, slots=True)
+class OdometerRunHours:
+    """Field 27: odometer and run hours in seconds (traccar's reading)."""
+
+    FIELD_ID: ClassVar[int] = 27
+    _LAYOUT: ClassVar[struct.Struct] = struct.Struct("<II")
+
+    odometer: int
+    run_hours: int
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> OdometerRunHours | None:
+        if len(data) != cls._LAYOUT.size:
+            return None
+        return cls(*cls._LAYOUT.unpack(data))
+
+    def to_bytes(self) -> bytes:
+        return self._LAYOUT.pack(self.odometer, self.run_hours)
+
+
+@dataclass(frozen=True, slots=True)
+class RawField:
+    """A field whose layout is unknown (or did not fit): id and raw bytes."""
+
+    field_id: int
+    data: bytes
+
+    @property
+    def FIELD_ID(self) -> int:  # noqa: N802 - same name as the other fields
+        return self.field_id
+
+    def to_bytes(self) -> bytes:
+        return self.data
+
+
+@dataclass(frozen=True, slots=True)
+class FixedRecordExtras:
+    """
+    What a G50 fixed 64-byte record holds beyond GPS, digital and analogues.
+
+    Not an OEM field: emitted with oemrelay's own ``FType`` (see oem_json).
+    """
+
+    temperature: int
+    acceleration: tuple[int, int, int]
+    device_id: bytes
+    pdop_hundredths: int
+    checksum_ok: bool
+
+
+Field = (
+    GpsFix
+    | DebugText
+    | Digital
+    | DriverId
+    | Analogues
+    | TripSummary
+    | OdometerRunHours
+    | RawField
+    | FixedRecordExtras
+)
+
+_FIELD_TYPES = {
+    cls.FIELD_ID: cls
+    for cls in (GpsFix, DebugText, Digital, DriverId, TripSummary, OdometerRunHours)
+}
+
+
+def decode_field(field_id: int, data: bytes) -> Field:
+    """The typed field for ``field_id``, or a RawField if it does not fit."""
+    if field_id in Analogues._ITEMS:
+        decoded = Analogues.from_bytes_for(field_id, data)
+    elif field_id in _FIELD_TYPES:
+        decoded = _FIELD_TYPES[field_id].from_bytes(data)
+    else:
+        decoded = None
+    return decoded if decoded is not None else RawField(field_id, data)
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    """
+    One logged record: sequence number, time (seconds since 2013), log
+    reason and its fields in the device's order.
+    """
+
+    seq: int
+    time: int
+    reason: int
+    fields: tuple[Field, ...] = ()
+
+
+_RECORD_HEADER = struct.Struct("<HIIB")
+
+
+def parse_data_records(payload: bytes) -> list[Record]:
+    """
+    Decode the records of a 0x04 message.
+
+    :raises ProtocolError: if a record or field runs past its container.
+    """
+    records = []
+    offset = 0
+    end = len(payload)
+    while offset < end:
+        if end - offset < _RECORD_HEADER.size:
+            raise ProtocolError(f"truncated record header at offset {offset}")
+        length, seq, time, reason = _RECORD_HEADER.unpack_from(payload, offset)
+        if length < _RECORD_HEADER.size or offset + length > end:
+            raise ProtocolError(
+                f"record at offset {offset} declares length {length},"
+                f" {end - offset} bytes left"
+            )
+        records.append(
+            Record(
+                seq,
+                time,
+                reason,
+                _parse_fields(payload, offset + _RECORD_HEADER.size, offset + length, seq),
+            )
+        )
+        offset += length
+    return records
+
+
+def _parse_fields(payload: bytes, offset: int, end: int, seq: int) -> tuple[Field, ...]:
+    fields = []
+    while offset < end:
+        if end - offset < 2:
+            raise ProtocolError(f"truncated field header in record {seq}")
+        field_id = payload[offset]
+        length = payload[offset + 1]
+        offset += 2
+        if length == 255:
+            if end - offset < 2:
+                raise ProtocolError(f"truncated extended field length in record {seq}")
+            length = payload[offset] | payload[offset + 1] << 8
+            offset += 2
+        if offset + length > end:
+            raise ProtocolError(
+                f"field {field_id} in record {seq} declares {length} bytes,"
+                f" {end - offset} left"
+            )
+        fields.append(decode_field(field_id, payload[offset : offset + length]))
+        offset += length
+    return tuple(fields)
+
+
+def encode_data_records(records: list[Record] | tuple[Record, ...]) -> bytes:
+    """The 0x04 payload for ``records`` (the inverse of parse_data_records)."""
+    out = []
+    for record in records:
+        body = b"".join(_encode_field(field) for field in record.fields)
+        out.append(
+            _RECORD_HEADER.pack(
+                _RECORD_HEADER.size + len(body), record.seq, record.time, record.reason
+            )
+        )
+        out.append(body)
+    return b"".join(out)
+
+
+def _encode_field(field: Field) -> bytes:
+    data = field.to_bytes()
+    if len(data) < 255:
+        return bytes([field.FIELD_ID, len(data)]) + data
+    return struct.pack("<BBH", field.FIELD_ID, 255, len(data)) + data
+
+
+# -- fixed 64-byte records (0x10, G50) ----------------------------------------
+
+FIXED_RECORD_SIZE = 64
+_FIXED_RECORD = struct.Struct("<BIIiiHBhHBBBIH5hb3h8sH2x")
+
+
+def fletcher8(data: bytes) -> bytes:
+    """The two-byte 8-bit Fletcher checksum (A, B) that closes a fixed record."""
+    a = b = 0
+    for byte in data:
+        a = (a + byte) & 0xFF
+        b = (b + a) & 0xFF
+    return bytes((a, b))
+
+
+def _unpack_fixed_time(packed: int) -> int:
+    """Seconds since 2013 from the G50 bit-packed UTC time (0 if invalid)."""
+    year = 2000 + (packed & 0x3F)
+    month = packed >> 6 & 0x0F
+    day = packed >> 10 & 0x1F
+    hour = packed >> 15 & 0x1F
+    minute = packed >> 20 & 0x3F
+    second = packed >> 26 & 0x3F
+    if not (1 <= month <= 12 and 1 <= day <= 31 and hour < 24 and minute < 60 and second < 60):
+        return 0
+    unix = calendar.timegm((year, month, day, hour, minute, second, 0, 0, 0))
+    return seconds_since_2013(unix)
+
+
+def _pack_fixed_time(seconds: int) -> int:
+    t = gmtime(EPOCH_2013 + seconds)
+    return (
+        (t.tm_year - 2000)
+        | t.tm_mon << 6
+        | t.tm_mday << 10
+        | t.tm_hour << 15
+        | t.tm_min << 20
+        | t.tm_sec << 26
+    )
+
+
+def parse_fixed_records(payload: bytes) -> list[Record]:
+    """
+    Decode the 64-byte records of a 0x10 message into the common record model.
+
+    The G50 record becomes a GPS fix (PDOP rounded to OEM's tenths),
+    digital data (it carries no status word: ``DevStat`` 0), analogues 1-5 and
+    a FixedRecordExtras with the rest, including whether the checksum matched.
+    A mismatch does not reject the record: the caller logs it.
+
+    :raises ProtocolError: if the payload is not a whole number of records.
+    """
+    if len(payload) % FIXED_RECORD_SIZE:
+        raise ProtocolError(
+            f"fixed-record payload of {len(payload)} bytes is not a multiple of 64"
+        )
+    records = []
+    for offset in range(0, len(payload), FIXED_RECORD_SIZE):
+        chunk = payload[offset : offset + FIXED_RECORD_SIZE]
+        (
+            _record_type, index, packed_time, longitude, latitude, speed, heading,
+            altitude, position_accuracy, speed_accuracy, event, gps_status,
+            inputs, outputs, a1, a2, a3, a4, a5, temperature, ax, ay, az,
+            device_id, pdop_hundredths,
+        ) = _FIXED_RECORD.unpack_from(chunk)
+        time = _unpack_fixed_time(packed_time)
+        records.append(
+            Record(
+                index,
+                time,
+                event,
+                (
+                    GpsFix(
+                        time, latitude, longitude, altitude, speed, speed_accuracy,
+                        heading, min(255, (pdop_hundredths + 5) // 10),
+                        position_accuracy, gps_status,
+                    ),
+                    Digital(inputs, outputs, 0),
+                    Analogues(6, ((1, a1), (2, a2), (3, a3), (4, a4), (5, a5))),
+                    FixedRecordExtras(
+                        temperature,
+                        (ax, ay, az),
+                        device_id,
+                        pdop_hundredths,
+                        fletcher8(chunk[:62]) == chunk[62:64],
+                    ),
+                ),
+            )
+        )
+    return records
+
+
+def encode_fixed_record(
+    index: int,
+    time: int,
+    latitude: int,
+    longitude: int,
+    event: int,
+    *,
+    speed: int = 0,
+    heading: int = 0,
+    altitude: int = 0,
+    position_accuracy: int = 0,
+    speed_accuracy: int = 0,
+    gps_status: int = 0,
+    inputs: int = 0,
+    outputs: int = 0,
+    analogues: tuple[int, int, int, int, int] = (0, 0, 0, 0, 0),
+    temperature: int = 0,
+    acceleration: tuple[int, int, int] = (0, 0, 0),
+    device_id: bytes = bytes(8),
+    pdop_hundredths: int = 0,
+) -> bytes:
+    """One G50 64-byte record with a correct checksum (for simulators and tests)."""
+    body = _FIXED_RECORD.pack(
+        0x0E, index, _pack_fixed_time(time), longitude, latitude, speed, heading,
+        altitude, position_accuracy, speed_accuracy, event, gps_status,
+        inputs, outputs, *analogues, temperature, *acceleration,
+        device_id, pdop_hundredths,
+    )
+    return body[:62] + fletcher8(body[:62])

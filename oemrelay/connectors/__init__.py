@@ -1,0 +1,40 @@
+"""
+Connectors: where uploads go.  One module per ``type``; :func:`build_connector`
+turns a ``[connector:NAME]`` section into a connector.
+"""
+
+from __future__ import annotations
+
+from twisted.internet.threads import deferToThreadPool
+from twisted.python.threadpool import ThreadPool
+
+from ..config import (
+    ConnectorConfig,
+    FileConnectorConfig,
+    HttpConnectorConfig,
+    TcpConnectorConfig,
+)
+from ..relay import Connector
+from .file import FileConnector
+from .http import HttpConnector, build_http_client
+from .tcp import TcpConnector
+
+
+def build_connector(config: ConnectorConfig, reactor, max_message: int) -> Connector:
+    """The connector for one configured section, using ``reactor``."""
+    if isinstance(config, HttpConnectorConfig):
+        client, pool = build_http_client(reactor, config)
+        return HttpConnector(config, client, reactor, pool)
+    if isinstance(config, TcpConnectorConfig):
+        return TcpConnector.from_config(config, reactor, max_message)
+    if isinstance(config, FileConnectorConfig):
+        return FileConnector(config, _single_thread_runner(reactor, config.name))
+    raise TypeError(f"no connector for {config!r}")
+
+
+def _single_thread_runner(reactor, name: str):
+    # One thread keeps appends in order; it stops with the reactor.
+    pool = ThreadPool(minthreads=1, maxthreads=1, name=f"oemrelay-file-{name}")
+    reactor.callWhenRunning(pool.start)
+    reactor.addSystemEventTrigger("during", "shutdown", pool.stop)
+    return lambda function, *args: deferToThreadPool(reactor, pool, function, *args)

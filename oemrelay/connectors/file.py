@@ -1,0 +1,85 @@
+"""
+The file connector: each upload becomes one JSON line appended to ``path``.
+
+An upload counts as accepted only once its line is written and fsync'd.
+Writing happens off the reactor thread.  Uploads that arrive while a write is
+under way are written together with one fsync (group commit), so throughput
+does not fall to one upload per disk flush.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from ..codec import Hello
+from ..config import FileConnectorConfig
+from ..oem_json import oem_document
+from ..relay import DeliveryFailed, DeviceProfile, StatelessLink, Upload
+
+log = Logger(namespace="oemrelay.connectors.file")
+
+#: Runs a blocking callable elsewhere and fires with its result.
+BlockingRunner = Callable[..., Deferred]
+
+
+def append_and_sync(path: str, data: bytes) -> None:
+    """Append ``data`` to ``path`` and flush it to disk before returning."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class FileConnector(Service):
+    """Appends uploads to a JSON-lines file."""
+
+    def __init__(self, config: FileConnectorConfig, run_blocking: BlockingRunner) -> None:
+        self.name = config.name
+        self.path = config.path
+        self._run_blocking = run_blocking
+        self._link = StatelessLink(self.deliver)
+        self._queued: list[tuple[bytes, Deferred[None]]] = []
+        self._writing = False
+
+    def open_link(self, hello: Hello, on_lost) -> StatelessLink:
+        return self._link
+
+    def deliver(self, upload: Upload, profile: DeviceProfile) -> Deferred[None]:
+        done: Deferred[None] = Deferred()
+        self._queued.append((oem_document(upload.hello, upload.records) + b"\n", done))
+        if not self._writing:
+            self._write_queued()
+        return done
+
+    def _write_queued(self) -> None:
+        batch, self._queued = self._queued, []
+        self._writing = True
+        written = self._run_blocking(
+            append_and_sync, self.path, b"".join(line for line, _ in batch)
+        )
+        written.addBoth(self._written, batch)
+
+    def _written(self, result: object, batch: list[tuple[bytes, Deferred[None]]]) -> None:
+        self._writing = False
+        if isinstance(result, Failure):
+            error = DeliveryFailed(
+                f"connector {self.name}: cannot write {self.path}:"
+                f" {result.getErrorMessage()}"
+            )
+            for _, done in batch:
+                done.errback(error)
+        else:
+            for _, done in batch:
+                done.callback(None)
+        if self._queued:
+            self._write_queued()

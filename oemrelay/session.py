@@ -1,0 +1,376 @@
+"""
+One device connection: the protocol rules and the commit decision.
+
+:class:`DeviceSession` holds the rules (hello before anything else, canned
+replies, records gathered until a commit request, the commit answered only
+once the route confirmed delivery).  It reaches the network only through the
+narrow :class:`DeviceChannel` interface, so it is tested without sockets.
+:class:`DeviceProtocol` is the thin Twisted protocol that feeds it frames.
+
+While a commit is being delivered the session reads nothing further from the
+device: frames already received wait in order, and the transport is paused.
+A device waits for the commit answer anyway, and this bounds what one device
+can make the relay hold.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Protocol as TypingProtocol
+
+from twisted.internet.defer import CancelledError, Deferred, TimeoutError
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import Logger
+from twisted.protocols.policies import TimeoutMixin
+from twisted.python.failure import Failure
+
+from .codec import (
+    ASYNC_SESSION_COMPLETE,
+    COMMIT_SUCCESS,
+    VERSION_RESPONSE,
+    Frame,
+    FrameDecoder,
+    Hello,
+    MessageType,
+    ProtocolError,
+    Record,
+    FixedRecordExtras,
+    hello_response,
+    parse_data_records,
+    parse_fixed_records,
+    parse_hello,
+    time_response,
+)
+from .relay import DeliveryFailed, DeviceRoute, Relay, Upload, describe_failure
+
+log = Logger(namespace="oemrelay.session")
+
+
+class DeviceChannel(TypingProtocol):
+    """What a session may do to its connection."""
+
+    def send(self, data: bytes) -> None: ...
+
+    def close(self) -> None: ...
+
+    def pause(self) -> None: ...
+
+    def resume(self) -> None: ...
+
+
+class DeviceSession:
+    """The protocol state of one device connection."""
+
+    def __init__(
+        self,
+        peer: str,
+        channel: DeviceChannel,
+        relay: Relay,
+        clock: IReactorTime,
+        commit_timeout: float,
+    ) -> None:
+        self.peer = peer
+        self.hello: Hello | None = None
+        self._channel = channel
+        self._relay = relay
+        self._clock = clock
+        self._commit_timeout = commit_timeout
+        self._route: DeviceRoute | None = None
+        self._frames: list[Frame] = []
+        self._records: list[Record] = []
+        self._waiting: deque[Frame] = deque()
+        self._committing = False
+        self._closed = False
+
+    @property
+    def serial(self) -> str:
+        """The device serial for log lines (``unknown`` before the hello)."""
+        return str(self.hello.serial) if self.hello else "unknown"
+
+    @property
+    def pending_records(self) -> int:
+        """Records received since the last commit request."""
+        return len(self._records)
+
+    # -- input ---------------------------------------------------------------
+
+    def frame_received(self, frame: Frame) -> None:
+        """Handle one frame now, or after the commit under way."""
+        if self._closed:
+            return
+        if self._committing:
+            self._waiting.append(frame)
+            return
+        try:
+            self._handle(frame)
+        except ProtocolError as error:
+            self.protocol_error(str(error))
+
+    def protocol_error(self, reason: str) -> None:
+        """The device broke the protocol: log it, drop its records, hang up."""
+        log.warn(
+            "closing device connection from {peer}, serial {serial}: {reason}",
+            peer=self.peer,
+            serial=self.serial,
+            reason=reason,
+        )
+        self._close()
+
+    def connection_lost(self) -> None:
+        """The connection is gone; uncommitted records are the device's to resend."""
+        if self.hello is not None:
+            log.info(
+                "device {serial} from {peer} disconnected"
+                " ({uncommitted} uncommitted records left with the device)",
+                serial=self.serial,
+                peer=self.peer,
+                uncommitted=len(self._records),
+            )
+        self._closed = True
+        self._discard()
+
+    # -- message rules -------------------------------------------------------
+
+    def _handle(self, frame: Frame) -> None:
+        message_type = frame.type
+        if message_type == MessageType.HELLO:
+            self._hello_received(parse_hello(frame.payload))
+            return
+        if self.hello is None:
+            raise ProtocolError(f"message type 0x{message_type:02x} before hello")
+        if message_type == MessageType.DATA_RECORDS:
+            self._keep(frame, parse_data_records(frame.payload))
+        elif message_type == MessageType.FIXED_RECORDS:
+            records = parse_fixed_records(frame.payload)
+            self._check_fixed_checksums(records)
+            self._keep(frame, records)
+        elif message_type == MessageType.COMMIT_REQUEST:
+            self._commit_requested()
+        elif message_type == MessageType.VERSION_DATA:
+            self._channel.send(VERSION_RESPONSE)
+        elif message_type == MessageType.ASYNC_SESSION_REQUEST:
+            self._channel.send(ASYNC_SESSION_COMPLETE)
+        elif message_type == MessageType.TIME_REQUEST:
+            self._channel.send(time_response(self._clock.seconds()))
+        else:
+            # 0x26 (socket closing), stray 0x21, types we do not know: DM says
+            # unknown messages can be ignored; raw TCP end servers still see them.
+            log.debug(
+                "device {serial} sent message type 0x{type:02x}; passed on",
+                serial=self.serial,
+                type=message_type,
+            )
+            self._route.forward(frame)
+
+    def _hello_received(self, hello: Hello) -> None:
+        if self.hello is None:
+            self.hello = hello
+            log.info(
+                "device {serial} connected from {peer} (IMEI {imei}, FW {fw})",
+                serial=hello.serial,
+                peer=self.peer,
+                imei=hello.imei,
+                fw=hello.firmware,
+            )
+            self._route = self._relay.open_route(hello, self._end_server_lost)
+        elif hello.serial != self.hello.serial:
+            raise ProtocolError(
+                f"second hello with another serial {hello.serial}"
+            )
+        self._channel.send(hello_response(hello, self._clock.seconds()))
+
+    def _keep(self, frame: Frame, records: list[Record]) -> None:
+        self._frames.append(frame)
+        self._records.extend(records)
+
+    def _check_fixed_checksums(self, records: list[Record]) -> None:
+        for record in records:
+            extras = record.fields[-1]
+            if isinstance(extras, FixedRecordExtras) and not extras.checksum_ok:
+                # Forwarded anyway: the checksum rule is inferred, and refusing
+                # the record would make the device resend it forever.
+                log.warn(
+                    "device {serial} from {peer}: checksum mismatch in fixed"
+                    " record {index}; forwarding it unchanged",
+                    serial=self.serial,
+                    peer=self.peer,
+                    index=record.seq,
+                )
+
+    # -- commit --------------------------------------------------------------
+
+    def _commit_requested(self) -> None:
+        if not self._frames:
+            self._channel.send(COMMIT_SUCCESS)
+            return
+        upload = Upload(
+            self.hello,
+            tuple(self._frames),
+            tuple(self._records),
+            self._clock.seconds(),
+        )
+        self._frames, self._records = [], []
+        self._committing = True
+        self._channel.pause()
+        delivery = Deferred.fromCoroutine(self._route.deliver(upload))
+        delivery.addTimeout(self._commit_timeout, self._clock)
+        delivery.addCallbacks(
+            self._delivered,
+            self._not_delivered,
+            callbackArgs=(upload,),
+            errbackArgs=(upload,),
+        )
+
+    def _delivered(self, _: object, upload: Upload) -> None:
+        self._committing = False
+        if self._closed:
+            log.info(
+                "device {serial}: {count} records delivered after the device"
+                " left; it will send them again",
+                serial=self.serial,
+                count=len(upload.records),
+            )
+            return
+        self._channel.send(COMMIT_SUCCESS)
+        log.debug(
+            "device {serial}: committed {count} records",
+            serial=self.serial,
+            count=len(upload.records),
+        )
+        self._channel.resume()
+        while self._waiting and not self._committing and not self._closed:
+            self.frame_received(self._waiting.popleft())
+
+    def _not_delivered(self, failure: Failure, upload: Upload) -> None:
+        self._committing = False
+        if failure.check(TimeoutError, CancelledError):
+            reason = f"not confirmed within commit_timeout {self._commit_timeout:g}s"
+        elif failure.check(DeliveryFailed):
+            reason = describe_failure(failure)
+        else:
+            log.failure(
+                "bug delivering for device {serial}", failure, serial=self.serial
+            )
+            reason = describe_failure(failure)
+        if self._closed:
+            return
+        log.warn(
+            "device {serial} from {peer}: commit of {count} records withheld,"
+            " closing so the device resends: {reason}",
+            serial=self.serial,
+            peer=self.peer,
+            count=len(upload.records),
+            reason=reason,
+        )
+        self._close()
+
+    def _end_server_lost(self, reason: str) -> None:
+        if self._closed:
+            return
+        log.warn(
+            "device {serial} from {peer}: closing, end server link lost: {reason}",
+            serial=self.serial,
+            peer=self.peer,
+            reason=reason,
+        )
+        self._close()
+
+    # -- teardown ------------------------------------------------------------
+
+    def _close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._discard()
+        self._channel.close()
+
+    def _discard(self) -> None:
+        self._frames, self._records = [], []
+        self._waiting.clear()
+        if self._route is not None:
+            route, self._route = self._route, None
+            route.close()
+
+
+class DeviceProtocol(Protocol, TimeoutMixin):
+    """Feeds a device's bytes to its session; the session's channel to it."""
+
+    def __init__(self, factory: DeviceFactory) -> None:
+        self._factory = factory
+        self._decoder = FrameDecoder(factory.max_message)
+        self.session: DeviceSession | None = None
+        self.callLater = factory.clock.callLater
+
+    def connectionMade(self) -> None:
+        peer = self.transport.getPeer()
+        host = getattr(peer, "host", str(peer))
+        port = getattr(peer, "port", None)
+        self.session = DeviceSession(
+            f"{host}:{port}" if port is not None else host,
+            self,
+            self._factory.relay,
+            self._factory.clock,
+            self._factory.commit_timeout,
+        )
+        self.setTimeout(self._factory.idle_timeout)
+
+    def dataReceived(self, data: bytes) -> None:
+        self.resetTimeout()
+        try:
+            frames = self._decoder.feed(data)
+        except ProtocolError as error:
+            self.session.protocol_error(str(error))
+            return
+        for frame in frames:
+            self.session.frame_received(frame)
+
+    def timeoutConnection(self) -> None:
+        log.info(
+            "device {serial} from {peer}: silent for {seconds:g}s, closing",
+            serial=self.session.serial,
+            peer=self.session.peer,
+            seconds=self._factory.idle_timeout,
+        )
+        self.transport.abortConnection()
+
+    def connectionLost(self, reason: Failure = None) -> None:
+        self.setTimeout(None)
+        self.session.connection_lost()
+
+    # DeviceChannel
+
+    def send(self, data: bytes) -> None:
+        self.transport.write(data)
+
+    def close(self) -> None:
+        self.setTimeout(None)
+        self.transport.loseConnection()
+
+    def pause(self) -> None:
+        self.transport.pauseProducing()
+
+    def resume(self) -> None:
+        self.transport.resumeProducing()
+
+
+class DeviceFactory(Factory):
+    """Makes a :class:`DeviceProtocol` per device connection."""
+
+    def __init__(
+        self,
+        relay: Relay,
+        clock: IReactorTime,
+        *,
+        commit_timeout: float,
+        idle_timeout: float,
+        max_message: int,
+    ) -> None:
+        self.relay = relay
+        self.clock = clock
+        self.commit_timeout = commit_timeout
+        self.idle_timeout = idle_timeout
+        self.max_message = max_message
+
+    def buildProtocol(self, addr: object) -> DeviceProtocol:
+        return DeviceProtocol(self)

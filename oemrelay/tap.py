@@ -1,0 +1,42 @@
+"""
+The ``twistd oemrelay`` command line: options and the service maker.
+
+A bad configuration is reported as one line naming file, section and key,
+with exit status 1, before the daemon starts.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from twisted.python import usage
+
+from .config import ConfigError, load_config
+
+
+class Options(usage.Options):
+    """``twistd oemrelay -c relay.ini``"""
+
+    synopsis = "[-c relay.ini]"
+    longdesc = "Relay Digital Matter devices to HTTP(S), raw TCP or file connectors."
+    optParameters = [
+        ["config", "c", "relay.ini", "The relay's INI configuration file."],
+    ]
+
+    def postOptions(self) -> None:
+        try:
+            self["relay_config"] = load_config(self["config"])
+        except ConfigError as error:
+            # twistd would print its whole usage text before a UsageError;
+            # a configuration mistake deserves just the one line.
+            sys.stderr.write(f"oemrelay: {error}\n")
+            raise SystemExit(1) from None
+
+
+def makeService(options: Options):
+    """Build the relay for the loaded configuration."""
+    from twisted.internet import reactor
+
+    from .service import build_service
+
+    return build_service(options["relay_config"], reactor)

@@ -1,0 +1,50 @@
+"""
+Dynamic fields in connector settings: ``[SERIAL] [IMEI] [ICCID] [CUSTOM1]
+[CUSTOM2] [CUSTOM3]``, as in OEM Server's connector configuration.
+
+Only these six words are placeholders; any other bracketed text (an IPv6
+literal in a URL, say) is left as written.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping
+from urllib.parse import quote
+
+from .codec import Hello
+from .relay import DeviceProfile
+
+PLACEHOLDERS = ("SERIAL", "IMEI", "ICCID", "CUSTOM1", "CUSTOM2", "CUSTOM3")
+_PLACEHOLDER = re.compile(r"\[(" + "|".join(PLACEHOLDERS) + r")\]")
+
+
+def device_fields(hello: Hello, profile: DeviceProfile) -> dict[str, str]:
+    """The values of every placeholder for one device."""
+    return {
+        "SERIAL": str(hello.serial),
+        "IMEI": hello.imei,
+        "ICCID": hello.iccid,
+        "CUSTOM1": profile.custom1,
+        "CUSTOM2": profile.custom2,
+        "CUSTOM3": profile.custom3,
+    }
+
+
+def has_placeholders(template: str) -> bool:
+    """Whether ``template`` depends on the device."""
+    return _PLACEHOLDER.search(template) is not None
+
+
+def expand(
+    template: str,
+    fields: Mapping[str, str],
+    escape: Callable[[str], str] = str,
+) -> str:
+    """``template`` with each placeholder replaced by ``escape(value)``."""
+    return _PLACEHOLDER.sub(lambda match: escape(fields[match.group(1)]), template)
+
+
+def expand_url(template: str, fields: Mapping[str, str]) -> str:
+    """A URL template expanded with every substituted value percent-encoded."""
+    return expand(template, fields, lambda value: quote(value, safe=""))
