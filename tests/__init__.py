@@ -1,0 +1,1 @@
+"""oemrelay's tests (run with ``python -m twisted.trial tests``)."""
