@@ -145,6 +145,10 @@ def _http_url(value: str) -> str:
         raise ValueError(f"must be an http:// or https:// URL, got {value!r}")
     if has_placeholders(parts.netloc.split("@")[-1]):
         raise ValueError("the host part must not contain placeholders")
+    if parts.netloc.split("@")[-1].startswith("["):
+        # treq's URL library IDNA-encodes every host and fails on IPv6
+        # literals (python-hyper/hyperlink#68), so each POST would fail.
+        raise ValueError("IPv6 literal hosts are not supported; use a host name")
     return value
 
 

@@ -148,6 +148,7 @@ class DeviceRoute:
         self._hello = hello
         self._on_lost = on_lost
         self._links: dict[str, Link] = {}
+        self._closed = False
 
     def link_for(self, connector_name: str) -> Link:
         """This connection's link to ``connector_name``, opened on first use."""
@@ -165,6 +166,9 @@ class DeviceRoute:
         :raises DeliveryFailed: if it was not accepted.
         """
         profile = await self._relay.profiles.profile_for(self._hello)
+        if self._closed:
+            # Closed while the profile was looked up: open no new link.
+            raise DeliveryFailed("device connection closed before delivery")
         name = profile.connector or self._relay.default_connector
         if name not in self._relay.connectors:
             raise DeliveryFailed(f"device's connector {name!r} is not configured")
@@ -177,6 +181,7 @@ class DeviceRoute:
 
     def close(self) -> None:
         """Close every link; later deliveries are not expected."""
+        self._closed = True
         links, self._links = self._links, {}
         for link in links.values():
             link.close()

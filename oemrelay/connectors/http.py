@@ -63,6 +63,12 @@ def build_http_client(reactor, config: HttpConnectorConfig) -> tuple[HTTPClient,
     return HTTPClient(agent), pool
 
 
+def _timed_out(result: object, timeout: float) -> None:
+    # Cancelling a request in flight fails it with ResponseNeverReceived, not
+    # CancelledError, which addTimeout's own conversion would not recognise.
+    raise TimeoutError(f"no answer within {timeout}s")
+
+
 def _one_line(text: str) -> str:
     return " ".join(text.split())
 
@@ -138,9 +144,15 @@ class HttpConnector(Service):
         url = expand_url(self._config.url, device_fields(upload.hello, profile))
         headers = self.request_headers(upload.hello, profile)
         body = oem_document(upload.hello, upload.records)
-        request = self._client.post(url, data=body, headers=headers)
         try:
-            response = await request.addTimeout(self._config.timeout, self._clock)
+            # A redirect is a refusal: following it would re-send the upload
+            # as a GET (303) or put the request URL into the reason (301).
+            request = self._client.post(
+                url, data=body, headers=headers, allow_redirects=False
+            )
+            response = await request.addTimeout(
+                self._config.timeout, self._clock, _timed_out
+            )
             answer = await self._client_content(response)
         except TimeoutError:
             raise DeliveryFailed(
@@ -163,4 +175,6 @@ class HttpConnector(Service):
 
     def _client_content(self, response) -> Deferred[bytes]:
         # Read the whole answer so the connection can go back to the pool.
-        return response.content().addTimeout(self._config.timeout, self._clock)
+        return response.content().addTimeout(
+            self._config.timeout, self._clock, _timed_out
+        )

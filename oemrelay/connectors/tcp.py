@@ -20,7 +20,7 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Callable
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, fail
 from twisted.internet.endpoints import clientFromString, connectProtocol
 from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.internet.protocol import Protocol
@@ -71,6 +71,8 @@ class TcpLink:
         self._closed = False
         self._ready: Deferred[None] = Deferred()
         self._hello_frame = hello.to_frame()
+        # Frames passed on before the end server connection is up: sent after the hello.
+        self._unsent: list[Frame] = []
         self._connecting = connectProtocol(
             connector.endpoint, _EndServerProtocol(self, connector.max_message)
         )
@@ -81,7 +83,10 @@ class TcpLink:
             protocol.transport.loseConnection()
             return
         self._protocol = protocol
-        protocol.transport.write(self._hello_frame)
+        unsent, self._unsent = self._unsent, []
+        protocol.transport.write(
+            self._hello_frame + b"".join(frame.to_bytes() for frame in unsent)
+        )
         self._ready.callback(None)
 
     def _not_connected(self, failure: Failure) -> None:
@@ -125,11 +130,15 @@ class TcpLink:
 
     def deliver(self, upload: Upload, profile: DeviceProfile) -> Deferred[None]:
         if self._closed:
-            raise DeliveryFailed(f"connector {self._connector.name}: link is closed")
+            return fail(DeliveryFailed(f"connector {self._connector.name}: link is closed"))
         return Deferred.fromCoroutine(self._deliver(upload))
 
     def forward(self, frame: Frame) -> None:
-        if self._protocol is not None and not self._closed:
+        if self._closed:
+            return
+        if self._protocol is None:
+            self._unsent.append(frame)
+        else:
             self._protocol.transport.write(frame.to_bytes())
 
     def close(self) -> None:

@@ -1,0 +1,914 @@
+"""
+The management HTTP API: devices, their custom fields and connector
+overrides, a CSV import, and the command queue, as JSON over twisted.web.
+
+:func:`build_api` returns one leaf resource that answers every path; the
+service wraps it in a ``Site`` on the ``[api] listen`` endpoints.
+
+Decisions:
+
+* Every request, ``/api/openapi.json`` included, needs
+  ``Authorization: Bearer <token>``.  Authentication comes before routing, so
+  a client without the token learns nothing, not even which paths exist.
+* A serial in a path that is not a decimal uint32 is a 400 (a malformed
+  request, not a missing device); a well-formed serial the registry does not
+  know is a 404.
+* ``PUT /api/devices/{serial}`` is an upsert that merges; ``POST`` of a CSV
+  import is all-or-nothing and a serial listed twice is a bad row.  Neither
+  can conflict with the registry's state, so no request answers 409.
+* The device listing leaves out ``pending_commands``: it costs a query per
+  device.  ``GET /api/devices/{serial}`` has it.
+* Custom fields may hold keys: request bodies and custom values are never
+  logged.  Mutating requests log one line each (method, path, status).
+* Twisted reads a whole request body (spooling large ones to a temporary
+  file) before the resource sees it; bodies over :data:`MAX_CSV_BODY` (CSV)
+  or :data:`MAX_JSON_BODY` (JSON) are then refused with 413.
+"""
+
+from __future__ import annotations
+
+import csv
+import hmac
+import io
+import json
+import re
+from collections.abc import Callable, Coroutine, Iterable, Mapping
+from typing import Any
+from urllib.parse import parse_qs
+
+from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.web.resource import IResource, Resource
+from twisted.web.server import NOT_DONE_YET, Request
+
+from . import __version__
+from .commands import COMMAND_TYPES, CommandError, iso8601, parse_command
+from .registry import COMMAND_STATES, Command, DeviceRecord
+
+log = Logger(namespace="oemrelay.api")
+
+#: The largest JSON request body accepted, in bytes.
+MAX_JSON_BODY = 1024 * 1024
+#: The largest CSV import accepted, in bytes.
+MAX_CSV_BODY = 10 * 1024 * 1024
+#: Devices per page when the client names no ``limit``, and the most it may name.
+DEFAULT_LIMIT = 100
+MAX_LIMIT = 1000
+
+_MAX_SERIAL = 0xFFFFFFFF
+_SERIAL_TEXT = re.compile(r"[0-9]{1,10}")
+_SERIAL_PROBLEM = "serial must be a decimal number from 0 to 4294967295"
+_CUSTOM_KEYS = ("custom1", "custom2", "custom3")
+_PROFILE_KEYS = (*_CUSTOM_KEYS, "connector")
+_PENDING_STATES = frozenset({"queued", "sent"})
+_MUTATING = frozenset({b"POST", b"PUT", b"PATCH", b"DELETE"})
+_REALM = 'Bearer realm="oemrelay"'
+
+
+def build_api(
+    registry, token: str, connector_names: Iterable[str], clock: IReactorTime
+) -> IResource:
+    """
+    The API's root resource.
+
+    :param registry: a :class:`oemrelay.registry.Registry` (or anything with
+        its methods).
+    :param token: the bearer token every request must carry; not empty.
+    :param connector_names: the configured ``[connector:NAME]`` names a
+        device's ``connector`` override may name.
+    :param clock: gives "now" for commands.
+    :raises ValueError: if ``token`` is empty.
+    """
+    if not token:
+        raise ValueError("the API token must not be empty")
+    return _ApiResource(registry, token, frozenset(connector_names), clock)
+
+
+class _ApiError(Exception):
+    """Answer the request with ``status`` and ``{"error": message}``."""
+
+    def __init__(
+        self, status: int, message: str, headers: dict[bytes, bytes] | None = None
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.headers = headers or {}
+
+
+# One answer: status, JSON body, extra headers.
+_Answer = tuple[int, Any, dict[bytes, bytes]]
+
+
+def _ok(body: Any, status: int = 200) -> _Answer:
+    return status, body, {}
+
+
+class _ApiResource(Resource):
+    """Every path under one leaf: authentication, routing, JSON answers."""
+
+    isLeaf = True
+
+    def __init__(
+        self,
+        registry,
+        token: str,
+        connector_names: frozenset[str],
+        clock: IReactorTime,
+    ) -> None:
+        super().__init__()
+        self._registry = registry
+        self._token = token.encode("utf-8")
+        self._connector_names = connector_names
+        self._clock = clock
+        self._openapi = json.dumps(
+            openapi_document(connector_names), indent=1
+        ).encode("utf-8")
+
+    # -- twisted.web ---------------------------------------------------------
+
+    def render(self, request: Request) -> int:
+        gone: list[bool] = []
+        request.notifyFinish().addErrback(lambda _: gone.append(True))
+
+        async def answer() -> None:
+            try:
+                status, body, headers = await self._answer(request)
+            except _ApiError as error:
+                status, body, headers = (
+                    error.status, {"error": error.message}, error.headers
+                )
+            except Exception:
+                log.failure(
+                    "bug answering {method} {path}",
+                    method=_text(request.method),
+                    path=_text(request.path),
+                )
+                status, body, headers = 500, {"error": "internal error"}, {}
+            if request.method in _MUTATING:
+                log.info(
+                    "{method} {path} -> {status}",
+                    method=_text(request.method),
+                    path=_text(request.path),
+                    status=status,
+                )
+            if gone:
+                return
+            self._write(request, status, body, headers)
+
+        Deferred.fromCoroutine(answer()).addErrback(
+            lambda failure: log.failure("bug writing an answer", failure)
+        )
+        return NOT_DONE_YET
+
+    @staticmethod
+    def _write(
+        request: Request, status: int, body: Any, headers: dict[bytes, bytes]
+    ) -> None:
+        data = body if isinstance(body, bytes) else json.dumps(body).encode("utf-8")
+        request.setResponseCode(status)
+        request.setHeader(b"content-type", b"application/json")
+        # Devices' custom fields may be credentials: no cache keeps them.
+        request.setHeader(b"cache-control", b"no-store")
+        request.setHeader(b"x-content-type-options", b"nosniff")
+        for name, value in headers.items():
+            request.setHeader(name, value)
+        request.setHeader(b"content-length", str(len(data)).encode("ascii"))
+        request.write(data)
+        request.finish()
+
+    # -- routing -------------------------------------------------------------
+
+    async def _answer(self, request: Request) -> _Answer:
+        self._authenticate(request)
+        segments = request.path.split(b"/")
+        if segments[:2] != [b"", b"api"]:
+            raise _ApiError(404, "no such path")
+        route = segments[2:]
+        methods: dict[bytes, Callable[..., Coroutine[Any, Any, _Answer]]]
+        args: tuple = ()
+        if route == [b"openapi.json"]:
+            methods = {b"GET": self._get_openapi}
+        elif route == [b"devices"]:
+            methods = {b"GET": self._list_devices}
+        elif route == [b"devices", b"import"]:
+            methods = {b"POST": self._import_devices}
+        elif len(route) == 2 and route[0] == b"devices" and route[1]:
+            methods = {b"GET": self._get_device, b"PUT": self._put_device}
+            args = (route[1],)
+        elif len(route) == 3 and route[0] == b"devices" and route[1] and route[2] == b"commands":
+            methods = {b"GET": self._list_commands, b"POST": self._add_command}
+            args = (route[1],)
+        else:
+            raise _ApiError(404, "no such path")
+        method = methods.get(request.method)
+        if method is None:
+            raise _ApiError(
+                405,
+                f"method {_text(request.method)} not allowed here",
+                {b"allow": b", ".join(methods)},
+            )
+        if args:
+            args = (_serial(args[0]),)
+        return await method(request, *args)
+
+    def _authenticate(self, request: Request) -> None:
+        values = request.requestHeaders.getRawHeaders(b"authorization") or []
+        if not values:
+            raise _ApiError(
+                401, "missing bearer token", {b"www-authenticate": _REALM.encode()}
+            )
+        scheme, _, given = values[0].strip().partition(b" ")
+        # compare_digest on bytes: its time does not depend on where they differ.
+        if (
+            len(values) != 1
+            or scheme.lower() != b"bearer"
+            or not hmac.compare_digest(given.strip(), self._token)
+        ):
+            raise _ApiError(
+                401,
+                "invalid bearer token",
+                {b"www-authenticate": (_REALM + ', error="invalid_token"').encode()},
+            )
+
+    # -- endpoints -----------------------------------------------------------
+
+    async def _get_openapi(self, request: Request) -> _Answer:
+        _query(request, ())
+        return _ok(self._openapi)
+
+    async def _list_devices(self, request: Request) -> _Answer:
+        query = _query(request, ("limit", "after"))
+        limit = DEFAULT_LIMIT
+        if "limit" in query:
+            text = query["limit"]
+            if not re.fullmatch(r"[0-9]{1,7}", text) or not 1 <= int(text) <= MAX_LIMIT:
+                raise _ApiError(400, f"limit must be a whole number from 1 to {MAX_LIMIT}")
+            limit = int(text)
+        after = None
+        if "after" in query:
+            after = _serial(query["after"].encode("utf-8"), "after")
+        # One more than asked for says whether there is a next page.
+        devices = await self._call("list_devices", limit + 1, after)
+        page = list(devices)[:limit]
+        return _ok(
+            {
+                "devices": [_device_json(device) for device in page],
+                "next": page[-1].serial if len(devices) > limit else None,
+            }
+        )
+
+    async def _get_device(self, request: Request, serial: int) -> _Answer:
+        _query(request, ())
+        device = await self._known_device(serial)
+        return _ok(await self._device_with_pending(device))
+
+    async def _put_device(self, request: Request, serial: int) -> _Answer:
+        _query(request, ())
+        body = _json_body(request)
+        if not isinstance(body, dict):
+            raise _ApiError(400, "the body must be a JSON object")
+        changes: dict[str, str | None] = {}
+        for key, value in body.items():
+            if key not in _PROFILE_KEYS:
+                raise _ApiError(
+                    400, f"unknown key {key!r}; allowed: {', '.join(_PROFILE_KEYS)}"
+                )
+            if key == "connector":
+                if value is not None and not isinstance(value, str):
+                    raise _ApiError(400, "connector must be a string or null")
+                changes[key] = self._connector(value)
+            else:
+                if not isinstance(value, str):
+                    raise _ApiError(400, f"{key} must be a string")
+                changes[key] = _custom(key, value)
+        device, created = await self._call("update_device", serial, changes)
+        return _ok(await self._device_with_pending(device), 201 if created else 200)
+
+    async def _import_devices(self, request: Request) -> _Answer:
+        _query(request, ())
+        rows, lines = self._csv_rows(_body(request, MAX_CSV_BODY))
+        try:
+            created, updated = await self._call("import_devices", rows, refused=ValueError)
+        except ValueError as error:
+            # Rows are checked here first, so only the database itself can
+            # refuse one now; the registry names it by index ("row 3: ...").
+            message = " ".join(str(error).split())
+            numbered = re.fullmatch(r"row ([0-9]+): (.*)", message)
+            if numbered and int(numbered[1]) < len(lines):
+                message = f"line {lines[int(numbered[1])]}: {numbered[2]}"
+            raise _ApiError(400, message) from None
+        return _ok({"created": created, "updated": updated})
+
+    async def _add_command(self, request: Request, serial: int) -> _Answer:
+        _query(request, ())
+        body = _json_body(request)
+        try:
+            command_request = parse_command(body)
+        except CommandError as error:
+            raise _ApiError(400, str(error)) from None
+        now = self._clock.seconds()
+        if command_request.expires is not None and command_request.expires <= now:
+            raise _ApiError(400, '"expires" is already past')
+        command = await self._call("add_command", serial, command_request, now)
+        if command is None:
+            raise _unknown_device(serial)
+        return _ok(_command_json(command), 202)
+
+    async def _list_commands(self, request: Request, serial: int) -> _Answer:
+        _query(request, ())
+        await self._known_device(serial)
+        commands = await self._call("list_commands", serial, self._clock.seconds())
+        return _ok({"commands": [_command_json(command) for command in commands]})
+
+    # -- helpers -------------------------------------------------------------
+
+    async def _call(
+        self, name: str, *args: Any, refused: type[Exception] | tuple[()] = ()
+    ) -> Any:
+        """
+        Call a registry method; its failures become 500s, logged without
+        arguments (they may hold custom values).
+
+        :param refused: exceptions passed on to the caller instead.
+        """
+        try:
+            return await maybeDeferred(getattr(self._registry, name), *args)
+        except refused:
+            raise
+        except Exception as error:
+            log.error(
+                "registry {call} failed: {error_type}: {error}",
+                call=name,
+                error_type=type(error).__name__,
+                error=" ".join(str(error).split())[:500],
+            )
+            raise _ApiError(500, "registry unavailable") from None
+
+    async def _known_device(self, serial: int) -> DeviceRecord:
+        device = await self._call("get_device", serial)
+        if device is None:
+            raise _unknown_device(serial)
+        return device
+
+    async def _device_with_pending(self, device: DeviceRecord) -> dict[str, Any]:
+        commands = await self._call("list_commands", device.serial, self._clock.seconds())
+        body = _device_json(device)
+        body["pending_commands"] = sum(
+            1 for command in commands if command.status in _PENDING_STATES
+        )
+        return body
+
+    def _connector(self, value: str | None) -> str | None:
+        """A connector override: a configured name, or None to clear it."""
+        if value is None or value == "":
+            return None
+        if value not in self._connector_names:
+            known = ", ".join(sorted(self._connector_names)) or "none configured"
+            raise _ApiError(400, f"unknown connector {value!r} (known: {known})")
+        return value
+
+    def _csv_rows(self, data: bytes) -> tuple[list[dict[str, Any]], list[int]]:
+        """
+        The rows of an import, checked; any bad row fails the whole import.
+
+        A row is ``serial,custom1,custom2,custom3[,connector]``.  Every row has
+        as many cells as the first (4 or 5).  With 5 an empty connector cell
+        clears the override; with 4 overrides are left as they are.  A first
+        row whose first cell is ``serial`` is a header.  Blank lines are skipped.
+
+        :return: the rows for the registry, and the line each starts on.
+        """
+        try:
+            text = data.decode("utf-8-sig")
+        except UnicodeDecodeError as error:
+            raise _ApiError(400, f"the CSV is not UTF-8 text (byte {error.start})") from None
+        reader = csv.reader(io.StringIO(text, newline=""), strict=True)
+        rows: list[dict[str, Any]] = []
+        lines: dict[int, int] = {}
+        width = None
+        line = 1
+        while True:
+            try:
+                cells = next(reader)
+            except StopIteration:
+                break
+            except csv.Error as error:
+                raise _ApiError(400, f"line {line}: {error}") from None
+            start, line = line, reader.line_num + 1
+            if not cells or cells == [""]:
+                continue
+            if width is None:
+                width = len(cells)
+                if width not in (4, 5):
+                    raise _ApiError(
+                        400,
+                        f"line {start}: {width} columns; expected"
+                        " serial,custom1,custom2,custom3[,connector]",
+                    )
+                if cells[0].strip().lower() == "serial":
+                    continue
+            elif len(cells) != width:
+                raise _ApiError(
+                    400, f"line {start}: {len(cells)} columns; expected {width}"
+                )
+            text_serial = cells[0].strip()
+            if not _SERIAL_TEXT.fullmatch(text_serial) or int(text_serial) > _MAX_SERIAL:
+                raise _ApiError(400, f"line {start}: {_SERIAL_PROBLEM}")
+            serial = int(text_serial)
+            if serial in lines:
+                raise _ApiError(
+                    400, f"line {start}: serial {serial} is already on line {lines[serial]}"
+                )
+            lines[serial] = start
+            row: dict[str, Any] = {"serial": serial}
+            try:
+                row.update((key, _custom(key, value)) for key, value in zip(_CUSTOM_KEYS, cells[1:4]))
+            except _ApiError as error:
+                raise _ApiError(400, f"line {start}: {error.message}") from None
+            if width == 5:
+                try:
+                    row["connector"] = self._connector(cells[4].strip())
+                except _ApiError as error:
+                    raise _ApiError(400, f"line {start}: {error.message}") from None
+            rows.append(row)
+        if not rows:
+            raise _ApiError(400, "the CSV lists no devices")
+        return rows, list(lines.values())
+
+
+# -- request parsing -----------------------------------------------------------
+
+
+def _text(value: bytes) -> str:
+    return value.decode("utf-8", "replace")
+
+
+def _serial(text: bytes, name: str = "serial") -> int:
+    if not _SERIAL_TEXT.fullmatch(_text(text)) or int(text) > _MAX_SERIAL:
+        raise _ApiError(400, _SERIAL_PROBLEM.replace("serial", name, 1))
+    return int(text)
+
+
+def _custom(key: str, value: str) -> str:
+    # PostgreSQL text cannot hold NUL; refuse it the same way for every database.
+    if "\x00" in value:
+        raise _ApiError(400, f"{key} must not contain NUL characters")
+    return value
+
+
+def _unknown_device(serial: int) -> _ApiError:
+    return _ApiError(404, f"no device with serial {serial}")
+
+
+def _query(request: Request, known: tuple[str, ...]) -> dict[str, str]:
+    """The query parameters, each given at most once and all known."""
+    # Not request.args: Twisted adds form-encoded bodies to it, and curl's
+    # --data-binary labels a CSV or JSON body as a form.
+    _, _, raw = request.uri.partition(b"?")
+    try:
+        parsed = parse_qs(
+            raw.decode("utf-8"), keep_blank_values=True, strict_parsing=False
+        )
+    except UnicodeDecodeError:
+        raise _ApiError(400, "the query string is not UTF-8") from None
+    query: dict[str, str] = {}
+    for name, values in parsed.items():
+        if name not in known:
+            allowed = f"; allowed: {', '.join(known)}" if known else ""
+            raise _ApiError(400, f"unknown query parameter {name!r}{allowed}")
+        if len(values) != 1:
+            raise _ApiError(400, f"query parameter {name!r} given more than once")
+        query[name] = values[0]
+    return query
+
+
+def _body(request: Request, limit: int) -> bytes:
+    content = request.content
+    if content is None:
+        return b""
+    content.seek(0, io.SEEK_END)
+    if content.tell() > limit:
+        raise _ApiError(413, f"the body is larger than {limit} bytes")
+    content.seek(0)
+    return content.read()
+
+
+def _reject_constant(name: str) -> None:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    result = dict(pairs)
+    if len(result) != len(pairs):
+        raise ValueError("a key appears twice in one object")
+    return result
+
+
+def _json_body(request: Request) -> Any:
+    data = _body(request, MAX_JSON_BODY)
+    try:
+        return json.loads(
+            data.decode("utf-8"),
+            parse_constant=_reject_constant,
+            object_pairs_hook=_unique_keys,
+        )
+    except UnicodeDecodeError:
+        raise _ApiError(400, "the body is not UTF-8 text") from None
+    except ValueError as error:  # JSONDecodeError is one
+        raise _ApiError(400, f"the body is not valid JSON: {error}") from None
+
+
+# -- responses -----------------------------------------------------------------
+
+
+def _time(unix_seconds: float | None) -> str | None:
+    return None if unix_seconds is None else iso8601(unix_seconds)
+
+
+def _device_json(device: DeviceRecord) -> dict[str, Any]:
+    """A device as the API shows it (without ``pending_commands``)."""
+    return {
+        "serial": device.serial,
+        "imei": device.imei,
+        "iccid": device.iccid,
+        "product_id": device.product_id,
+        "hardware_rev": device.hardware_rev,
+        "firmware": device.firmware,
+        "first_seen": _time(device.first_seen),
+        "last_seen": _time(device.last_seen),
+        "connected": device.connected,
+        "node": device.node,
+        "last_upload": _time(device.last_upload),
+        "records_committed": device.records_committed,
+        "last_error": device.last_error,
+        "custom1": device.custom1,
+        "custom2": device.custom2,
+        "custom3": device.custom3,
+        "connector": device.connector,
+    }
+
+
+def _command_json(command: Command) -> dict[str, Any]:
+    return {
+        "id": command.id,
+        "type": command.type,
+        "params": command.params,
+        "status": command.status,
+        "created": _time(command.created),
+        "send_after": _time(command.send_after),
+        "expires": _time(command.expires),
+        "sent": _time(command.sent),
+        "completed": _time(command.completed),
+        "device_status": command.device_status,
+    }
+
+
+# -- the OpenAPI document ------------------------------------------------------
+
+
+def _openapi_30(schema: Any) -> Any:
+    """A JSON Schema made OpenAPI 3.0-compatible (``const`` -> one-value ``enum``)."""
+    if isinstance(schema, Mapping):
+        result = {}
+        for key, value in schema.items():
+            if key == "const":
+                result["enum"] = [value]
+            else:
+                result[key] = _openapi_30(value)
+        return result
+    if isinstance(schema, list):
+        return [_openapi_30(item) for item in schema]
+    return schema
+
+
+def _nullable(schema: dict[str, Any]) -> dict[str, Any]:
+    return {**schema, "nullable": True}
+
+
+_TIME = {"type": "string", "format": "date-time", "example": "2026-11-26T09:20:02Z"}
+_SERIAL_SCHEMA = {"type": "integer", "minimum": 0, "maximum": _MAX_SERIAL}
+
+
+def _error_response(description: str) -> dict[str, Any]:
+    return {
+        "description": description,
+        "content": {
+            "application/json": {"schema": {"$ref": "#/components/schemas/Error"}}
+        },
+    }
+
+
+def _json_response(description: str, ref: str) -> dict[str, Any]:
+    return {
+        "description": description,
+        "content": {
+            "application/json": {"schema": {"$ref": f"#/components/schemas/{ref}"}}
+        },
+    }
+
+
+def openapi_document(connector_names: Iterable[str] = ()) -> dict[str, Any]:
+    """The OpenAPI 3.0 description of this API."""
+    connectors = sorted(connector_names)
+    serial_parameter = {
+        "name": "serial",
+        "in": "path",
+        "required": True,
+        "description": "The device serial, decimal. Anything else is a 400.",
+        "schema": _SERIAL_SCHEMA,
+    }
+    common = {
+        "401": _error_response("Missing or wrong bearer token."),
+        "500": _error_response('The registry is unavailable ("registry unavailable").'),
+    }
+    connector_schema: dict[str, Any] = {
+        "type": "string",
+        "nullable": True,
+        "description": "A configured connector name; null or \"\" clears the"
+        " override (the relay's default connector is used).",
+    }
+    if connectors:
+        connector_schema["enum"] = [*connectors, "", None]
+    command_types = {
+        f"Command_{name}": _openapi_30(schema)
+        for name, schema in COMMAND_TYPES.items()
+    }
+    return {
+        "openapi": "3.0.3",
+        "info": {
+            "title": "oemrelay management API",
+            "version": __version__,
+            "description": "Devices known to the relay, their custom fields and"
+            " connector overrides, CSV import, and commands queued for devices."
+            " Times are ISO 8601 UTC. Every request, this document's included,"
+            " needs the bearer token.",
+        },
+        "security": [{"bearerAuth": []}],
+        "paths": {
+            "/api/devices": {
+                "get": {
+                    "summary": "List devices by serial, a page at a time.",
+                    "operationId": "listDevices",
+                    "parameters": [
+                        {
+                            "name": "limit",
+                            "in": "query",
+                            "description": "Devices per page.",
+                            "schema": {
+                                "type": "integer",
+                                "minimum": 1,
+                                "maximum": MAX_LIMIT,
+                                "default": DEFAULT_LIMIT,
+                            },
+                        },
+                        {
+                            "name": "after",
+                            "in": "query",
+                            "description": "Only devices with a greater serial"
+                            " (the previous page's next).",
+                            "schema": _SERIAL_SCHEMA,
+                        },
+                    ],
+                    "responses": {
+                        "200": _json_response("One page of devices.", "DevicePage"),
+                        "400": _error_response("Bad limit, after or query parameter."),
+                        **common,
+                    },
+                }
+            },
+            "/api/devices/import": {
+                "post": {
+                    "summary": "Create or update many devices from CSV, all or nothing.",
+                    "description": "Rows are serial,custom1,custom2,custom3[,connector];"
+                    " a first row whose first cell is 'serial' is a header. Every"
+                    " row has as many cells as the first (4 or 5). With 5, an empty"
+                    " connector cell clears the override; with 4, overrides are left"
+                    " unchanged. A bad row (bad serial, wrong number of cells, unknown"
+                    " connector, serial listed twice) fails the whole import with a"
+                    " 400 naming its line; nothing is imported.",
+                    "operationId": "importDevices",
+                    "requestBody": {
+                        "required": True,
+                        "content": {
+                            "text/csv": {
+                                "schema": {"type": "string"},
+                                "example": "serial,custom1,custom2,custom3,connector\n"
+                                "12345,key-a,,,\n",
+                            }
+                        },
+                    },
+                    "responses": {
+                        "200": _json_response("Imported.", "ImportResult"),
+                        "400": _error_response("A bad row; the message names its line."),
+                        "413": _error_response(f"The body is over {MAX_CSV_BODY} bytes."),
+                        **common,
+                    },
+                }
+            },
+            "/api/devices/{serial}": {
+                "parameters": [serial_parameter],
+                "get": {
+                    "summary": "One device.",
+                    "operationId": "getDevice",
+                    "responses": {
+                        "200": _json_response("The device.", "Device"),
+                        "400": _error_response("The serial is not a uint32."),
+                        "404": _error_response("No such device."),
+                        **common,
+                    },
+                },
+                "put": {
+                    "summary": "Set custom fields and the connector override,"
+                    " creating the device if it is unknown.",
+                    "description": "Keys left out keep their values.",
+                    "operationId": "putDevice",
+                    "requestBody": {
+                        "required": True,
+                        "content": {
+                            "application/json": {
+                                "schema": {"$ref": "#/components/schemas/DeviceChanges"}
+                            }
+                        },
+                    },
+                    "responses": {
+                        "200": _json_response("Updated.", "Device"),
+                        "201": _json_response("Created.", "Device"),
+                        "400": _error_response(
+                            "Bad JSON, an unknown key, a wrong type or an unknown connector."
+                        ),
+                        "413": _error_response(f"The body is over {MAX_JSON_BODY} bytes."),
+                        **common,
+                    },
+                },
+            },
+            "/api/devices/{serial}/commands": {
+                "parameters": [serial_parameter],
+                "get": {
+                    "summary": "The device's commands, whatever their status.",
+                    "operationId": "listCommands",
+                    "responses": {
+                        "200": _json_response("The commands.", "CommandList"),
+                        "400": _error_response("The serial is not a uint32."),
+                        "404": _error_response("No such device."),
+                        **common,
+                    },
+                },
+                "post": {
+                    "summary": "Queue a command for the device's next async session.",
+                    "operationId": "addCommand",
+                    "requestBody": {
+                        "required": True,
+                        "content": {
+                            "application/json": {
+                                "schema": {"$ref": "#/components/schemas/CommandBody"}
+                            }
+                        },
+                    },
+                    "responses": {
+                        "202": _json_response("Queued.", "Command"),
+                        "400": _error_response(
+                            "Bad JSON, an unknown type, a bad parameter or an"
+                            " expiry already past."
+                        ),
+                        "404": _error_response("No such device."),
+                        "413": _error_response(f"The body is over {MAX_JSON_BODY} bytes."),
+                        **common,
+                    },
+                },
+            },
+            "/api/openapi.json": {
+                "get": {
+                    "summary": "This document.",
+                    "operationId": "getOpenApi",
+                    "responses": {
+                        "200": {
+                            "description": "The OpenAPI document.",
+                            "content": {"application/json": {"schema": {"type": "object"}}},
+                        },
+                        **common,
+                    },
+                }
+            },
+        },
+        "components": {
+            "securitySchemes": {"bearerAuth": {"type": "http", "scheme": "bearer"}},
+            "schemas": {
+                "Error": {
+                    "type": "object",
+                    "required": ["error"],
+                    "properties": {"error": {"type": "string"}},
+                },
+                "Device": {
+                    "type": "object",
+                    "properties": {
+                        "serial": _SERIAL_SCHEMA,
+                        "imei": _nullable({"type": "string"}),
+                        "iccid": _nullable({"type": "string"}),
+                        "product_id": _nullable({"type": "integer"}),
+                        "hardware_rev": _nullable({"type": "integer"}),
+                        "firmware": _nullable({"type": "string"}),
+                        "first_seen": _nullable(_TIME),
+                        "last_seen": _nullable(_TIME),
+                        "connected": {"type": "boolean"},
+                        "node": _nullable(
+                            {"type": "string", "description": "The relay node it is connected to."}
+                        ),
+                        "last_upload": _nullable(_TIME),
+                        "records_committed": {"type": "integer", "minimum": 0},
+                        "last_error": _nullable({"type": "string"}),
+                        "custom1": {"type": "string"},
+                        "custom2": {"type": "string"},
+                        "custom3": {"type": "string"},
+                        "connector": _nullable({"type": "string"}),
+                        "pending_commands": {
+                            "type": "integer",
+                            "minimum": 0,
+                            "description": "Commands queued or sent, not yet done."
+                            " Only in the single-device view.",
+                        },
+                    },
+                },
+                "DevicePage": {
+                    "type": "object",
+                    "required": ["devices", "next"],
+                    "properties": {
+                        "devices": {
+                            "type": "array",
+                            "items": {"$ref": "#/components/schemas/Device"},
+                        },
+                        "next": _nullable(
+                            {
+                                **_SERIAL_SCHEMA,
+                                "description": "Pass as after for the next page;"
+                                " null on the last page.",
+                            }
+                        ),
+                    },
+                },
+                "DeviceChanges": {
+                    "type": "object",
+                    "additionalProperties": False,
+                    "properties": {
+                        "custom1": {"type": "string"},
+                        "custom2": {"type": "string"},
+                        "custom3": {"type": "string"},
+                        "connector": connector_schema,
+                    },
+                },
+                "ImportResult": {
+                    "type": "object",
+                    "required": ["created", "updated"],
+                    "properties": {
+                        "created": {"type": "integer", "minimum": 0},
+                        "updated": {"type": "integer", "minimum": 0},
+                    },
+                },
+                "Command": {
+                    "type": "object",
+                    "properties": {
+                        "id": {"type": "integer"},
+                        "type": {"type": "string", "enum": list(COMMAND_TYPES)},
+                        "params": {"type": "object"},
+                        "status": {"type": "string", "enum": list(COMMAND_STATES)},
+                        "created": _TIME,
+                        "send_after": _nullable(_TIME),
+                        "expires": _nullable(_TIME),
+                        "sent": _nullable(_TIME),
+                        "completed": _nullable(_TIME),
+                        "device_status": _nullable(
+                            {
+                                "type": "integer",
+                                "description": "The delivery status the device"
+                                " answered (0x21).",
+                            }
+                        ),
+                    },
+                },
+                "CommandList": {
+                    "type": "object",
+                    "required": ["commands"],
+                    "properties": {
+                        "commands": {
+                            "type": "array",
+                            "items": {"$ref": "#/components/schemas/Command"},
+                        }
+                    },
+                },
+                "CommandBody": {
+                    "oneOf": [
+                        {"$ref": f"#/components/schemas/{name}"} for name in command_types
+                    ],
+                    "discriminator": {
+                        "propertyName": "type",
+                        "mapping": {
+                            name: f"#/components/schemas/Command_{name}"
+                            for name in COMMAND_TYPES
+                        },
+                    },
+                },
+                **command_types,
+            },
+        },
+    }

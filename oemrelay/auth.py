@@ -1,0 +1,533 @@
+"""
+Per-device authentication for the HTTP connector.
+
+Two schemes:
+
+- Azure IoT Hub shared access signatures (:func:`sas_token`,
+  :class:`AzureSas`): a device's key (one of its profile fields) signs its
+  resource URI and an expiry; the token is cached per device and renewed
+  before it expires.  :func:`iothub_url`, :func:`default_sas_resource` and
+  :func:`iothub_message_id` fill in the rest of an IoT Hub connector.
+- OAuth 2.0 client credentials (RFC 6749 section 4.4,
+  :class:`OAuth2ClientCredentials`): one bearer token for the connector,
+  fetched from a token endpoint, shared by every device and renewed shortly
+  before it expires or when the resource server refuses it.
+
+Keys, signatures, tokens and client secrets never appear in exception
+messages; every message is one line that may be logged as it is.
+"""
+
+from __future__ import annotations
+
+import binascii
+import hashlib
+import hmac
+import json
+import math
+import re
+from base64 import b64decode, b64encode
+from collections import OrderedDict
+from collections.abc import Mapping
+from urllib.parse import quote, quote_plus, unquote, urlencode, urlsplit
+
+from twisted.internet.defer import CancelledError, Deferred, succeed
+from twisted.internet.interfaces import IReactorTime
+from twisted.python.failure import Failure
+from twisted.web.client import ResponseFailed
+
+from .templates import PLACEHOLDERS, expand
+
+#: The IoT Hub REST API version :func:`iothub_url` asks for.
+IOTHUB_API_VERSION = "2021-04-12"
+
+#: The DNS suffix added to a bare hub name (Azure's public cloud).
+IOTHUB_DOMAIN = "azure-devices.net"
+
+_SAS_PREFIX = "SharedAccessSignature "
+_PLACEHOLDER_SPLIT = re.compile(r"(\[(?:" + "|".join(PLACEHOLDERS) + r")\])")
+
+
+# --- Azure IoT Hub shared access signatures --------------------------------
+
+
+def _decode_key(key_base64: str) -> bytes:
+    """The raw bytes of a base64 SAS key; the error names no key material."""
+    try:
+        key = b64decode(key_base64.strip(), validate=True)
+    except (binascii.Error, ValueError):
+        raise ValueError("the SAS key is not valid base64") from None
+    if not key:
+        raise ValueError("the SAS key is empty")
+    return key
+
+
+def _sas_signature(encoded_resource: str, expiry: str, key: bytes) -> str:
+    """The base64 HMAC-SHA256 of ``<encoded resource>\\n<expiry>`` (not URL-encoded)."""
+    message = f"{encoded_resource}\n{expiry}".encode("utf-8")
+    return b64encode(hmac.new(key, message, hashlib.sha256).digest()).decode("ascii")
+
+
+def sas_token(
+    resource_uri: str, key_base64: str, expiry: int, policy: str | None = None
+) -> str:
+    """
+    An Azure shared access signature for ``resource_uri``, valid until ``expiry``.
+
+    The algorithm of Microsoft's reference implementations (the IoT Hub
+    security guide's Python sample, ``azure-iot-device``'s ``sastoken.py``):
+    the resource URI is percent-encoded with nothing left safe (so ``/``
+    becomes ``%2F``; its case is kept), the string
+    ``<encoded resource>\\n<expiry>`` is signed with HMAC-SHA256 keyed with
+    the base64-decoded key, and the base64 digest is percent-encoded.
+
+    :param resource_uri: the token's scope, such as
+        ``myhub.azure-devices.net/devices/dev1`` (not URL-encoded).
+    :param key_base64: a device key or shared access policy key, as Azure
+        shows it (standard base64).
+    :param expiry: seconds since the Unix epoch.
+    :param policy: the shared access policy's name (``skn``), for a policy key.
+    :return: ``SharedAccessSignature sr=...&sig=...&se=...[&skn=...]``, the
+        value of an ``Authorization`` header.
+    :raises ValueError: if the resource is empty or the key is not base64;
+        the message holds no key material.
+    """
+    if not resource_uri:
+        raise ValueError("the SAS resource URI is empty")
+    if isinstance(expiry, bool) or not isinstance(expiry, int) or expiry < 0:
+        raise ValueError("the SAS expiry must be a non-negative integer (epoch seconds)")
+    key = _decode_key(key_base64)
+    encoded_resource = quote(resource_uri, safe="")
+    signature = _sas_signature(encoded_resource, str(expiry), key)
+    token = (
+        f"{_SAS_PREFIX}sr={encoded_resource}"
+        f"&sig={quote(signature, safe='')}&se={expiry}"
+    )
+    if policy:
+        token += f"&skn={quote(policy, safe='')}"
+    return token
+
+
+class AzureSas:
+    """
+    ``Authorization`` header values for Azure IoT Hub, one SAS per device.
+
+    The key and the resource are templates over the device's fields (see
+    :mod:`oemrelay.templates`); by default the key is the profile's
+    ``CUSTOM3``.  A device whose key field already holds a complete
+    ``SharedAccessSignature ...`` string (one made with ``az iot hub
+    generate-sas-token``, say) gets that string unchanged.
+
+    Tokens live ``ttl`` seconds and are cached per (resource, key, policy);
+    a cached token is renewed once less than a tenth of ``ttl`` or five
+    minutes, whichever is smaller, remains.  The cache is an LRU of at most
+    ``max_cached`` entries: a device seen again moves to the front, and the
+    least recently used entry is dropped when the cache is full (an expired
+    entry is replaced when its device is next seen).
+
+    :param resource_template: the token's scope, usually
+        ``<hub>.azure-devices.net/devices/[CUSTOM1]``; see
+        :func:`default_sas_resource`.  Substituted values are not escaped
+        (the whole resource is percent-encoded when signed).
+    :param clock: gives the current time as epoch seconds (the reactor).
+    :param key_template: where the device's base64 key comes from.
+    :param policy: a shared access policy name (``skn``) when the key is a
+        policy key rather than a device key.
+    :param ttl: how long each token is valid, in seconds.
+    :param max_cached: the most tokens kept.
+    """
+
+    def __init__(
+        self,
+        *,
+        resource_template: str,
+        clock: IReactorTime,
+        key_template: str = "[CUSTOM3]",
+        policy: str | None = None,
+        ttl: int = 3600,
+        max_cached: int = 4096,
+    ) -> None:
+        if not resource_template:
+            raise ValueError("the SAS resource template is empty")
+        if isinstance(ttl, bool) or not isinstance(ttl, int) or ttl <= 0:
+            raise ValueError("the SAS ttl must be a positive whole number of seconds")
+        if max_cached < 1:
+            raise ValueError("the SAS cache must hold at least one token")
+        self._resource_template = resource_template
+        self._key_template = key_template
+        self._policy = policy or None
+        self._ttl = ttl
+        self._renew_margin = min(ttl / 10, 300)
+        self._clock = clock
+        self._max_cached = max_cached
+        self._cache: OrderedDict[tuple[str, str, str | None], tuple[str, int]] = OrderedDict()
+
+    def authorization(self, fields: Mapping[str, str]) -> str:
+        """
+        The ``Authorization`` header value for one device.
+
+        :param fields: the device's placeholder values, as given by
+            :func:`oemrelay.templates.device_fields`.
+        :raises ValueError: if the device has no key, its key is not base64
+            or its resource is empty; the message names the device's serial
+            but no key material.
+        """
+        serial = fields.get("SERIAL", "?")
+        key = expand(self._key_template, fields)
+        if key.startswith(_SAS_PREFIX):
+            if "\r" in key or "\n" in key:
+                raise ValueError(
+                    f"the preset SAS of device {serial} contains CR or LF"
+                )
+            return key
+        if not key.strip():
+            raise ValueError(f"no SAS key for device {serial}")
+        resource = expand(self._resource_template, fields)
+        if not resource:
+            raise ValueError(f"the SAS resource of device {serial} is empty")
+        now = self._clock.seconds()
+        cache_key = (resource, key, self._policy)
+        cached = self._cache.get(cache_key)
+        if cached is not None and now < cached[1] - self._renew_margin:
+            self._cache.move_to_end(cache_key)
+            return cached[0]
+        expiry = int(now) + self._ttl
+        try:
+            token = sas_token(resource, key, expiry, self._policy)
+        except ValueError as error:
+            raise ValueError(f"device {serial}: {error}") from None
+        self._cache[cache_key] = (token, expiry)
+        self._cache.move_to_end(cache_key)
+        while len(self._cache) > self._max_cached:
+            self._cache.popitem(last=False)
+        return token
+
+    def cached_tokens(self) -> int:
+        """How many tokens the cache holds now."""
+        return len(self._cache)
+
+
+def _split_url_template(url_template: str) -> tuple[str, str]:
+    """
+    The host (no user info, no port) and raw path of a URL template.
+
+    Parsed by hand: :func:`urllib.parse.urlsplit` refuses a bracketed
+    placeholder in the host as a malformed IPv6 literal.
+    """
+    scheme, separator, rest = url_template.partition("://")
+    if not separator or not scheme:
+        raise ValueError("the URL has no scheme (expected https://...)")
+    end = len(rest)
+    for stop in "/?#":
+        index = rest.find(stop)
+        if index != -1:
+            end = min(end, index)
+    authority, remainder = rest[:end], rest[end:]
+    host = authority.rpartition("@")[2]
+    # Drop a port, but not the inside of an IPv6 literal or a placeholder.
+    head, colon, port = host.rpartition(":")
+    if colon and "]" not in port and port.isdigit():
+        host = head
+    if not host:
+        raise ValueError("the URL has no host")
+    path = remainder
+    for stop in "?#":
+        path = path.split(stop, 1)[0]
+    return host, path
+
+
+def default_sas_resource(url_template: str) -> str:
+    """
+    The SAS scope implied by an IoT Hub URL: its host and its path up to,
+    and not including, ``/messages``.
+
+    ``https://myhub.azure-devices.net/devices/[CUSTOM1]/messages/events?api-version=2021-04-12``
+    gives ``myhub.azure-devices.net/devices/[CUSTOM1]``.  Placeholders are
+    kept for :class:`AzureSas` to fill in; percent-escapes in the template's
+    path are decoded (the resource is signed unescaped, then encoded as a
+    whole).  A path without a ``/messages`` segment is taken whole, less
+    a trailing ``/``.
+
+    :raises ValueError: if the URL has no scheme or no host.
+    """
+    host, path = _split_url_template(url_template)
+    match = re.search(r"/messages(?=/|$)", path, re.IGNORECASE)
+    if match is not None:
+        path = path[: match.start()]
+    return unquote(host + path.rstrip("/"))
+
+
+def iothub_url(hub: str, device_id_template: str) -> str:
+    """
+    The IoT Hub HTTPS URL a device's telemetry is POSTed to.
+
+    :param hub: the hub's name (``myhub``, completed with
+        ``.azure-devices.net``) or, if it contains a dot, its full host name
+        (``myhub.azure-devices.net``, or a national cloud's such as
+        ``myhub.azure-devices.cn``), taken as written.
+    :param device_id_template: the device id, usually a placeholder such as
+        ``[CUSTOM1]``; literal text around placeholders is percent-encoded
+        here, the placeholders' values when the URL is expanded.
+    :raises ValueError: if ``hub`` is empty or is not a bare host name.
+    """
+    hub = hub.strip()
+    if not hub or re.search(r"[/:@?#\s\[\]]", hub):
+        raise ValueError(
+            "the IoT Hub must be a hub name or host name, such as myhub"
+            f" or myhub.{IOTHUB_DOMAIN}"
+        )
+    host = hub if "." in hub else f"{hub}.{IOTHUB_DOMAIN}"
+    if not device_id_template:
+        raise ValueError("the IoT Hub device id template is empty")
+    device = "".join(
+        part if _PLACEHOLDER_SPLIT.fullmatch(part) else quote(part, safe="")
+        for part in _PLACEHOLDER_SPLIT.split(device_id_template)
+    )
+    return f"https://{host}/devices/{device}/messages/events?api-version={IOTHUB_API_VERSION}"
+
+
+def iothub_message_id(serial: int, first_seq: int | None) -> str:
+    """
+    The ``iothub-messageid`` of one upload: ``dm-<serial>-<first seq>``.
+
+    The same upload sent again (after a timeout, say) carries the same id,
+    so the consumer can drop the duplicate.  An upload without records has
+    ``empty`` in place of the sequence number.  Only ASCII letters, digits
+    and ``-`` are used, well within IoT Hub's 128 characters.
+    """
+    return f"dm-{serial}-{'empty' if first_seq is None else first_seq}"
+
+
+# --- OAuth 2.0 client credentials ------------------------------------------
+
+
+class AuthError(Exception):
+    """
+    A credential could not be obtained.  The message is one line and holds
+    no secret (no client secret, no token).
+    """
+
+
+_SAFE_OAUTH_ERROR = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
+#: Visible ASCII only: nothing that could end or split a header line.
+_USABLE_TOKEN = re.compile(r"[\x21-\x7e]+")
+
+
+def _oauth_error_code(body: bytes) -> str | None:
+    """The RFC 6749 ``error`` code of a refusal, if it is a plain word."""
+    try:
+        document = json.loads(body)
+    except ValueError:
+        return None
+    if not isinstance(document, dict):
+        return None
+    code = document.get("error")
+    if isinstance(code, str) and _SAFE_OAUTH_ERROR.fullmatch(code):
+        return code
+    return None
+
+
+def _expires_in(value: object) -> float:
+    """A token's lifetime from the ``expires_in`` member (3600 s when absent)."""
+    if value is None:
+        return 3600.0
+    if isinstance(value, bool):
+        raise ValueError
+    if isinstance(value, (int, float)) and math.isfinite(value):
+        return float(value)
+    if isinstance(value, str) and re.fullmatch(r"\s*[0-9]+\s*", value):
+        # Some servers (Azure AD v1) send a string.
+        return float(value)
+    raise ValueError
+
+
+class OAuth2ClientCredentials:
+    """
+    A bearer token from an OAuth 2.0 token endpoint, by the client
+    credentials grant (RFC 6749 section 4.4).
+
+    The token is cached until shortly before it expires (a tenth of its
+    lifetime or a minute before, whichever is sooner).  Callers asking
+    while a fetch is under way share that fetch.  A failed fetch is not
+    cached: the next call tries again.
+
+    :param http_client: a :class:`treq.client.HTTPClient` (or ``StubTreq``).
+    :param clock: times the request and the token's lifetime.
+    :param token_url: the token endpoint.
+    :param client_id: the client's identifier.
+    :param client_secret: the client's secret.
+    :param scope: space-separated scopes to ask for; not sent when empty.
+    :param timeout: the most seconds one fetch (request and answer) may take.
+    :param credentials_in_body: send ``client_id`` and ``client_secret`` as
+        form fields rather than HTTP Basic (RFC 6749 section 2.3.1 prefers
+        Basic; some servers only take the body).
+    """
+
+    def __init__(
+        self,
+        http_client,
+        clock: IReactorTime,
+        token_url: str,
+        client_id: str,
+        client_secret: str,
+        scope: str = "",
+        timeout: float = 10,
+        credentials_in_body: bool = False,
+    ) -> None:
+        if not token_url or not client_id:
+            raise ValueError("OAuth2 needs a token URL and a client id")
+        if timeout <= 0:
+            raise ValueError("the OAuth2 timeout must be positive")
+        self._client = http_client
+        self._clock = clock
+        self._token_url = token_url
+        self._client_id = client_id
+        self._client_secret = client_secret
+        self._scope = scope
+        self._timeout = timeout
+        self._credentials_in_body = credentials_in_body
+        # The host is safe to name in errors; path and query may not be.
+        self._target = urlsplit(token_url).netloc.rpartition("@")[2] or "token endpoint"
+        self._token: str | None = None
+        self._renew_at = 0.0
+        self._waiters: list[Deferred[str]] | None = None
+        self._timed_out = False
+
+    def __repr__(self) -> str:
+        return f"<OAuth2ClientCredentials {self._client_id!r} at {self._target}>"
+
+    def token(self) -> Deferred[str]:
+        """
+        A valid access token: the cached one, or a new one once it is
+        about to expire or has been invalidated.
+
+        :return: a Deferred firing with the token, or failing with
+            :class:`AuthError`.  Cancelling it leaves a shared fetch running
+            for the other callers (and for the cache).
+        """
+        if self._token is not None and self._clock.seconds() < self._renew_at:
+            return succeed(self._token)
+        waiter: Deferred[str] = Deferred(self._forget_waiter)
+        if self._waiters is None:
+            self._waiters = [waiter]
+            self._timed_out = False
+            fetch = Deferred.fromCoroutine(self._fetch())
+            # Not addTimeout: a cancelled treq request fails with
+            # ResponseNeverReceived, not CancelledError, so the timeout is
+            # recorded here to be reported as one.
+            timer = self._clock.callLater(self._timeout, self._time_out, fetch)
+            fetch.addBoth(self._stop_timer, timer)
+            fetch.addBoth(self._fetched)
+        else:
+            self._waiters.append(waiter)
+        return waiter
+
+    def invalidate(self, token: str) -> None:
+        """
+        Drop ``token`` from the cache, if it is still the cached token, so
+        the next :meth:`token` fetches another.  Call this when the resource
+        server refuses ``token`` (401); a token already replaced by a newer
+        one is left alone, so many refusals cause one fetch.
+        """
+        if self._token is not None and hmac.compare_digest(
+            self._token.encode("utf-8"), token.encode("utf-8")
+        ):
+            self._token = None
+            self._renew_at = 0.0
+
+    def _time_out(self, fetch: Deferred) -> None:
+        self._timed_out = True
+        fetch.cancel()
+
+    @staticmethod
+    def _stop_timer(result: object, timer) -> object:
+        if timer.active():
+            timer.cancel()
+        return result
+
+    def _forget_waiter(self, waiter: Deferred[str]) -> None:
+        if self._waiters is not None and waiter in self._waiters:
+            self._waiters.remove(waiter)
+
+    def _fetched(self, result: tuple[str, float] | Failure) -> None:
+        waiters, self._waiters = self._waiters or [], None
+        if isinstance(result, Failure):
+            if self._timed_out:
+                error = AuthError(
+                    f"OAuth2 token endpoint {self._target} did not answer"
+                    f" within {self._timeout:g}s"
+                )
+            elif result.check(AuthError):
+                error = result.value
+            else:
+                error = AuthError(
+                    f"OAuth2 token request to {self._target} failed"
+                    f" ({result.type.__name__})"
+                )
+            for waiter in waiters:
+                waiter.errback(Failure(error))
+            return
+        token, renew_at = result
+        self._token, self._renew_at = token, renew_at
+        for waiter in waiters:
+            waiter.callback(token)
+
+    def _request(self) -> tuple[bytes, dict[bytes, list[bytes]]]:
+        form = [("grant_type", "client_credentials")]
+        if self._scope:
+            form.append(("scope", self._scope))
+        headers = {
+            b"Content-Type": [b"application/x-www-form-urlencoded"],
+            b"Accept": [b"application/json"],
+        }
+        if self._credentials_in_body:
+            form += [("client_id", self._client_id), ("client_secret", self._client_secret)]
+        else:
+            # RFC 6749 2.3.1: each part form-urlencoded, then Basic.
+            pair = f"{quote_plus(self._client_id)}:{quote_plus(self._client_secret)}"
+            headers[b"Authorization"] = [b"Basic " + b64encode(pair.encode("utf-8"))]
+        return urlencode(form).encode("ascii"), headers
+
+    async def _fetch(self) -> tuple[str, float]:
+        started = self._clock.seconds()
+        body, headers = self._request()
+        try:
+            response = await self._client.post(self._token_url, data=body, headers=headers)
+            answer = await response.content()
+        except CancelledError:
+            raise
+        except ResponseFailed as error:
+            reasons = ", ".join(reason.type.__name__ for reason in error.reasons)
+            raise AuthError(
+                f"OAuth2 token request to {self._target} failed ({reasons or 'ResponseFailed'})"
+            ) from None
+        except Exception as error:
+            raise AuthError(
+                f"OAuth2 token request to {self._target} failed ({type(error).__name__})"
+            ) from None
+        if not 200 <= response.code < 300:
+            code = _oauth_error_code(answer)
+            raise AuthError(
+                f"OAuth2 token endpoint {self._target} answered {response.code}"
+                + (f" ({code})" if code else "")
+            )
+        try:
+            document = json.loads(answer)
+        except ValueError:
+            document = None
+        if not isinstance(document, dict):
+            raise AuthError(
+                f"OAuth2 token endpoint {self._target} answered with no JSON object"
+            )
+        token = document.get("access_token")
+        if not isinstance(token, str) or not _USABLE_TOKEN.fullmatch(token):
+            raise AuthError(
+                f"OAuth2 token endpoint {self._target} answered with no usable access_token"
+            )
+        try:
+            lifetime = _expires_in(document.get("expires_in"))
+        except ValueError:
+            raise AuthError(
+                f"OAuth2 token endpoint {self._target} answered with an invalid expires_in"
+            ) from None
+        renew_at = started + lifetime - min(60.0, max(lifetime, 0.0) / 10)
+        return token, renew_at

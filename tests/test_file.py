@@ -1,0 +1,267 @@
+"""
+Tests for :mod:`oemrelay.connectors.file`: uploads appended as JSON lines,
+with group commit while a write is under way.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from twisted.internet import defer
+from twisted.internet.defer import Deferred
+from twisted.internet.testing import MemoryReactorClock
+from twisted.trial.unittest import SynchronousTestCase
+
+from oemrelay.codec import FrameDecoder, Hello, parse_data_records, parse_hello
+from oemrelay.config import FileConnectorConfig
+from oemrelay.connectors import build_connector
+from oemrelay.connectors.file import FileConnector, append_and_sync
+from oemrelay.oem_json import oem_document
+from oemrelay.relay import DeliveryFailed, DeviceProfile, Upload
+
+from .vectors import capture
+
+HELLO = parse_hello(FrameDecoder().feed(capture("hello-49-byte-dart"))[0].payload)
+_DATA_FRAME = FrameDecoder().feed(capture("data-0x04-2-records-2021-denmark"))[0]
+UPLOAD = Upload(HELLO, (_DATA_FRAME,), tuple(parse_data_records(_DATA_FRAME.payload)), 0.0)
+PROFILE = DeviceProfile()
+
+
+def upload_for(serial: int) -> Upload:
+    """The sample upload as if sent by device ``serial``."""
+    hello = Hello(serial, HELLO.imei, HELLO.iccid, 34, 2, 1, 9)
+    return Upload(hello, UPLOAD.frames, UPLOAD.records, 0.0)
+
+
+def run_now(function, *args) -> Deferred:
+    """A BlockingRunner that runs ``function`` at once, in this thread."""
+    return defer.maybeDeferred(function, *args)
+
+
+class ManualRunner:
+    """A BlockingRunner whose calls wait until the test runs them."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[object, tuple, Deferred]] = []
+
+    def __call__(self, function, *args) -> Deferred:
+        waiting: Deferred = Deferred()
+        self.calls.append((function, args, waiting))
+        return waiting
+
+    def run(self, index: int) -> None:
+        """Run call ``index`` for real and fire its Deferred with the outcome."""
+        function, args, waiting = self.calls[index]
+        try:
+            result = function(*args)
+        except Exception:
+            waiting.errback()
+        else:
+            waiting.callback(result)
+
+
+class FileConnectorTests(SynchronousTestCase):
+    """FileConnector appends one fsync'd JSON line per upload."""
+
+    def setUp(self) -> None:
+        os.mkdir(directory := self.mktemp())
+        self.path = os.path.join(directory, "uploads.jsonl")
+
+    def connector(self, runner=run_now, path: str | None = None) -> FileConnector:
+        return FileConnector(FileConnectorConfig("store", path or self.path), runner)
+
+    def lines(self) -> list[dict]:
+        text = Path(self.path).read_text(encoding="utf-8")
+        self.assertTrue(text.endswith("\n"))
+        return [json.loads(line) for line in text.splitlines()]
+
+    def test_one_line(self) -> None:
+        """An upload becomes one line: its OEM JSON document and a newline."""
+        done = self.connector().deliver(UPLOAD, PROFILE)
+        self.assertIsNone(self.successResultOf(done))
+        self.assertEqual(
+            Path(self.path).read_bytes(), oem_document(UPLOAD.hello, UPLOAD.records) + b"\n"
+        )
+
+    def test_document_content(self) -> None:
+        """The line holds the device's serial and every record of the upload."""
+        self.successResultOf(self.connector().deliver(UPLOAD, PROFILE))
+        [document] = self.lines()
+        self.assertEqual(document["SerNo"], 129336)
+        self.assertEqual([r["SeqNo"] for r in document["Records"]], [565, 566])
+
+    def test_appends(self) -> None:
+        """Later uploads are appended after earlier ones, in order."""
+        connector = self.connector()
+        for serial in (1, 2, 3):
+            self.successResultOf(connector.deliver(upload_for(serial), PROFILE))
+        self.assertEqual([d["SerNo"] for d in self.lines()], [1, 2, 3])
+
+    def test_keeps_existing_content(self) -> None:
+        """A file that already has lines keeps them."""
+        Path(self.path).write_bytes(b'{"old":1}\n')
+        self.successResultOf(self.connector().deliver(UPLOAD, PROFILE))
+        self.assertEqual(self.lines()[0], {"old": 1})
+        self.assertEqual(len(self.lines()), 2)
+
+    def test_not_done_before_written(self) -> None:
+        """The Deferred does not fire until the write has finished."""
+        runner = ManualRunner()
+        done = self.connector(runner).deliver(UPLOAD, PROFILE)
+        self.assertNoResult(done)
+        self.assertFalse(os.path.exists(self.path))
+        runner.run(0)
+        self.successResultOf(done)
+        self.assertEqual(len(self.lines()), 1)
+
+    def test_writes_through_runner(self) -> None:
+        """The write is handed to the blocking runner as append_and_sync(path, data)."""
+        runner = ManualRunner()
+        self.connector(runner).deliver(UPLOAD, PROFILE)
+        [(function, args, _)] = runner.calls
+        self.assertIs(function, append_and_sync)
+        self.assertEqual(args, (self.path, oem_document(UPLOAD.hello, UPLOAD.records) + b"\n"))
+
+    def test_group_commit(self) -> None:
+        """Uploads queued while a write is under way are written in one batch and all fire."""
+        runner = ManualRunner()
+        connector = self.connector(runner)
+        first = connector.deliver(upload_for(1), PROFILE)
+        queued = [connector.deliver(upload_for(n), PROFILE) for n in (2, 3, 4)]
+        self.assertEqual(len(runner.calls), 1)
+        runner.run(0)
+        self.successResultOf(first)
+        for done in queued:
+            self.assertNoResult(done)
+        self.assertEqual(len(runner.calls), 2)
+        _, (path, data), _ = runner.calls[1]
+        self.assertEqual(data.count(b"\n"), 3)
+        runner.run(1)
+        for done in queued:
+            self.successResultOf(done)
+        self.assertEqual([d["SerNo"] for d in self.lines()], [1, 2, 3, 4])
+        self.assertEqual(len(runner.calls), 2)
+
+    def test_idle_after_batch(self) -> None:
+        """After a batch completes, the next upload starts a new write at once."""
+        runner = ManualRunner()
+        connector = self.connector(runner)
+        connector.deliver(upload_for(1), PROFILE)
+        runner.run(0)
+        later = connector.deliver(upload_for(2), PROFILE)
+        self.assertEqual(len(runner.calls), 2)
+        runner.run(1)
+        self.successResultOf(later)
+
+    def test_write_error(self) -> None:
+        """A path that cannot be written fails the upload with DeliveryFailed."""
+        path = os.path.join(self.mktemp(), "missing-dir", "uploads.jsonl")
+        failure = self.failureResultOf(
+            self.connector(path=path).deliver(UPLOAD, PROFILE), DeliveryFailed
+        )
+        message = str(failure.value)
+        self.assertIn("connector store", message)
+        self.assertIn(path, message)
+        self.assertNotIn("\n", message)
+
+    def test_write_error_fails_whole_batch(self) -> None:
+        """Every upload of a batch whose write fails gets DeliveryFailed."""
+        runner = ManualRunner()
+        path = os.path.join(self.mktemp(), "missing-dir", "uploads.jsonl")
+        connector = self.connector(runner, path)
+        first = connector.deliver(upload_for(1), PROFILE)
+        batch = [connector.deliver(upload_for(n), PROFILE) for n in (2, 3)]
+        runner.run(0)
+        self.failureResultOf(first, DeliveryFailed)
+        runner.run(1)
+        for done in batch:
+            self.failureResultOf(done, DeliveryFailed)
+
+    def test_recovers_after_error(self) -> None:
+        """A failed write does not stop later writes."""
+        runner = ManualRunner()
+        connector = self.connector(runner)
+        first = connector.deliver(upload_for(1), PROFILE)
+        second = connector.deliver(upload_for(2), PROFILE)
+        _, _, waiting = runner.calls[0]
+        waiting.errback(OSError(28, "No space left on device"))
+        failure = self.failureResultOf(first, DeliveryFailed)
+        self.assertIn("No space left on device", str(failure.value))
+        runner.run(1)
+        self.successResultOf(second)
+        self.assertEqual([d["SerNo"] for d in self.lines()], [2])
+
+    def test_link(self) -> None:
+        """open_link gives a link that delivers to this file and ignores other frames."""
+        connector = self.connector()
+        reasons: list[str] = []
+        link = connector.open_link(HELLO, reasons.append)
+        link.forward(_DATA_FRAME)
+        self.successResultOf(link.deliver(UPLOAD, PROFILE))
+        link.close()
+        self.assertEqual(len(self.lines()), 1)
+        self.assertEqual(reasons, [])
+
+    def test_name(self) -> None:
+        """The connector is named after its section."""
+        self.assertEqual(self.connector().name, "store")
+
+
+class AppendAndSyncTests(SynchronousTestCase):
+    """append_and_sync appends bytes to a file, creating it if needed."""
+
+    def test_creates(self) -> None:
+        """A missing file is created with the data."""
+        path = self.mktemp()
+        append_and_sync(path, b"one\n")
+        self.assertEqual(Path(path).read_bytes(), b"one\n")
+
+    def test_appends(self) -> None:
+        """Data goes after what the file already holds."""
+        path = self.mktemp()
+        Path(path).write_bytes(b"zero\n")
+        append_and_sync(path, b"one\n")
+        append_and_sync(path, b"two\n")
+        self.assertEqual(Path(path).read_bytes(), b"zero\none\ntwo\n")
+
+    def test_large(self) -> None:
+        """Data larger than one write is written completely."""
+        path = self.mktemp()
+        data = bytes(range(256)) * 8192
+        append_and_sync(path, data)
+        self.assertEqual(Path(path).read_bytes(), data)
+
+    def test_empty(self) -> None:
+        """Empty data leaves the file as it was."""
+        path = self.mktemp()
+        Path(path).write_bytes(b"x")
+        append_and_sync(path, b"")
+        self.assertEqual(Path(path).read_bytes(), b"x")
+
+    def test_unwritable(self) -> None:
+        """A path in a missing directory raises OSError."""
+        with self.assertRaises(OSError):
+            append_and_sync(os.path.join(self.mktemp(), "no", "file"), b"x")
+
+    def test_fsyncs(self) -> None:
+        """The data is fsync'd before append_and_sync returns."""
+        synced: list[int] = []
+        real_fsync = os.fsync
+        self.patch(os, "fsync", lambda fd: (synced.append(fd), real_fsync(fd)))
+        append_and_sync(self.mktemp(), b"x")
+        self.assertEqual(len(synced), 1)
+
+
+class BuildConnectorTests(SynchronousTestCase):
+    """build_connector gives a file section its own writer thread."""
+
+    def test_file_connector(self) -> None:
+        """A file section becomes a FileConnector whose thread starts and stops with the reactor."""
+        reactor = MemoryReactorClock()
+        connector = build_connector(FileConnectorConfig("store", "x.jsonl"), reactor, 65535)
+        self.assertIsInstance(connector, FileConnector)
+        self.assertEqual((connector.name, connector.path), ("store", "x.jsonl"))
+        self.assertEqual(len(reactor.whenRunningHooks), 1)
+        self.assertEqual(len(reactor.triggers["during"]["shutdown"]), 1)

@@ -1,0 +1,556 @@
+"""
+Tests for :mod:`oemrelay.connectors.http`: one POST of OEM JSON per upload,
+against in-memory end servers (treq's StubTreq) and a fake clock.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from base64 import b64encode
+
+import twisted
+from OpenSSL import SSL
+from treq.client import HTTPClient
+from treq.testing import StubTreq
+from twisted.internet import task
+from twisted.internet.address import IPv4Address
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.error import ConnectionDone, ConnectionRefusedError
+from twisted.internet.ssl import CertificateOptions
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase
+from twisted.web.client import Agent, HTTPConnectionPool
+from twisted.web.iweb import IBodyProducer
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET
+
+from zope.interface import implementer
+
+from oemrelay.codec import FrameDecoder, Hello, parse_data_records, parse_hello
+from oemrelay.config import HttpConnectorConfig
+from oemrelay.connectors import build_connector
+from oemrelay.connectors import http as http_module
+from oemrelay.connectors.http import HttpConnector, PlatformTrustPlusCA, build_http_client
+from oemrelay.oem_json import oem_document
+from oemrelay.relay import DeliveryFailed, DeviceProfile, StatelessLink, Upload
+
+from .vectors import capture
+
+HELLO = parse_hello(FrameDecoder().feed(capture("hello-49-byte-dart"))[0].payload)
+_DATA = FrameDecoder().feed(capture("data-0x04-2-records-2021-denmark"))[0]
+UPLOAD = Upload(HELLO, (_DATA,), tuple(parse_data_records(_DATA.payload)), 0.0)
+PROFILE = DeviceProfile("cust/one?a=1&b=2 x", "two", "three")
+
+#: Secrets that must never appear in a failure message.
+SECRETS = ("TOPSECRET", "bearer-token-9", "pass-word-7")
+SECRET_PROFILE = DeviceProfile("TOPSECRET", "bearer-token-9")
+SECRET_CONFIG = dict(
+    url="https://end.example.com:8443/dm/[SERIAL]?key=[CUSTOM1]",
+    headers=(("Authorization", "Bearer [CUSTOM2]"),),
+    username="relay",
+    password="pass-word-7",
+)
+
+FAKE_CAS = os.path.join(os.path.dirname(twisted.__file__), "internet", "test", "fake_CAs")
+
+
+class EndServer(Resource):
+    """
+    An in-memory end server: records each request and answers ``code``
+    with ``body``, or holds the request when ``hold`` is set.
+    """
+
+    isLeaf = True
+
+    def __init__(self, code: int = 200, body: bytes = b"", hold: bool = False) -> None:
+        super().__init__()
+        self.code = code
+        self.body = body
+        self.hold = hold
+        self.requests: list[dict] = []
+        self.held: list = []
+
+    def render(self, request):
+        self.requests.append(
+            {
+                "method": request.method,
+                "uri": request.uri,
+                "headers": {
+                    name.lower(): values
+                    for name, values in request.requestHeaders.getAllRawHeaders()
+                },
+                "body": request.content.read(),
+            }
+        )
+        request.setResponseCode(self.code)
+        if self.code in (301, 302, 303, 307, 308):
+            request.setHeader(b"Location", b"http://elsewhere.example.net/other")
+        if self.hold:
+            self.held.append(request)
+            return NOT_DONE_YET
+        return self.body
+
+
+def connector_for(client, clock, name: str = "platform", **settings) -> HttpConnector:
+    """An HttpConnector named ``name`` with ``settings`` over ``client``."""
+    settings.setdefault("url", "http://end.example.com/dm")
+    return HttpConnector(HttpConnectorConfig(name, **settings), client, clock)
+
+
+class HttpConnectorTests(SynchronousTestCase):
+    """HttpConnector POSTs each upload and counts 2xx as accepted."""
+
+    def setUp(self) -> None:
+        self.clock = task.Clock()
+        self.server = EndServer()
+        self.stub = StubTreq(self.server)
+
+    def connector(self, **settings) -> HttpConnector:
+        return connector_for(self.stub, self.clock, **settings)
+
+    def deliver(self, profile: DeviceProfile = PROFILE, **settings) -> Deferred:
+        return self.connector(**settings).deliver(UPLOAD, profile)
+
+    def only_request(self) -> dict:
+        self.assertEqual(len(self.server.requests), 1)
+        return self.server.requests[0]
+
+    def assert_no_secrets(self, message: str) -> None:
+        for secret in SECRETS + ("/dm", "key=", "129336"):
+            self.assertNotIn(secret, message)
+        self.assertNotIn("\n", message)
+
+    def test_one_post(self) -> None:
+        """An upload is one POST to the configured URL."""
+        self.successResultOf(self.deliver())
+        request = self.only_request()
+        self.assertEqual((request["method"], request["uri"]), (b"POST", b"/dm"))
+
+    def test_content_type(self) -> None:
+        """The POST's Content-Type is application/json."""
+        self.successResultOf(self.deliver())
+        self.assertEqual(self.only_request()["headers"][b"content-type"], [b"application/json"])
+
+    def test_body(self) -> None:
+        """The body is the upload's OEM JSON document."""
+        self.successResultOf(self.deliver())
+        body = self.only_request()["body"]
+        self.assertEqual(body, oem_document(UPLOAD.hello, UPLOAD.records))
+        document = json.loads(body)
+        self.assertEqual(document["SerNo"], 129336)
+        self.assertEqual(document["IMEI"], "353323081669730")
+        self.assertEqual([r["SeqNo"] for r in document["Records"]], [565, 566])
+
+    def test_one_post_per_upload(self) -> None:
+        """Each upload is its own POST."""
+        connector = self.connector()
+        self.successResultOf(connector.deliver(UPLOAD, PROFILE))
+        self.successResultOf(connector.deliver(UPLOAD, PROFILE))
+        self.assertEqual(len(self.server.requests), 2)
+
+    def test_url_placeholders(self) -> None:
+        """[SERIAL], [IMEI], [ICCID] and [CUSTOM2..3] are substituted in the URL."""
+        self.successResultOf(
+            self.deliver(url="http://end.example.com/[SERIAL]/[IMEI]?i=[ICCID]&c=[CUSTOM2]-[CUSTOM3]")
+        )
+        self.assertEqual(
+            self.only_request()["uri"],
+            b"/129336/353323081669730?i=89610185001824844630&c=two-three",
+        )
+
+    def test_url_value_encoded(self) -> None:
+        """A custom value with '/', '?', '&', '=' and spaces is percent-encoded in the URL."""
+        self.successResultOf(self.deliver(url="http://end.example.com/d/[CUSTOM1]?k=[CUSTOM1]"))
+        self.assertEqual(
+            self.only_request()["uri"],
+            b"/d/cust%2Fone%3Fa%3D1%26b%3D2%20x?k=cust%2Fone%3Fa%3D1%26b%3D2%20x",
+        )
+
+    def test_headers(self) -> None:
+        """header1..3 are sent with their placeholders substituted verbatim."""
+        self.successResultOf(
+            self.deliver(
+                headers=(
+                    ("X-Imei", "[IMEI]"),
+                    ("X-Custom", "[CUSTOM1]"),
+                    ("X-Static", "fixed value"),
+                )
+            )
+        )
+        headers = self.only_request()["headers"]
+        self.assertEqual(headers[b"x-imei"], [b"353323081669730"])
+        self.assertEqual(headers[b"x-custom"], [b"cust/one?a=1&b=2 x"])
+        self.assertEqual(headers[b"x-static"], [b"fixed value"])
+
+    def test_repeated_header(self) -> None:
+        """Two headers of the same name are both sent."""
+        self.successResultOf(self.deliver(headers=(("X-Tag", "a"), ("X-Tag", "[SERIAL]"))))
+        self.assertEqual(self.only_request()["headers"][b"x-tag"], [b"a", b"129336"])
+
+    def test_content_type_header(self) -> None:
+        """A configured Content-Type replaces application/json."""
+        self.successResultOf(self.deliver(headers=(("content-type", "application/vnd.dm+json"),)))
+        self.assertEqual(
+            self.only_request()["headers"][b"content-type"], [b"application/vnd.dm+json"]
+        )
+
+    def test_header_cr(self) -> None:
+        """A substituted header value containing CR fails with DeliveryFailed and sends nothing."""
+        profile = DeviceProfile("ok\rX-Injected: 1")
+        failure = self.failureResultOf(
+            self.deliver(profile, headers=(("X-Custom", "[CUSTOM1]"),)), DeliveryFailed
+        )
+        self.assertIn("X-Custom", str(failure.value))
+        self.assertNotIn("Injected", str(failure.value))
+        self.assertEqual(self.server.requests, [])
+
+    def test_header_lf(self) -> None:
+        """A substituted header value containing LF fails with DeliveryFailed and sends nothing."""
+        profile = DeviceProfile("", "", "a\nb")
+        self.failureResultOf(
+            self.deliver(profile, headers=(("X-Ok", "1"), ("X-Bad", "[CUSTOM3]"))), DeliveryFailed
+        )
+        self.assertEqual(self.server.requests, [])
+
+    def test_basic_auth(self) -> None:
+        """username and password become a Basic Authorization header."""
+        self.successResultOf(self.deliver(username="relay", password="s3cret"))
+        self.assertEqual(
+            self.only_request()["headers"][b"authorization"],
+            [b"Basic " + b64encode(b"relay:s3cret")],
+        )
+
+    def test_basic_auth_templates(self) -> None:
+        """username and password are templates over the device's fields."""
+        self.successResultOf(self.deliver(username="dev-[SERIAL]", password="[CUSTOM2]:[CUSTOM3]"))
+        self.assertEqual(
+            self.only_request()["headers"][b"authorization"],
+            [b"Basic " + b64encode(b"dev-129336:two:three")],
+        )
+
+    def test_basic_auth_username_only(self) -> None:
+        """A username without a password still sends Basic credentials."""
+        self.successResultOf(self.deliver(username="relay"))
+        self.assertEqual(
+            self.only_request()["headers"][b"authorization"], [b"Basic " + b64encode(b"relay:")]
+        )
+
+    def test_no_auth(self) -> None:
+        """Without username and password no Authorization header is sent."""
+        self.successResultOf(self.deliver())
+        self.assertNotIn(b"authorization", self.only_request()["headers"])
+
+    def test_success_codes(self) -> None:
+        """200, 201, 202 and 204 all count as accepted."""
+        for code in (200, 201, 202, 204):
+            self.server.code = code
+            self.assertIsNone(self.successResultOf(self.deliver()), code)
+
+    def test_failure_codes(self) -> None:
+        """500, 404, 301 and 303 fail with DeliveryFailed naming the code but no path or secret."""
+        for code in (500, 404, 301, 303):
+            self.server.requests.clear()
+            self.server.code = code
+            failure = self.failureResultOf(
+                self.deliver(SECRET_PROFILE, **SECRET_CONFIG), DeliveryFailed
+            )
+            message = str(failure.value)
+            self.assertIn(str(code), message)
+            self.assertIn("connector platform", message)
+            self.assert_no_secrets(message)
+            self.assertEqual(len(self.server.requests), 1, code)
+
+    def test_redirect_not_followed(self) -> None:
+        """A redirect is not followed: only the one POST is made and the upload fails."""
+        self.server.code = 302
+        self.failureResultOf(self.deliver(), DeliveryFailed)
+        self.assertEqual([r["method"] for r in self.server.requests], [b"POST"])
+
+    def test_refusal_quotes_body(self) -> None:
+        """A refusal's message quotes the start of the answer on one line."""
+        self.server.code = 400
+        self.server.body = b"bad\r\nrequest " + b"x" * 1000
+        message = str(self.failureResultOf(self.deliver(), DeliveryFailed).value)
+        self.assertIn("400: bad request xxx", message)
+        self.assertNotIn("\n", message)
+        self.assertLess(message.count("x"), 210)
+
+    def test_body_read(self) -> None:
+        """The delivery fires only once the whole answer body has been read."""
+        self.server.hold = True
+        done = self.deliver()
+        [request] = self.server.held
+        request.write(b"partial")
+        self.stub.flush()
+        self.assertNoResult(done)
+        request.write(b" answer")
+        request.finish()
+        self.stub.flush()
+        self.successResultOf(done)
+
+    def test_timeout(self) -> None:
+        """A request that is never answered fails after `timeout` with DeliveryFailed saying so."""
+        self.server.hold = True
+        done = self.deliver(SECRET_PROFILE, timeout=7.0, **SECRET_CONFIG)
+        self.clock.advance(6.9)
+        self.assertNoResult(done)
+        self.clock.advance(0.2)
+        message = str(self.failureResultOf(done, DeliveryFailed).value)
+        self.assertIn("did not answer within 7s", message)
+        self.assertIn("end.example.com:8443", message)
+        self.assert_no_secrets(message)
+
+    def test_timeout_reading_body(self) -> None:
+        """An answer whose body never ends fails with DeliveryFailed once `timeout` passes."""
+        self.server.hold = True
+        done = self.deliver(timeout=5.0)
+        [request] = self.server.held
+        request.write(b"never ending")
+        self.stub.flush()
+        self.clock.advance(5.1)
+        self.assertIn("within 5s", str(self.failureResultOf(done, DeliveryFailed).value))
+
+    def test_timeout_cancelled_after_answer(self) -> None:
+        """An answered request leaves no timer behind."""
+        self.successResultOf(self.deliver())
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_client_raises(self) -> None:
+        """A client that raises at once (say, on a URL it cannot encode) gives DeliveryFailed."""
+
+        class Client:
+            def post(self, url, **kwargs):
+                raise ValueError("cannot encode host")
+
+        connector = connector_for(Client(), self.clock)
+        failure = self.failureResultOf(connector.deliver(UPLOAD, PROFILE), DeliveryFailed)
+        self.assertIn("cannot encode host", str(failure.value))
+
+    def test_cancel(self) -> None:
+        """Cancelling a delivery abandons the request and leaves no timer behind."""
+        self.server.hold = True
+        done = self.deliver()
+        done.cancel()
+        self.failureResultOf(done)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_link(self) -> None:
+        """open_link gives a stateless link that POSTs through this connector."""
+        link = self.connector().open_link(HELLO, lambda reason: None)
+        self.assertIsInstance(link, StatelessLink)
+        self.successResultOf(link.deliver(UPLOAD, PROFILE))
+        self.assertEqual(len(self.server.requests), 1)
+
+    def test_other_device(self) -> None:
+        """The placeholders take the delivering device's values."""
+        hello = Hello(42, "111", "222")
+        upload = Upload(hello, UPLOAD.frames, UPLOAD.records, 0.0)
+        connector = self.connector(url="http://end.example.com/[SERIAL]", headers=(("X-I", "[IMEI]"),))
+        self.successResultOf(connector.deliver(upload, DeviceProfile()))
+        request = self.only_request()
+        self.assertEqual((request["uri"], request["headers"][b"x-i"]), (b"/42", [b"111"]))
+        self.assertEqual(json.loads(request["body"])["SerNo"], 42)
+
+
+@implementer(IBodyProducer)
+class BytesProducer:
+    """
+    Writes its bytes at once.  treq's default producer for bytes cooperates
+    through the global reactor, which these tests never run.
+    """
+
+    def __init__(self, body: bytes) -> None:
+        self.body = body
+        self.length = len(body)
+
+    def startProducing(self, consumer) -> Deferred:  # noqa: N802 - Twisted's name
+        consumer.write(self.body)
+        return succeed(None)
+
+    def stopProducing(self) -> None:  # noqa: N802 - Twisted's name
+        pass
+
+
+class HttpConnectionErrorTests(SynchronousTestCase):
+    """Connection-level failures become DeliveryFailed without secrets."""
+
+    def setUp(self) -> None:
+        self.reactor = MemoryReactorClock()
+        self.connector = connector_for(
+            HTTPClient(Agent(self.reactor), data_to_body_producer=BytesProducer),
+            self.reactor,
+            **dict(SECRET_CONFIG, url="http://end.example.com:8080/dm/[SERIAL]?key=[CUSTOM1]"),
+        )
+        self.done = self.connector.deliver(UPLOAD, SECRET_PROFILE)
+
+    def assert_failed(self) -> str:
+        message = str(self.failureResultOf(self.done, DeliveryFailed).value)
+        self.assertIn("end.example.com:8080", message)
+        for secret in SECRETS + ("/dm", "key="):
+            self.assertNotIn(secret, message)
+        self.assertNotIn("\n", message)
+        return message
+
+    def connect(self):
+        # The memory reactor resolves every host name to 127.0.0.1.
+        _, port, factory, _, _ = self.reactor.tcpClients[0]
+        self.assertEqual(port, 8080)
+        protocol = factory.buildProtocol(IPv4Address("TCP", "192.0.2.7", 8080))
+        transport = StringTransport()
+        protocol.makeConnection(transport)
+        return protocol, transport
+
+    def test_refused(self) -> None:
+        """A refused connection fails the upload with DeliveryFailed."""
+        factory = self.reactor.tcpClients[0][2]
+        factory.clientConnectionFailed(None, Failure(ConnectionRefusedError("192.0.2.7")))
+        self.reactor.advance(1)  # HostnameEndpoint gives up on its next attempt tick
+        self.assertIn("refused", self.assert_failed().lower())
+
+    def test_closed_before_answer(self) -> None:
+        """The end server closing before any answer fails the upload with DeliveryFailed."""
+        protocol, transport = self.connect()
+        sent = transport.value()
+        self.assertTrue(sent.startswith(b"POST /dm/129336?key=TOPSECRET "))
+        self.assertTrue(sent.endswith(oem_document(UPLOAD.hello, UPLOAD.records)))
+        protocol.connectionLost(Failure(ConnectionDone()))
+        self.assert_failed()
+
+    def test_closed_mid_answer(self) -> None:
+        """The end server closing in the middle of its answer fails the upload."""
+        protocol, _ = self.connect()
+        protocol.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\npartial")
+        protocol.connectionLost(Failure(ConnectionDone()))
+        self.assert_failed()
+
+    def test_garbage_answer(self) -> None:
+        """An answer that is not HTTP fails the upload."""
+        protocol, transport = self.connect()
+        protocol.dataReceived(b"\x02\x55\x01\x08\x00garbage\r\n\r\n")
+        self.assertTrue(transport.disconnecting)
+        protocol.connectionLost(Failure(ConnectionDone()))
+        self.assertIn("wrong number of parts", self.assert_failed())
+
+    def test_answer_over_socket(self) -> None:
+        """A plain 200 answer over the socket is accepted."""
+        protocol, _ = self.connect()
+        protocol.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        self.successResultOf(self.done)
+
+
+class FakeContext:
+    """Records what a trust root does to an OpenSSL context."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple] = []
+
+    def set_default_verify_paths(self) -> None:
+        self.calls.append(("set_default_verify_paths",))
+
+    def load_verify_locations(self, cafile, capath=None) -> None:
+        self.calls.append(("load_verify_locations", cafile))
+
+
+class PlatformTrustPlusCATests(SynchronousTestCase):
+    """PlatformTrustPlusCA trusts the system CAs and one file more."""
+
+    def test_adds_both(self) -> None:
+        """The context gets the default verify paths and then the CA file."""
+        context = FakeContext()
+        PlatformTrustPlusCA("/etc/oemrelay/ca.pem")._addCACertsToContext(context)
+        self.assertEqual(
+            context.calls,
+            [("set_default_verify_paths",), ("load_verify_locations", "/etc/oemrelay/ca.pem")],
+        )
+
+    def test_real_context(self) -> None:
+        """Twisted's TLS options accept it and load a real CA certificate with it."""
+        options = CertificateOptions(trustRoot=PlatformTrustPlusCA(os.path.join(FAKE_CAS, "thing1.pem")))
+        self.assertIsInstance(options.getContext(), SSL.Context)
+
+    def test_real_context_bad_file(self) -> None:
+        """A file without certificates makes the context fail (the file really is read)."""
+        options = CertificateOptions(
+            trustRoot=PlatformTrustPlusCA(os.path.join(FAKE_CAS, "not-a-certificate"))
+        )
+        self.assertRaises(SSL.Error, options.getContext)
+
+
+class BuildHttpClientTests(SynchronousTestCase):
+    """build_http_client makes a verified treq client with its own pool."""
+
+    def setUp(self) -> None:
+        self.reactor = MemoryReactorClock()
+        self.trust_roots: list = []
+        real_policy = http_module.BrowserLikePolicyForHTTPS
+
+        def recording_policy(trustRoot=None):  # noqa: N803 - Twisted's name
+            self.trust_roots.append(trustRoot)
+            return real_policy(trustRoot=trustRoot)
+
+        self.patch(http_module, "BrowserLikePolicyForHTTPS", recording_policy)
+
+    def test_client_and_pool(self) -> None:
+        """It returns a treq HTTPClient and a persistent connection pool."""
+        client, pool = build_http_client(self.reactor, HttpConnectorConfig("h", "https://h/"))
+        self.assertIsInstance(client, HTTPClient)
+        self.assertIsInstance(pool, HTTPConnectionPool)
+        self.assertTrue(pool.persistent)
+        self.assertEqual(pool.maxPersistentPerHost, 32)
+
+    def test_platform_trust(self) -> None:
+        """Without ca_file, HTTPS trusts the platform's CAs only."""
+        build_http_client(self.reactor, HttpConnectorConfig("h", "https://h/"))
+        self.assertEqual(self.trust_roots, [None])
+
+    def test_ca_file(self) -> None:
+        """With ca_file, HTTPS trusts the platform's CAs plus that file."""
+        build_http_client(self.reactor, HttpConnectorConfig("h", "https://h/", ca_file="/x/ca.pem"))
+        [trust] = self.trust_roots
+        self.assertIsInstance(trust, PlatformTrustPlusCA)
+        context = FakeContext()
+        trust._addCACertsToContext(context)
+        self.assertIn(("load_verify_locations", "/x/ca.pem"), context.calls)
+
+    def test_client_connects(self) -> None:
+        """The client connects through the given reactor to the URL's port."""
+        client, _ = build_http_client(self.reactor, HttpConnectorConfig("h", "https://h/"))
+        client.post("https://end.example.com:8443/x", data=b"{}")
+        self.assertEqual([port for _, port, *_ in self.reactor.tcpClients], [8443])
+
+    def test_build_connector(self) -> None:
+        """build_connector gives an HttpConnector for an http section."""
+        connector = build_connector(HttpConnectorConfig("h", "https://h/"), self.reactor, 65535)
+        self.assertIsInstance(connector, HttpConnector)
+        self.assertEqual(connector.name, "h")
+
+
+class StopServiceTests(SynchronousTestCase):
+    """Stopping the connector closes its pooled connections."""
+
+    def test_closes_pool(self) -> None:
+        """stopService returns the pool's closeCachedConnections Deferred."""
+        closed = succeed(None)
+
+        class Pool:
+            calls = 0
+
+            def closeCachedConnections(self):  # noqa: N802 - Twisted's name
+                Pool.calls += 1
+                return closed
+
+        connector = HttpConnector(
+            HttpConnectorConfig("h", "http://h/"), StubTreq(EndServer()), task.Clock(), Pool()
+        )
+        connector.startService()
+        self.assertIs(connector.stopService(), closed)
+        self.assertEqual(Pool.calls, 1)
+        self.assertFalse(connector.running)
+
+    def test_no_pool(self) -> None:
+        """Without a pool, stopService has nothing to wait for."""
+        connector = connector_for(StubTreq(EndServer()), task.Clock())
+        connector.startService()
+        self.assertIsNone(connector.stopService())

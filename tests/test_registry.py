@@ -1,0 +1,592 @@
+"""
+Tests for :mod:`oemrelay.registry` on a real SQLite file and a real PostgreSQL.
+
+The scenarios are written once in :class:`RegistryScenariosMixin` and run on
+both databases.  They use the real reactor, because adbapi runs every query
+in a thread.  PostgreSQL is found at ``OEMRELAY_TEST_POSTGRES`` (default
+``postgresql://postgres@127.0.0.1:5432/test``); each test gets a schema of
+its own, dropped afterwards.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+
+from twisted.internet import reactor
+from twisted.internet.testing import MemoryReactorClock
+from twisted.internet.threads import deferToThread
+from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
+
+from oemrelay import registry as registry_module
+from oemrelay.codec import Hello
+from oemrelay.commands import CommandRequest
+from oemrelay.registry import (
+    SCHEMA_VERSION,
+    Command,
+    DeviceRecord,
+    Registry,
+    RegistryError,
+)
+from oemrelay.relay import DeviceProfile
+
+NOW = 1_700_000_000  # an int on purpose: times must come back as floats
+
+POSTGRES_URL = os.environ.get(
+    "OEMRELAY_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test"
+)
+
+
+def hello(serial: int = 123456, **changes) -> Hello:
+    """A device's hello, with ``changes`` to its fields."""
+    fields = dict(
+        serial=serial,
+        imei="352625090000001",
+        iccid="89610185002000000001",
+        product_id=58,
+        hardware_rev=3,
+        firmware_major=1,
+        firmware_minor=24,
+    )
+    fields.update(changes)
+    return Hello(**fields)
+
+
+def request(**changes) -> CommandRequest:
+    """A command request, with ``changes`` to its fields."""
+    fields = dict(
+        type="set_output",
+        params={"output": 1, "state": True},
+        message_type=0x01,
+        data=b"\x01\x00\xff",
+    )
+    fields.update(changes)
+    return CommandRequest(**fields)
+
+
+class RegistryScenariosMixin:
+    """
+    Every behaviour of the registry.  A class using it provides
+    ``make_database()``, returning the URL of an empty database of its own.
+    """
+
+    async def make_database(self) -> str:
+        raise NotImplementedError
+
+    async def setUp(self) -> None:
+        self.url = await self.make_database()
+        self.registry = await self.open_registry()
+
+    async def open_registry(self) -> Registry:
+        """Another started registry on this test's database, closed at the end."""
+        registry = Registry.from_url(self.url, reactor=reactor)
+        self.addCleanup(registry.close)
+        await registry.start()
+        return registry
+
+    # -- schema --
+
+    async def test_start_is_idempotent(self) -> None:
+        """start() again on a started registry changes nothing and keeps the data."""
+        await self.registry.update_device(1, {"custom1": "kept"})
+        await self.registry.start()
+        device = await self.registry.get_device(1)
+        self.assertEqual(device.custom1, "kept")
+
+    async def test_reopen(self) -> None:
+        """A registry opened later on the same database finds the schema and data."""
+        await self.registry.update_device(1, {"custom1": "kept"})
+        await self.registry.close()
+        reopened = await self.open_registry()
+        device = await reopened.get_device(1)
+        self.assertEqual(device.custom1, "kept")
+
+    async def test_schema_version_recorded(self) -> None:
+        """The first start creates the schema and records its version."""
+        rows = await self.registry._pool.runQuery("SELECT MAX(version) FROM schema_version")
+        self.assertEqual(rows[0][0], SCHEMA_VERSION)
+
+    async def test_newer_schema_refused(self) -> None:
+        """start() fails with RegistryError on a schema newer than the code."""
+        await self.registry._pool.runOperation(
+            self.registry._sql("INSERT INTO schema_version (version, applied) VALUES (?, ?)"),
+            (SCHEMA_VERSION + 1, NOW),
+        )
+        later = Registry.from_url(self.url, reactor=reactor)
+        self.addCleanup(later.close)
+        with self.assertRaises(RegistryError) as caught:
+            await later.start()
+        self.assertIn(f"schema version {SCHEMA_VERSION + 1}", str(caught.exception))
+        self.assertNotIn("\n", str(caught.exception))
+
+    # -- profiles --
+
+    async def test_profile_of_unknown_device(self) -> None:
+        """An unknown device has the empty profile."""
+        self.assertEqual(await self.registry.profile_for(hello()), DeviceProfile())
+
+    async def test_profile_from_settings(self) -> None:
+        """profile_for returns the custom fields and connector override set."""
+        await self.registry.update_device(
+            123456, {"custom1": "a", "custom2": "b", "custom3": "c", "connector": "fleet"}
+        )
+        profile = await self.registry.profile_for(hello())
+        self.assertEqual(profile, DeviceProfile("a", "b", "c", "fleet"))
+
+    async def test_two_registries_share_the_database(self) -> None:
+        """An update through one registry is seen by another on the same database."""
+        other = await self.open_registry()
+        await other.profile_for(hello())
+        await self.registry.update_device(123456, {"custom2": "shared", "connector": "b"})
+        profile = await other.profile_for(hello())
+        self.assertEqual(profile, DeviceProfile(custom2="shared", connector="b"))
+
+    # -- connections --
+
+    async def test_device_connected_new(self) -> None:
+        """A first hello creates the device, connected to the node, first seen now."""
+        device = await self.registry.device_connected(hello(), "node-a", NOW)
+        self.assertEqual(await self.registry.get_device(123456), device)
+        self.assertEqual(
+            device,
+            DeviceRecord(
+                serial=123456,
+                imei="352625090000001",
+                iccid="89610185002000000001",
+                product_id=58,
+                hardware_rev=3,
+                firmware="58.3.1.24",
+                first_seen=float(NOW),
+                last_seen=float(NOW),
+                connected=True,
+                node="node-a",
+            ),
+        )
+        self.assertIs(device.connected, True)
+        self.assertIsInstance(device.first_seen, float)
+
+    async def test_device_reconnected(self) -> None:
+        """A later hello updates identity, node and last_seen but keeps first_seen."""
+        await self.registry.device_connected(hello(), "node-a", NOW)
+        await self.registry.device_disconnected(123456, "node-a", NOW + 5)
+        device = await self.registry.device_connected(
+            hello(firmware_minor=25, iccid="89610185002000000002"), "node-b", NOW + 60
+        )
+        self.assertEqual(
+            (device.first_seen, device.last_seen, device.node, device.connected),
+            (NOW, NOW + 60, "node-b", True),
+        )
+        self.assertEqual((device.firmware, device.iccid), ("58.3.1.25", "89610185002000000002"))
+
+    async def test_custom_fields_survive_connection(self) -> None:
+        """device_connected leaves custom fields and the connector override alone."""
+        await self.registry.update_device(
+            123456, {"custom1": "a", "custom2": "b", "custom3": "c", "connector": "fleet"}
+        )
+        await self.registry.device_connected(hello(), "node-a", NOW)
+        device = await self.registry.get_device(123456)
+        self.assertEqual(device.profile(), DeviceProfile("a", "b", "c", "fleet"))
+        self.assertEqual(device.first_seen, NOW)
+
+    async def test_device_disconnected(self) -> None:
+        """device_disconnected from the device's node marks it disconnected."""
+        await self.registry.device_connected(hello(), "node-a", NOW)
+        self.assertTrue(await self.registry.device_disconnected(123456, "node-a", NOW + 9))
+        device = await self.registry.get_device(123456)
+        self.assertEqual((device.connected, device.last_seen), (False, NOW + 9))
+        self.assertIs(device.connected, False)
+
+    async def test_device_disconnected_other_node(self) -> None:
+        """device_disconnected from another node leaves the device connected."""
+        await self.registry.device_connected(hello(), "node-b", NOW + 1)
+        self.assertFalse(await self.registry.device_disconnected(123456, "node-a", NOW + 2))
+        device = await self.registry.get_device(123456)
+        self.assertEqual(
+            (device.connected, device.node, device.last_seen), (True, "node-b", NOW + 1)
+        )
+
+    async def test_node_started(self) -> None:
+        """node_started disconnects this node's devices and no other node's."""
+        await self.registry.device_connected(hello(1), "node-a", NOW)
+        await self.registry.device_connected(hello(2), "node-a", NOW)
+        await self.registry.device_connected(hello(3), "node-b", NOW)
+        await self.registry.device_connected(hello(4), "node-a", NOW)
+        await self.registry.device_disconnected(4, "node-a", NOW)
+        self.assertEqual(await self.registry.node_started("node-a", NOW + 10), 2)
+        devices = await self.registry.list_devices(10)
+        self.assertEqual([d.connected for d in devices], [False, False, True, False])
+
+    # -- uploads --
+
+    async def test_upload_committed(self) -> None:
+        """upload_committed adds up records, sets the times and clears the error."""
+        await self.registry.device_connected(hello(), "node-a", NOW)
+        await self.registry.delivery_failed(123456, "HTTP 503", NOW + 1)
+        self.assertTrue(await self.registry.upload_committed(123456, 10, NOW + 2))
+        await self.registry.upload_committed(123456, 5, NOW + 3)
+        device = await self.registry.get_device(123456)
+        self.assertEqual(
+            (device.records_committed, device.last_upload, device.last_seen, device.last_error),
+            (15, NOW + 3, NOW + 3, None),
+        )
+
+    async def test_delivery_failed(self) -> None:
+        """delivery_failed keeps the reason and the time."""
+        await self.registry.device_connected(hello(), "node-a", NOW)
+        self.assertTrue(await self.registry.delivery_failed(123456, "connection refused", NOW + 4))
+        device = await self.registry.get_device(123456)
+        self.assertEqual((device.last_error, device.last_seen), ("connection refused", NOW + 4))
+
+    async def test_upload_for_unknown_device(self) -> None:
+        """upload_committed and delivery_failed on an unknown device create nothing."""
+        self.assertFalse(await self.registry.upload_committed(9, 1, NOW))
+        self.assertFalse(await self.registry.delivery_failed(9, "down", NOW))
+        self.assertIsNone(await self.registry.get_device(9))
+
+    # -- listing --
+
+    async def test_list_devices_pages(self) -> None:
+        """list_devices pages through devices in serial order with limit and after."""
+        for serial in (0xFFFFFFFF, 7, 0, 300, 12):
+            await self.registry.update_device(serial, {})
+        first = await self.registry.list_devices(2)
+        self.assertEqual([d.serial for d in first], [0, 7])
+        second = await self.registry.list_devices(2, after=first[-1].serial)
+        self.assertEqual([d.serial for d in second], [12, 300])
+        third = await self.registry.list_devices(2, after=second[-1].serial)
+        self.assertEqual([d.serial for d in third], [0xFFFFFFFF])
+        self.assertEqual(await self.registry.list_devices(2, after=0xFFFFFFFF), [])
+        self.assertEqual(await self.registry.list_devices(0), [])
+
+    async def test_list_devices_bad_limit(self) -> None:
+        """A negative limit is a ValueError."""
+        with self.assertRaises(ValueError):
+            await self.registry.list_devices(-1)
+
+    async def test_get_unknown_device(self) -> None:
+        """get_device of an unknown serial is None."""
+        self.assertIsNone(await self.registry.get_device(42))
+
+    # -- settings --
+
+    async def test_update_device_creates_then_merges(self) -> None:
+        """update_device creates an unknown device, then changes only the keys given."""
+        device, created = await self.registry.update_device(5, {"custom1": "one"})
+        self.assertEqual(
+            (device.serial, device.custom1, device.first_seen, created), (5, "one", None, True)
+        )
+        self.assertIs(device.connected, False)
+        device, created = await self.registry.update_device(5, {"custom2": "two"})
+        self.assertEqual((device.custom1, device.custom2, created), ("one", "two", False))
+        self.assertEqual(await self.registry.get_device(5), device)
+
+    async def test_first_seen_on_preloaded_device(self) -> None:
+        """A device created by update_device gets first_seen at its first hello."""
+        await self.registry.update_device(123456, {"custom1": "x"})
+        device = await self.registry.device_connected(hello(), "node-a", NOW)
+        self.assertEqual((device.first_seen, device.custom1), (NOW, "x"))
+
+    async def test_update_device_clears_connector(self) -> None:
+        """A connector of "" or None removes the override."""
+        await self.registry.update_device(5, {"connector": "fleet"})
+        device, _ = await self.registry.update_device(5, {"connector": ""})
+        self.assertIsNone(device.connector)
+        await self.registry.update_device(5, {"connector": "fleet"})
+        device, _ = await self.registry.update_device(5, {"connector": None})
+        self.assertIsNone(device.connector)
+
+    async def test_update_device_unknown_key(self) -> None:
+        """An unknown key is a ValueError naming it, and creates nothing."""
+        with self.assertRaises(ValueError) as caught:
+            await self.registry.update_device(5, {"custom1": "a", "colour": "red"})
+        self.assertIn("'colour'", str(caught.exception))
+        self.assertIsNone(await self.registry.get_device(5))
+
+    async def test_update_device_bad_values(self) -> None:
+        """Values that are not strings, NULs and bad serials are ValueErrors."""
+        for serial, changes in [
+            (5, {"custom1": 3}),
+            (5, {"connector": 1}),
+            (5, {"custom2": "a\x00b"}),
+            (5, ["custom1"]),
+            (-1, {}),
+            (0x100000000, {}),
+            ("5", {}),
+            (True, {}),
+        ]:
+            with self.assertRaises(ValueError):
+                await self.registry.update_device(serial, changes)
+        self.assertEqual(await self.registry.list_devices(10), [])
+
+    # -- import --
+
+    async def test_import_devices(self) -> None:
+        """import_devices creates new devices, updates known ones and counts both."""
+        await self.registry.device_connected(hello(1), "node-a", NOW)
+        created, updated = await self.registry.import_devices(
+            [
+                {"serial": 1, "custom1": "one", "connector": "fleet"},
+                {"serial": 2, "custom2": "two"},
+                {"serial": 3},
+            ]
+        )
+        self.assertEqual((created, updated), (2, 1))
+        devices = await self.registry.list_devices(10)
+        self.assertEqual(
+            [(d.serial, d.custom1, d.custom2, d.connector, d.connected) for d in devices],
+            [(1, "one", "", "fleet", True), (2, "", "two", None, False), (3, "", "", None, False)],
+        )
+
+    async def test_import_unknown_key_imports_nothing(self) -> None:
+        """A row with an unknown key fails the import, naming the row, before any write."""
+        with self.assertRaises(ValueError) as caught:
+            await self.registry.import_devices(
+                [{"serial": 1, "custom1": "a"}, {"serial": 2, "connectr": "fleet"}]
+            )
+        self.assertIn("row 1", str(caught.exception))
+        self.assertEqual(await self.registry.list_devices(10), [])
+
+    async def test_import_bad_serial_imports_nothing(self) -> None:
+        """A row whose serial is not an integer, or missing, fails the whole import."""
+        for bad in ({"serial": "2"}, {"custom1": "no serial"}, {"serial": 2.0}, "2"):
+            with self.assertRaises(ValueError):
+                await self.registry.import_devices([{"serial": 1}, bad])
+        self.assertEqual(await self.registry.list_devices(10), [])
+
+    async def test_import_database_refusal_undoes_all(self) -> None:
+        """A row the database refuses undoes the rows before it in the same import."""
+        await self.registry.update_device(1, {"custom1": "old"})
+        # Let an out-of-range serial past the checks, so the database refuses it.
+        self.patch(registry_module, "_check_serial", lambda serial: serial)
+        with self.assertRaises(ValueError) as caught:
+            await self.registry.import_devices(
+                [
+                    {"serial": 1, "custom1": "new"},
+                    {"serial": 2, "custom1": "two"},
+                    {"serial": 0x100000000, "custom1": "too big"},
+                ]
+            )
+        self.assertIn("row 2", str(caught.exception))
+        devices = await self.registry.list_devices(10)
+        self.assertEqual([(d.serial, d.custom1) for d in devices], [(1, "old")])
+
+    # -- commands --
+
+    async def test_add_command(self) -> None:
+        """add_command queues a command with a uint32 id, JSON params and bytes data."""
+        await self.registry.device_connected(hello(), "node-a", NOW)
+        command = await self.registry.add_command(
+            123456, request(send_after=NOW + 10, expires=NOW + 100), NOW
+        )
+        self.assertIsInstance(command.id, int)
+        self.assertTrue(0 < command.id <= 0xFFFFFFFF)
+        self.assertEqual(
+            command,
+            Command(
+                id=command.id,
+                serial=123456,
+                type="set_output",
+                params={"output": 1, "state": True},
+                message_type=0x01,
+                data=b"\x01\x00\xff",
+                status="queued",
+                created=NOW,
+                send_after=NOW + 10,
+                expires=NOW + 100,
+            ),
+        )
+        self.assertIsInstance(command.data, bytes)
+        self.assertEqual(await self.registry.list_commands(123456, NOW), [command])
+
+    async def test_add_command_unknown_device(self) -> None:
+        """add_command for an unknown device is None and queues nothing."""
+        self.assertIsNone(await self.registry.add_command(9, request(), NOW))
+        self.assertEqual(await self.registry.list_commands(9, NOW), [])
+
+    async def test_command_ids_increase(self) -> None:
+        """Command ids grow across devices, and list_commands keeps id order."""
+        await self.registry.update_device(1, {})
+        await self.registry.update_device(2, {})
+        a = await self.registry.add_command(1, request(), NOW)
+        b = await self.registry.add_command(2, request(), NOW)
+        c = await self.registry.add_command(1, request(type="reboot", params={}), NOW)
+        self.assertLess(a.id, b.id)
+        self.assertLess(b.id, c.id)
+        self.assertEqual([x.id for x in await self.registry.list_commands(1, NOW)], [a.id, c.id])
+
+    async def test_list_commands_expires(self) -> None:
+        """list_commands marks queued commands past their expiry as expired."""
+        await self.registry.update_device(1, {})
+        old = await self.registry.add_command(1, request(expires=NOW + 10), NOW)
+        fresh = await self.registry.add_command(1, request(expires=NOW + 100), NOW)
+        forever = await self.registry.add_command(1, request(), NOW)
+        commands = await self.registry.list_commands(1, NOW + 50)
+        self.assertEqual(
+            [(c.id, c.status, c.completed) for c in commands],
+            [
+                (old.id, "expired", NOW + 50),
+                (fresh.id, "queued", None),
+                (forever.id, "queued", None),
+            ],
+        )
+
+    async def test_due_commands(self) -> None:
+        """due_commands leaves out held-back, expired and already sent commands."""
+        await self.registry.update_device(1, {})
+        await self.registry.update_device(2, {})
+        now_cmd = await self.registry.add_command(1, request(), NOW)
+        later = await self.registry.add_command(1, request(send_after=NOW + 60), NOW)
+        expired = await self.registry.add_command(1, request(expires=NOW + 5), NOW)
+        held_until_now = await self.registry.add_command(1, request(send_after=NOW + 30), NOW)
+        sent = await self.registry.add_command(1, request(), NOW)
+        await self.registry.add_command(2, request(), NOW)
+        await self.registry.command_sent(sent.id, NOW + 1)
+        due = await self.registry.due_commands(1, NOW + 30)
+        self.assertEqual([c.id for c in due], [now_cmd.id, held_until_now.id])
+        statuses = {c.id: c.status for c in await self.registry.list_commands(1, NOW + 30)}
+        self.assertEqual(
+            [statuses[c.id] for c in (now_cmd, later, expired, held_until_now, sent)],
+            ["queued", "queued", "expired", "queued", "sent"],
+        )
+
+    async def test_command_sent(self) -> None:
+        """command_sent marks a queued command sent, and only a queued one."""
+        await self.registry.update_device(1, {})
+        command = await self.registry.add_command(1, request(), NOW)
+        sent = await self.registry.command_sent(command.id, NOW + 1)
+        self.assertEqual((sent.status, sent.sent), ("sent", NOW + 1))
+        self.assertIsNone(await self.registry.command_sent(command.id, NOW + 2))
+        self.assertIsNone(await self.registry.command_sent(command.id + 1000, NOW + 2))
+
+    async def test_command_delivered(self) -> None:
+        """Device status 1 makes a sent command delivered, with its time and status."""
+        await self.registry.update_device(1, {})
+        command = await self.registry.add_command(1, request(), NOW)
+        await self.registry.command_sent(command.id, NOW + 1)
+        done = await self.registry.command_result(command.id, 1, NOW + 2)
+        self.assertEqual(
+            (done.status, done.completed, done.device_status, done.sent),
+            ("delivered", NOW + 2, 1, NOW + 1),
+        )
+        self.assertEqual(await self.registry.list_commands(1, NOW + 3), [done])
+
+    async def test_command_retry_later(self) -> None:
+        """Device status 2 puts the command back in the queue, due again."""
+        await self.registry.update_device(1, {})
+        command = await self.registry.add_command(1, request(), NOW)
+        await self.registry.command_sent(command.id, NOW + 1)
+        again = await self.registry.command_result(command.id, 2, NOW + 2)
+        self.assertEqual((again.status, again.completed, again.device_status), ("queued", None, 2))
+        due = await self.registry.due_commands(1, NOW + 3)
+        self.assertEqual([c.id for c in due], [command.id])
+
+    async def test_command_failed(self) -> None:
+        """Any other device status fails the command."""
+        await self.registry.update_device(1, {})
+        for device_status in (0, 3, 255):
+            command = await self.registry.add_command(1, request(), NOW)
+            await self.registry.command_sent(command.id, NOW + 1)
+            failed = await self.registry.command_result(command.id, device_status, NOW + 2)
+            self.assertEqual(
+                (failed.status, failed.completed, failed.device_status),
+                ("failed", NOW + 2, device_status),
+            )
+
+    async def test_late_result_ignored(self) -> None:
+        """A result for a finished command changes nothing and is None."""
+        await self.registry.update_device(1, {})
+        command = await self.registry.add_command(1, request(), NOW)
+        await self.registry.command_sent(command.id, NOW + 1)
+        done = await self.registry.command_result(command.id, 1, NOW + 2)
+        self.assertIsNone(await self.registry.command_result(command.id, 2, NOW + 3))
+        self.assertEqual(await self.registry.list_commands(1, NOW + 4), [done])
+
+
+class SQLiteRegistryTests(RegistryScenariosMixin, TestCase):
+    """The registry on an SQLite file."""
+
+    async def make_database(self) -> str:
+        return "sqlite:" + self.mktemp()
+
+    async def test_wal_mode(self) -> None:
+        """The database file is in WAL journal mode."""
+        rows = await self.registry._pool.runQuery("PRAGMA journal_mode")
+        self.assertEqual(rows[0][0].lower(), "wal")
+
+
+class PostgreSQLRegistryTests(RegistryScenariosMixin, TestCase):
+    """The registry on PostgreSQL, each test in a fresh schema."""
+
+    async def make_database(self) -> str:
+        try:
+            import psycopg
+        except ImportError:
+            raise SkipTest("psycopg is not installed") from None
+        schema = f"oemrelay_test_{secrets.token_hex(6)}"
+
+        def admin(statement: str) -> None:
+            with psycopg.connect(POSTGRES_URL, autocommit=True, connect_timeout=5) as db:
+                db.execute(statement)
+
+        try:
+            await deferToThread(admin, f"CREATE SCHEMA {schema}")
+        except psycopg.OperationalError as e:
+            shown = registry_module._url_without_password(POSTGRES_URL)
+            reason = (str(e).strip().splitlines() or ["no reason given"])[0]
+            raise SkipTest(
+                f"PostgreSQL at {shown} is not reachable ({reason}); "
+                "set OEMRELAY_TEST_POSTGRES to a server's URL"
+            ) from None
+        self.addCleanup(deferToThread, admin, f"DROP SCHEMA {schema} CASCADE")
+        separator = "&" if "?" in POSTGRES_URL else "?"
+        return f"{POSTGRES_URL}{separator}options=-csearch_path%3D{schema}"
+
+    async def test_tables_in_own_schema(self) -> None:
+        """The registry creates its tables in the schema named in the URL."""
+        rows = await self.registry._pool.runQuery(
+            "SELECT table_schema FROM information_schema.tables WHERE table_name = 'devices'"
+        )
+        schemas = [row[0] for row in rows]
+        self.assertIn(self.url.rsplit("%3D", 1)[1], schemas)
+
+
+class RegistryURLTests(SynchronousTestCase):
+    """Registry.from_url and url_for_logs, with no database opened."""
+
+    def setUp(self) -> None:
+        self.reactor = MemoryReactorClock()
+
+    def test_unknown_scheme(self) -> None:
+        """A URL that is neither sqlite: nor postgresql:// is a one-line ValueError."""
+        for url in ("mysql://u@h/db", "registry.db", "", "sqlite3:x.db"):
+            with self.assertRaises(ValueError) as caught:
+                Registry.from_url(url, reactor=self.reactor)
+            self.assertNotIn("\n", str(caught.exception))
+
+    def test_sqlite_needs_path(self) -> None:
+        """sqlite: with no path is a ValueError."""
+        self.assertRaises(ValueError, Registry.from_url, "sqlite:", reactor=self.reactor)
+
+    def test_sqlite_relative_path(self) -> None:
+        """A relative SQLite path is taken relative to the working directory."""
+        registry = Registry.from_url("sqlite:data/registry.db", reactor=self.reactor)
+        self.assertEqual(
+            registry.url_for_logs, "sqlite:" + os.path.join(os.getcwd(), "data", "registry.db")
+        )
+
+    def test_postgresql_password_hidden(self) -> None:
+        """url_for_logs drops the password from the user part and the query."""
+        registry = Registry.from_url(
+            "postgresql://relay:s3cret@db.example:6432/relay?password=other&sslmode=require",
+            reactor=self.reactor,
+        )
+        self.assertEqual(
+            registry.url_for_logs, "postgresql://relay@db.example:6432/relay?sslmode=require"
+        )
+
+    def test_bad_postgresql_url(self) -> None:
+        """A postgresql:// URL libpq cannot parse is a ValueError without the password."""
+        with self.assertRaises(ValueError) as caught:
+            Registry.from_url("postgresql://u:s3cret@h/db?bogus=1", reactor=self.reactor)
+        self.assertNotIn("s3cret", str(caught.exception))
+        self.assertNotIn("\n", str(caught.exception))

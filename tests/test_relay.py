@@ -1,0 +1,339 @@
+"""
+Tests for :mod:`oemrelay.relay`: choosing a device's connector, opening and
+reusing its links, and the values and helpers around an upload.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from twisted.internet.defer import Deferred, succeed
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase
+
+from oemrelay.codec import Frame, Hello, MessageType, Record, parse_hello
+from oemrelay.relay import (
+    DeliveryFailed,
+    DeviceProfile,
+    DeviceRoute,
+    NoProfiles,
+    Relay,
+    StatelessLink,
+    Upload,
+    describe_failure,
+)
+
+from .vectors import capture
+
+HELLO = parse_hello(capture("hello-49-byte-dart")[5:])
+OTHER_HELLO = parse_hello(capture("hello-51-byte-G50")[5:])
+
+
+def make_upload(*seqs: int, hello: Hello = HELLO) -> Upload:
+    """An upload holding records with the sequence numbers ``seqs``."""
+    return Upload(hello, (), tuple(Record(seq, 0, 1) for seq in seqs), 1000.0)
+
+
+class FakeLink:
+    """A link whose deliveries stay pending until the test fires them."""
+
+    def __init__(self, hello: Hello, on_lost: Callable[[str], None]) -> None:
+        self.hello = hello
+        self.on_lost = on_lost
+        self.deliveries: list[tuple[Upload, DeviceProfile, Deferred[None]]] = []
+        self.forwarded: list[Frame] = []
+        self.closed = 0
+
+    def deliver(self, upload: Upload, profile: DeviceProfile) -> Deferred[None]:
+        delivery: Deferred[None] = Deferred()
+        self.deliveries.append((upload, profile, delivery))
+        return delivery
+
+    def forward(self, frame: Frame) -> None:
+        self.forwarded.append(frame)
+
+    def close(self) -> None:
+        self.closed += 1
+
+
+class FakeConnector:
+    """Records the links it opens."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.links: list[FakeLink] = []
+
+    def open_link(self, hello: Hello, on_lost: Callable[[str], None]) -> FakeLink:
+        link = FakeLink(hello, on_lost)
+        self.links.append(link)
+        return link
+
+
+class FakeProfiles:
+    """A profile source answering with a set profile, at once or when told."""
+
+    def __init__(self, profile: DeviceProfile | None = None) -> None:
+        self.profile = profile
+        self.asked: list[Hello] = []
+        self.pending: list[Deferred[DeviceProfile]] = []
+
+    def profile_for(self, hello: Hello) -> Deferred[DeviceProfile]:
+        self.asked.append(hello)
+        if self.profile is not None:
+            return succeed(self.profile)
+        answer: Deferred[DeviceProfile] = Deferred()
+        self.pending.append(answer)
+        return answer
+
+
+class RouteTestMixin:
+    """Two connectors, ``main`` the default and ``other``."""
+
+    def setUp(self) -> None:
+        self.main = FakeConnector("main")
+        self.other = FakeConnector("other")
+        self.lost: list[str] = []
+
+    def route(self, profiles: FakeProfiles | None = None) -> DeviceRoute:
+        relay = Relay({"main": self.main, "other": self.other}, "main", profiles)
+        return relay.open_route(HELLO, self.lost.append)
+
+
+class RelayTests(RouteTestMixin, SynchronousTestCase):
+    """Building a relay and opening routes."""
+
+    def test_unknown_default_refused(self) -> None:
+        """A default connector that is not configured is refused."""
+        with self.assertRaises(ValueError) as raised:
+            Relay({"main": self.main}, "missing")
+        self.assertIn("missing", str(raised.exception))
+
+    def test_no_profiles_by_default(self) -> None:
+        """Without a profile source every device gets the empty profile."""
+        relay = Relay({"main": self.main}, "main")
+        self.assertIsInstance(relay.profiles, NoProfiles)
+        self.assertEqual(self.successResultOf(relay.profiles.profile_for(HELLO)), DeviceProfile())
+
+    def test_connectors_copied(self) -> None:
+        """The relay keeps its own copy of the connector mapping."""
+        connectors = {"main": self.main}
+        relay = Relay(connectors, "main")
+        connectors["later"] = self.other
+        self.assertEqual(list(relay.connectors), ["main"])
+
+    def test_open_route_opens_default_link(self) -> None:
+        """Opening a route opens one link to the default connector only, with the device's hello."""
+        self.route()
+        self.assertEqual(len(self.main.links), 1)
+        self.assertEqual(self.other.links, [])
+        self.assertEqual(self.main.links[0].hello, HELLO)
+
+    def test_on_lost_passed_to_link(self) -> None:
+        """The route gives the link the session's on_lost callback."""
+        self.route()
+        self.main.links[0].on_lost("end server gone")
+        self.assertEqual(self.lost, ["end server gone"])
+
+    def test_each_route_has_its_own_links(self) -> None:
+        """Two device connections get two links to the same connector."""
+        first = self.route()
+        second = self.route()
+        self.assertEqual(len(self.main.links), 2)
+        self.assertIsNot(first.link_for("main"), second.link_for("main"))
+
+
+class DeliverTests(RouteTestMixin, SynchronousTestCase):
+    """Choosing the connector an upload goes to."""
+
+    def test_default_connector_used(self) -> None:
+        """Without an override the upload goes to the default connector's link with the profile."""
+        route = self.route()
+        upload = make_upload(5)
+        delivery = Deferred.fromCoroutine(route.deliver(upload))
+        [(delivered, profile, answer)] = self.main.links[0].deliveries
+        self.assertIs(delivered, upload)
+        self.assertEqual(profile, DeviceProfile())
+        self.assertNoResult(delivery)
+        answer.callback(None)
+        self.assertIsNone(self.successResultOf(delivery))
+        self.assertEqual(self.other.links, [])
+
+    def test_override_connector_used(self) -> None:
+        """A profile's connector override sends the upload there, with the profile's fields."""
+        profile = DeviceProfile(custom1="fleet 7", connector="other")
+        profiles = FakeProfiles(profile)
+        route = self.route(profiles)
+        upload = make_upload(5)
+        delivery = Deferred.fromCoroutine(route.deliver(upload))
+        self.assertEqual(profiles.asked, [HELLO])
+        self.assertEqual(self.main.links[0].deliveries, [])
+        [(delivered, given, answer)] = self.other.links[0].deliveries
+        self.assertIs(delivered, upload)
+        self.assertEqual(given, profile)
+        answer.callback(None)
+        self.successResultOf(delivery)
+
+    def test_profile_without_override_uses_default(self) -> None:
+        """A profile with custom fields but no override goes to the default connector."""
+        profile = DeviceProfile(custom2="x")
+        route = self.route(FakeProfiles(profile))
+        Deferred.fromCoroutine(route.deliver(make_upload(1)))
+        self.assertEqual(self.main.links[0].deliveries[0][1], profile)
+        self.assertEqual(self.other.links, [])
+
+    def test_unknown_override_fails(self) -> None:
+        """An override naming no configured connector fails with DeliveryFailed naming it."""
+        route = self.route(FakeProfiles(DeviceProfile(connector="nowhere")))
+        delivery = Deferred.fromCoroutine(route.deliver(make_upload(1)))
+        failure = self.failureResultOf(delivery, DeliveryFailed)
+        self.assertIn("'nowhere'", str(failure.value))
+        self.assertEqual(self.main.links[0].deliveries, [])
+        self.assertEqual(self.other.links, [])
+
+    def test_delivery_waits_for_profile(self) -> None:
+        """Nothing is delivered until the profile lookup answers."""
+        profiles = FakeProfiles()
+        route = self.route(profiles)
+        delivery = Deferred.fromCoroutine(route.deliver(make_upload(1)))
+        self.assertNoResult(delivery)
+        self.assertEqual(self.other.links, [])
+        profiles.pending[0].callback(DeviceProfile(connector="other"))
+        self.assertEqual(len(self.other.links[0].deliveries), 1)
+        self.other.links[0].deliveries[0][2].callback(None)
+        self.successResultOf(delivery)
+
+    def test_profile_failure_fails_delivery(self) -> None:
+        """A failed profile lookup fails the delivery."""
+        profiles = FakeProfiles()
+        route = self.route(profiles)
+        delivery = Deferred.fromCoroutine(route.deliver(make_upload(1)))
+        profiles.pending[0].errback(DeliveryFailed("registry unreachable"))
+        self.failureResultOf(delivery, DeliveryFailed)
+        self.assertEqual(self.main.links[0].deliveries, [])
+
+    def test_link_failure_fails_delivery(self) -> None:
+        """A link's failure is the delivery's failure."""
+        route = self.route()
+        delivery = Deferred.fromCoroutine(route.deliver(make_upload(1)))
+        self.main.links[0].deliveries[0][2].errback(DeliveryFailed("answered 500"))
+        failure = self.failureResultOf(delivery, DeliveryFailed)
+        self.assertEqual(str(failure.value), "answered 500")
+
+    def test_cancel_reaches_link(self) -> None:
+        """Cancelling a delivery cancels the link's Deferred."""
+        route = self.route()
+        delivery = Deferred.fromCoroutine(route.deliver(make_upload(1)))
+        answer = self.main.links[0].deliveries[0][2]
+        delivery.cancel()
+        self.assertTrue(answer.called)
+        self.failureResultOf(delivery)
+
+    def test_links_opened_once_and_reused(self) -> None:
+        """Each connector's link is opened once per route and reused by later deliveries."""
+        route = self.route(FakeProfiles(DeviceProfile(connector="other")))
+        for seq in (1, 2, 3):
+            Deferred.fromCoroutine(route.deliver(make_upload(seq)))
+        self.assertEqual(len(self.main.links), 1)
+        self.assertEqual(len(self.other.links), 1)
+        self.assertEqual(
+            [upload.first_seq for upload, _, _ in self.other.links[0].deliveries], [1, 2, 3]
+        )
+        self.assertIs(route.link_for("other"), self.other.links[0])
+        self.assertIs(route.link_for("main"), self.main.links[0])
+
+    def test_deliver_after_close_fails_without_opening_link(self) -> None:
+        """A delivery whose profile arrives after the route closed fails and opens no link."""
+        profiles = FakeProfiles()
+        route = self.route(profiles)
+        delivery = Deferred.fromCoroutine(route.deliver(make_upload(1)))
+        route.close()
+        profiles.pending[0].callback(DeviceProfile(connector="other"))
+        self.failureResultOf(delivery, DeliveryFailed)
+        self.assertEqual(self.other.links, [])
+        self.assertEqual(len(self.main.links), 1)
+
+
+class ForwardCloseTests(RouteTestMixin, SynchronousTestCase):
+    """Frames outside uploads, and the end of a device connection."""
+
+    def test_forward_reaches_open_links(self) -> None:
+        """forward() passes the frame to every open link."""
+        route = self.route(FakeProfiles(DeviceProfile(connector="other")))
+        Deferred.fromCoroutine(route.deliver(make_upload(1)))
+        frame = Frame(MessageType.SOCKET_CLOSE, b"")
+        route.forward(frame)
+        self.assertEqual(self.main.links[0].forwarded, [frame])
+        self.assertEqual(self.other.links[0].forwarded, [frame])
+
+    def test_forward_only_default_before_override_used(self) -> None:
+        """Before any delivery only the default link is open, so only it gets frames."""
+        route = self.route(FakeProfiles(DeviceProfile(connector="other")))
+        route.forward(Frame(0x7E, b"x"))
+        self.assertEqual(self.main.links[0].forwarded, [Frame(0x7E, b"x")])
+        self.assertEqual(self.other.links, [])
+
+    def test_close_closes_all_links(self) -> None:
+        """close() closes every open link exactly once, even if called again."""
+        route = self.route(FakeProfiles(DeviceProfile(connector="other")))
+        Deferred.fromCoroutine(route.deliver(make_upload(1)))
+        route.close()
+        route.close()
+        self.assertEqual(self.main.links[0].closed, 1)
+        self.assertEqual(self.other.links[0].closed, 1)
+
+    def test_forward_after_close_reaches_nothing(self) -> None:
+        """After close() forwarded frames reach no link."""
+        route = self.route()
+        route.close()
+        route.forward(Frame(0x7E, b"x"))
+        self.assertEqual(self.main.links[0].forwarded, [])
+
+
+class UploadTests(SynchronousTestCase):
+    """The upload value."""
+
+    def test_first_seq_is_first_record(self) -> None:
+        """first_seq is the sequence number of the first record, not the smallest."""
+        self.assertEqual(make_upload(530, 518, 600).first_seq, 530)
+
+    def test_first_seq_empty(self) -> None:
+        """An upload without records has no first_seq."""
+        self.assertIsNone(make_upload().first_seq)
+
+    def test_upload_frozen(self) -> None:
+        """An upload cannot be changed once made."""
+        upload = make_upload(1)
+        with self.assertRaises(AttributeError):
+            upload.records = ()  # type: ignore[misc]
+
+
+class StatelessLinkTests(SynchronousTestCase):
+    """The link of connectors without per-device state."""
+
+    def test_deliver_is_the_callable(self) -> None:
+        """deliver calls the function given; forward and close do nothing."""
+        calls = []
+        link = StatelessLink(lambda upload, profile: calls.append((upload, profile)) or succeed(None))
+        upload = make_upload(1)
+        self.successResultOf(link.deliver(upload, DeviceProfile()))
+        link.forward(Frame(0x26, b""))
+        link.close()
+        self.assertEqual(calls, [(upload, DeviceProfile())])
+
+
+class DescribeFailureTests(SynchronousTestCase):
+    """One-line reasons for failed deliveries."""
+
+    def test_delivery_failed_message_verbatim(self) -> None:
+        """A DeliveryFailed is described by its message as it is."""
+        failure = Failure(DeliveryFailed("connector main: http://x answered 503: 'busy'"))
+        self.assertEqual(describe_failure(failure), "connector main: http://x answered 503: 'busy'")
+
+    def test_multiline_error_made_one_line(self) -> None:
+        """Any other error's message is folded to one line."""
+        failure = Failure(ValueError("first line\n   second\tline\r\n"))
+        self.assertEqual(describe_failure(failure), "first line second line")
+
+    def test_empty_message_named_by_type(self) -> None:
+        """An error with no message is described by its type name."""
+        self.assertEqual(describe_failure(Failure(ConnectionError())), "ConnectionError")

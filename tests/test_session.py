@@ -1,0 +1,768 @@
+"""
+Tests for :mod:`oemrelay.session`: the device protocol rules and the commit
+decision, driven through :class:`DeviceProtocol` over an in-memory transport,
+a :class:`Clock` and a fake connector whose deliveries the tests complete.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Callable
+
+from twisted.internet.address import IPv4Address
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.error import ConnectionDone
+from twisted.internet.task import Clock
+from twisted.internet.testing import (
+    EventLoggingObserver,
+    StringTransportWithDisconnection,
+)
+from twisted.logger import LogLevel, formatEvent, globalLogPublisher
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase
+
+from oemrelay.codec import (
+    EPOCH_2013,
+    MAX_PAYLOAD,
+    Frame,
+    Hello,
+    MessageType,
+    encode_frame,
+    parse_data_records,
+)
+from oemrelay.relay import DeliveryFailed, DeviceProfile, Relay, Upload
+from oemrelay.session import DeviceFactory, DeviceProtocol
+
+from .vectors import capture
+
+PEER = IPv4Address("TCP", "198.51.100.7", 40123)
+PEER_TEXT = "198.51.100.7:40123"
+
+#: 2024-01-01 00:00:00 UTC; its hello response is given in dm-protocol.md 2.2.
+NOW = EPOCH_2013 + 347_068_800
+HELLO_RESPONSE_AT_NOW = bytes.fromhex("025501080080d9af1400000000")
+G50_HELLO_RESPONSE = bytes.fromhex("02550105000000000000")
+
+COMMIT = encode_frame(MessageType.COMMIT_REQUEST)
+COMMIT_OK = bytes.fromhex("025506010001")
+VERSION_REPLY = bytes.fromhex("0255150c00") + bytes(12)
+ASYNC_COMPLETE = bytes.fromhex("0255230000")
+TIME_REQUEST = encode_frame(MessageType.TIME_REQUEST)
+SOCKET_CLOSE = encode_frame(MessageType.SOCKET_CLOSE)
+VERSION_DATA = encode_frame(
+    MessageType.VERSION_DATA,
+    struct.pack("<IIB", 129336, 0xFFFFFFFF, 1) + bytes.fromhex("01020304"),
+)
+
+DART_HELLO = capture("hello-49-byte-dart")
+DART_HELLO_2 = capture("hello-49-byte-dart-2")
+G50_HELLO = capture("hello-51-byte-G50")
+DATA_2 = capture("data-0x04-2-records-2021-denmark")
+DATA_12 = capture("data-0x04-12-records-2017-auckland")
+DATA_20 = capture("data-0x04-20-records-dart-after-reset")
+FIXED_1 = capture("fixed64-0x10-1-record-G50")
+FIXED_2 = capture("fixed64-0x10-2-records-G50")
+ASYNC_REQUEST = capture("async-session-request-0x22")
+
+COMMIT_TIMEOUT = 20.0
+IDLE_TIMEOUT = 600.0
+
+
+def time_reply(unix_time: float) -> bytes:
+    """The 0x31 frame the relay should send at ``unix_time``."""
+    return encode_frame(
+        MessageType.TIME_RESPONSE, struct.pack("<I", int(unix_time) - EPOCH_2013)
+    )
+
+
+def payload(frame_bytes: bytes) -> bytes:
+    """The payload of one encoded frame."""
+    return frame_bytes[5:]
+
+
+class FakeLink:
+    """A link whose deliveries stay pending until the test fires them."""
+
+    def __init__(self, hello: Hello, on_lost: Callable[[str], None]) -> None:
+        self.hello = hello
+        self.on_lost = on_lost
+        self.deliveries: list[tuple[Upload, DeviceProfile, Deferred[None]]] = []
+        self.cancelled: list[Deferred[None]] = []
+        self.forwarded: list[Frame] = []
+        self.closed = 0
+
+    def deliver(self, upload: Upload, profile: DeviceProfile) -> Deferred[None]:
+        delivery: Deferred[None] = Deferred(self.cancelled.append)
+        self.deliveries.append((upload, profile, delivery))
+        return delivery
+
+    def forward(self, frame: Frame) -> None:
+        self.forwarded.append(frame)
+
+    def close(self) -> None:
+        self.closed += 1
+
+    @property
+    def uploads(self) -> list[Upload]:
+        return [upload for upload, _, _ in self.deliveries]
+
+    def answer(self, index: int = -1) -> Deferred[None]:
+        """The Deferred of delivery ``index`` (the latest by default)."""
+        return self.deliveries[index][2]
+
+
+class FakeConnector:
+    """Records the links it opens."""
+
+    def __init__(self, name: str = "main") -> None:
+        self.name = name
+        self.links: list[FakeLink] = []
+
+    def open_link(self, hello: Hello, on_lost: Callable[[str], None]) -> FakeLink:
+        link = FakeLink(hello, on_lost)
+        self.links.append(link)
+        return link
+
+
+class SessionTestMixin:
+    """A factory with a fake connector, a clock and captured log events."""
+
+    max_message = MAX_PAYLOAD
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.clock.advance(NOW)
+        self.connector = FakeConnector()
+        self.relay = Relay({"main": self.connector}, "main")
+        self.factory = DeviceFactory(
+            self.relay,
+            self.clock,
+            commit_timeout=COMMIT_TIMEOUT,
+            idle_timeout=IDLE_TIMEOUT,
+            max_message=self.max_message,
+        )
+        self.events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        self.protocol, self.transport = self.connect()
+
+    def connect(self) -> tuple[DeviceProtocol, StringTransportWithDisconnection]:
+        protocol = self.factory.buildProtocol(PEER)
+        transport = StringTransportWithDisconnection(peerAddress=PEER)
+        transport.protocol = protocol
+        protocol.makeConnection(transport)
+        return protocol, transport
+
+    def send(self, *chunks: bytes) -> None:
+        """Each chunk is one dataReceived call."""
+        for chunk in chunks:
+            self.protocol.dataReceived(chunk)
+
+    def take(self) -> bytes:
+        """What the relay wrote to the device since the last take."""
+        written = self.transport.value()
+        self.transport.clear()
+        return written
+
+    def greet(self, hello: bytes = DART_HELLO) -> FakeLink:
+        """Send a hello, check it was answered, return the link it opened."""
+        self.send(hello)
+        self.assertTrue(self.take().startswith(b"\x02\x55\x01"))
+        return self.connector.links[-1]
+
+    @property
+    def link(self) -> FakeLink:
+        return self.connector.links[-1]
+
+    @property
+    def is_open(self) -> bool:
+        return self.transport.connected
+
+    def warnings(self) -> list[str]:
+        return [
+            formatEvent(event)
+            for event in self.events
+            if event["log_level"] == LogLevel.warn
+        ]
+
+    def assert_closed_with_warning(self, *words: str) -> None:
+        """Closed, and one warning holds the peer and every word in ``words``."""
+        self.assertFalse(self.is_open)
+        for text in self.warnings():
+            if PEER_TEXT in text and all(word in text for word in words):
+                return
+        self.fail(f"no warning with {PEER_TEXT} and {words} in {self.warnings()}")
+
+
+class HelloTests(SessionTestMixin, SynchronousTestCase):
+    """The hello message and its response."""
+
+    def test_hello_49_answered_with_time_since_2013(self) -> None:
+        """A 49-byte hello is answered with 0x01, seconds since 2013 from the clock and flags 0."""
+        self.send(DART_HELLO)
+        self.assertEqual(self.take(), HELLO_RESPONSE_AT_NOW)
+        self.assertTrue(self.is_open)
+
+    def test_hello_response_follows_the_clock(self) -> None:
+        """The hello response time is the clock's time when the hello arrives."""
+        self.clock.advance(300)
+        self.send(DART_HELLO)
+        self.assertEqual(
+            self.take(),
+            encode_frame(MessageType.HELLO_RESPONSE, struct.pack("<II", 347_069_100, 0)),
+        )
+
+    def test_hello_51_answered_with_five_zeros(self) -> None:
+        """A 51-byte (G50) hello is answered with 02 55 01 05 00 and five zero bytes."""
+        self.send(G50_HELLO)
+        self.assertEqual(self.take(), G50_HELLO_RESPONSE)
+
+    def test_hello_opens_default_link(self) -> None:
+        """The hello opens one link to the default connector, for that device."""
+        self.send(DART_HELLO)
+        self.assertEqual(len(self.connector.links), 1)
+        self.assertEqual(self.link.hello.serial, 129336)
+        self.assertEqual(self.link.hello.imei, "353323081669730")
+
+    def test_session_knows_serial_after_hello(self) -> None:
+        """The session's serial is 'unknown' before the hello and the device's after it."""
+        self.assertEqual(self.protocol.session.serial, "unknown")
+        self.send(DART_HELLO)
+        self.assertEqual(self.protocol.session.serial, "129336")
+        self.assertEqual(self.protocol.session.peer, PEER_TEXT)
+
+    def test_second_hello_same_serial_answered(self) -> None:
+        """A second hello with the same serial is answered and opens no new link."""
+        self.greet()
+        self.send(DART_HELLO_2)
+        self.assertEqual(self.take(), HELLO_RESPONSE_AT_NOW)
+        self.assertTrue(self.is_open)
+        self.assertEqual(len(self.connector.links), 1)
+        self.assertEqual(self.link.closed, 0)
+
+    def test_second_hello_other_serial_closes(self) -> None:
+        """A second hello with another serial closes the connection unanswered."""
+        link = self.greet()
+        self.send(G50_HELLO)
+        self.assertEqual(self.take(), b"")
+        self.assert_closed_with_warning("129336", "6912")
+        self.assertEqual(link.closed, 1)
+
+    def test_data_before_hello_closes(self) -> None:
+        """Records before the hello close the connection; nothing is delivered."""
+        self.send(DATA_2)
+        self.assert_closed_with_warning("unknown", "before hello")
+        self.assertEqual(self.connector.links, [])
+        self.assertEqual(self.take(), b"")
+
+    def test_commit_before_hello_closes(self) -> None:
+        """A commit request before the hello closes the connection without a 0x06."""
+        self.send(COMMIT)
+        self.assert_closed_with_warning("unknown", "0x05")
+        self.assertEqual(self.take(), b"")
+        self.assertEqual(self.connector.links, [])
+
+    def test_short_hello_closes(self) -> None:
+        """A hello too short to hold serial, IMEI and ICCID closes the connection."""
+        self.send(encode_frame(MessageType.HELLO, bytes(20)))
+        self.assert_closed_with_warning("unknown", "hello")
+        self.assertEqual(self.connector.links, [])
+
+
+class CommitTests(SessionTestMixin, SynchronousTestCase):
+    """Records gathered until a commit request, answered once delivered."""
+
+    def test_records_then_commit_make_one_upload(self) -> None:
+        """0x04 then 0x05 gives the link one upload with the exact frames and all records."""
+        link = self.greet()
+        self.send(DATA_2, COMMIT)
+        self.assertEqual(len(link.deliveries), 1)
+        upload, profile, _ = link.deliveries[0]
+        self.assertEqual(upload.frames, (Frame(MessageType.DATA_RECORDS, payload(DATA_2)),))
+        self.assertEqual(b"".join(frame.to_bytes() for frame in upload.frames), DATA_2)
+        self.assertEqual(list(upload.records), parse_data_records(payload(DATA_2)))
+        self.assertEqual([record.seq for record in upload.records], [565, 566])
+        self.assertEqual(upload.hello.serial, 129336)
+        self.assertEqual(upload.received_at, NOW)
+        self.assertEqual(profile, DeviceProfile())
+
+    def test_commit_answered_only_after_delivery(self) -> None:
+        """0x06 01 is written only once the link's Deferred fires."""
+        link = self.greet()
+        self.send(DATA_2, COMMIT)
+        self.assertEqual(self.take(), b"")
+        link.answer().callback(None)
+        self.assertEqual(self.take(), COMMIT_OK)
+        self.assertTrue(self.is_open)
+
+    def test_several_data_messages_one_upload(self) -> None:
+        """Several 0x04 messages before one commit are delivered as one upload, in order."""
+        link = self.greet()
+        self.send(DATA_12, DATA_2, DATA_20)
+        self.assertEqual(self.protocol.session.pending_records, 34)
+        self.send(COMMIT)
+        self.assertEqual(self.protocol.session.pending_records, 0)
+        self.assertEqual(len(link.deliveries), 1)
+        upload = link.uploads[0]
+        self.assertEqual(
+            b"".join(frame.to_bytes() for frame in upload.frames), DATA_12 + DATA_2 + DATA_20
+        )
+        self.assertEqual(
+            [record.seq for record in upload.records],
+            list(range(518, 530)) + [565, 566] + list(range(13, 33)),
+        )
+        self.assertEqual(upload.first_seq, 518)
+
+    def test_data_and_commit_in_one_read(self) -> None:
+        """Data and commit arriving in the same read give one upload."""
+        link = self.greet()
+        self.send(DATA_2 + COMMIT)
+        self.assertEqual(len(link.uploads), 1)
+        self.assertEqual(len(link.uploads[0].records), 2)
+
+    def test_fixed_records_uploaded(self) -> None:
+        """0x10 fixed records are uploaded as received, with their decoded records."""
+        link = self.greet(G50_HELLO)
+        self.send(FIXED_1, FIXED_2, COMMIT)
+        upload = link.uploads[0]
+        self.assertEqual(b"".join(frame.to_bytes() for frame in upload.frames), FIXED_1 + FIXED_2)
+        self.assertEqual([record.seq for record in upload.records], [894124, 894125, 894126])
+        self.assertEqual(self.warnings(), [])
+
+    def test_next_commit_holds_only_new_records(self) -> None:
+        """After a commit succeeded the next upload holds only the records sent after it."""
+        link = self.greet()
+        self.send(DATA_2, COMMIT)
+        link.answer().callback(None)
+        self.send(DATA_12, COMMIT)
+        self.assertEqual(len(link.deliveries), 2)
+        self.assertEqual(link.uploads[1].frames, (Frame(MessageType.DATA_RECORDS, payload(DATA_12)),))
+        link.answer().callback(None)
+        self.assertEqual(self.take(), COMMIT_OK * 2)
+
+    def test_empty_commit_answered_at_once(self) -> None:
+        """A commit with nothing pending is answered at once without any delivery."""
+        link = self.greet()
+        self.send(COMMIT)
+        self.assertEqual(self.take(), COMMIT_OK)
+        self.assertEqual(link.deliveries, [])
+        self.assertEqual(len(self.connector.links), 1)
+        self.assertEqual(self.transport.producerState, "producing")
+
+    def test_empty_commit_after_commit_answered_at_once(self) -> None:
+        """A second commit with nothing new is answered at once and delivers nothing again."""
+        link = self.greet()
+        self.send(DATA_2, COMMIT)
+        link.answer().callback(None)
+        self.take()
+        self.send(COMMIT)
+        self.assertEqual(self.take(), COMMIT_OK)
+        self.assertEqual(len(link.deliveries), 1)
+
+    def test_delivery_failure_closes_without_commit(self) -> None:
+        """A DeliveryFailed closes the connection, writes no 0x06 and logs the reason."""
+        link = self.greet()
+        self.send(DATA_2, COMMIT)
+        link.answer().errback(DeliveryFailed("connector main: end server answered 503"))
+        self.assertEqual(self.take(), b"")
+        self.assert_closed_with_warning("129336", "end server answered 503")
+        self.assertEqual(link.closed, 1)
+
+    def test_synchronous_delivery_failure_closes(self) -> None:
+        """A link that raises DeliveryFailed at once closes the connection uncommitted."""
+        link = self.greet()
+
+        def refuse(upload: Upload, profile: DeviceProfile) -> Deferred[None]:
+            raise DeliveryFailed("connector main: link is closed")
+
+        link.deliver = refuse
+        self.send(DATA_2, COMMIT)
+        self.assertEqual(self.take(), b"")
+        self.assert_closed_with_warning("129336", "link is closed")
+
+    def test_unexpected_delivery_error_logged_and_closes(self) -> None:
+        """An unexpected exception from a link is logged as a failure and the connection closes."""
+        link = self.greet()
+        self.send(DATA_2, COMMIT)
+        link.answer().errback(ZeroDivisionError("oops"))
+        self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 1)
+        self.assertEqual(self.take(), b"")
+        self.assert_closed_with_warning("129336", "oops")
+
+    def test_commit_timeout_closes_and_cancels(self) -> None:
+        """No answer within commit_timeout: no 0x06, closed, the link's Deferred cancelled."""
+        link = self.greet()
+        self.send(DATA_2, COMMIT)
+        self.clock.advance(COMMIT_TIMEOUT - 0.5)
+        self.assertTrue(self.is_open)
+        self.assertEqual(link.cancelled, [])
+        self.clock.advance(0.5)
+        self.assertEqual(link.cancelled, [link.answer()])
+        self.assertEqual(self.take(), b"")
+        self.assert_closed_with_warning("129336", "commit_timeout")
+        self.assertEqual(link.closed, 1)
+
+    def test_successful_delivery_cancels_commit_timer(self) -> None:
+        """Once a delivery succeeds its commit timer is gone and never fires."""
+        link = self.greet()
+        self.send(DATA_2, COMMIT)
+        link.answer().callback(None)
+        self.take()
+        self.clock.advance(COMMIT_TIMEOUT * 2)
+        self.assertTrue(self.is_open)
+        self.assertEqual(link.cancelled, [])
+        self.assertEqual(self.warnings(), [])
+
+    def test_synchronous_delivery_success(self) -> None:
+        """A link that accepts at once gets the 0x06 written straight away, then later frames answered."""
+        link = self.greet()
+        link.deliver = lambda upload, profile: succeed(None)
+        self.send(DATA_2 + COMMIT + TIME_REQUEST)
+        self.assertEqual(self.take(), COMMIT_OK + time_reply(NOW))
+        self.assertEqual(self.transport.producerState, "producing")
+        self.assertEqual(
+            [call.getTime() for call in self.clock.getDelayedCalls()], [NOW + IDLE_TIMEOUT]
+        )
+
+
+class CommitOrderTests(SessionTestMixin, SynchronousTestCase):
+    """Reading stops while a commit is delivered; waiting frames follow in order."""
+
+    def test_transport_paused_during_commit(self) -> None:
+        """The transport is paused during a commit and resumed once it is answered."""
+        link = self.greet()
+        self.assertEqual(self.transport.producerState, "producing")
+        self.send(DATA_2, COMMIT)
+        self.assertEqual(self.transport.producerState, "paused")
+        link.answer().callback(None)
+        self.assertEqual(self.transport.producerState, "producing")
+
+    def test_frames_in_same_read_wait_for_commit(self) -> None:
+        """A time request in the same read as the commit is answered after the 0x06."""
+        link = self.greet()
+        self.send(DATA_2 + COMMIT + TIME_REQUEST)
+        self.assertEqual(self.take(), b"")
+        self.clock.advance(2)
+        link.answer().callback(None)
+        self.assertEqual(self.take(), COMMIT_OK + time_reply(NOW + 2))
+
+    def test_frames_in_later_reads_wait_for_commit(self) -> None:
+        """Frames read while a commit is pending are handled after it, in order."""
+        link = self.greet()
+        self.send(DATA_2, COMMIT)
+        self.send(VERSION_DATA, ASYNC_REQUEST + SOCKET_CLOSE)
+        self.assertEqual(self.take(), b"")
+        self.assertEqual(link.forwarded, [])
+        link.answer().callback(None)
+        self.assertEqual(self.take(), COMMIT_OK + VERSION_REPLY + ASYNC_COMPLETE)
+        self.assertEqual(link.forwarded, [Frame(MessageType.SOCKET_CLOSE, b"")])
+
+    def test_second_commit_waits_for_first(self) -> None:
+        """A second upload queued behind a commit is delivered only after the first, separately."""
+        link = self.greet()
+        self.send(DATA_2 + COMMIT + DATA_12 + COMMIT + TIME_REQUEST)
+        self.assertEqual(len(link.deliveries), 1)
+        self.assertEqual(len(link.uploads[0].records), 2)
+        link.answer(0).callback(None)
+        self.assertEqual(self.take(), COMMIT_OK)
+        self.assertEqual(len(link.deliveries), 2)
+        self.assertEqual(len(link.uploads[1].records), 12)
+        self.assertEqual(self.transport.producerState, "paused")
+        link.answer(1).callback(None)
+        self.assertEqual(self.take(), COMMIT_OK + time_reply(NOW))
+        self.assertEqual(self.transport.producerState, "producing")
+
+    def test_waiting_frames_dropped_when_commit_fails(self) -> None:
+        """Frames waiting behind a failed commit are never handled or delivered."""
+        link = self.greet()
+        self.send(DATA_2 + COMMIT + DATA_12 + COMMIT + TIME_REQUEST)
+        link.answer().errback(DeliveryFailed("connector main: refused"))
+        self.assertEqual(self.take(), b"")
+        self.assertEqual(len(link.deliveries), 1)
+        self.assertFalse(self.is_open)
+
+
+class CannedReplyTests(SessionTestMixin, SynchronousTestCase):
+    """Messages the relay answers itself, and those it passes on."""
+
+    def test_version_data_answered_with_12_zeros(self) -> None:
+        """Each 0x14 is answered with 0x15 and 12 zero bytes and is not forwarded."""
+        link = self.greet()
+        self.send(VERSION_DATA + VERSION_DATA)
+        self.assertEqual(self.take(), VERSION_REPLY * 2)
+        self.assertEqual(link.forwarded, [])
+
+    def test_async_session_answered_complete(self) -> None:
+        """0x22 is answered with an empty 0x23 and is not forwarded."""
+        link = self.greet()
+        self.send(ASYNC_REQUEST)
+        self.assertEqual(self.take(), ASYNC_COMPLETE)
+        self.assertEqual(link.forwarded, [])
+
+    def test_time_request_answered_with_time(self) -> None:
+        """0x30 is answered with 0x31 holding the clock's seconds since 2013."""
+        self.greet()
+        self.clock.advance(61)
+        self.send(TIME_REQUEST)
+        self.assertEqual(self.take(), time_reply(NOW + 61))
+        self.assertEqual(self.take(), b"")
+
+    def test_socket_close_forwarded_unanswered(self) -> None:
+        """0x26 gets no reply and is forwarded to the link."""
+        link = self.greet()
+        self.send(SOCKET_CLOSE)
+        self.assertEqual(self.take(), b"")
+        self.assertEqual(link.forwarded, [Frame(MessageType.SOCKET_CLOSE, b"")])
+        self.assertTrue(self.is_open)
+
+    def test_unknown_type_forwarded_unanswered(self) -> None:
+        """An unknown message type gets no reply, is forwarded and the connection stays open."""
+        link = self.greet()
+        self.send(encode_frame(0x7E, b"\x01\x02\x03"))
+        self.assertEqual(self.take(), b"")
+        self.assertEqual(link.forwarded, [Frame(0x7E, b"\x01\x02\x03")])
+        self.assertTrue(self.is_open)
+        self.send(TIME_REQUEST)
+        self.assertEqual(self.take(), time_reply(NOW))
+
+    def test_unknown_type_not_part_of_upload(self) -> None:
+        """A forwarded frame between data messages does not join the upload."""
+        link = self.greet()
+        self.send(DATA_2, encode_frame(0x7E, b"x"), COMMIT)
+        self.assertEqual(link.uploads[0].frames, (Frame(MessageType.DATA_RECORDS, payload(DATA_2)),))
+
+
+class BadInputTests(SessionTestMixin, SynchronousTestCase):
+    """Input that breaks the protocol closes the connection uncommitted."""
+
+    max_message = 1024
+
+    def assert_nothing_committed(self, link: FakeLink) -> None:
+        self.assertEqual(link.deliveries, [])
+        self.assertNotIn(COMMIT_OK, self.take())
+        self.assertEqual(link.closed, 1)
+        # The commit request that follows is ignored: the session is over.
+        self.send(COMMIT)
+        self.assertEqual(self.take(), b"")
+
+    def test_bad_sync_closes(self) -> None:
+        """Bad sync bytes close the connection with a warning naming peer and serial."""
+        link = self.greet()
+        self.send(DATA_2, b"\x02\x56\x04\x00\x00")
+        self.assert_closed_with_warning("129336", "sync")
+        self.assert_nothing_committed(link)
+
+    def test_bad_first_byte_closes_at_once(self) -> None:
+        """A wrong first sync byte closes before a whole header arrived."""
+        link = self.greet()
+        self.send(b"\x99")
+        self.assert_closed_with_warning("129336", "sync")
+        self.assert_nothing_committed(link)
+
+    def test_oversized_length_closes(self) -> None:
+        """A declared length above max_message closes the connection before its payload arrives."""
+        link = self.greet()
+        self.send(DATA_2, b"\x02\x55\x04\x01\x04")
+        self.assert_closed_with_warning("129336", "1025", "max_message")
+        self.assert_nothing_committed(link)
+
+    def test_length_at_max_message_accepted(self) -> None:
+        """A message exactly max_message long is accepted."""
+        link = self.greet()
+        self.send(encode_frame(0x7F, bytes(1024)))
+        self.assertTrue(self.is_open)
+        self.assertEqual(len(link.forwarded[0].payload), 1024)
+
+    def test_malformed_data_records_close(self) -> None:
+        """A 0x04 whose record overruns its message closes the connection uncommitted."""
+        link = self.greet()
+        self.send(DATA_2, encode_frame(MessageType.DATA_RECORDS, b"\xff\x00" + bytes(9)))
+        self.assert_closed_with_warning("129336", "record")
+        self.assert_nothing_committed(link)
+
+    def test_truncated_data_records_close(self) -> None:
+        """A 0x04 cut inside its last record closes the connection uncommitted."""
+        link = self.greet()
+        self.send(encode_frame(MessageType.DATA_RECORDS, payload(DATA_2)[:-3]))
+        self.assert_closed_with_warning("129336")
+        self.assert_nothing_committed(link)
+
+    def test_fixed_records_not_multiple_of_64_close(self) -> None:
+        """A 0x10 payload that is not a multiple of 64 bytes closes the connection uncommitted."""
+        link = self.greet(G50_HELLO)
+        self.send(FIXED_1, encode_frame(MessageType.FIXED_RECORDS, payload(FIXED_1)[:63]))
+        self.assert_closed_with_warning("6912", "multiple of 64")
+        self.assert_nothing_committed(link)
+
+    def test_bad_fixed_checksum_delivered_with_warning(self) -> None:
+        """A fixed record with a bad checksum is still delivered, with a warning naming serial and index."""
+        broken = bytearray(FIXED_1)
+        broken[-1] ^= 0xFF
+        link = self.greet(G50_HELLO)
+        self.send(bytes(broken))
+        self.assertTrue(self.is_open)
+        warnings = self.warnings()
+        self.assertEqual(len(warnings), 1)
+        self.assertIn("6912", warnings[0])
+        self.assertIn("894124", warnings[0])
+        self.assertIn("checksum", warnings[0])
+        self.send(COMMIT)
+        self.assertEqual(link.uploads[0].frames[0].to_bytes(), bytes(broken))
+        self.assertEqual([record.seq for record in link.uploads[0].records], [894124])
+        link.answer().callback(None)
+        self.assertEqual(self.take(), COMMIT_OK)
+
+    def test_protocol_error_leaves_no_timer(self) -> None:
+        """A connection closed for bad input leaves no idle timer behind."""
+        self.greet()
+        self.send(b"\x02\x56")
+        self.assertFalse(self.is_open)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+
+class StreamTests(SessionTestMixin, SynchronousTestCase):
+    """Frames are found whatever the segmentation."""
+
+    def test_byte_at_a_time_session(self) -> None:
+        """A whole session delivered one byte per read gets every reply and one exact upload."""
+        for byte in DART_HELLO + VERSION_DATA + ASYNC_REQUEST + DATA_12 + DATA_2 + COMMIT:
+            self.send(bytes([byte]))
+        self.assertEqual(self.take(), HELLO_RESPONSE_AT_NOW + VERSION_REPLY + ASYNC_COMPLETE)
+        link = self.link
+        self.assertEqual(len(link.deliveries), 1)
+        upload = link.uploads[0]
+        self.assertEqual(b"".join(frame.to_bytes() for frame in upload.frames), DATA_12 + DATA_2)
+        self.assertEqual(len(upload.records), 14)
+        link.answer().callback(None)
+        for byte in TIME_REQUEST:
+            self.send(bytes([byte]))
+        self.assertEqual(self.take(), COMMIT_OK + time_reply(NOW))
+        self.assertTrue(self.is_open)
+
+    def test_whole_session_in_one_read(self) -> None:
+        """A whole session in one read is answered in order, the time after the commit."""
+        self.send(DART_HELLO + ASYNC_REQUEST + DATA_2 + COMMIT + TIME_REQUEST)
+        self.assertEqual(self.take(), HELLO_RESPONSE_AT_NOW + ASYNC_COMPLETE)
+        self.link.answer().callback(None)
+        self.assertEqual(self.take(), COMMIT_OK + time_reply(NOW))
+
+
+class IdleTimeoutTests(SessionTestMixin, SynchronousTestCase):
+    """Silent connections are aborted."""
+
+    def test_silent_connection_aborted(self) -> None:
+        """A connection silent for idle_timeout is aborted."""
+        self.clock.advance(IDLE_TIMEOUT - 1)
+        self.assertTrue(self.is_open)
+        self.clock.advance(1)
+        self.assertFalse(self.is_open)
+        self.assertTrue(self.transport.disconnected, "abortConnection not used")
+
+    def test_activity_resets_idle_timer(self) -> None:
+        """Each read restarts the idle timer."""
+        link = self.greet()
+        self.clock.advance(IDLE_TIMEOUT - 1)
+        self.send(TIME_REQUEST)
+        self.clock.advance(IDLE_TIMEOUT - 1)
+        self.assertTrue(self.is_open)
+        self.clock.advance(1)
+        self.assertFalse(self.is_open)
+        self.assertTrue(self.transport.disconnected)
+        self.assertEqual(link.closed, 1)
+
+    def test_idle_abort_during_commit_no_commit(self) -> None:
+        """A connection aborted while its commit is pending never gets the 0x06."""
+        self.factory.idle_timeout = COMMIT_TIMEOUT / 2
+        self.protocol, self.transport = self.connect()
+        link = self.greet()
+        self.send(DATA_2, COMMIT)
+        self.clock.advance(COMMIT_TIMEOUT / 2)
+        self.assertFalse(self.is_open)
+        link.answer().callback(None)
+        self.assertEqual(self.take(), b"")
+
+
+class DisconnectTests(SessionTestMixin, SynchronousTestCase):
+    """The device or the end server going away."""
+
+    def test_device_leaves_during_delivery(self) -> None:
+        """If the device disconnects during a delivery, its later success writes no 0x06 and nothing fails."""
+        link = self.greet()
+        self.send(DATA_2, COMMIT)
+        self.transport.loseConnection()
+        self.assertEqual(link.closed, 1)
+        link.answer().callback(None)
+        self.assertEqual(self.take(), b"")
+        self.assertEqual(self.warnings(), [])
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_device_leaves_then_delivery_fails(self) -> None:
+        """A delivery failing after the device left is not logged as a withheld commit."""
+        link = self.greet()
+        self.send(DATA_2, COMMIT)
+        self.protocol.connectionLost(Failure(ConnectionDone()))
+        link.answer().errback(DeliveryFailed("connector main: gone"))
+        self.assertEqual(self.take(), b"")
+        self.assertEqual(self.warnings(), [])
+
+    def test_device_leaves_then_commit_times_out(self) -> None:
+        """A delivery still pending after the device left is cancelled at commit_timeout."""
+        link = self.greet()
+        self.send(DATA_2, COMMIT)
+        self.transport.loseConnection()
+        self.clock.advance(COMMIT_TIMEOUT)
+        self.assertEqual(link.cancelled, [link.answer()])
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_device_leaves_closes_link(self) -> None:
+        """A device disconnect closes its link once and leaves no timers."""
+        link = self.greet()
+        self.send(DATA_2)
+        self.transport.loseConnection()
+        self.assertEqual(link.closed, 1)
+        self.assertEqual(link.deliveries, [])
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_disconnect_before_hello(self) -> None:
+        """A device leaving before its hello opens no link and logs nothing."""
+        self.transport.loseConnection()
+        self.assertEqual(self.connector.links, [])
+        self.assertEqual(self.warnings(), [])
+
+    def test_end_server_lost_closes_device(self) -> None:
+        """The on_lost callback given to open_link closes the device connection."""
+        link = self.greet()
+        link.on_lost("connector main: end server closed the connection")
+        self.assert_closed_with_warning("129336", "end server closed the connection")
+        self.assertEqual(link.closed, 1)
+
+    def test_end_server_lost_during_delivery(self) -> None:
+        """The end server lost during a delivery closes the device uncommitted."""
+        link = self.greet()
+        self.send(DATA_2, COMMIT)
+        link.on_lost("connector main: end server closed the connection")
+        self.assertFalse(self.is_open)
+        link.answer().errback(DeliveryFailed("connector main: end server closed the connection"))
+        self.assertEqual(self.take(), b"")
+
+    def test_end_server_lost_after_close_ignored(self) -> None:
+        """on_lost after the device connection ended does nothing."""
+        link = self.greet()
+        self.transport.loseConnection()
+        link.on_lost("connector main: late")
+        self.assertEqual(self.warnings(), [])
+        self.assertEqual(link.closed, 1)
+
+    def test_end_server_lost_while_link_opens(self) -> None:
+        """A link lost while it is being opened closes the device, unanswered, and closes the link."""
+        opened: list[FakeLink] = []
+
+        def open_failing(hello: Hello, on_lost: Callable[[str], None]) -> FakeLink:
+            link = FakeLink(hello, on_lost)
+            opened.append(link)
+            on_lost("connector main: cannot connect to end server")
+            return link
+
+        self.connector.open_link = open_failing
+        self.send(DART_HELLO)
+        self.assert_closed_with_warning("129336", "cannot connect")
+        self.assertEqual(self.take(), b"")
+        self.assertEqual(opened[0].closed, 1)
