@@ -689,3 +689,84 @@ def encode_fixed_record(
         device_id, pdop_hundredths,
     )
     return body[:62] + fletcher8(body[:62])
+
+
+# -- async messages (0x20 / 0x21) ----------------------------------------------
+
+#: The CAN address of the device itself (rather than a module on its CAN bus).
+CAN_ADDRESS_SELF = 0xFFFFFFFF
+
+_ASYNC_MESSAGE_HEADER = struct.Struct("<IIHB")
+_ASYNC_RESPONSE = struct.Struct("<IB")
+
+
+class AsyncStatus(IntEnum):
+    """The delivery status a device reports in an async response (0x21)."""
+
+    FAILURE = 0
+    SUCCESS = 1
+    RETRY_LATER = 2
+
+
+@dataclass(frozen=True, slots=True)
+class AsyncMessage:
+    """One server-to-device async message (0x20), as parsed by parse_async_message."""
+
+    message_id: int
+    can_address: int
+    async_type: int
+    flags: int
+    data: bytes
+
+
+def encode_async_message(
+    message_id: int,
+    async_type: int,
+    data: bytes = b"",
+    can_address: int = CAN_ADDRESS_SELF,
+    flags: int = 0,
+) -> bytes:
+    """
+    The whole 0x20 frame: message id, CAN address, async type, flags, data.
+
+    :raises struct.error: if a number does not fit its field or the frame
+        would exceed the maximum payload.
+    """
+    return encode_frame(
+        MessageType.ASYNC_MESSAGE,
+        _ASYNC_MESSAGE_HEADER.pack(message_id, can_address, async_type, flags) + data,
+    )
+
+
+def parse_async_message(payload: bytes) -> AsyncMessage:
+    """
+    Decode a 0x20 payload (the inverse of encode_async_message's payload).
+
+    :raises ProtocolError: if the 11-byte header is incomplete.
+    """
+    if len(payload) < _ASYNC_MESSAGE_HEADER.size:
+        raise ProtocolError(f"async message of {len(payload)} bytes is too short")
+    message_id, can_address, async_type, flags = _ASYNC_MESSAGE_HEADER.unpack_from(
+        payload
+    )
+    return AsyncMessage(
+        message_id,
+        can_address,
+        async_type,
+        flags,
+        bytes(payload[_ASYNC_MESSAGE_HEADER.size :]),
+    )
+
+
+def parse_async_response(payload: bytes) -> tuple[int, int]:
+    """
+    The message id and delivery status (see AsyncStatus) of a 0x21 payload.
+
+    Bytes after the first five are ignored.
+
+    :raises ProtocolError: if the payload is shorter than five bytes.
+    """
+    if len(payload) < _ASYNC_RESPONSE.size:
+        raise ProtocolError(f"async response of {len(payload)} bytes is too short")
+    message_id, status = _ASYNC_RESPONSE.unpack_from(payload)
+    return message_id, status

@@ -11,6 +11,7 @@ from __future__ import annotations
 import configparser
 import os
 import re
+import socket
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -36,6 +37,16 @@ class RelayConfig:
     commit_timeout: float = 20.0
     idle_timeout: float = 600.0
     max_message: int = MAX_PAYLOAD
+    registry: str = "sqlite:oemrelay.sqlite"
+    node: str = field(default_factory=socket.gethostname)
+
+
+@dataclass(frozen=True)
+class ApiConfig:
+    """``[api]``: the management HTTP API, off unless ``listen`` is set."""
+
+    listen: tuple[str, ...] = ()
+    token: str = field(default="", repr=False)
 
 
 @dataclass(frozen=True)
@@ -44,11 +55,33 @@ class HttpConnectorConfig:
 
     name: str
     url: str
-    headers: tuple[tuple[str, str], ...] = ()
+    headers: tuple[tuple[str, str], ...] = field(default=(), repr=False)
     username: str = ""
     password: str = field(default="", repr=False)
     timeout: float = 10.0
     ca_file: str = ""
+    client_cert: str = ""
+    client_key: str = ""
+    #: ``none``, ``basic``, ``azure-sas`` or ``oauth2``; empty: basic when
+    #: there are credentials, else none (see :attr:`auth_scheme`).
+    auth: str = ""
+    sas_key: str = field(default="[CUSTOM3]", repr=False)
+    sas_policy: str = ""
+    sas_resource: str = ""
+    token_ttl: int = 3600
+    token_url: str = ""
+    client_id: str = ""
+    client_secret: str = field(default="", repr=False)
+    scope: str = ""
+    #: Azure IoT Hub: add ``iothub-messageid`` to each request.
+    iothub: bool = False
+
+    @property
+    def auth_scheme(self) -> str:
+        """The authentication in force, with the empty default resolved."""
+        if self.auth and self.auth != "none":
+            return self.auth
+        return "basic" if self.username or self.password else "none"
 
 
 @dataclass(frozen=True)
@@ -77,6 +110,7 @@ class Config:
     relay: RelayConfig
     connectors: Mapping[str, ConnectorConfig]
     source: str = "<string>"
+    api: ApiConfig = ApiConfig()
 
 
 # -- value parsers: each takes the text and returns the value or raises ValueError
@@ -175,24 +209,85 @@ def _readable_file(value: str) -> str:
 
 _Schema = dict[str, tuple[Callable[[str], object], str | None]]
 
+def _registry_url(value: str) -> str:
+    if value.startswith("sqlite:") and value[len("sqlite:"):]:
+        return value
+    if value.startswith(("postgresql://", "postgres://")):
+        return value
+    raise ValueError(
+        "must be sqlite:PATH or postgresql://user@host/database,"
+        f" got {value.split('://')[0]!r}..."
+    )
+
+
+def _auth_scheme(value: str) -> str:
+    if value not in ("", "none", "basic", "azure-sas", "oauth2"):
+        raise ValueError(f"must be none, basic, azure-sas or oauth2, got {value!r}")
+    return value
+
+
+def _whole_seconds(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        raise ValueError(f"must be a whole number of seconds, got {value!r}") from None
+    if number <= 0:
+        raise ValueError(f"must be a positive number of seconds, got {number}")
+    return number
+
+
+def _optional_http_url(value: str) -> str:
+    return _http_url(value) if value else ""
+
+
 _RELAY_KEYS: _Schema = {
     "listen": (_server_endpoints, "tcp:20500"),
     "connector": (_text, ""),
     "commit_timeout": (_positive_number, "20"),
     "idle_timeout": (_positive_number, "600"),
     "max_message": (_message_size, str(MAX_PAYLOAD)),
+    "registry": (_registry_url, "sqlite:oemrelay.sqlite"),
+    "node": (_text, ""),
+}
+
+_API_KEYS: _Schema = {
+    "listen": (_text, ""),
+    "token": (_text, ""),
+    "token_file": (_readable_file, ""),
+}
+
+# Keys shared by the two HTTP connector types.
+_HTTPS_KEYS: _Schema = {
+    "header1": (_header, ""),
+    "header2": (_header, ""),
+    "header3": (_header, ""),
+    "timeout": (_positive_number, "10"),
+    "ca_file": (_readable_file, ""),
+    "client_cert": (_readable_file, ""),
+    "client_key": (_readable_file, ""),
+    "sas_key": (_text, "[CUSTOM3]"),
+    "sas_policy": (_text, ""),
+    "sas_resource": (_text, ""),
+    "token_ttl": (_whole_seconds, "3600"),
 }
 
 _CONNECTOR_KEYS: dict[str, _Schema] = {
     "http": {
         "url": (_http_url, None),
-        "header1": (_header, ""),
-        "header2": (_header, ""),
-        "header3": (_header, ""),
+        **_HTTPS_KEYS,
         "username": (_text, ""),
         "password": (_text, ""),
-        "timeout": (_positive_number, "10"),
-        "ca_file": (_readable_file, ""),
+        "auth": (_auth_scheme, ""),
+        "token_url": (_optional_http_url, ""),
+        "client_id": (_text, ""),
+        "client_secret": (_text, ""),
+        "scope": (_text, ""),
+    },
+    "azure-iothub": {
+        "hub": (_required, None),
+        "device_id": (_required, "[CUSTOM1]"),
+        "url": (_optional_http_url, ""),
+        **_HTTPS_KEYS,
     },
     "tcp": {"endpoint": (_client_endpoint, None)},
     "file": {"path": (_required, None)},
@@ -256,15 +351,14 @@ def config_from_string(text: str, source: str = "<string>") -> Config:
 
     connectors: dict[str, ConnectorConfig] = {}
     for section in parser.sections():
-        if section == "relay":
+        if section in ("relay", "api"):
             continue
         if not section.startswith(CONNECTOR_PREFIX) or not section[len(CONNECTOR_PREFIX):]:
             raise fail(
-                section, None, "unknown section (known: [relay], [connector:NAME])"
+                section, None, "unknown section (known: [relay], [api], [connector:NAME])"
             )
         name = section[len(CONNECTOR_PREFIX):]
-        values = dict(parser[section])
-        connector_type = values.pop("type", "").strip()
+        connector_type = parser[section].get("type", "").strip()
         if connector_type not in _CONNECTOR_KEYS:
             raise fail(
                 section,
@@ -272,9 +366,15 @@ def config_from_string(text: str, source: str = "<string>") -> Config:
                 f"must be one of {', '.join(_CONNECTOR_KEYS)}, got {connector_type!r}",
             )
         parser.remove_option(section, "type")
-        connectors[name] = _connector_config(name, connector_type, read(section, _CONNECTOR_KEYS[connector_type]))
+        given = frozenset(key for key, value in parser[section].items() if value)
+        values = read(section, _CONNECTOR_KEYS[connector_type])
+        try:
+            connectors[name] = _connector_config(name, connector_type, values, given)
+        except _KeyProblem as problem:
+            raise fail(section, problem.key, problem.message) from None
 
     relay_values = read("relay", _RELAY_KEYS)
+    relay_values["node"] = relay_values["node"] or socket.gethostname()
     if not relay_values["connector"]:
         if len(connectors) != 1:
             raise fail(
@@ -289,17 +389,128 @@ def config_from_string(text: str, source: str = "<string>") -> Config:
             "connector",
             f"no section [{CONNECTOR_PREFIX}{relay_values['connector']}]",
         )
-    return Config(RelayConfig(**relay_values), MappingProxyType(connectors), source)
+    if relay_values["idle_timeout"] <= relay_values["commit_timeout"]:
+        raise fail(
+            "relay",
+            "idle_timeout",
+            "must be longer than commit_timeout, or silent waits for the end"
+            " server would close devices",
+        )
+    try:
+        api = _api_config(read("api", _API_KEYS))
+    except _KeyProblem as problem:
+        raise fail("api", problem.key, problem.message) from None
+    return Config(
+        RelayConfig(**relay_values), MappingProxyType(connectors), source, api
+    )
 
 
-def _connector_config(name: str, connector_type: str, values: dict) -> ConnectorConfig:
-    if connector_type == "http":
-        headers = tuple(
-            values.pop(key) for key in ("header1", "header2", "header3")
-        )
-        return HttpConnectorConfig(
-            name, headers=tuple(h for h in headers if h is not None), **values
-        )
+class _KeyProblem(Exception):
+    """A value that is wrong given the section's other keys."""
+
+    def __init__(self, key: str, message: str) -> None:
+        super().__init__(message)
+        self.key = key
+        self.message = message
+
+
+def _api_config(values: dict) -> ApiConfig:
+    if not values["listen"]:
+        if values["token"] or values["token_file"]:
+            raise _KeyProblem("listen", "missing; the API needs an endpoint to listen on")
+        return ApiConfig()
+    try:
+        listen = _server_endpoints(values["listen"])
+    except ValueError as error:
+        raise _KeyProblem("listen", str(error)) from None
+    if values["token"] and values["token_file"]:
+        raise _KeyProblem("token_file", "set token or token_file, not both")
+    token = values["token"]
+    if values["token_file"]:
+        with open(values["token_file"], encoding="utf-8") as f:
+            token = f.read().strip()
+        if not token:
+            raise _KeyProblem("token_file", f"{values['token_file']} is empty")
+    if not token:
+        raise _KeyProblem("token", "missing; the API never runs without a bearer token")
+    return ApiConfig(listen, token)
+
+
+_OAUTH2_KEYS = ("token_url", "client_id", "client_secret", "scope")
+_SAS_KEYS = ("sas_key", "sas_policy", "sas_resource", "token_ttl")
+
+
+def _connector_config(
+    name: str, connector_type: str, values: dict, given: frozenset[str]
+) -> ConnectorConfig:
     if connector_type == "tcp":
         return TcpConnectorConfig(name, **values)
-    return FileConnectorConfig(name, **values)
+    if connector_type == "file":
+        return FileConnectorConfig(name, **values)
+    # Imported here: auth imports templates, which must not import config.
+    from .auth import default_sas_resource, iothub_url
+
+    header_keys = ("header1", "header2", "header3")
+    headers = {key: values.pop(key) for key in header_keys}
+    if connector_type == "azure-iothub":
+        hub, device_id = values.pop("hub"), values.pop("device_id")
+        if not values["url"]:
+            try:
+                values["url"] = iothub_url(hub, device_id)
+            except ValueError as error:
+                raise _KeyProblem("hub", str(error)) from None
+        values.update(auth="azure-sas", iothub=True)
+    values["auth"] = auth = HttpConnectorConfig(name, **values).auth_scheme
+    if auth == "basic" and not values["username"]:
+        raise _KeyProblem("username", "missing; auth = basic needs a username")
+    if auth != "basic":
+        _refuse_given(given, ("username", "password"), f"auth = {auth}")
+    if auth == "oauth2":
+        for key in ("token_url", "client_id", "client_secret"):
+            if not values[key]:
+                raise _KeyProblem(key, "missing; auth = oauth2 needs it")
+    else:
+        _refuse_given(given, _OAUTH2_KEYS, f"auth = {auth}")
+    if auth == "azure-sas":
+        if not values["sas_resource"]:
+            try:
+                values["sas_resource"] = default_sas_resource(values["url"])
+            except ValueError as error:
+                raise _KeyProblem("url", str(error)) from None
+    else:
+        _refuse_given(given, _SAS_KEYS, f"auth = {auth}")
+    for key, header in headers.items():
+        if header and header[0].lower() == "authorization" and auth != "none":
+            raise _KeyProblem(key, f"an Authorization header conflicts with auth = {auth}")
+    _check_client_certificate(values["client_cert"], values["client_key"])
+    return HttpConnectorConfig(
+        name, headers=tuple(h for h in headers.values() if h is not None), **values
+    )
+
+
+def _refuse_given(given: frozenset[str], keys: tuple[str, ...], context: str) -> None:
+    for key in keys:
+        if key in given:
+            raise _KeyProblem(key, f"does not apply with {context}")
+
+
+def _check_client_certificate(cert_file: str, key_file: str) -> None:
+    if key_file and not cert_file:
+        raise _KeyProblem("client_key", "needs client_cert")
+    if not cert_file:
+        return
+    from twisted.internet.ssl import PrivateCertificate
+
+    try:
+        with open(cert_file, "rb") as f:
+            pem = f.read()
+        if key_file:
+            with open(key_file, "rb") as f:
+                pem += b"\n" + f.read()
+        PrivateCertificate.loadPEM(pem)
+    except Exception as error:
+        raise _KeyProblem(
+            "client_cert",
+            "not a PEM certificate with its private key"
+            f" ({type(error).__name__}); set client_key if the key is in another file",
+        ) from None

@@ -15,14 +15,19 @@ per connector on demand and every delivery is a Deferred.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
 from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from .codec import Frame, Hello, Record
+
+log = Logger(namespace="oemrelay.relay")
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,36 +107,71 @@ class StatelessLink:
         pass
 
 
-class ProfileSource(Protocol):
-    """Where device profiles come from (the registry, once there is one)."""
+class DeviceLedger(Protocol):
+    """
+    What the device path asks of and tells the device registry
+    (:class:`oemrelay.registry.Registry` provides it; every call returns a
+    Deferred).
+    """
 
-    def profile_for(self, hello: Hello) -> Deferred[DeviceProfile]:
-        ...
+    def profile_for(self, hello: Hello) -> Deferred[DeviceProfile]: ...
+
+    def device_connected(self, hello: Hello, node: str, now: float) -> Deferred: ...
+
+    def device_disconnected(self, serial: int, node: str, now: float) -> Deferred: ...
+
+    def upload_committed(self, serial: int, record_count: int, now: float) -> Deferred: ...
+
+    def delivery_failed(self, serial: int, reason: str, now: float) -> Deferred: ...
+
+    def due_commands(self, serial: int, now: float) -> Deferred[list]: ...
+
+    def command_sent(self, command_id: int, now: float) -> Deferred: ...
+
+    def command_result(self, command_id: int, device_status: int, now: float) -> Deferred: ...
 
 
-class NoProfiles:
-    """Every device has empty custom fields and no override."""
+class NoRegistry:
+    """No registry: empty profiles, no commands, nothing recorded."""
 
     _EMPTY = DeviceProfile()
 
     def profile_for(self, hello: Hello) -> Deferred[DeviceProfile]:
         return succeed(self._EMPTY)
 
+    def due_commands(self, serial: int, now: float) -> Deferred[list]:
+        return succeed([])
+
+    def _nothing(self, *args: object) -> Deferred[None]:
+        return succeed(None)
+
+    device_connected = device_disconnected = upload_committed = _nothing
+    delivery_failed = command_sent = command_result = _nothing
+
 
 class Relay:
-    """The configured connectors, the default one and the profile source."""
+    """The configured connectors, the default one and the device registry."""
 
     def __init__(
         self,
         connectors: Mapping[str, Connector],
         default_connector: str,
-        profiles: ProfileSource | None = None,
+        registry: DeviceLedger | None = None,
+        *,
+        node: str = "",
+        clock: IReactorTime | None = None,
     ) -> None:
         if default_connector not in connectors:
             raise ValueError(f"no connector named {default_connector!r}")
         self.connectors = dict(connectors)
         self.default_connector = default_connector
-        self.profiles = profiles or NoProfiles()
+        self.registry = registry or NoRegistry()
+        self.node = node
+        self._clock = clock
+
+    def now(self) -> float:
+        """The time registry entries are stamped with."""
+        return self._clock.seconds() if self._clock is not None else time.time()
 
     def open_route(self, hello: Hello, on_lost: Callable[[str], None]) -> DeviceRoute:
         """Start routing one device connection; links open eagerly for the default."""
@@ -141,14 +181,19 @@ class Relay:
 
 
 class DeviceRoute:
-    """The links and deliveries of one device connection."""
+    """The links, deliveries and registry entries of one device connection."""
 
     def __init__(self, relay: Relay, hello: Hello, on_lost: Callable[[str], None]) -> None:
         self._relay = relay
+        self._registry = relay.registry
         self._hello = hello
         self._on_lost = on_lost
         self._links: dict[str, Link] = {}
         self._closed = False
+        self._record(
+            "connection",
+            self._registry.device_connected(hello, relay.node, relay.now()),
+        )
 
     def link_for(self, connector_name: str) -> Link:
         """This connection's link to ``connector_name``, opened on first use."""
@@ -165,7 +210,14 @@ class DeviceRoute:
 
         :raises DeliveryFailed: if it was not accepted.
         """
-        profile = await self._relay.profiles.profile_for(self._hello)
+        try:
+            profile = await self._registry.profile_for(self._hello)
+        except DeliveryFailed:
+            raise
+        except Exception as error:
+            raise DeliveryFailed(
+                f"device registry unavailable: {' '.join(str(error).split())}"
+            ) from None
         if self._closed:
             # Closed while the profile was looked up: open no new link.
             raise DeliveryFailed("device connection closed before delivery")
@@ -174,6 +226,37 @@ class DeviceRoute:
             raise DeliveryFailed(f"device's connector {name!r} is not configured")
         await self.link_for(name).deliver(upload, profile)
 
+    def committed(self, upload: Upload) -> None:
+        """The device was told to delete ``upload``'s records."""
+        self._record(
+            "commit",
+            self._registry.upload_committed(
+                self._hello.serial, len(upload.records), self._relay.now()
+            ),
+        )
+
+    def withheld(self, upload: Upload, reason: str) -> None:
+        """The commit of ``upload`` was withheld for ``reason``."""
+        self._record(
+            "delivery error",
+            self._registry.delivery_failed(self._hello.serial, reason, self._relay.now()),
+        )
+
+    def due_commands(self) -> Deferred[list]:
+        """The commands to send the device in this async session."""
+        return self._registry.due_commands(self._hello.serial, self._relay.now())
+
+    def command_sent(self, command_id: int) -> Deferred:
+        """Mark a command sent; fires with None if it is no longer queued."""
+        return self._registry.command_sent(command_id, self._relay.now())
+
+    def command_result(self, command_id: int, device_status: int) -> None:
+        """Record the device's answer (0x21) to a command."""
+        self._record(
+            "command result",
+            self._registry.command_result(command_id, device_status, self._relay.now()),
+        )
+
     def forward(self, frame: Frame) -> None:
         """Pass a non-upload frame to every open link."""
         for link in self._links.values():
@@ -181,10 +264,29 @@ class DeviceRoute:
 
     def close(self) -> None:
         """Close every link; later deliveries are not expected."""
+        if self._closed:
+            return
         self._closed = True
         links, self._links = self._links, {}
         for link in links.values():
             link.close()
+        self._record(
+            "disconnection",
+            self._registry.device_disconnected(
+                self._hello.serial, self._relay.node, self._relay.now()
+            ),
+        )
+
+    def _record(self, what: str, written: Deferred) -> None:
+        # Registry bookkeeping never holds up or breaks the device path.
+        written.addErrback(
+            lambda failure: log.warn(
+                "registry: could not record {what} of device {serial}: {reason}",
+                what=what,
+                serial=self._hello.serial,
+                reason=describe_failure(failure),
+            )
+        )
 
 
 def describe_failure(failure: Failure) -> str:

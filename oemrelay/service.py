@@ -1,34 +1,100 @@
 """
 Service wiring: configuration in, one MultiService out.
 
-Connectors that hold resources are child services (so their pools close on
-shutdown); each ``listen`` endpoint string becomes a server endpoint service
-with the device factory.
+The registry starts first (schema created or migrated, devices this node left
+marked connected after a crash set free); connectors that hold resources are
+child services, so their pools close on shutdown; each ``[relay] listen``
+endpoint serves devices and each ``[api] listen`` endpoint the management API.
 """
 
 from __future__ import annotations
 
 from twisted.application.internet import StreamServerEndpointService
-from twisted.application.service import IService, MultiService
+from twisted.application.service import IService, MultiService, Service
+from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import serverFromString
+from twisted.logger import Logger
+from twisted.web.server import Site
 
+from .api import build_api
 from .config import Config
 from .connectors import build_connector
+from .registry import Registry
 from .relay import Relay
 from .session import DeviceFactory
+
+log = Logger(namespace="oemrelay.service")
+
+
+class RegistryService(Service):
+    """Opens the registry at start-up and closes it at shutdown."""
+
+    def __init__(self, registry: Registry, node: str, reactor) -> None:
+        self.registry = registry
+        self._node = node
+        self._reactor = reactor
+
+    def startService(self) -> None:
+        super().startService()
+        self._started = self._start()
+
+    async def _start_registry(self) -> None:
+        await self.registry.start()
+        released = await self.registry.node_started(self._node, self._reactor.seconds())
+        log.info(
+            "registry {url} ready; {released} devices left connected to node"
+            " {node} marked disconnected",
+            url=self.registry.url_for_logs,
+            released=released,
+            node=self._node,
+        )
+
+    def _start(self) -> Deferred:
+        started = Deferred.fromCoroutine(self._start_registry())
+
+        def cannot_start(failure) -> None:
+            # Without its registry the relay could not honour custom fields
+            # or overrides: stop, and let the supervisor retry.
+            log.critical(
+                "cannot open registry {url}: {reason}; stopping",
+                url=self.registry.url_for_logs,
+                reason=" ".join(failure.getErrorMessage().split()),
+            )
+            self._reactor.stop()
+
+        return started.addErrback(cannot_start)
+
+    def stopService(self) -> Deferred:
+        super().stopService()
+        return self._started.addBoth(lambda _: self.registry.close())
+
+
+def _listen(description: str, factory, reactor, parent: MultiService) -> None:
+    listener = StreamServerEndpointService(serverFromString(reactor, description), factory)
+    # A port that cannot be opened stops twistd instead of idling.
+    listener._raiseSynchronously = True
+    listener.setServiceParent(parent)
 
 
 def build_service(config: Config, reactor) -> MultiService:
     """Everything the relay runs, ready for ``twistd`` to start."""
     top = MultiService()
+    registry = Registry.from_url(config.relay.registry, reactor)
+    RegistryService(registry, config.relay.node, reactor).setServiceParent(top)
     connectors = {}
     for name, connector_config in config.connectors.items():
         connector = build_connector(connector_config, reactor, config.relay.max_message)
         if IService.providedBy(connector):
             connector.setServiceParent(top)
         connectors[name] = connector
-    relay = Relay(connectors, config.relay.connector)
-    factory = DeviceFactory(
+    relay = Relay(
+        connectors,
+        config.relay.connector,
+        registry,
+        node=config.relay.node,
+        clock=reactor,
+    )
+    devices = DeviceFactory(
         relay,
         reactor,
         commit_timeout=config.relay.commit_timeout,
@@ -36,10 +102,9 @@ def build_service(config: Config, reactor) -> MultiService:
         max_message=config.relay.max_message,
     )
     for description in config.relay.listen:
-        listener = StreamServerEndpointService(
-            serverFromString(reactor, description), factory
-        )
-        # A port that cannot be opened stops twistd instead of idling.
-        listener._raiseSynchronously = True
-        listener.setServiceParent(top)
+        _listen(description, devices, reactor, top)
+    if config.api.listen:
+        api = Site(build_api(registry, config.api.token, set(connectors), reactor))
+        for description in config.api.listen:
+            _listen(description, api, reactor, top)
     return top

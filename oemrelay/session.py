@@ -11,6 +11,10 @@ While a commit is being delivered the session reads nothing further from the
 device: frames already received wait in order, and the transport is paused.
 A device waits for the commit answer anyway, and this bounds what one device
 can make the relay hold.
+
+An async session request (0x22) sends the device's due commands from the
+registry, one 0x20 at a time, each waiting for the device's 0x21, then 0x23.
+Other frames that arrive meanwhile wait, as during a commit.
 """
 
 from __future__ import annotations
@@ -36,7 +40,9 @@ from .codec import (
     ProtocolError,
     Record,
     FixedRecordExtras,
+    encode_async_message,
     hello_response,
+    parse_async_response,
     parse_data_records,
     parse_fixed_records,
     parse_hello,
@@ -45,6 +51,13 @@ from .codec import (
 from .relay import DeliveryFailed, DeviceRoute, Relay, Upload, describe_failure
 
 log = Logger(namespace="oemrelay.session")
+
+
+def _commit_timed_out(result: object, timeout: float) -> None:
+    # A connector cancelled mid-delivery may fail with its own error (treq:
+    # DeliveryFailed wrapping ResponseNeverReceived), not CancelledError,
+    # which addTimeout's default conversion alone turns into TimeoutError.
+    raise TimeoutError(timeout, "commit")
 
 
 class DeviceChannel(TypingProtocol):
@@ -80,7 +93,10 @@ class DeviceSession:
         self._frames: list[Frame] = []
         self._records: list[Record] = []
         self._waiting: deque[Frame] = deque()
-        self._committing = False
+        # A commit or an async session is under way: other frames wait.
+        self._busy = False
+        # The command id and the Deferred awaiting its 0x21, in an async session.
+        self._awaited_response: tuple[int, Deferred[int]] | None = None
         self._closed = False
 
     @property
@@ -96,14 +112,16 @@ class DeviceSession:
     # -- input ---------------------------------------------------------------
 
     def frame_received(self, frame: Frame) -> None:
-        """Handle one frame now, or after the commit under way."""
+        """Handle one frame now, or after the commit or async session under way."""
         if self._closed:
             return
-        if self._committing:
-            self._waiting.append(frame)
-            return
         try:
-            self._handle(frame)
+            if frame.type == MessageType.ASYNC_RESPONSE and self._awaited_response:
+                self._async_response(frame)
+            elif self._busy:
+                self._waiting.append(frame)
+            else:
+                self._handle(frame)
         except ProtocolError as error:
             self.protocol_error(str(error))
 
@@ -150,7 +168,7 @@ class DeviceSession:
         elif message_type == MessageType.VERSION_DATA:
             self._channel.send(VERSION_RESPONSE)
         elif message_type == MessageType.ASYNC_SESSION_REQUEST:
-            self._channel.send(ASYNC_SESSION_COMPLETE)
+            self._start_async_session()
         elif message_type == MessageType.TIME_REQUEST:
             self._channel.send(time_response(self._clock.seconds()))
         else:
@@ -174,6 +192,11 @@ class DeviceSession:
                 fw=hello.firmware,
             )
             self._route = self._relay.open_route(hello, self._end_server_lost)
+            if self._closed:
+                # A link failed while opening and closed the session before
+                # the route was stored: close the route, do not answer.
+                self._discard()
+                return
         elif hello.serial != self.hello.serial:
             raise ProtocolError(
                 f"second hello with another serial {hello.serial}"
@@ -211,10 +234,10 @@ class DeviceSession:
             self._clock.seconds(),
         )
         self._frames, self._records = [], []
-        self._committing = True
+        self._busy = True
         self._channel.pause()
         delivery = Deferred.fromCoroutine(self._route.deliver(upload))
-        delivery.addTimeout(self._commit_timeout, self._clock)
+        delivery.addTimeout(self._commit_timeout, self._clock, _commit_timed_out)
         delivery.addCallbacks(
             self._delivered,
             self._not_delivered,
@@ -223,7 +246,6 @@ class DeviceSession:
         )
 
     def _delivered(self, _: object, upload: Upload) -> None:
-        self._committing = False
         if self._closed:
             log.info(
                 "device {serial}: {count} records delivered after the device"
@@ -233,17 +255,22 @@ class DeviceSession:
             )
             return
         self._channel.send(COMMIT_SUCCESS)
+        self._route.committed(upload)
         log.debug(
             "device {serial}: committed {count} records",
             serial=self.serial,
             count=len(upload.records),
         )
         self._channel.resume()
-        while self._waiting and not self._committing and not self._closed:
+        self._not_busy()
+
+    def _not_busy(self) -> None:
+        self._busy = False
+        while self._waiting and not self._busy and not self._closed:
             self.frame_received(self._waiting.popleft())
 
     def _not_delivered(self, failure: Failure, upload: Upload) -> None:
-        self._committing = False
+        self._busy = False
         if failure.check(TimeoutError, CancelledError):
             reason = f"not confirmed within commit_timeout {self._commit_timeout:g}s"
         elif failure.check(DeliveryFailed):
@@ -255,6 +282,7 @@ class DeviceSession:
             reason = describe_failure(failure)
         if self._closed:
             return
+        self._route.withheld(upload, reason)
         log.warn(
             "device {serial} from {peer}: commit of {count} records withheld,"
             " closing so the device resends: {reason}",
@@ -264,6 +292,81 @@ class DeviceSession:
             reason=reason,
         )
         self._close()
+
+    # -- async session (commands) ---------------------------------------------
+
+    def _start_async_session(self) -> None:
+        self._busy = True
+        session = Deferred.fromCoroutine(self._send_due_commands())
+        session.addErrback(self._async_session_failed)
+        session.addCallback(lambda _: self._not_busy())
+
+    async def _send_due_commands(self) -> None:
+        try:
+            commands = await self._route.due_commands()
+        except Exception as error:
+            log.warn(
+                "device {serial}: no commands sent, registry unavailable: {reason}",
+                serial=self.serial,
+                reason=" ".join(str(error).split()),
+            )
+            commands = []
+        for command in commands:
+            if self._closed:
+                return
+            if await self._route.command_sent(command.id) is None:
+                continue  # taken by another relay, or expired, meanwhile
+            if self._closed:
+                return
+            answer: Deferred[int] = Deferred()
+            self._awaited_response = (command.id, answer)
+            self._channel.send(
+                encode_async_message(command.id, command.message_type, command.data)
+            )
+            try:
+                status = await answer.addTimeout(self._commit_timeout, self._clock)
+            except TimeoutError:
+                log.warn(
+                    "device {serial}: no answer to command {id} within"
+                    " {seconds:g}s; ending the async session",
+                    serial=self.serial,
+                    id=command.id,
+                    seconds=self._commit_timeout,
+                )
+                break
+            finally:
+                self._awaited_response = None
+            self._route.command_result(command.id, status)
+            log.info(
+                "device {serial}: command {id} ({type}) answered with status {status}",
+                serial=self.serial,
+                id=command.id,
+                type=command.type,
+                status=status,
+            )
+        if not self._closed:
+            self._channel.send(ASYNC_SESSION_COMPLETE)
+
+    def _async_response(self, frame: Frame) -> None:
+        message_id, status = parse_async_response(frame.payload)
+        expected, answer = self._awaited_response
+        if message_id != expected:
+            log.warn(
+                "device {serial}: answer for message {got} while waiting for"
+                " command {expected}; ignored",
+                serial=self.serial,
+                got=message_id,
+                expected=expected,
+            )
+            return
+        answer.callback(status)
+
+    def _async_session_failed(self, failure: Failure) -> None:
+        if not failure.check(CancelledError):
+            log.failure(
+                "bug in the async session of device {serial}", failure, serial=self.serial
+            )
+            self._close()
 
     def _end_server_lost(self, reason: str) -> None:
         if self._closed:
@@ -288,6 +391,8 @@ class DeviceSession:
     def _discard(self) -> None:
         self._frames, self._records = [], []
         self._waiting.clear()
+        if self._awaited_response is not None:
+            self._awaited_response[1].cancel()
         if self._route is not None:
             route, self._route = self._route, None
             route.close()

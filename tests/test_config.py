@@ -42,7 +42,7 @@ type = http
 url = https://example.com/dm/[SERIAL]?key=[CUSTOM1]
 header1 = X-Imei: [IMEI]
 header2 =
-header3 = Authorization: Bearer [CUSTOM2]
+header3 = X-Tenant: [CUSTOM2]
 username = relay-[SERIAL]
 password = s3cr3t-pw
 timeout = 7
@@ -87,11 +87,12 @@ class FullSampleTests(SynchronousTestCase):
             HttpConnectorConfig(
                 name="platform",
                 url="https://example.com/dm/[SERIAL]?key=[CUSTOM1]",
-                headers=(("X-Imei", "[IMEI]"), ("Authorization", "Bearer [CUSTOM2]")),
+                headers=(("X-Imei", "[IMEI]"), ("X-Tenant", "[CUSTOM2]")),
                 username="relay-[SERIAL]",
                 password="s3cr3t-pw",
                 timeout=7.0,
                 ca_file="",
+                auth="basic",
             ),
         )
 
@@ -154,7 +155,8 @@ class DefaultsTests(SynchronousTestCase):
         """An http connector needs only its url."""
         config = config_from_string("[connector:h]\ntype = http\nurl = http://h/\n")
         self.assertEqual(
-            config.connectors["h"], HttpConnectorConfig("h", "http://h/", timeout=10.0)
+            config.connectors["h"],
+            HttpConnectorConfig("h", "http://h/", timeout=10.0, auth="none"),
         )
 
     def test_default_source(self) -> None:
@@ -432,7 +434,7 @@ class ConfigErrorTests(SynchronousTestCase):
 
     def test_unknown_type(self) -> None:
         """An unknown connector type is refused, naming the known ones."""
-        self.assert_error("[connector:x]\ntype = mqtt\n", "[connector:x] type", "mqtt", "http, tcp, file")
+        self.assert_error("[connector:x]\ntype = mqtt\n", "[connector:x] type", "mqtt", "http, azure-iothub, tcp, file")
 
     def test_missing_type(self) -> None:
         """A connector section without a type is refused."""

@@ -16,7 +16,7 @@ from oemrelay.relay import (
     DeliveryFailed,
     DeviceProfile,
     DeviceRoute,
-    NoProfiles,
+    NoRegistry,
     Relay,
     StatelessLink,
     Upload,
@@ -69,7 +69,7 @@ class FakeConnector:
         return link
 
 
-class FakeProfiles:
+class FakeProfiles(NoRegistry):
     """A profile source answering with a set profile, at once or when told."""
 
     def __init__(self, profile: DeviceProfile | None = None) -> None:
@@ -111,8 +111,8 @@ class RelayTests(RouteTestMixin, SynchronousTestCase):
     def test_no_profiles_by_default(self) -> None:
         """Without a profile source every device gets the empty profile."""
         relay = Relay({"main": self.main}, "main")
-        self.assertIsInstance(relay.profiles, NoProfiles)
-        self.assertEqual(self.successResultOf(relay.profiles.profile_for(HELLO)), DeviceProfile())
+        self.assertIsInstance(relay.registry, NoRegistry)
+        self.assertEqual(self.successResultOf(relay.registry.profile_for(HELLO)), DeviceProfile())
 
     def test_connectors_copied(self) -> None:
         """The relay keeps its own copy of the connector mapping."""

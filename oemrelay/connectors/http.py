@@ -4,6 +4,9 @@ The HTTP(S) connector: one POST of OEM JSON per upload; 2xx means accepted.
 URL, headers and Basic credentials are templates over the device's dynamic
 fields.  Values put into the URL are percent-encoded; a header that would
 contain CR or LF after substitution is refused (the upload is not sent).
+Per-device authentication (:mod:`oemrelay.auth`): Basic, an Azure IoT Hub
+shared access signature, or an OAuth2 bearer token fetched again once when
+the end server answers 401; mutual TLS with ``client_cert``/``client_key``.
 Nothing that may carry a secret (the URL's path and query, header values,
 credentials) is written to logs or to failure reasons.
 """
@@ -11,6 +14,7 @@ credentials) is written to logs or to failure reasons.
 from __future__ import annotations
 
 from base64 import b64encode
+from http.cookiejar import CookieJar, DefaultCookiePolicy
 from urllib.parse import urlsplit
 
 from twisted.application.service import Service
@@ -19,6 +23,7 @@ from twisted.internet.defer import CancelledError, Deferred, TimeoutError
 # interface has been stable since 14.0.
 from twisted.internet._sslverify import IOpenSSLTrustRoot
 from twisted.internet.interfaces import IReactorTime
+from twisted.internet.ssl import PrivateCertificate, optionsForClientTLS, platformTrust
 from twisted.logger import Logger
 from twisted.web.client import (
     Agent,
@@ -26,10 +31,12 @@ from twisted.web.client import (
     HTTPConnectionPool,
     ResponseFailed,
 )
+from twisted.web.iweb import IPolicyForHTTPS
 from zope.interface import implementer
 
 from treq.client import HTTPClient
 
+from ..auth import AuthError, AzureSas, OAuth2ClientCredentials, iothub_message_id
 from ..codec import Hello
 from ..config import HttpConnectorConfig
 from ..oem_json import oem_document
@@ -54,13 +61,49 @@ class PlatformTrustPlusCA:
         context.load_verify_locations(self._ca_file)
 
 
+@implementer(IPolicyForHTTPS)
+class ClientCertificatePolicy:
+    """Verified HTTPS that also presents a client certificate (mutual TLS)."""
+
+    def __init__(self, trust_root, client_certificate: PrivateCertificate) -> None:
+        self._trust_root = trust_root
+        self._client_certificate = client_certificate
+
+    def creatorForNetloc(self, hostname: bytes, port: int):  # noqa: N802 - Twisted's name
+        return optionsForClientTLS(
+            hostname.decode("ascii"),
+            trustRoot=self._trust_root,
+            clientCertificate=self._client_certificate,
+        )
+
+
+def load_client_certificate(cert_file: str, key_file: str = "") -> PrivateCertificate:
+    """The certificate and private key in ``cert_file`` (and ``key_file``)."""
+    with open(cert_file, "rb") as f:
+        pem = f.read()
+    if key_file:
+        with open(key_file, "rb") as f:
+            pem += b"\n" + f.read()
+    return PrivateCertificate.loadPEM(pem)
+
+
 def build_http_client(reactor, config: HttpConnectorConfig) -> tuple[HTTPClient, HTTPConnectionPool]:
     """A treq client with its own connection pool; HTTPS is always verified."""
     pool = HTTPConnectionPool(reactor, persistent=True)
     pool.maxPersistentPerHost = 32
     trust = PlatformTrustPlusCA(config.ca_file) if config.ca_file else None
-    agent = Agent(reactor, BrowserLikePolicyForHTTPS(trustRoot=trust), pool=pool)
-    return HTTPClient(agent), pool
+    if config.client_cert:
+        policy = ClientCertificatePolicy(
+            trust or platformTrust(),
+            load_client_certificate(config.client_cert, config.client_key),
+        )
+    else:
+        policy = BrowserLikePolicyForHTTPS(trustRoot=trust)
+    agent = Agent(reactor, policy, pool=pool)
+    # Devices share the client: a cookie one device's answer sets must never
+    # travel with another device's upload.
+    no_cookies = CookieJar(DefaultCookiePolicy(allowed_domains=[]))
+    return HTTPClient(agent, cookiejar=no_cookies), pool
 
 
 def _timed_out(result: object, timeout: float) -> None:
@@ -100,6 +143,26 @@ class HttpConnector(Service):
         self._link = StatelessLink(self.deliver)
         # The host is safe to log; path and query may hold per-device secrets.
         self._target = urlsplit(config.url).netloc.split("@")[-1]
+        self._sas: AzureSas | None = None
+        self._oauth: OAuth2ClientCredentials | None = None
+        if config.auth_scheme == "azure-sas":
+            self._sas = AzureSas(
+                resource_template=config.sas_resource,
+                clock=clock,
+                key_template=config.sas_key,
+                policy=config.sas_policy or None,
+                ttl=config.token_ttl,
+            )
+        elif config.auth_scheme == "oauth2":
+            self._oauth = OAuth2ClientCredentials(
+                http_client,
+                clock,
+                config.token_url,
+                config.client_id,
+                config.client_secret,
+                config.scope,
+                config.timeout,
+            )
 
     def open_link(self, hello: Hello, on_lost) -> StatelessLink:
         return self._link
@@ -112,30 +175,42 @@ class HttpConnector(Service):
 
     def request_headers(self, hello: Hello, profile: DeviceProfile) -> dict[bytes, list[bytes]]:
         """
-        The headers for one device's POST.
+        The headers for one device's POST, but for an OAuth2 bearer token.
 
-        :raises DeliveryFailed: if a substituted value would split the header.
+        :raises DeliveryFailed: if a substituted value would split a header,
+            or the device's SAS key is missing or unusable.
         """
         fields = device_fields(hello, profile)
         headers = {b"Content-Type": [b"application/json"]}
         for name, template in self._config.headers:
-            value = expand(template, fields)
-            if "\r" in value or "\n" in value:
-                raise DeliveryFailed(
-                    f"connector {self.name}: header {name} would contain CR or LF"
-                    " after substitution; not sent"
-                )
+            value = self._header_value(name, expand(template, fields))
             if name.lower() == "content-type":
-                headers[b"Content-Type"] = [value.encode("utf-8")]
+                headers[b"Content-Type"] = [value]
             else:
-                headers.setdefault(name.encode("ascii"), []).append(value.encode("utf-8"))
-        if self._config.username or self._config.password:
+                headers.setdefault(name.encode("ascii"), []).append(value)
+        if self._config.auth_scheme == "basic":
             credentials = (
                 f"{expand(self._config.username, fields)}:"
                 f"{expand(self._config.password, fields)}"
             )
             headers[b"Authorization"] = [b"Basic " + b64encode(credentials.encode("utf-8"))]
+        elif self._sas is not None:
+            try:
+                authorization = self._sas.authorization(fields)
+            except ValueError as error:
+                raise DeliveryFailed(
+                    f"connector {self.name}: device {hello.serial}: {error}"
+                ) from None
+            headers[b"Authorization"] = [self._header_value("Authorization", authorization)]
         return headers
+
+    def _header_value(self, name: str, value: str) -> bytes:
+        if "\r" in value or "\n" in value:
+            raise DeliveryFailed(
+                f"connector {self.name}: header {name} would contain CR or LF"
+                " after substitution; not sent"
+            )
+        return value.encode("utf-8")
 
     def deliver(self, upload: Upload, profile: DeviceProfile) -> Deferred[None]:
         return Deferred.fromCoroutine(self._post(upload, profile))
@@ -143,7 +218,36 @@ class HttpConnector(Service):
     async def _post(self, upload: Upload, profile: DeviceProfile) -> None:
         url = expand_url(self._config.url, device_fields(upload.hello, profile))
         headers = self.request_headers(upload.hello, profile)
+        if self._config.iothub:
+            message_id = iothub_message_id(upload.hello.serial, upload.first_seq)
+            headers[b"iothub-messageid"] = [message_id.encode("ascii")]
         body = oem_document(upload.hello, upload.records)
+        if self._oauth is None:
+            response, answer = await self._send(url, headers, body)
+        else:
+            # A 401 may mean the token was revoked early: fetch a new one, once.
+            for attempt in (1, 2):
+                token = await self._bearer_token()
+                headers[b"Authorization"] = [f"Bearer {token}".encode("ascii")]
+                response, answer = await self._send(url, headers, body)
+                if response.code != 401:
+                    break
+                self._oauth.invalidate(token)
+        if not 200 <= response.code < 300:
+            quoted = _one_line(answer[:_QUOTED_BODY].decode("utf-8", "replace"))
+            raise DeliveryFailed(
+                f"connector {self.name}: {self._target} answered {response.code}"
+                + (f": {quoted}" if quoted else "")
+            )
+
+    async def _bearer_token(self) -> str:
+        try:
+            return await self._oauth.token()
+        except AuthError as error:
+            raise DeliveryFailed(f"connector {self.name}: {error}") from None
+
+    async def _send(self, url: str, headers: dict, body: bytes) -> tuple[object, bytes]:
+        """One POST: the response and its whole body."""
         try:
             # A redirect is a refusal: following it would re-send the upload
             # as a GET (303) or put the request URL into the reason (301).
@@ -153,7 +257,7 @@ class HttpConnector(Service):
             response = await request.addTimeout(
                 self._config.timeout, self._clock, _timed_out
             )
-            answer = await self._client_content(response)
+            return response, await self._client_content(response)
         except TimeoutError:
             raise DeliveryFailed(
                 f"connector {self.name}: {self._target} did not answer within"
@@ -166,12 +270,6 @@ class HttpConnector(Service):
                 f"connector {self.name}: POST to {self._target} failed:"
                 f" {_describe_error(error)}"
             ) from None
-        if not 200 <= response.code < 300:
-            quoted = _one_line(answer[:_QUOTED_BODY].decode("utf-8", "replace"))
-            raise DeliveryFailed(
-                f"connector {self.name}: {self._target} answered {response.code}"
-                + (f": {quoted}" if quoted else "")
-            )
 
     def _client_content(self, response) -> Deferred[bytes]:
         # Read the whole answer so the connection can go back to the pool.
