@@ -13,10 +13,10 @@ relies on that.
 
 from __future__ import annotations
 
-import calendar
 import struct
 from time import gmtime
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from enum import IntEnum
 from typing import ClassVar
 
@@ -591,10 +591,11 @@ def _unpack_fixed_time(packed: int) -> int:
     hour = packed >> 15 & 0x1F
     minute = packed >> 20 & 0x3F
     second = packed >> 26 & 0x3F
-    if not (1 <= month <= 12 and 1 <= day <= 31 and hour < 24 and minute < 60 and second < 60):
+    try:
+        moment = datetime(year, month, day, hour, minute, second, tzinfo=timezone.utc)
+    except ValueError:  # 31 February and the like: only a corrupted record
         return 0
-    unix = calendar.timegm((year, month, day, hour, minute, second, 0, 0, 0))
-    return seconds_since_2013(unix)
+    return seconds_since_2013(moment.timestamp())
 
 
 def _pack_fixed_time(seconds: int) -> int:

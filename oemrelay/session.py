@@ -174,11 +174,13 @@ class DeviceSession:
         else:
             # 0x26 (socket closing), stray 0x21, types we do not know: DM says
             # unknown messages can be ignored; raw TCP end servers still see them.
-            log.debug(
-                "device {serial} sent message type 0x{type:02x}; passed on",
-                serial=self.serial,
-                type=message_type,
-            )
+            if message_type != MessageType.SOCKET_CLOSE:
+                log.info(
+                    "device {serial} sent message type 0x{type:02x}; ignored"
+                    " (passed on to raw TCP end servers)",
+                    serial=self.serial,
+                    type=message_type,
+                )
             self._route.forward(frame)
 
     def _hello_received(self, hello: Hello) -> None:
@@ -255,12 +257,9 @@ class DeviceSession:
             )
             return
         self._channel.send(COMMIT_SUCCESS)
+        # No log line per commit: twistd logs every level, and commits are
+        # the hot path; the registry counts them.
         self._route.committed(upload)
-        log.debug(
-            "device {serial}: committed {count} records",
-            serial=self.serial,
-            count=len(upload.records),
-        )
         self._channel.resume()
         self._not_busy()
 
@@ -314,7 +313,18 @@ class DeviceSession:
         for command in commands:
             if self._closed:
                 return
-            if await self._route.command_sent(command.id) is None:
+            try:
+                sent = await self._route.command_sent(command.id)
+            except Exception as error:
+                log.warn(
+                    "device {serial}: command {id} not sent, registry unavailable:"
+                    " {reason}; ending the async session",
+                    serial=self.serial,
+                    id=command.id,
+                    reason=" ".join(str(error).split()),
+                )
+                break
+            if sent is None:
                 continue  # taken by another relay, or expired, meanwhile
             if self._closed:
                 return

@@ -11,12 +11,10 @@ its own, dropped afterwards.
 from __future__ import annotations
 
 import os
-import secrets
 
 from twisted.internet import reactor
 from twisted.internet.testing import MemoryReactorClock
-from twisted.internet.threads import deferToThread
-from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from oemrelay import registry as registry_module
 from oemrelay.codec import Hello
@@ -30,11 +28,10 @@ from oemrelay.registry import (
 )
 from oemrelay.relay import DeviceProfile
 
+from .postgres import fresh_schema_url
+
 NOW = 1_700_000_000  # an int on purpose: times must come back as floats
 
-POSTGRES_URL = os.environ.get(
-    "OEMRELAY_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test"
-)
 
 
 def hello(serial: int = 123456, **changes) -> Hello:
@@ -518,28 +515,7 @@ class PostgreSQLRegistryTests(RegistryScenariosMixin, TestCase):
     """The registry on PostgreSQL, each test in a fresh schema."""
 
     async def make_database(self) -> str:
-        try:
-            import psycopg
-        except ImportError:
-            raise SkipTest("psycopg is not installed") from None
-        schema = f"oemrelay_test_{secrets.token_hex(6)}"
-
-        def admin(statement: str) -> None:
-            with psycopg.connect(POSTGRES_URL, autocommit=True, connect_timeout=5) as db:
-                db.execute(statement)
-
-        try:
-            await deferToThread(admin, f"CREATE SCHEMA {schema}")
-        except psycopg.OperationalError as e:
-            shown = registry_module._url_without_password(POSTGRES_URL)
-            reason = (str(e).strip().splitlines() or ["no reason given"])[0]
-            raise SkipTest(
-                f"PostgreSQL at {shown} is not reachable ({reason}); "
-                "set OEMRELAY_TEST_POSTGRES to a server's URL"
-            ) from None
-        self.addCleanup(deferToThread, admin, f"DROP SCHEMA {schema} CASCADE")
-        separator = "&" if "?" in POSTGRES_URL else "?"
-        return f"{POSTGRES_URL}{separator}options=-csearch_path%3D{schema}"
+        return await fresh_schema_url(self)
 
     async def test_tables_in_own_schema(self) -> None:
         """The registry creates its tables in the schema named in the URL."""

@@ -95,8 +95,8 @@ class TcpLink:
     def frame_from_end_server(self, frame: Frame) -> None:
         if frame.type == MessageType.COMMIT_RESPONSE and self._commit_answers:
             self._commit_answers.popleft().callback(frame.payload)
-        else:
-            log.debug(
+        elif frame.type != MessageType.HELLO_RESPONSE:  # expected, and consumed
+            log.info(
                 "connector {name}: end server sent message type 0x{type:02x}"
                 " for device {serial}; not passed on",
                 name=self._connector.name,
