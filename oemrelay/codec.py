@@ -16,6 +16,7 @@ from __future__ import annotations
 import struct
 from time import gmtime
 from dataclasses import dataclass, field
+from dataclasses import fields as dataclass_fields
 from datetime import datetime, timezone
 from enum import IntEnum
 from typing import ClassVar
@@ -249,8 +250,25 @@ def time_response(unix_time: float) -> bytes:
 # not fit its layout is kept as a RawField, so no byte is ever lost.
 
 
+class _PackedField:
+    """A field of one fixed struct layout, its values in declaration order."""
+
+    __slots__ = ()
+    _LAYOUT: ClassVar[struct.Struct]
+
+    @classmethod
+    def from_bytes(cls, data: bytes):
+        """The field, or None if ``data`` does not have the layout's size."""
+        if len(data) != cls._LAYOUT.size:
+            return None
+        return cls(*cls._LAYOUT.unpack(data))
+
+    def to_bytes(self) -> bytes:
+        return self._LAYOUT.pack(*(getattr(self, f.name) for f in dataclass_fields(self)))
+
+
 @dataclass(frozen=True, slots=True)
-class GpsFix:
+class GpsFix(_PackedField):
     """Field 0: the GPS fix, every value raw as the device sent it."""
 
     FIELD_ID: ClassVar[int] = 0
@@ -266,26 +284,6 @@ class GpsFix:
     pdop: int
     position_accuracy: int
     status: int
-
-    @classmethod
-    def from_bytes(cls, data: bytes) -> GpsFix | None:
-        if len(data) != cls._LAYOUT.size:
-            return None
-        return cls(*cls._LAYOUT.unpack(data))
-
-    def to_bytes(self) -> bytes:
-        return self._LAYOUT.pack(
-            self.fix_time,
-            self.latitude,
-            self.longitude,
-            self.altitude,
-            self.speed,
-            self.speed_accuracy,
-            self.heading,
-            self.pdop,
-            self.position_accuracy,
-            self.status,
-        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -308,7 +306,7 @@ class DebugText:
 
 
 @dataclass(frozen=True, slots=True)
-class Digital:
+class Digital(_PackedField):
     """Field 2: digital inputs, outputs and device status flags."""
 
     FIELD_ID: ClassVar[int] = 2
@@ -317,15 +315,6 @@ class Digital:
     inputs: int
     outputs: int
     status: int
-
-    @classmethod
-    def from_bytes(cls, data: bytes) -> Digital | None:
-        if len(data) != cls._LAYOUT.size:
-            return None
-        return cls(*cls._LAYOUT.unpack(data))
-
-    def to_bytes(self) -> bytes:
-        return self._LAYOUT.pack(self.inputs, self.outputs, self.status)
 
 
 @dataclass(frozen=True, slots=True)
@@ -380,7 +369,7 @@ class Analogues:
 
 
 @dataclass(frozen=True, slots=True)
-class TripSummary:
+class TripSummary(_PackedField):
     """Field 26: trip distance and duration in seconds (traccar's reading)."""
 
     FIELD_ID: ClassVar[int] = 26
@@ -389,18 +378,9 @@ class TripSummary:
     distance: int
     duration: int
 
-    @classmethod
-    def from_bytes(cls, data: bytes) -> TripSummary | None:
-        if len(data) != cls._LAYOUT.size:
-            return None
-        return cls(*cls._LAYOUT.unpack(data))
-
-    def to_bytes(self) -> bytes:
-        return self._LAYOUT.pack(self.distance, self.duration)
-
 
 @dataclass(frozen=True, slots=True)
-class OdometerRunHours:
+class OdometerRunHours(_PackedField):
     """Field 27: odometer and run hours in seconds (traccar's reading)."""
 
     FIELD_ID: ClassVar[int] = 27
@@ -408,15 +388,6 @@ class OdometerRunHours:
 
     odometer: int
     run_hours: int
-
-    @classmethod
-    def from_bytes(cls, data: bytes) -> OdometerRunHours | None:
-        if len(data) != cls._LAYOUT.size:
-            return None
-        return cls(*cls._LAYOUT.unpack(data))
-
-    def to_bytes(self) -> bytes:
-        return self._LAYOUT.pack(self.odometer, self.run_hours)
 
 
 @dataclass(frozen=True, slots=True)

@@ -52,6 +52,10 @@ from .relay import DeliveryFailed, DeviceRoute, Relay, Upload, describe_failure
 
 log = Logger(namespace="oemrelay.session")
 
+#: Frames a device may send while a commit or an async session is under way
+#: before the relay stops reading from it.
+_MAX_WAITING_FRAMES = 32
+
 
 def _commit_timed_out(result: object, timeout: float) -> None:
     # A connector cancelled mid-delivery may fail with its own error (treq:
@@ -120,6 +124,8 @@ class DeviceSession:
                 self._async_response(frame)
             elif self._busy:
                 self._waiting.append(frame)
+                if len(self._waiting) > _MAX_WAITING_FRAMES:
+                    self._channel.pause()
             else:
                 self._handle(frame)
         except ProtocolError as error:
@@ -260,11 +266,11 @@ class DeviceSession:
         # No log line per commit: twistd logs every level, and commits are
         # the hot path; the registry counts them.
         self._route.committed(upload)
-        self._channel.resume()
         self._not_busy()
 
     def _not_busy(self) -> None:
         self._busy = False
+        self._channel.resume()
         while self._waiting and not self._busy and not self._closed:
             self.frame_received(self._waiting.popleft())
 
@@ -302,7 +308,9 @@ class DeviceSession:
 
     async def _send_due_commands(self) -> None:
         try:
-            commands = await self._route.due_commands()
+            commands = await self._route.due_commands().addTimeout(
+                self._commit_timeout, self._clock
+            )
         except Exception as error:
             log.warn(
                 "device {serial}: no commands sent, registry unavailable: {reason}",
@@ -314,7 +322,9 @@ class DeviceSession:
             if self._closed:
                 return
             try:
-                sent = await self._route.command_sent(command.id)
+                sent = await self._route.command_sent(command.id).addTimeout(
+                    self._commit_timeout, self._clock
+                )
             except Exception as error:
                 log.warn(
                     "device {serial}: command {id} not sent, registry unavailable:"

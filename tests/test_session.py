@@ -10,7 +10,7 @@ import struct
 from collections.abc import Callable
 
 from twisted.internet.address import IPv4Address
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
 from twisted.internet.testing import (
@@ -30,6 +30,7 @@ from oemrelay.codec import (
     encode_frame,
     parse_data_records,
 )
+from oemrelay.registry import Command, RegistryError
 from oemrelay.relay import DeliveryFailed, DeviceProfile, Relay, Upload
 from oemrelay.session import DeviceFactory, DeviceProtocol
 
@@ -133,7 +134,7 @@ class SessionTestMixin:
         self.clock = Clock()
         self.clock.advance(NOW)
         self.connector = FakeConnector()
-        self.relay = Relay({"main": self.connector}, "main")
+        self.relay = self.make_relay()
         self.factory = DeviceFactory(
             self.relay,
             self.clock,
@@ -143,6 +144,10 @@ class SessionTestMixin:
         )
         self.events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
         self.protocol, self.transport = self.connect()
+
+    def make_relay(self) -> Relay:
+        """The relay the factory serves: the fake connector, no registry."""
+        return Relay({"main": self.connector}, "main")
 
     def connect(self) -> tuple[DeviceProtocol, StringTransportWithDisconnection]:
         protocol = self.factory.buildProtocol(PEER)
@@ -766,3 +771,589 @@ class DisconnectTests(SessionTestMixin, SynchronousTestCase):
         self.assert_closed_with_warning("129336", "cannot connect")
         self.assertEqual(self.take(), b"")
         self.assertEqual(opened[0].closed, 1)
+
+
+# -- the device registry: async sessions (commands) and recorded events --------
+
+NODE = "relay-a"
+
+ODOMETER = Command(
+    id=41,
+    serial=129336,
+    type="set_odometer",
+    params={"metres": 10_000},
+    message_type=0x0012,
+    data=bytes.fromhex("e8030000"),
+    status="queued",
+    created=NOW - 60,
+)
+RECOVERY = Command(
+    id=42,
+    serial=129336,
+    type="set_mode",
+    params={"mode": "recovery"},
+    message_type=0x0003,
+    data=bytes.fromhex("03c0498e0d"),
+    status="queued",
+    created=NOW - 30,
+)
+RESET = Command(
+    id=43,
+    serial=129336,
+    type="reset",
+    params={},
+    message_type=0x0002,
+    data=b"",
+    status="queued",
+    created=NOW - 10,
+)
+
+#: The 0x20 frames for the commands above, written out from dm-protocol.md 2.7:
+#: message id, CAN address 0xFFFFFFFF, async type, flags 0, data.
+ODOMETER_MESSAGE = bytes.fromhex("0255200f00" "29000000" "ffffffff" "1200" "00" "e8030000")
+RECOVERY_MESSAGE = bytes.fromhex("0255201000" "2a000000" "ffffffff" "0300" "00" "03c0498e0d")
+RESET_MESSAGE = bytes.fromhex("0255200b00" "2b000000" "ffffffff" "0200" "00")
+
+
+def async_answer(message_id: int, status: int) -> bytes:
+    """The device's 0x21 frame answering message ``message_id`` with ``status``."""
+    return encode_frame(MessageType.ASYNC_RESPONSE, struct.pack("<IB", message_id, status))
+
+
+class FakeRegistry:
+    """
+    A device ledger recording every call.  Calls answer at once unless the
+    test made them fail (``failing``) or hold (``hold``: the Deferreds wait in
+    ``held`` until the test fires them).
+    """
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, tuple]] = []
+        # What the relay had written to the device when each call was made.
+        self.written_at_call: list[bytes] = []
+        self.witness: Callable[[], bytes] = lambda: b""
+        self.profile = DeviceProfile()
+        self.commands: list[Command] = []
+        # Command ids command_sent no longer finds queued.
+        self.gone: set[int] = set()
+        self.failing: dict[str, Exception] = {}
+        self.held: dict[str, list[Deferred]] = {}
+
+    def hold(self, name: str) -> None:
+        """Leave later calls to ``name`` pending, in ``held[name]``."""
+        self.held[name] = []
+
+    def named(self, name: str) -> list[tuple]:
+        """The arguments of every call to ``name``, in order."""
+        return [args for called, args in self.calls if called == name]
+
+    def _answer(self, name: str, args: tuple, value: object) -> Deferred:
+        self.calls.append((name, args))
+        self.written_at_call.append(self.witness())
+        if name in self.failing:
+            return fail(self.failing[name])
+        if name in self.held:
+            pending: Deferred = Deferred()
+            self.held[name].append(pending)
+            return pending
+        return succeed(value)
+
+    def profile_for(self, hello: Hello) -> Deferred[DeviceProfile]:
+        return self._answer("profile_for", (hello,), self.profile)
+
+    def device_connected(self, hello: Hello, node: str, now: float) -> Deferred:
+        return self._answer("device_connected", (hello, node, now), None)
+
+    def device_disconnected(self, serial: int, node: str, now: float) -> Deferred:
+        return self._answer("device_disconnected", (serial, node, now), True)
+
+    def upload_committed(self, serial: int, record_count: int, now: float) -> Deferred:
+        return self._answer("upload_committed", (serial, record_count, now), True)
+
+    def delivery_failed(self, serial: int, reason: str, now: float) -> Deferred:
+        return self._answer("delivery_failed", (serial, reason, now), True)
+
+    def due_commands(self, serial: int, now: float) -> Deferred[list]:
+        return self._answer("due_commands", (serial, now), list(self.commands))
+
+    def command_sent(self, command_id: int, now: float) -> Deferred:
+        command = None
+        if command_id not in self.gone:
+            command = next(c for c in self.commands if c.id == command_id)
+        return self._answer("command_sent", (command_id, now), command)
+
+    def command_result(self, command_id: int, device_status: int, now: float) -> Deferred:
+        return self._answer("command_result", (command_id, device_status, now), None)
+
+
+class RegistryTestMixin(SessionTestMixin):
+    """A session whose relay has a fake registry, a node name and the test clock."""
+
+    def setUp(self) -> None:
+        self.registry = FakeRegistry()
+        super().setUp()
+        self.registry.witness = lambda: self.transport.value()
+
+    def make_relay(self) -> Relay:
+        return Relay(
+            {"main": self.connector}, "main", self.registry, node=NODE, clock=self.clock
+        )
+
+    def errors(self) -> list[str]:
+        """Events logged at error level or above."""
+        return [
+            formatEvent(event)
+            for event in self.events
+            if event["log_level"] in (LogLevel.error, LogLevel.critical)
+        ]
+
+    def assert_warning(self, *words: str) -> None:
+        """One warning holds every word in ``words``."""
+        for text in self.warnings():
+            if all(word in text for word in words):
+                return
+        self.fail(f"no warning with {words} in {self.warnings()}")
+
+
+class AsyncSessionTests(RegistryTestMixin, SynchronousTestCase):
+    """0x22: the device's due commands, one 0x20 per 0x21, then 0x23."""
+
+    def start(self, *commands: Command) -> None:
+        """Greet, queue ``commands`` and send the async session request."""
+        self.registry.commands = list(commands)
+        self.greet()
+        self.send(ASYNC_REQUEST)
+
+    def test_no_due_commands_answered_complete(self) -> None:
+        """With no due commands 0x22 is answered with exactly one empty 0x23."""
+        self.start()
+        self.assertEqual(self.take(), ASYNC_COMPLETE)
+        self.assertEqual(self.registry.named("due_commands"), [(129336, NOW)])
+        self.assertEqual(self.registry.named("command_sent"), [])
+        self.assertEqual(self.link.forwarded, [])
+
+    def test_first_message_exact(self) -> None:
+        """The first due command goes out alone as one exact 0x20: id, CAN 0xFFFFFFFF, type, flags 0, data."""
+        self.start(ODOMETER, RECOVERY)
+        self.assertEqual(self.take(), ODOMETER_MESSAGE)
+        self.clock.advance(COMMIT_TIMEOUT / 2)
+        self.assertEqual(self.take(), b"")
+
+    def test_each_message_waits_for_its_answer(self) -> None:
+        """The second 0x20 follows the 0x21 for the first, and 0x23 the 0x21 for the second."""
+        self.start(ODOMETER, RECOVERY)
+        self.assertEqual(self.take(), ODOMETER_MESSAGE)
+        self.send(async_answer(41, 1))
+        self.assertEqual(self.take(), RECOVERY_MESSAGE)
+        self.send(async_answer(42, 1))
+        self.assertEqual(self.take(), ASYNC_COMPLETE)
+        self.assertTrue(self.is_open)
+        self.assertEqual(self.link.forwarded, [])
+
+    def test_flood_during_async_session_pauses_reading(self) -> None:
+        """Past 32 frames waiting behind an async session the relay stops reading; it reads again after 0x23."""
+        self.start(ODOMETER)
+        self.assertEqual(self.take(), ODOMETER_MESSAGE)
+        self.send(TIME_REQUEST * 32)
+        self.assertEqual(self.transport.producerState, "producing")
+        self.send(TIME_REQUEST)
+        self.assertEqual(self.transport.producerState, "paused")
+        self.send(async_answer(41, 1))
+        self.assertEqual(self.transport.producerState, "producing")
+        self.assertTrue(self.take().startswith(ASYNC_COMPLETE))
+
+    def test_registry_hanging_ends_session(self) -> None:
+        """A due_commands call that never answers ends the async session with 0x23 after commit_timeout."""
+        self.registry.hold("due_commands")
+        self.start(ODOMETER)
+        self.assertEqual(self.take(), b"")
+        self.clock.advance(COMMIT_TIMEOUT)
+        self.assertEqual(self.take(), ASYNC_COMPLETE)
+        self.assertTrue(self.is_open)
+
+    def test_command_marked_sent_before_written(self) -> None:
+        """command_sent is asked before each 0x20, which is written only once it answers."""
+        self.registry.hold("command_sent")
+        self.start(ODOMETER, RECOVERY)
+        self.assertEqual(self.registry.named("command_sent"), [(41, NOW)])
+        self.assertEqual(self.take(), b"")
+        self.registry.held["command_sent"][0].callback(ODOMETER)
+        self.assertEqual(self.take(), ODOMETER_MESSAGE)
+        self.clock.advance(1)
+        self.send(async_answer(41, 1))
+        self.assertEqual(self.registry.named("command_sent"), [(41, NOW), (42, NOW + 1)])
+        self.assertEqual(self.take(), b"")
+        self.registry.held["command_sent"][1].callback(RECOVERY)
+        self.assertEqual(self.take(), RECOVERY_MESSAGE)
+
+    def test_command_no_longer_queued_skipped(self) -> None:
+        """A command for which command_sent fires None is not sent; the next one is."""
+        self.registry.gone = {41}
+        self.start(ODOMETER, RECOVERY)
+        self.assertEqual(self.registry.named("command_sent"), [(41, NOW), (42, NOW)])
+        self.assertEqual(self.take(), RECOVERY_MESSAGE)
+        self.send(async_answer(42, 1))
+        self.assertEqual(self.take(), ASYNC_COMPLETE)
+        self.assertEqual(self.registry.named("command_result"), [(42, 1, NOW)])
+
+    def test_every_command_skipped_answered_complete(self) -> None:
+        """If no due command is still queued when sent, the session is just 0x23."""
+        self.registry.gone = {41, 42}
+        self.start(ODOMETER, RECOVERY)
+        self.assertEqual(self.take(), ASYNC_COMPLETE)
+        self.assertEqual(self.registry.named("command_result"), [])
+
+    def test_results_recorded_for_each_status(self) -> None:
+        """command_result gets the id and the device's status: 0 failure, 1 success, 2 retry later."""
+        self.start(ODOMETER, RECOVERY, RESET)
+        self.assertEqual(self.take(), ODOMETER_MESSAGE)
+        self.clock.advance(2)
+        self.send(async_answer(41, 0))
+        self.assertEqual(self.take(), RECOVERY_MESSAGE)
+        self.send(async_answer(42, 1))
+        self.assertEqual(self.take(), RESET_MESSAGE)
+        self.clock.advance(3)
+        self.send(async_answer(43, 2))
+        self.assertEqual(self.take(), ASYNC_COMPLETE)
+        self.assertEqual(
+            self.registry.named("command_result"),
+            [(41, 0, NOW + 2), (42, 1, NOW + 2), (43, 2, NOW + 5)],
+        )
+
+    def test_answer_for_other_id_ignored(self) -> None:
+        """A 0x21 for another id is ignored with a warning and the session keeps waiting."""
+        self.start(ODOMETER, RECOVERY)
+        self.take()
+        self.send(async_answer(99, 1))
+        self.assertEqual(self.take(), b"")
+        self.assertEqual(self.registry.named("command_result"), [])
+        self.assert_warning("129336", "99", "41")
+        self.assertTrue(self.is_open)
+        self.send(async_answer(41, 1))
+        self.assertEqual(self.take(), RECOVERY_MESSAGE)
+        self.assertEqual(self.registry.named("command_result"), [(41, 1, NOW)])
+
+    def test_no_answer_within_commit_timeout_ends_session(self) -> None:
+        """No 0x21 within commit_timeout: 0x23, a warning, no result recorded, later commands not sent."""
+        self.start(ODOMETER, RECOVERY)
+        self.assertEqual(self.take(), ODOMETER_MESSAGE)
+        self.clock.advance(COMMIT_TIMEOUT - 0.5)
+        self.assertEqual(self.take(), b"")
+        self.clock.advance(0.5)
+        self.assertEqual(self.take(), ASYNC_COMPLETE)
+        self.assert_warning("129336", "41", "20s")
+        self.assertEqual(self.registry.named("command_result"), [])
+        self.assertEqual(self.registry.named("command_sent"), [(41, NOW)])
+        self.assertTrue(self.is_open)
+        # The session is over: a late answer records nothing, other frames are answered.
+        self.send(async_answer(41, 1), TIME_REQUEST)
+        self.assertEqual(self.take(), time_reply(NOW + COMMIT_TIMEOUT))
+        self.assertEqual(self.registry.named("command_result"), [])
+
+    def test_answer_cancels_its_timer(self) -> None:
+        """Once answered, a command's timer is gone: no warning and no extra 0x23 later."""
+        self.start(ODOMETER)
+        self.take()
+        self.send(async_answer(41, 1))
+        self.assertEqual(self.take(), ASYNC_COMPLETE)
+        self.clock.advance(COMMIT_TIMEOUT * 2)
+        self.assertEqual(self.take(), b"")
+        self.assertEqual(self.warnings(), [])
+
+    def test_frames_during_session_wait_for_complete(self) -> None:
+        """Frames sent during the async session are handled after the 0x23, in order."""
+        link = self.greet()
+        self.registry.commands = [ODOMETER]
+        self.send(ASYNC_REQUEST)
+        self.assertEqual(self.take(), ODOMETER_MESSAGE)
+        self.send(TIME_REQUEST, DATA_2 + COMMIT, VERSION_DATA)
+        self.assertEqual(self.take(), b"")
+        self.assertEqual(link.deliveries, [])
+        self.clock.advance(1)
+        self.send(async_answer(41, 1))
+        self.assertEqual(self.take(), ASYNC_COMPLETE + time_reply(NOW + 1))
+        self.assertEqual(len(link.deliveries), 1)
+        self.assertEqual(link.uploads[0].frames, (Frame(MessageType.DATA_RECORDS, payload(DATA_2)),))
+        link.answer().callback(None)
+        self.assertEqual(self.take(), COMMIT_OK + VERSION_REPLY)
+
+    def test_answer_split_across_reads(self) -> None:
+        """A 0x21 arriving a byte at a time is acted on once its last byte arrives."""
+        self.start(ODOMETER, RECOVERY)
+        self.take()
+        answer = async_answer(41, 1)
+        for byte in answer[:-1]:
+            self.send(bytes([byte]))
+        self.assertEqual(self.take(), b"")
+        self.send(answer[-1:])
+        self.assertEqual(self.take(), RECOVERY_MESSAGE)
+        self.assertEqual(self.registry.named("command_result"), [(41, 1, NOW)])
+
+    def test_answer_in_one_read_with_other_frames(self) -> None:
+        """A 0x21 between other frames in one read is taken at once; the others wait for the 0x23."""
+        self.start(ODOMETER, RECOVERY)
+        self.take()
+        self.send(TIME_REQUEST + async_answer(41, 2) + VERSION_DATA)
+        self.assertEqual(self.take(), RECOVERY_MESSAGE)
+        self.send(async_answer(42, 1) + SOCKET_CLOSE)
+        self.assertEqual(self.take(), ASYNC_COMPLETE + time_reply(NOW) + VERSION_REPLY)
+        self.assertEqual(self.link.forwarded, [Frame(MessageType.SOCKET_CLOSE, b"")])
+        self.assertEqual(self.registry.named("command_result"), [(41, 2, NOW), (42, 1, NOW)])
+
+    def test_request_and_answers_in_one_read(self) -> None:
+        """0x22 and the 0x21s for both commands in a single read complete the whole session."""
+        self.registry.commands = [ODOMETER, RECOVERY]
+        self.greet()
+        self.send(ASYNC_REQUEST + async_answer(41, 1) + async_answer(42, 1) + TIME_REQUEST)
+        self.assertEqual(
+            self.take(), ODOMETER_MESSAGE + RECOVERY_MESSAGE + ASYNC_COMPLETE + time_reply(NOW)
+        )
+
+    def test_disconnect_while_waiting_for_answer(self) -> None:
+        """The device leaving mid-session ends the wait: no 0x23, no error, no timer, no result."""
+        link = self.greet()
+        self.registry.commands = [ODOMETER, RECOVERY]
+        self.send(ASYNC_REQUEST)
+        self.take()
+        self.transport.loseConnection()
+        self.assertEqual(self.take(), b"")
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.assertEqual(self.errors(), [])
+        self.assertEqual(self.warnings(), [])
+        self.assertEqual(self.registry.named("command_result"), [])
+        self.assertEqual(self.registry.named("command_sent"), [(41, NOW)])
+        self.assertEqual(link.closed, 1)
+
+    def test_disconnect_while_marking_sent(self) -> None:
+        """The device leaving while command_sent is pending: nothing is written when it fires."""
+        self.registry.hold("command_sent")
+        self.start(ODOMETER, RECOVERY)
+        self.transport.loseConnection()
+        self.registry.held["command_sent"][0].callback(ODOMETER)
+        self.assertEqual(self.take(), b"")
+        self.assertEqual(self.registry.named("command_sent"), [(41, NOW)])
+        self.assertEqual(self.errors(), [])
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_disconnect_while_commands_looked_up(self) -> None:
+        """The device leaving while due_commands is pending: nothing is marked sent or written."""
+        self.registry.hold("due_commands")
+        self.start(ODOMETER)
+        self.transport.loseConnection()
+        self.registry.held["due_commands"][0].callback([ODOMETER])
+        self.assertEqual(self.take(), b"")
+        self.assertEqual(self.registry.named("command_sent"), [])
+        self.assertEqual(self.errors(), [])
+
+    def test_due_commands_failure_completes(self) -> None:
+        """due_commands failing gives a warning naming the device and a plain 0x23."""
+        self.registry.failing["due_commands"] = RegistryError("database is locked")
+        self.start(ODOMETER)
+        self.assertEqual(self.take(), ASYNC_COMPLETE)
+        self.assert_warning("129336", "database is locked")
+        self.assertEqual(self.registry.named("command_sent"), [])
+        self.assertTrue(self.is_open)
+        self.send(TIME_REQUEST)
+        self.assertEqual(self.take(), time_reply(NOW))
+
+    def test_command_sent_failure_completes(self) -> None:
+        """command_sent failing sends no 0x20: a warning naming the device, 0x23, still connected."""
+        self.registry.failing["command_sent"] = RegistryError("database is locked")
+        self.start(ODOMETER, RECOVERY)
+        self.assertEqual(self.take(), ASYNC_COMPLETE)
+        self.assert_warning("129336", "41", "database is locked")
+        self.assertEqual(self.errors(), [])
+        self.assertTrue(self.is_open)
+        self.send(TIME_REQUEST)
+        self.assertEqual(self.take(), time_reply(NOW))
+
+    def test_transport_not_paused(self) -> None:
+        """The transport keeps reading during an async session, so the 0x21 can arrive."""
+        self.start(ODOMETER)
+        self.assertEqual(self.take(), ODOMETER_MESSAGE)
+        self.assertEqual(self.transport.producerState, "producing")
+        self.send(async_answer(41, 1))
+        self.assertEqual(self.take(), ASYNC_COMPLETE)
+        self.assertEqual(self.transport.producerState, "producing")
+
+    def test_short_answer_closes(self) -> None:
+        """A 0x21 too short for id and status during the session closes the connection, no 0x23."""
+        self.start(ODOMETER)
+        self.take()
+        self.send(encode_frame(MessageType.ASYNC_RESPONSE, b"\x29\x00\x00"))
+        self.assert_closed_with_warning("129336", "async response")
+        self.assertEqual(self.take(), b"")
+        self.assertEqual(self.registry.named("command_result"), [])
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.assertEqual(self.errors(), [])
+
+
+class RegistryEventTests(RegistryTestMixin, SynchronousTestCase):
+    """What the route records in the registry, and registry failures kept off the device path."""
+
+    def test_hello_records_connection(self) -> None:
+        """The hello records device_connected with the hello, the node and the clock's time."""
+        self.clock.advance(7)
+        self.greet()
+        [(hello, node, now)] = self.registry.named("device_connected")
+        self.assertIs(hello, self.protocol.session.hello)
+        self.assertEqual((hello.serial, node, now), (129336, NODE, NOW + 7))
+
+    def test_second_hello_records_nothing_more(self) -> None:
+        """A repeated hello from the same device records no second connection."""
+        self.greet()
+        self.send(DART_HELLO_2)
+        self.assertEqual(len(self.registry.named("device_connected")), 1)
+
+    def test_commit_recorded_after_commit_answer(self) -> None:
+        """upload_committed(serial, record count, now) is recorded after the 0x06 is written."""
+        link = self.greet()
+        self.send(DATA_12, DATA_2, COMMIT)
+        self.assertEqual(self.registry.named("upload_committed"), [])
+        self.clock.advance(3)
+        link.answer().callback(None)
+        self.assertEqual(self.registry.named("upload_committed"), [(129336, 14, NOW + 3)])
+        index = [name for name, _ in self.registry.calls].index("upload_committed")
+        self.assertTrue(self.registry.written_at_call[index].endswith(COMMIT_OK))
+
+    def test_empty_commit_records_nothing(self) -> None:
+        """A commit with nothing pending records no upload."""
+        self.greet()
+        self.send(COMMIT)
+        self.assertEqual(self.take(), COMMIT_OK)
+        self.assertEqual(self.registry.named("upload_committed"), [])
+
+    def test_withheld_commit_recorded(self) -> None:
+        """A withheld commit records delivery_failed with the reason, and no upload."""
+        link = self.greet()
+        self.send(DATA_2, COMMIT)
+        link.answer().errback(DeliveryFailed("connector main: end server answered 503"))
+        self.assertEqual(
+            self.registry.named("delivery_failed"),
+            [(129336, "connector main: end server answered 503", NOW)],
+        )
+        self.assertEqual(self.registry.named("upload_committed"), [])
+
+    def test_withheld_on_timeout_recorded(self) -> None:
+        """A commit timing out records delivery_failed naming commit_timeout."""
+        self.greet()
+        self.send(DATA_2, COMMIT)
+        self.clock.advance(COMMIT_TIMEOUT)
+        [(serial, reason, now)] = self.registry.named("delivery_failed")
+        self.assertEqual((serial, now), (129336, NOW + COMMIT_TIMEOUT))
+        self.assertIn("commit_timeout", reason)
+        self.assertNotIn("\n", reason)
+
+    def test_withheld_reason_one_line(self) -> None:
+        """The recorded reason of an unexpected multi-line error is folded to one line."""
+        link = self.greet()
+        self.send(DATA_2, COMMIT)
+        link.answer().errback(ValueError("first line\n  second line"))
+        self.flushLoggedErrors(ValueError)
+        self.assertEqual(
+            self.registry.named("delivery_failed"), [(129336, "first line second line", NOW)]
+        )
+
+    def test_disconnect_recorded(self) -> None:
+        """The device leaving records device_disconnected(serial, node, now) once."""
+        self.greet()
+        self.clock.advance(5)
+        self.transport.loseConnection()
+        self.assertEqual(self.registry.named("device_disconnected"), [(129336, NODE, NOW + 5)])
+
+    def test_relay_closing_records_disconnect_once(self) -> None:
+        """A connection the relay closes records one disconnection."""
+        self.greet()
+        self.send(b"\x02\x56")
+        self.assertFalse(self.is_open)
+        self.assertEqual(self.registry.named("device_disconnected"), [(129336, NODE, NOW)])
+
+    def test_disconnect_before_hello_records_nothing(self) -> None:
+        """A device leaving before its hello records nothing."""
+        self.transport.loseConnection()
+        self.assertEqual(self.registry.calls, [])
+
+    def test_connection_record_failure_only_warns(self) -> None:
+        """device_connected failing is a warning naming the device; the hello is answered as usual."""
+        self.registry.failing["device_connected"] = RegistryError("database is locked")
+        self.send(DART_HELLO)
+        self.assertEqual(self.take(), HELLO_RESPONSE_AT_NOW)
+        self.assertTrue(self.is_open)
+        self.assert_warning("129336", "connection", "database is locked")
+
+    def test_commit_record_failure_only_warns(self) -> None:
+        """upload_committed failing is a warning; the 0x06 is written and later frames answered."""
+        self.registry.failing["upload_committed"] = RegistryError("disk full")
+        link = self.greet()
+        self.send(DATA_2, COMMIT)
+        link.answer().callback(None)
+        self.send(TIME_REQUEST)
+        self.assertEqual(self.take(), COMMIT_OK + time_reply(NOW))
+        self.assertTrue(self.is_open)
+        self.assert_warning("129336", "commit", "disk full")
+        self.assertEqual(self.errors(), [])
+
+    def test_withheld_record_failure_only_warns(self) -> None:
+        """delivery_failed failing is a warning; the commit is withheld and the device closed as usual."""
+        self.registry.failing["delivery_failed"] = RegistryError("disk full")
+        link = self.greet()
+        self.send(DATA_2, COMMIT)
+        link.answer().errback(DeliveryFailed("connector main: refused"))
+        self.assertEqual(self.take(), b"")
+        self.assert_closed_with_warning("129336", "refused")
+        self.assert_warning("129336", "delivery error", "disk full")
+
+    def test_disconnection_record_failure_only_warns(self) -> None:
+        """device_disconnected failing is a warning naming the device, and nothing else."""
+        self.registry.failing["device_disconnected"] = RegistryError("disk full")
+        link = self.greet()
+        self.transport.loseConnection()
+        self.assert_warning("129336", "disconnection", "disk full")
+        self.assertEqual(link.closed, 1)
+        self.assertEqual(self.errors(), [])
+
+    def test_pending_records_hold_nothing_up(self) -> None:
+        """Registry writes still pending never delay what the device is told."""
+        for name in ("device_connected", "upload_committed"):
+            self.registry.hold(name)
+        self.send(DART_HELLO)
+        self.assertEqual(self.take(), HELLO_RESPONSE_AT_NOW)
+        self.send(DATA_2, COMMIT)
+        self.link.answer().callback(None)
+        self.send(TIME_REQUEST)
+        self.assertEqual(self.take(), COMMIT_OK + time_reply(NOW))
+        self.assertEqual(len(self.registry.held["upload_committed"]), 1)
+
+    def test_command_result_failure_only_warns(self) -> None:
+        """command_result failing is a warning; the async session carries on to its 0x23."""
+        self.registry.failing["command_result"] = RegistryError("disk full")
+        self.registry.commands = [ODOMETER]
+        self.greet()
+        self.send(ASYNC_REQUEST)
+        self.take()
+        self.send(async_answer(41, 1))
+        self.assertEqual(self.take(), ASYNC_COMPLETE)
+        self.assertTrue(self.is_open)
+        self.assert_warning("129336", "command result", "disk full")
+
+    def test_profile_failure_withholds_commit(self) -> None:
+        """profile_for failing with a registry error withholds the commit: registry unavailable."""
+        self.registry.failing["profile_for"] = RegistryError("database is\nlocked")
+        link = self.greet()
+        self.send(DATA_2, COMMIT)
+        self.assertEqual(link.deliveries, [])
+        self.assertEqual(self.take(), b"")
+        self.assert_closed_with_warning("129336", "registry unavailable", "database is locked")
+        self.assertEqual(
+            self.registry.named("delivery_failed"),
+            [(129336, "device registry unavailable: database is locked", NOW)],
+        )
+        self.assertEqual(self.errors(), [])
+
+    def test_profile_passed_to_link(self) -> None:
+        """The registry's profile for the device is what the link delivers with."""
+        self.registry.profile = DeviceProfile(custom1="fleet 7")
+        link = self.greet()
+        self.send(DATA_2, COMMIT)
+        self.assertEqual(link.deliveries[0][1], DeviceProfile(custom1="fleet 7"))
+        self.assertIs(self.registry.named("profile_for")[0][0], self.protocol.session.hello)
