@@ -57,6 +57,18 @@ class ProtocolError(Exception):
     """
 
 
+class FramingError(ProtocolError):
+    """
+    The byte stream stopped being frames.  ``frames`` holds the complete
+    frames that came before the bad bytes in the same data, so that what the
+    device said first (its hello, say) is still heard.
+    """
+
+    def __init__(self, reason: str, frames: list[Frame]) -> None:
+        super().__init__(reason)
+        self.frames = frames
+
+
 @dataclass(frozen=True, slots=True)
 class Frame:
     """One protocol message: its type byte and payload."""
@@ -95,7 +107,7 @@ class FrameDecoder:
         """
         Add ``data`` and return every frame it completes.
 
-        :raises ProtocolError: on bad sync bytes or an oversized length.
+        :raises FramingError: on bad sync bytes or an oversized length.
         """
         buffer = self._unprocessed + data if self._unprocessed else data
         frames = []
@@ -103,15 +115,16 @@ class FrameDecoder:
         end = len(buffer)
         while end - offset >= HEADER_SIZE:
             if buffer[offset : offset + 2] != SYNC:
-                raise ProtocolError(
-                    f"bad sync bytes {bytes(buffer[offset:offset + 2]).hex()}"
+                raise FramingError(
+                    f"bad sync bytes {bytes(buffer[offset:offset + 2]).hex()}", frames
                 )
             message_type = buffer[offset + 2]
             length = buffer[offset + 3] | buffer[offset + 4] << 8
             if length > self.max_payload:
-                raise ProtocolError(
+                raise FramingError(
                     f"declared length {length} of message type 0x{message_type:02x}"
-                    f" exceeds max_message {self.max_payload}"
+                    f" exceeds max_message {self.max_payload}",
+                    frames,
                 )
             start = offset + HEADER_SIZE
             if end - start < length:
@@ -121,7 +134,7 @@ class FrameDecoder:
         partial_sync = bytes(buffer[offset : offset + 2])
         if partial_sync and not SYNC.startswith(partial_sync):
             # Fail at the first wrong byte rather than once five have arrived.
-            raise ProtocolError(f"bad sync bytes {partial_sync.hex()}")
+            raise FramingError(f"bad sync bytes {partial_sync.hex()}", frames)
         self._unprocessed = buffer[offset:]
         return frames
 

@@ -35,6 +35,7 @@ from .codec import (
     VERSION_RESPONSE,
     Frame,
     FrameDecoder,
+    FramingError,
     Hello,
     MessageType,
     ProtocolError,
@@ -133,6 +134,8 @@ class DeviceSession:
 
     def protocol_error(self, reason: str) -> None:
         """The device broke the protocol: log it, drop its records, hang up."""
+        if self._closed:
+            return
         log.warn(
             "closing device connection from {peer}, serial {serial}: {reason}",
             peer=self.peer,
@@ -444,7 +447,9 @@ class DeviceProtocol(Protocol, TimeoutMixin):
         self.resetTimeout()
         try:
             frames = self._decoder.feed(data)
-        except ProtocolError as error:
+        except FramingError as error:
+            for frame in error.frames:
+                self.session.frame_received(frame)
             self.session.protocol_error(str(error))
             return
         for frame in frames:

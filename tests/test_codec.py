@@ -12,6 +12,7 @@ import struct
 from twisted.trial.unittest import SynchronousTestCase
 
 from oemrelay.codec import (
+    FramingError,
     ASYNC_SESSION_COMPLETE,
     COMMIT_REQUEST,
     COMMIT_SUCCESS,
@@ -925,3 +926,21 @@ class FixedRecordTimeTests(SynchronousTestCase):
         packed = 18 | 2 << 6 | 31 << 10 | 11 << 15 | 46 << 20 | 24 << 26
         record[5:9] = packed.to_bytes(4, "little")
         self.assertEqual(parse_fixed_records(bytes(record))[0].time, 0)
+
+
+class FramingErrorTests(SynchronousTestCase):
+    """A framing error carries the frames that came before the bad bytes."""
+
+    def test_frames_before_bad_bytes(self) -> None:
+        """Bad sync after two good frames raises with those two frames attached."""
+        good = capture("hello-49-byte-dart") + capture("async-session-request-0x22")
+        with self.assertRaises(FramingError) as raised:
+            FrameDecoder().feed(good + b"\x99\x99")
+        self.assertEqual([f.type for f in raised.exception.frames], [0x00, 0x22])
+
+    def test_oversized_after_good_frame(self) -> None:
+        """An oversized declared length after a good frame keeps that frame."""
+        data = capture("async-session-request-0x22") + b"\x02\x55\x04\xff\xff"
+        with self.assertRaises(FramingError) as raised:
+            FrameDecoder(max_payload=1000).feed(data)
+        self.assertEqual([f.type for f in raised.exception.frames], [0x22])

@@ -555,6 +555,13 @@ class BadInputTests(SessionTestMixin, SynchronousTestCase):
         self.assert_closed_with_warning("129336", "sync")
         self.assert_nothing_committed(link)
 
+    def test_frames_before_garbage_in_same_read_are_heard(self) -> None:
+        """A hello followed by garbage in one read is answered, and the warning names its serial."""
+        self.send(DART_HELLO + b"garbage!")
+        self.assertEqual(self.take(), HELLO_RESPONSE_AT_NOW)
+        self.assert_closed_with_warning("129336", "sync")
+        self.assertEqual(len(self.warnings()), 1)
+
     def test_bad_first_byte_closes_at_once(self) -> None:
         """A wrong first sync byte closes before a whole header arrived."""
         link = self.greet()
