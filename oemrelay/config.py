@@ -79,7 +79,7 @@ class HttpConnectorConfig:
     @property
     def auth_scheme(self) -> str:
         """The authentication in force, with the empty default resolved."""
-        if self.auth and self.auth != "none":
+        if self.auth:
             return self.auth
         return "basic" if self.username or self.password else "none"
 
@@ -427,8 +427,17 @@ def _api_config(values: dict) -> ApiConfig:
         raise _KeyProblem("token_file", "set token or token_file, not both")
     token = values["token"]
     if values["token_file"]:
-        with open(values["token_file"], encoding="utf-8") as f:
-            token = f.read().strip()
+        try:
+            with open(values["token_file"], encoding="utf-8") as f:
+                token = f.read().strip()
+        except OSError as error:
+            raise _KeyProblem(
+                "token_file", f"cannot read file {values['token_file']!r}: {error.strerror}"
+            ) from None
+        except UnicodeDecodeError:
+            raise _KeyProblem(
+                "token_file", f"{values['token_file']} is not UTF-8 text"
+            ) from None
         if not token:
             raise _KeyProblem("token_file", f"{values['token_file']} is empty")
     if not token:

@@ -57,6 +57,10 @@ log = Logger(namespace="oemrelay.session")
 #: before the relay stops reading from it.
 _MAX_WAITING_FRAMES = 32
 
+#: The most record data one upload may hold.  Devices send about 1 KiB per
+#: message; a flash backlog of tens of thousands of records still fits.
+MAX_UNCOMMITTED_BYTES = 4 * 1024 * 1024
+
 
 def _commit_timed_out(result: object, timeout: float) -> None:
     # A connector cancelled mid-delivery may fail with its own error (treq:
@@ -97,6 +101,7 @@ class DeviceSession:
         self._route: DeviceRoute | None = None
         self._frames: list[Frame] = []
         self._records: list[Record] = []
+        self._pending_bytes = 0
         self._waiting: deque[Frame] = deque()
         # A commit or an async session is under way: other frames wait.
         self._busy = False
@@ -215,6 +220,12 @@ class DeviceSession:
         self._channel.send(hello_response(hello, self._clock.seconds()))
 
     def _keep(self, frame: Frame, records: list[Record]) -> None:
+        self._pending_bytes += len(frame.payload)
+        if self._pending_bytes > MAX_UNCOMMITTED_BYTES:
+            raise ProtocolError(
+                f"more than {MAX_UNCOMMITTED_BYTES} bytes of records without a"
+                " commit request"
+            )
         self._frames.append(frame)
         self._records.extend(records)
 
@@ -244,7 +255,7 @@ class DeviceSession:
             tuple(self._records),
             self._clock.seconds(),
         )
-        self._frames, self._records = [], []
+        self._frames, self._records, self._pending_bytes = [], [], 0
         self._busy = True
         self._channel.pause()
         delivery = Deferred.fromCoroutine(self._route.deliver(upload))
@@ -412,7 +423,7 @@ class DeviceSession:
         self._channel.close()
 
     def _discard(self) -> None:
-        self._frames, self._records = [], []
+        self._frames, self._records, self._pending_bytes = [], [], 0
         self._waiting.clear()
         if self._awaited_response is not None:
             self._awaited_response[1].cancel()

@@ -6,16 +6,23 @@ the schema's values, and one-line errors naming source, section and key.
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import io
 import os
+import socket
 import sys
 from pathlib import Path
 
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 from twisted.trial.unittest import SynchronousTestCase
 
 from oemrelay import tap
 from oemrelay.codec import MAX_PAYLOAD
 from oemrelay.config import (
+    ApiConfig,
     Config,
     ConfigError,
     FileConnectorConfig,
@@ -59,6 +66,35 @@ path = uploads.jsonl          # one OEM JSON document per line
 
 #: A minimal valid file connector, appended to configurations under test.
 FILE_CONNECTOR = "[connector:main]\ntype = file\npath = out.jsonl\n"
+
+
+def client_certificate_pem(common_name: str = "oemrelay-test-client") -> tuple[bytes, bytes]:
+    """A new self-signed certificate and its private key, both PEM."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(datetime.datetime(2020, 1, 1, tzinfo=datetime.timezone.utc))
+        .not_valid_after(datetime.datetime(2100, 1, 1, tzinfo=datetime.timezone.utc))
+        .sign(key, hashes.SHA256())
+    )
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    return certificate.public_bytes(serialization.Encoding.PEM), key_pem
+
+
+def write_temp(case: SynchronousTestCase, data: bytes) -> str:
+    """The path of a new temporary file of ``case`` holding ``data``."""
+    path = case.mktemp()
+    Path(path).write_bytes(data)
+    return path
 
 
 class FullSampleTests(SynchronousTestCase):
@@ -234,8 +270,8 @@ class SampleFileTests(SynchronousTestCase):
         self.assertIsInstance(load_config(str(SAMPLE_INI)), Config)
 
 
-class ConfigErrorTests(SynchronousTestCase):
-    """Each mistake is one ConfigError line naming source, section and key."""
+class ConfigErrorAssertions:
+    """A mixin for test cases that check one-line configuration errors."""
 
     def assert_error(self, text: str, *expected: str) -> str:
         """
@@ -253,6 +289,10 @@ class ConfigErrorTests(SynchronousTestCase):
         for fragment in expected:
             self.assertIn(fragment, message)
         return message
+
+
+class ConfigErrorTests(ConfigErrorAssertions, SynchronousTestCase):
+    """Each mistake is one ConfigError line naming source, section and key."""
 
     def test_unknown_section(self) -> None:
         """A section that is neither [relay] nor [connector:NAME] is refused."""
@@ -534,3 +574,499 @@ class OptionsTests(SynchronousTestCase):
         options.parseOptions(["-c", str(SAMPLE_INI)])
         self.assertEqual(options["relay_config"], load_config(str(SAMPLE_INI)))
         self.assertEqual(self.stderr.getvalue(), "")
+
+
+#: An http connector section named x, for the authentication tests to extend.
+HTTP_X = "[connector:x]\ntype = http\nurl = https://end.example.com/dm/[SERIAL]\n"
+
+#: The IoT Hub URL of hub 'myhub', as an http connector's url.
+IOTHUB_URL = (
+    "https://myhub.azure-devices.net/devices/[CUSTOM1]/messages/events?api-version=2021-04-12"
+)
+
+#: OAuth2 settings complete but for auth = oauth2.
+OAUTH2_KEYS = (
+    "token_url = https://login.example.com/oauth2/token\n"
+    "client_id = relay\n"
+    "client_secret = cl1ent-s3cret\n"
+)
+
+
+def connector_x(text: str) -> HttpConnectorConfig:
+    """The [connector:x] section of the configuration ``text``."""
+    return config_from_string(text).connectors["x"]
+
+
+class RelayRegistryTests(ConfigErrorAssertions, SynchronousTestCase):
+    """[relay] registry names the device registry's database; node names this relay."""
+
+    def test_registry_default(self) -> None:
+        """Without registry the relay uses sqlite:oemrelay.sqlite."""
+        self.assertEqual(config_from_string(FILE_CONNECTOR).relay.registry, "sqlite:oemrelay.sqlite")
+
+    def test_sqlite_path(self) -> None:
+        """sqlite: followed by a path is kept as written."""
+        config = config_from_string(
+            "[relay]\nregistry = sqlite:/var/lib/oemrelay/registry.sqlite\n" + FILE_CONNECTOR
+        )
+        self.assertEqual(config.relay.registry, "sqlite:/var/lib/oemrelay/registry.sqlite")
+
+    def test_postgresql(self) -> None:
+        """A postgresql:// URL is kept as written."""
+        url = "postgresql://relay@db.example.com:5432/oemrelay"
+        config = config_from_string(f"[relay]\nregistry = {url}\n" + FILE_CONNECTOR)
+        self.assertEqual(config.relay.registry, url)
+
+    def test_other_refused(self) -> None:
+        """Another database, a bare path or sqlite: without a path is a one-line error."""
+        for value in ("mysql://relay@db/oemrelay", "oemrelay.sqlite", "sqlite:"):
+            self.assert_error(
+                f"[relay]\nregistry = {value}\n" + FILE_CONNECTOR, "[relay] registry", "sqlite:PATH"
+            )
+
+    def test_error_hides_password(self) -> None:
+        """A refused database URL's password is not repeated in the error."""
+        message = self.assert_error(
+            "[relay]\nregistry = mysql://relay:hunter2@db/oemrelay\n" + FILE_CONNECTOR,
+            "[relay] registry",
+        )
+        self.assertNotIn("hunter2", message)
+
+    def test_node_defaults_to_host_name(self) -> None:
+        """Without node the relay is named after its host."""
+        self.patch(socket, "gethostname", lambda: "relay-host-7")
+        self.assertEqual(config_from_string(FILE_CONNECTOR).relay.node, "relay-host-7")
+
+    def test_node_given(self) -> None:
+        """A node name given is kept instead of the host name."""
+        self.patch(socket, "gethostname", lambda: "relay-host-7")
+        config = config_from_string("[relay]\nnode = relay-a\n" + FILE_CONNECTOR)
+        self.assertEqual(config.relay.node, "relay-a")
+
+
+class ApiConfigTests(ConfigErrorAssertions, SynchronousTestCase):
+    """[api] turns on the management API; it never runs without a token."""
+
+    def token_file(self, data: bytes) -> str:
+        return write_temp(self, data)
+
+    def test_absent(self) -> None:
+        """Without [api] the API is off: ApiConfig() with nothing to listen on."""
+        config = config_from_string(FILE_CONNECTOR)
+        self.assertEqual(config.api, ApiConfig())
+        self.assertEqual(config.api.listen, ())
+
+    def test_empty_section(self) -> None:
+        """An [api] section without listen leaves the API off."""
+        self.assertEqual(config_from_string("[api]\n" + FILE_CONNECTOR).api, ApiConfig())
+
+    def test_listen_and_token(self) -> None:
+        """listen (one or more endpoints) and token are kept."""
+        config = config_from_string(
+            "[api]\nlisten = tcp:8080:interface=127.0.0.1 unix:/run/oemrelay.sock\n"
+            "token = t0ken-abc\n" + FILE_CONNECTOR
+        )
+        self.assertEqual(
+            config.api,
+            ApiConfig(("tcp:8080:interface=127.0.0.1", "unix:/run/oemrelay.sock"), "t0ken-abc"),
+        )
+
+    def test_token_file(self) -> None:
+        """token_file is read and its contents stripped of surrounding whitespace."""
+        path = self.token_file(b"  file-t0ken-xyz \n\n")
+        config = config_from_string(
+            f"[api]\nlisten = tcp:8080\ntoken_file = {path}\n" + FILE_CONNECTOR
+        )
+        self.assertEqual(config.api, ApiConfig(("tcp:8080",), "file-t0ken-xyz"))
+
+    def test_empty_token_file(self) -> None:
+        """A token_file holding only whitespace is refused."""
+        path = self.token_file(b" \n\t\n")
+        self.assert_error(
+            f"[api]\nlisten = tcp:8080\ntoken_file = {path}\n" + FILE_CONNECTOR,
+            "[api] token_file",
+            "empty",
+        )
+
+    def test_missing_token_file(self) -> None:
+        """A token_file that does not exist is refused, naming the file."""
+        path = os.path.join(self.mktemp(), "token")
+        self.assert_error(
+            f"[api]\nlisten = tcp:8080\ntoken_file = {path}\n" + FILE_CONNECTOR,
+            "[api] token_file",
+            "cannot read",
+            path,
+        )
+
+    def test_token_file_directory(self) -> None:
+        """A token_file that is a directory is a one-line error, not a traceback."""
+        path = self.mktemp()
+        os.mkdir(path)
+        self.assert_error(
+            f"[api]\nlisten = tcp:8080\ntoken_file = {path}\n" + FILE_CONNECTOR,
+            "[api] token_file",
+            "cannot read",
+        )
+
+    def test_token_file_not_utf8(self) -> None:
+        """A token_file that is not UTF-8 text is a one-line error."""
+        path = self.token_file(b"\xff\xfe\x00t")
+        self.assert_error(
+            f"[api]\nlisten = tcp:8080\ntoken_file = {path}\n" + FILE_CONNECTOR,
+            "[api] token_file",
+            "UTF-8",
+        )
+
+    def test_token_and_token_file(self) -> None:
+        """token and token_file together are refused without quoting either token."""
+        path = self.token_file(b"file-t0ken-xyz\n")
+        message = self.assert_error(
+            f"[api]\nlisten = tcp:8080\ntoken = t0ken-abc\ntoken_file = {path}\n"
+            + FILE_CONNECTOR,
+            "[api] token_file",
+            "not both",
+        )
+        self.assertNotIn("t0ken-abc", message)
+        self.assertNotIn("file-t0ken-xyz", message)
+
+    def test_listen_without_token(self) -> None:
+        """listen without token or token_file is refused, naming token."""
+        self.assert_error("[api]\nlisten = tcp:8080\n" + FILE_CONNECTOR, "[api] token", "missing")
+
+    def test_token_without_listen(self) -> None:
+        """A token without listen is refused, naming listen."""
+        message = self.assert_error(
+            "[api]\ntoken = t0ken-abc\n" + FILE_CONNECTOR, "[api] listen", "missing"
+        )
+        self.assertNotIn("t0ken-abc", message)
+
+    def test_token_file_without_listen(self) -> None:
+        """A token_file without listen is refused, naming listen."""
+        path = self.token_file(b"file-t0ken-xyz\n")
+        self.assert_error(f"[api]\ntoken_file = {path}\n" + FILE_CONNECTOR, "[api] listen", "missing")
+
+    def test_bad_endpoint(self) -> None:
+        """A listen value that is no server endpoint string is refused, quoting it."""
+        self.assert_error(
+            "[api]\nlisten = bogus:8080\ntoken = t0ken-abc\n" + FILE_CONNECTOR,
+            "[api] listen",
+            "bogus:8080",
+        )
+
+    def test_unknown_key(self) -> None:
+        """A misspelt [api] key is refused, naming it."""
+        self.assert_error("[api]\nlisten = tcp:8080\ntokn = x\n" + FILE_CONNECTOR, "[api] tokn", "unknown key")
+
+
+class HttpAuthConfigTests(ConfigErrorAssertions, SynchronousTestCase):
+    """An http connector's auth and the keys that belong to each scheme."""
+
+    def test_username_means_basic(self) -> None:
+        """auth left empty with a username resolves to basic."""
+        config = connector_x(HTTP_X + "username = relay-[SERIAL]\npassword = pw\n")
+        self.assertEqual((config.auth, config.auth_scheme), ("basic", "basic"))
+        self.assertEqual((config.username, config.password), ("relay-[SERIAL]", "pw"))
+
+    def test_no_credentials_means_none(self) -> None:
+        """auth left empty without credentials resolves to none."""
+        self.assertEqual(connector_x(HTTP_X).auth, "none")
+
+    def test_explicit_basic(self) -> None:
+        """auth = basic with a username is basic."""
+        self.assertEqual(connector_x(HTTP_X + "auth = basic\nusername = relay\n").auth, "basic")
+
+    def test_basic_without_username(self) -> None:
+        """auth = basic without a username is refused, naming username."""
+        self.assert_error(HTTP_X + "auth = basic\n", "[connector:x] username", "missing")
+
+    def test_password_without_username(self) -> None:
+        """A password alone (auth empty) needs a username too."""
+        self.assert_error(HTTP_X + "password = pw\n", "[connector:x] username", "missing")
+
+    def test_none_with_username(self) -> None:
+        """auth = none with a username is refused rather than silently sending Basic."""
+        self.assert_error(
+            HTTP_X + "auth = none\nusername = relay\n", "[connector:x] username", "does not apply"
+        )
+
+    def test_unknown_auth(self) -> None:
+        """An unknown auth scheme is refused, quoting it."""
+        self.assert_error(HTTP_X + "auth = digest\n", "[connector:x] auth", "digest")
+
+    def test_azure_sas_default_resource(self) -> None:
+        """auth = azure-sas takes sas_resource from the URL: host and path up to /messages."""
+        config = connector_x(f"[connector:x]\ntype = http\nurl = {IOTHUB_URL}\nauth = azure-sas\n")
+        self.assertEqual(
+            (config.auth, config.sas_resource, config.sas_key, config.iothub),
+            ("azure-sas", "myhub.azure-devices.net/devices/[CUSTOM1]", "[CUSTOM3]", False),
+        )
+
+    def test_azure_sas_explicit_resource(self) -> None:
+        """An explicit sas_resource is kept instead of the URL's."""
+        config = connector_x(
+            f"[connector:x]\ntype = http\nurl = {IOTHUB_URL}\nauth = azure-sas\n"
+            "sas_resource = myhub.azure-devices.net\n"
+        )
+        self.assertEqual(config.sas_resource, "myhub.azure-devices.net")
+
+    def test_azure_sas_keys(self) -> None:
+        """sas_key, sas_policy and token_ttl are kept with auth = azure-sas."""
+        config = connector_x(
+            f"[connector:x]\ntype = http\nurl = {IOTHUB_URL}\nauth = azure-sas\n"
+            "sas_key = [CUSTOM2]\nsas_policy = device\ntoken_ttl = 600\n"
+        )
+        self.assertEqual(
+            (config.sas_key, config.sas_policy, config.token_ttl), ("[CUSTOM2]", "device", 600)
+        )
+
+    def test_oauth2(self) -> None:
+        """auth = oauth2 keeps token_url, client_id, client_secret and scope."""
+        config = connector_x(HTTP_X + "auth = oauth2\n" + OAUTH2_KEYS + "scope = telemetry.write\n")
+        self.assertEqual(
+            (config.auth, config.token_url, config.client_id, config.client_secret, config.scope),
+            (
+                "oauth2",
+                "https://login.example.com/oauth2/token",
+                "relay",
+                "cl1ent-s3cret",
+                "telemetry.write",
+            ),
+        )
+
+    def test_oauth2_needs_each_key(self) -> None:
+        """auth = oauth2 without token_url, client_id or client_secret is refused, naming it."""
+        for key in ("token_url", "client_id", "client_secret"):
+            keys = "".join(
+                line + "\n" for line in OAUTH2_KEYS.splitlines() if not line.startswith(key)
+            )
+            self.assert_error(HTTP_X + "auth = oauth2\n" + keys, f"[connector:x] {key}", "missing")
+
+    def test_bad_token_url(self) -> None:
+        """A token_url that is not an http(s) URL is refused."""
+        self.assert_error(
+            HTTP_X + "auth = oauth2\n" + OAUTH2_KEYS.replace("https://", "ftp://"),
+            "[connector:x] token_url",
+        )
+
+    def test_oauth2_keys_with_other_auth(self) -> None:
+        """OAuth2 keys given with another auth are refused: they do not apply."""
+        others = ("", "auth = none\n", "auth = basic\nusername = u\n", "auth = azure-sas\n")
+        for auth in others:
+            for line in OAUTH2_KEYS.splitlines() + ["scope = telemetry.write"]:
+                key = line.split(" ")[0]
+                self.assert_error(
+                    HTTP_X + auth + line + "\n", f"[connector:x] {key}", "does not apply"
+                )
+
+    def test_sas_keys_with_other_auth(self) -> None:
+        """sas_* keys and token_ttl given with auth other than azure-sas are refused."""
+        others = ("", "auth = basic\nusername = u\n", "auth = oauth2\n" + OAUTH2_KEYS)
+        for auth in others:
+            for line in ("sas_key = [CUSTOM2]", "sas_policy = device", "sas_resource = h", "token_ttl = 60"):
+                key = line.split(" ")[0]
+                self.assert_error(
+                    HTTP_X + auth + line + "\n", f"[connector:x] {key}", "does not apply"
+                )
+
+    def test_username_with_oauth2(self) -> None:
+        """A username with auth = oauth2 is refused."""
+        self.assert_error(
+            HTTP_X + "auth = oauth2\n" + OAUTH2_KEYS + "username = relay\n",
+            "[connector:x] username",
+            "does not apply",
+        )
+
+    def test_password_with_azure_sas(self) -> None:
+        """A password with auth = azure-sas is refused."""
+        self.assert_error(
+            HTTP_X + "auth = azure-sas\npassword = pw\n", "[connector:x] password", "does not apply"
+        )
+
+    def test_authorization_header_with_auth(self) -> None:
+        """A header named Authorization (any case) conflicts with every auth scheme."""
+        schemes = ("username = relay\n", "auth = azure-sas\n", "auth = oauth2\n" + OAUTH2_KEYS)
+        for scheme in schemes:
+            for name in ("Authorization", "authorization"):
+                self.assert_error(
+                    HTTP_X + scheme + f"header2 = {name}: Bearer [CUSTOM2]\n",
+                    "[connector:x] header2",
+                    "Authorization",
+                )
+
+    def test_authorization_header_without_auth(self) -> None:
+        """Without auth an Authorization header is sent as configured."""
+        config = connector_x(HTTP_X + "header1 = Authorization: Bearer [CUSTOM2]\n")
+        self.assertEqual(config.headers, (("Authorization", "Bearer [CUSTOM2]"),))
+
+    def test_token_ttl_positive_whole(self) -> None:
+        """token_ttl must be a positive whole number of seconds."""
+        for value in ("0", "-60", "1.5", "soon"):
+            self.assert_error(
+                f"[connector:x]\ntype = http\nurl = {IOTHUB_URL}\nauth = azure-sas\n"
+                f"token_ttl = {value}\n",
+                "[connector:x] token_ttl",
+            )
+
+
+class ClientCertificateConfigTests(ConfigErrorAssertions, SynchronousTestCase):
+    """client_cert (and client_key) must hold a PEM certificate and its key."""
+
+    def setUp(self) -> None:
+        self.cert_pem, self.key_pem = client_certificate_pem()
+
+    def test_combined_file(self) -> None:
+        """A file holding certificate and key loads as client_cert alone."""
+        path = write_temp(self, self.cert_pem + self.key_pem)
+        config = connector_x(HTTP_X + f"client_cert = {path}\n")
+        self.assertEqual((config.client_cert, config.client_key), (path, ""))
+
+    def test_two_files(self) -> None:
+        """Certificate and key in two files load as client_cert and client_key."""
+        cert, key = write_temp(self, self.cert_pem), write_temp(self, self.key_pem)
+        config = connector_x(HTTP_X + f"client_cert = {cert}\nclient_key = {key}\n")
+        self.assertEqual((config.client_cert, config.client_key), (cert, key))
+
+    def test_key_without_cert(self) -> None:
+        """client_key without client_cert is refused."""
+        key = write_temp(self, self.key_pem)
+        self.assert_error(HTTP_X + f"client_key = {key}\n", "[connector:x] client_key", "client_cert")
+
+    def test_not_pem(self) -> None:
+        """A client_cert that is not PEM is refused, naming client_cert."""
+        path = write_temp(self, b"hello, not a certificate\n")
+        self.assert_error(HTTP_X + f"client_cert = {path}\n", "[connector:x] client_cert", "PEM")
+
+    def test_certificate_without_key(self) -> None:
+        """A certificate without its private key is refused."""
+        path = write_temp(self, self.cert_pem)
+        self.assert_error(HTTP_X + f"client_cert = {path}\n", "[connector:x] client_cert", "client_key")
+
+    def test_key_of_another_certificate(self) -> None:
+        """A private key that does not match the certificate is refused."""
+        _, other_key = client_certificate_pem("other")
+        cert, key = write_temp(self, self.cert_pem), write_temp(self, other_key)
+        self.assert_error(
+            HTTP_X + f"client_cert = {cert}\nclient_key = {key}\n", "[connector:x] client_cert"
+        )
+
+    def test_missing_files(self) -> None:
+        """A client_cert or client_key that cannot be read is refused, naming the key."""
+        missing = os.path.join(self.mktemp(), "client.pem")
+        self.assert_error(HTTP_X + f"client_cert = {missing}\n", "[connector:x] client_cert", missing)
+        cert = write_temp(self, self.cert_pem)
+        self.assert_error(
+            HTTP_X + f"client_cert = {cert}\nclient_key = {missing}\n", "[connector:x] client_key"
+        )
+
+    def test_error_hides_key(self) -> None:
+        """The error for a bad pair quotes nothing of the files."""
+        path = write_temp(self, self.key_pem)
+        message = self.assert_error(HTTP_X + f"client_cert = {path}\n", "[connector:x] client_cert")
+        self.assertNotIn("PRIVATE KEY", message)
+        self.assertNotIn(self.key_pem.splitlines()[1].decode(), message)
+
+
+class AzureIotHubConfigTests(ConfigErrorAssertions, SynchronousTestCase):
+    """type = azure-iothub is an http connector preset for Azure IoT Hub."""
+
+    def test_hub_name(self) -> None:
+        """hub = myhub gives the hub's URL, azure-sas auth, message ids and the device's resource."""
+        config = connector_x("[connector:x]\ntype = azure-iothub\nhub = myhub\n")
+        self.assertIsInstance(config, HttpConnectorConfig)
+        self.assertEqual(
+            (config.url, config.auth, config.iothub, config.sas_resource, config.sas_key),
+            (IOTHUB_URL, "azure-sas", True, "myhub.azure-devices.net/devices/[CUSTOM1]", "[CUSTOM3]"),
+        )
+        self.assertEqual(config.auth_scheme, "azure-sas")
+
+    def test_hub_host_name(self) -> None:
+        """A hub given as a full host name is used as written."""
+        config = connector_x("[connector:x]\ntype = azure-iothub\nhub = myhub.azure-devices.cn\n")
+        self.assertTrue(config.url.startswith("https://myhub.azure-devices.cn/devices/[CUSTOM1]/"))
+
+    def test_device_id_template(self) -> None:
+        """device_id is a template in both the URL and the SAS resource."""
+        config = connector_x(
+            "[connector:x]\ntype = azure-iothub\nhub = myhub\ndevice_id = dm-[SERIAL]\n"
+        )
+        self.assertEqual(
+            (config.url, config.sas_resource),
+            (
+                "https://myhub.azure-devices.net/devices/dm-[SERIAL]/messages/events"
+                "?api-version=2021-04-12",
+                "myhub.azure-devices.net/devices/dm-[SERIAL]",
+            ),
+        )
+
+    def test_url_override(self) -> None:
+        """An explicit url (a test double, say) is kept and gives the SAS resource."""
+        url = "http://127.0.0.1:8080/devices/[CUSTOM1]/messages/events?api-version=2021-04-12"
+        config = connector_x(f"[connector:x]\ntype = azure-iothub\nhub = myhub\nurl = {url}\n")
+        self.assertEqual(
+            (config.url, config.sas_resource, config.auth, config.iothub),
+            (url, "127.0.0.1/devices/[CUSTOM1]", "azure-sas", True),
+        )
+
+    def test_sas_keys(self) -> None:
+        """sas_key, sas_policy, sas_resource and token_ttl apply to an IoT Hub connector."""
+        config = connector_x(
+            "[connector:x]\ntype = azure-iothub\nhub = myhub\nsas_key = [CUSTOM2]\n"
+            "sas_policy = device\nsas_resource = myhub.azure-devices.net\ntoken_ttl = 900\n"
+        )
+        self.assertEqual(
+            (config.sas_key, config.sas_policy, config.sas_resource, config.token_ttl),
+            ("[CUSTOM2]", "device", "myhub.azure-devices.net", 900),
+        )
+
+    def test_bad_hub(self) -> None:
+        """A hub that is not a hub or host name is refused, naming hub."""
+        for hub in ("my/hub", "https://myhub.azure-devices.net", "myhub:443"):
+            self.assert_error(f"[connector:x]\ntype = azure-iothub\nhub = {hub}\n", "[connector:x] hub")
+
+    def test_hub_missing(self) -> None:
+        """An IoT Hub connector needs hub."""
+        self.assert_error("[connector:x]\ntype = azure-iothub\n", "[connector:x] hub", "missing")
+
+    def test_empty_device_id(self) -> None:
+        """An empty device_id is refused."""
+        self.assert_error(
+            "[connector:x]\ntype = azure-iothub\nhub = myhub\ndevice_id =\n", "[connector:x] device_id"
+        )
+
+    def test_http_only_keys(self) -> None:
+        """Keys of the http type that do not belong to azure-iothub are unknown keys."""
+        for line in ("username = relay", "password = pw", "auth = oauth2", "token_url = https://l/t", "client_id = relay"):
+            key = line.split(" ")[0]
+            self.assert_error(
+                f"[connector:x]\ntype = azure-iothub\nhub = myhub\n{line}\n",
+                f"[connector:x] {key}",
+                "unknown key",
+            )
+
+
+class SecretsReprTests(SynchronousTestCase):
+    """No secret of the configuration shows in its repr()."""
+
+    def test_not_in_repr(self) -> None:
+        """password, client_secret, a literal sas_key, the API token and header values are hidden."""
+        config = config_from_string(
+            "[relay]\nconnector = basic\n"
+            "[api]\nlisten = tcp:8080\ntoken = api-t0ken-1\n"
+            "[connector:basic]\ntype = http\nurl = https://h/\nusername = relay\n"
+            "password = pass-w0rd-2\nheader1 = X-Api-Key: head3r-val-3\n"
+            "[connector:oauth]\ntype = http\nurl = https://h/\nauth = oauth2\n"
+            "token_url = https://h/token\nclient_id = relay\nclient_secret = cl1ent-s3cret-4\n"
+            "[connector:hub]\ntype = azure-iothub\nhub = myhub\n"
+            "sas_key = c2FzLWtleS01LXNlY3JldA==\nsas_policy = device\n"
+        )
+        self.assertEqual(config.api.token, "api-t0ken-1")
+        self.assertEqual(config.connectors["hub"].sas_key, "c2FzLWtleS01LXNlY3JldA==")
+        for secret in (
+            "api-t0ken-1",
+            "pass-w0rd-2",
+            "head3r-val-3",
+            "cl1ent-s3cret-4",
+            "c2FzLWtleS01LXNlY3JldA==",
+        ):
+            self.assertNotIn(secret, repr(config))
+            self.assertNotIn(secret, str(config))

@@ -10,6 +10,7 @@ import os
 from base64 import b64encode
 
 import twisted
+from cryptography import x509
 from OpenSSL import SSL
 from treq.client import HTTPClient
 from treq.testing import StubTreq
@@ -17,8 +18,11 @@ from twisted.internet import task
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.error import ConnectionDone, ConnectionRefusedError
+from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
+from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.ssl import CertificateOptions
 from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.client import Agent, HTTPConnectionPool
@@ -28,14 +32,24 @@ from twisted.web.server import NOT_DONE_YET
 
 from zope.interface import implementer
 
+from oemrelay.auth import sas_token
 from oemrelay.codec import FrameDecoder, Hello, parse_data_records, parse_hello
-from oemrelay.config import HttpConnectorConfig
+from oemrelay.config import HttpConnectorConfig, config_from_string
 from oemrelay.connectors import build_connector
 from oemrelay.connectors import http as http_module
-from oemrelay.connectors.http import HttpConnector, PlatformTrustPlusCA, build_http_client
+from oemrelay.connectors.http import (
+    ClientCertificatePolicy,
+    HttpConnector,
+    PlatformTrustPlusCA,
+    build_http_client,
+)
 from oemrelay.oem_json import oem_document
 from oemrelay.relay import DeliveryFailed, DeviceProfile, StatelessLink, Upload
 
+from .fake_azure import FakeIoTHub
+from .fake_oauth import FakeOAuth
+from .test_auth import KEY_1, KEY_2, NOW, POLICY_KEY, clock_at
+from .test_config import client_certificate_pem, write_temp
 from .vectors import capture
 
 HELLO = parse_hello(FrameDecoder().feed(capture("hello-49-byte-dart"))[0].payload)
@@ -554,3 +568,336 @@ class StopServiceTests(SynchronousTestCase):
         connector = connector_for(StubTreq(EndServer()), task.Clock())
         connector.startService()
         self.assertIsNone(connector.stopService())
+
+
+#: An IoT Hub connector for hub 'myhub'; extra keys are appended.
+IOTHUB_SECTION = "[connector:hub]\ntype = azure-iothub\nhub = myhub\n"
+
+
+class AzureSasConnectorTests(SynchronousTestCase):
+    """An azure-sas connector signs each device's POST with the key in its profile."""
+
+    def setUp(self) -> None:
+        self.clock = clock_at()
+        self.hub = FakeIoTHub({"dev1": KEY_1}, {"device": POLICY_KEY}, clock=self.clock)
+        self.stub = StubTreq(self.hub)
+
+    def connector(self, section: str = IOTHUB_SECTION) -> HttpConnector:
+        config = config_from_string(section).connectors["hub"]
+        return HttpConnector(config, self.stub, self.clock)
+
+    def deliver(self, profile: DeviceProfile, section: str = IOTHUB_SECTION) -> Deferred:
+        return self.connector(section).deliver(UPLOAD, profile)
+
+    def authorizations(self) -> list[str]:
+        return [message.headers["authorization"][0] for message in self.hub.messages]
+
+    def test_device_key_accepted(self) -> None:
+        """The device's key from custom3 makes a SAS the hub accepts; the upload is delivered."""
+        self.successResultOf(self.deliver(DeviceProfile(custom1="dev1", custom3=KEY_1)))
+        self.assertEqual(self.hub.rejections, [])
+        [message] = self.hub.messages
+        self.assertEqual(
+            (message.device_id, message.body),
+            ("dev1", oem_document(UPLOAD.hello, UPLOAD.records)),
+        )
+        self.assertTrue(self.authorizations()[0].startswith("SharedAccessSignature sr="))
+
+    def test_message_id(self) -> None:
+        """With iothub the request carries iothub-messageid dm-<serial>-<first seq>."""
+        self.successResultOf(self.deliver(DeviceProfile(custom1="dev1", custom3=KEY_1)))
+        self.assertEqual(UPLOAD.first_seq, 565)
+        self.assertEqual(self.hub.messages[0].message_id, "dm-129336-565")
+
+    def test_no_message_id_without_iothub(self) -> None:
+        """An http connector with auth = azure-sas but not iothub sends no iothub-messageid."""
+        section = (
+            "[connector:hub]\ntype = http\nauth = azure-sas\nurl = https://myhub.azure-devices.net"
+            "/devices/[CUSTOM1]/messages/events?api-version=2021-04-12\n"
+        )
+        self.successResultOf(self.deliver(DeviceProfile(custom1="dev1", custom3=KEY_1), section))
+        [message] = self.hub.messages
+        self.assertIsNone(message.message_id)
+
+    def test_wrong_key(self) -> None:
+        """A wrong key fails with DeliveryFailed naming the 401, with no key or token in it."""
+        failure = self.failureResultOf(
+            self.deliver(DeviceProfile(custom1="dev1", custom3=KEY_2)), DeliveryFailed
+        )
+        message = str(failure.value)
+        self.assertIn("401", message)
+        self.assertIn("myhub.azure-devices.net", message)
+        for secret in (KEY_1, KEY_2, "SharedAccessSignature", "sig=", "/devices"):
+            self.assertNotIn(secret, message)
+        self.assertNotIn("\n", message)
+        self.assertEqual([r.reason for r in self.hub.rejections], ["wrong signature"])
+        self.assertEqual(self.hub.messages, [])
+
+    def test_no_key(self) -> None:
+        """A device without a key fails with DeliveryFailed and nothing is sent."""
+        failure = self.failureResultOf(self.deliver(DeviceProfile(custom1="dev1")), DeliveryFailed)
+        self.assertIn("no SAS key", str(failure.value))
+        self.assertIn("129336", str(failure.value))
+        self.assertEqual(self.hub.requests, 0)
+
+    def test_key_not_base64(self) -> None:
+        """A key that is not base64 fails with DeliveryFailed, not quoting it, and nothing is sent."""
+        profile = DeviceProfile(custom1="dev1", custom3="not*base64*s3cret")
+        failure = self.failureResultOf(self.deliver(profile), DeliveryFailed)
+        self.assertIn("base64", str(failure.value))
+        self.assertNotIn("s3cret", str(failure.value))
+        self.assertEqual(self.hub.requests, 0)
+
+    def test_preset_signature(self) -> None:
+        """A complete 'SharedAccessSignature ...' in custom3 is sent as it is."""
+        preset = sas_token("myhub.azure-devices.net/devices/dev1", KEY_1, NOW + 600)
+        self.successResultOf(self.deliver(DeviceProfile(custom1="dev1", custom3=preset)))
+        self.assertEqual(self.authorizations(), [preset])
+
+    def test_policy_key(self) -> None:
+        """A policy key with sas_policy makes a token ending &skn=<policy> that the hub accepts."""
+        section = IOTHUB_SECTION + f"sas_key = {POLICY_KEY}\nsas_policy = device\n"
+        self.successResultOf(self.deliver(DeviceProfile(custom1="dev1"), section))
+        [authorization] = self.authorizations()
+        self.assertTrue(authorization.endswith("&skn=device"), authorization)
+        self.assertEqual(self.hub.rejections, [])
+
+    def test_token_cached(self) -> None:
+        """The same token is sent until the renewal point (ttl less 300 s), then a new one."""
+        connector = self.connector()
+        profile = DeviceProfile(custom1="dev1", custom3=KEY_1)
+        self.successResultOf(connector.deliver(UPLOAD, profile))
+        self.clock.advance(3299)
+        self.successResultOf(connector.deliver(UPLOAD, profile))
+        self.clock.advance(1)
+        self.successResultOf(connector.deliver(UPLOAD, profile))
+        first, second, third = self.authorizations()
+        self.assertEqual(first, second)
+        self.assertNotEqual(second, third)
+        self.assertIn(f"se={NOW + 3300 + 3600}", third)
+        self.assertEqual(self.hub.rejections, [])
+
+
+#: The OAuth2 client's secret at the fake authorization server.
+CLIENT_SECRET = "cl1ent+s3cret/=value"
+
+
+class OAuth2ConnectorTests(SynchronousTestCase):
+    """An oauth2 connector posts with a shared bearer token, fetched again once on 401."""
+
+    def setUp(self) -> None:
+        self.clock = clock_at()
+        self.server = FakeOAuth({"relay": CLIENT_SECRET}, clock=self.clock)
+        self.stub = StubTreq(self.server)
+        self.connector = self.oauth_connector()
+
+    def oauth_connector(self, client_secret: str = CLIENT_SECRET) -> HttpConnector:
+        return connector_for(
+            self.stub,
+            self.clock,
+            url="https://api.example.com/api/telemetry/[SERIAL]",
+            auth="oauth2",
+            token_url="https://login.example.com/token",
+            client_id="relay",
+            client_secret=client_secret,
+        )
+
+    def deliver(self) -> Deferred:
+        return self.connector.deliver(UPLOAD, PROFILE)
+
+    def assert_no_secrets(self, message: str) -> None:
+        self.assertNotIn(CLIENT_SECRET, message)
+        for token in self.server.issued:
+            self.assertNotIn(token, message)
+        self.assertNotIn("Bearer", message)
+        self.assertNotIn("\n", message)
+
+    def test_first_upload(self) -> None:
+        """The first upload fetches a token and posts with it as Bearer."""
+        self.successResultOf(self.deliver())
+        self.assertEqual(len(self.server.token_requests), 1)
+        self.assertEqual(self.server.token_requests[0].client_id, "relay")
+        [accepted] = self.server.accepted
+        self.assertEqual(
+            (accepted.method, accepted.path, accepted.token),
+            ("POST", "/api/telemetry/129336", self.server.issued[0]),
+        )
+        self.assertEqual(accepted.body, oem_document(UPLOAD.hello, UPLOAD.records))
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_token_reused(self) -> None:
+        """The second upload reuses the token: one token request for both."""
+        self.successResultOf(self.deliver())
+        self.successResultOf(self.deliver())
+        self.assertEqual(len(self.server.token_requests), 1)
+        self.assertEqual([a.token for a in self.server.accepted], [self.server.issued[0]] * 2)
+
+    def test_refetch_after_revocation(self) -> None:
+        """After a revocation the upload's 401 fetches one new token and succeeds with it."""
+        self.successResultOf(self.deliver())
+        self.server.revoke_all()
+        self.successResultOf(self.deliver())
+        self.assertEqual(self.server.refused, 1)
+        self.assertEqual(len(self.server.token_requests), 2)
+        self.assertEqual([a.token for a in self.server.accepted], self.server.issued)
+
+    def test_one_refetch_only(self) -> None:
+        """A resource that keeps answering 401 fails the upload after one refetch: two POSTs."""
+        self.server.is_valid = lambda token: False
+        failure = self.failureResultOf(self.deliver(), DeliveryFailed)
+        message = str(failure.value)
+        self.assertIn("401", message)
+        self.assertIn("api.example.com", message)
+        self.assert_no_secrets(message)
+        self.assertEqual(self.server.refused, 2)
+        self.assertEqual(len(self.server.token_requests), 2)
+        self.assertEqual(self.server.accepted, [])
+
+    def test_token_endpoint_fails(self) -> None:
+        """A failing token endpoint fails the upload without a secret and without a POST."""
+        self.server.token_answer = (500, b'{"error": "temporarily_unavailable"}')
+        failure = self.failureResultOf(self.deliver(), DeliveryFailed)
+        message = str(failure.value)
+        self.assertIn("connector platform", message)
+        self.assertIn("500", message)
+        self.assert_no_secrets(message)
+        self.assertEqual((self.server.refused, self.server.accepted), (0, []))
+
+    def test_wrong_client_secret(self) -> None:
+        """A refused client secret fails the upload after one token request, not quoting it."""
+        self.connector = self.oauth_connector("wr0ng-s3cret")
+        failure = self.failureResultOf(self.deliver(), DeliveryFailed)
+        message = str(failure.value)
+        self.assertIn("invalid_client", message)
+        self.assertNotIn("wr0ng-s3cret", message)
+        self.assert_no_secrets(message)
+        self.assertEqual(len(self.server.token_requests), 1)
+        self.assertEqual((self.server.refused, self.server.accepted), (0, []))
+
+
+class BasicAuthConfigTests(SynchronousTestCase):
+    """Basic credentials from an http section with auth left empty still work."""
+
+    def test_templates(self) -> None:
+        """username relay-[SERIAL] and password [CUSTOM2] are sent as Basic credentials."""
+        config = config_from_string(
+            "[connector:platform]\ntype = http\nurl = http://end.example.com/dm\n"
+            "username = relay-[SERIAL]\npassword = [CUSTOM2]\n"
+        ).connectors["platform"]
+        self.assertEqual(config.auth, "basic")
+        server = EndServer()
+        connector = HttpConnector(config, StubTreq(server), task.Clock())
+        self.successResultOf(connector.deliver(UPLOAD, PROFILE))
+        [request] = server.requests
+        self.assertEqual(
+            request["headers"][b"authorization"], [b"Basic " + b64encode(b"relay-129336:two")]
+        )
+
+
+class NoCookiesTests(SynchronousTestCase):
+    """The client build_http_client makes keeps no cookies between requests."""
+
+    def two_requests(self, reactor: MemoryReactorClock, client: HTTPClient) -> bytes:
+        """
+        GET twice over one connection, the first answer setting a cookie.
+
+        :return: the second request as sent.
+        """
+        first = client.get("http://end.example.com/a")
+        factory = reactor.tcpClients[0][2]
+        protocol = factory.buildProtocol(IPv4Address("TCP", "192.0.2.7", 80))
+        transport = StringTransport()
+        protocol.makeConnection(transport)
+        protocol.dataReceived(
+            b"HTTP/1.1 200 OK\r\nSet-Cookie: session=abc123; Path=/\r\n"
+            b"Content-Length: 2\r\n\r\nok"
+        )
+        self.successResultOf(self.successResultOf(first).content())
+        transport.clear()
+        client.get("http://end.example.com/b")
+        self.assertEqual(len(reactor.tcpClients), 1)  # the pooled connection is reused
+        second = transport.value()
+        self.assertTrue(second.startswith(b"GET /b "), second)
+        return second
+
+    def test_cookie_not_sent_back(self) -> None:
+        """After an answer with Set-Cookie the next request carries no Cookie header."""
+        reactor = MemoryReactorClock()
+        client, _ = build_http_client(reactor, HttpConnectorConfig("h", "http://end.example.com/"))
+        second = self.two_requests(reactor, client)
+        self.assertNotIn(b"cookie:", second.lower())
+        self.assertNotIn(b"abc123", second)
+
+    def test_default_client_would_send_it(self) -> None:
+        """A treq client with its default jar does send the cookie back (the check above can fail)."""
+        reactor = MemoryReactorClock()
+        pool = HTTPConnectionPool(reactor, persistent=True)
+        second = self.two_requests(reactor, HTTPClient(Agent(reactor, pool=pool)))
+        self.assertIn(b"Cookie: session=abc123", second)
+
+
+class ClientCertificateTests(SynchronousTestCase):
+    """With client_cert, build_http_client presents that certificate (mutual TLS)."""
+
+    def setUp(self) -> None:
+        self.reactor = MemoryReactorClock()
+        self.cert_pem, self.key_pem = client_certificate_pem()
+        self.policies: list[ClientCertificatePolicy] = []
+        policies = self.policies
+
+        class RecordingPolicy(ClientCertificatePolicy):
+            def __init__(self, trust_root, client_certificate) -> None:
+                super().__init__(trust_root, client_certificate)
+                self.trust_root = trust_root
+                policies.append(self)
+
+        self.patch(http_module, "ClientCertificatePolicy", RecordingPolicy)
+
+    def policy_for(self, **settings) -> ClientCertificatePolicy:
+        build_http_client(self.reactor, HttpConnectorConfig("h", "https://h/", **settings))
+        [policy] = self.policies
+        return policy
+
+    def assert_presents_certificate(self, policy: ClientCertificatePolicy) -> None:
+        """A TLS client made by ``policy`` sends SNI and holds the test certificate."""
+        creator = policy.creatorForNetloc(b"end.example.com", 443)
+        self.assertTrue(IOpenSSLClientConnectionCreator.providedBy(creator))
+        protocol = TLSMemoryBIOFactory(creator, True, Factory.forProtocol(Protocol)).buildProtocol(None)
+        transport = StringTransport()
+        protocol.makeConnection(transport)
+        self.assertIn(b"end.example.com", transport.value())  # the ClientHello's SNI
+        local = protocol.getHandle().get_certificate()
+        self.assertEqual(local.to_cryptography(), x509.load_pem_x509_certificate(self.cert_pem))
+
+    def test_combined_file(self) -> None:
+        """A combined certificate and key file gives a ClientCertificatePolicy presenting it."""
+        policy = self.policy_for(client_cert=write_temp(self, self.cert_pem + self.key_pem))
+        self.assertIsInstance(policy, ClientCertificatePolicy)
+        self.assert_presents_certificate(policy)
+
+    def test_two_files(self) -> None:
+        """client_cert and client_key in two files give a policy presenting the certificate."""
+        policy = self.policy_for(
+            client_cert=write_temp(self, self.cert_pem), client_key=write_temp(self, self.key_pem)
+        )
+        self.assert_presents_certificate(policy)
+
+    def test_platform_trust(self) -> None:
+        """Without ca_file the server is verified against the platform's CAs."""
+        policy = self.policy_for(client_cert=write_temp(self, self.cert_pem + self.key_pem))
+        self.assertNotIsInstance(policy.trust_root, PlatformTrustPlusCA)
+        self.assertIsNotNone(policy.trust_root)
+
+    def test_ca_file(self) -> None:
+        """With ca_file the server is verified against the platform's CAs plus that file."""
+        policy = self.policy_for(
+            client_cert=write_temp(self, self.cert_pem + self.key_pem),
+            ca_file=os.path.join(FAKE_CAS, "thing1.pem"),
+        )
+        self.assertIsInstance(policy.trust_root, PlatformTrustPlusCA)
+        self.assert_presents_certificate(policy)
+
+    def test_without_client_cert(self) -> None:
+        """Without client_cert no client certificate policy is made."""
+        build_http_client(self.reactor, HttpConnectorConfig("h", "https://h/"))
+        self.assertEqual(self.policies, [])

@@ -21,6 +21,7 @@ from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
+from oemrelay import session as session_module
 from oemrelay.codec import (
     EPOCH_2013,
     MAX_PAYLOAD,
@@ -561,6 +562,16 @@ class BadInputTests(SessionTestMixin, SynchronousTestCase):
         self.assertEqual(self.take(), HELLO_RESPONSE_AT_NOW)
         self.assert_closed_with_warning("129336", "sync")
         self.assertEqual(len(self.warnings()), 1)
+
+    def test_too_much_data_without_commit_closes(self) -> None:
+        """Record data beyond MAX_UNCOMMITTED_BYTES without a commit closes the connection, committing nothing."""
+        self.patch(session_module, "MAX_UNCOMMITTED_BYTES", 300)
+        link = self.greet()
+        self.send(DATA_2, DATA_2)
+        self.assertTrue(self.is_open)
+        self.send(DATA_2, COMMIT)
+        self.assert_closed_with_warning("129336", "without a commit")
+        self.assert_nothing_committed(link)
 
     def test_bad_first_byte_closes_at_once(self) -> None:
         """A wrong first sync byte closes before a whole header arrived."""
