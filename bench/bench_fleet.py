@@ -1,0 +1,181 @@
+"""
+The real daemon under a simulated fleet, on loopback: records per second and
+the relay's own CPU time per record.
+
+Starts an HTTP end server (a separate process answering 204), the relay
+(``twistd oemrelay``, http connector, SQLite registry in a temp dir) and, in
+this process, ``--devices`` simulated devices that each repeat hello-less
+upload rounds — two captured 0x04 messages (14 records) and a commit request,
+then wait for the commit answer — for ``--seconds``.  The relay's CPU time is
+read from /proc before and after.  Loopback only; bounded in count and time.
+
+    python bench/bench_fleet.py [--devices 200] [--seconds 20]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, ".."))
+
+from twisted.internet import defer, protocol, reactor, task  # noqa: E402
+from twisted.internet.endpoints import TCP4ClientEndpoint  # noqa: E402
+
+from oemrelay.codec import COMMIT_REQUEST, COMMIT_SUCCESS, Hello  # noqa: E402
+from tests.vectors import capture  # noqa: E402
+
+RECORDS_PER_UPLOAD = 14
+UPLOAD = (
+    capture("data-0x04-12-records-2017-auckland")
+    + capture("data-0x04-2-records-2021-denmark")
+    + COMMIT_REQUEST
+)
+
+SINK = textwrap.dedent(
+    """
+    import sys
+    from twisted.internet import reactor
+    from twisted.web import resource, server
+
+    class Sink(resource.Resource):
+        isLeaf = True
+        def render_POST(self, request):
+            request.content.read()
+            request.setResponseCode(204)
+            return b""
+
+    site = server.Site(Sink())
+    site.noisy = False
+    port = reactor.listenTCP(0, site, interface="127.0.0.1")
+    print(port.getHost().port, flush=True)
+    reactor.run()
+    """
+)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class Device(protocol.Protocol):
+    """Sends upload after upload, each after the previous commit answer."""
+
+    def __init__(self, serial: int, stats: dict) -> None:
+        self.serial = serial
+        self.stats = stats
+        self.buffer = b""
+        self.greeted = False
+        self.running = True
+
+    def connectionMade(self) -> None:
+        hello = Hello(self.serial, "353323081669730", "89610185001824844630", 34, 2, 1, 9)
+        self.transport.write(hello.to_frame())
+
+    def dataReceived(self, data: bytes) -> None:
+        self.buffer += data
+        if not self.greeted and len(self.buffer) >= 13:
+            self.buffer = self.buffer[13:]
+            self.greeted = True
+            self.send_upload()
+        while COMMIT_SUCCESS in self.buffer:
+            self.buffer = self.buffer.replace(COMMIT_SUCCESS, b"", 1)
+            self.stats["records"] += RECORDS_PER_UPLOAD
+            self.send_upload()
+
+    def send_upload(self) -> None:
+        if self.running:
+            self.transport.write(UPLOAD)
+
+
+async def run(devices: int, seconds: float, workdir: str) -> None:
+    sink = subprocess.Popen(
+        [sys.executable, "-c", SINK], stdout=subprocess.PIPE, text=True
+    )
+    sink_port = int(sink.stdout.readline())
+    relay_port = free_port()
+    config = os.path.join(workdir, "relay.ini")
+    with open(config, "w") as f:
+        f.write(
+            f"[relay]\nlisten = tcp:{relay_port}:interface=127.0.0.1\n"
+            f"registry = sqlite:{workdir}/registry.sqlite\n"
+            f"[connector:main]\ntype = http\n"
+            f"url = http://127.0.0.1:{sink_port}/dm/[SERIAL]\n"
+        )
+    relay = subprocess.Popen(
+        [sys.executable, "-c", "from twisted.scripts.twistd import run; run()",
+         "-n", "--pidfile=", "--logfile", os.path.join(workdir, "relay.log"),
+         *(["--profile", os.environ["RELAY_PROFILE"], "--profiler", "cprofile", "--savestats"]
+           if os.environ.get("RELAY_PROFILE") else []),
+         "oemrelay", "-c", config],
+        cwd=workdir,
+    )
+    try:
+        deadline = time.monotonic() + 15
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", relay_port), timeout=1).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise SystemExit("the relay did not start; see relay.log")
+                await task.deferLater(reactor, 0.2, lambda: None)
+
+        stats = {"records": 0}
+        fleet = []
+        for serial in range(devices):
+            endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", relay_port)
+            fleet.append(await endpoint.connect(protocol.Factory.forProtocol(
+                lambda serial=serial: Device(100000 + serial, stats))))
+        await task.deferLater(reactor, 2, lambda: None)  # warm up
+        records_before, cpu_before = stats["records"], cpu_seconds(relay.pid)
+        started = time.monotonic()
+        await task.deferLater(reactor, seconds, lambda: None)
+        elapsed = time.monotonic() - started
+        records = stats["records"] - records_before
+        cpu = cpu_seconds(relay.pid) - cpu_before
+        for device in fleet:
+            device.running = False
+            device.transport.loseConnection()
+        print(f"devices               {devices}")
+        print(f"seconds               {elapsed:.1f}")
+        print(f"records committed     {records}")
+        print(f"records/s             {records / elapsed:,.0f}")
+        print(f"relay CPU per record  {cpu / max(records, 1) * 1e6:.1f} µs")
+        print(f"relay CPU use         {cpu / elapsed * 100:.0f}% of one core")
+    finally:
+        relay.terminate()
+        sink.terminate()
+        relay.wait(10)
+        sink.wait(10)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--devices", type=int, default=200)
+    parser.add_argument("--seconds", type=float, default=20)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as workdir:
+        done = defer.Deferred.fromCoroutine(run(args.devices, args.seconds, workdir))
+        done.addErrback(lambda failure: print(failure.getTraceback()))
+        done.addBoth(lambda _: reactor.stop())
+        reactor.run()
+
+
+if __name__ == "__main__":
+    main()
