@@ -46,7 +46,7 @@ from oemrelay.codec import (
     time_response,
 )
 
-from .vectors import capture, captures
+from .vectors import capture, captures, payload, since_2013
 
 #: Unix time of 2024-01-01 00:00:00 UTC (347 068 800 s since 2013).
 NEW_YEAR_2024 = 1704067200
@@ -59,16 +59,6 @@ DATA_CAPTURES = (
 FIXED_CAPTURES = ("fixed64-0x10-1-record-G50", "fixed64-0x10-2-records-G50")
 
 
-def payload(name: str) -> bytes:
-    """The payload of a one-frame capture (its bytes after the 5-byte header)."""
-    return capture(name)[5:]
-
-
-def since_2013(text: str) -> int:
-    """Seconds since 2013 for a ``YYYY-MM-DD HH:MM:SS`` UTC time."""
-    date, time = text.split(" ")
-    parts = [int(p) for p in date.split("-")] + [int(p) for p in time.split(":")]
-    return calendar.timegm((*parts, 0, 0, 0)) - EPOCH_2013
 
 
 def record_bytes(seq: int, time: int, reason: int, body: bytes) -> bytes:

@@ -5,14 +5,12 @@ against the real OEM sample and the worked example of dm-protocol.md 5.4.
 
 from __future__ import annotations
 
-import calendar
 import json
 from base64 import b64decode
 
 from twisted.trial.unittest import SynchronousTestCase
 
 from oemrelay.codec import (
-    EPOCH_2013,
     Analogues,
     DebugText,
     Digital,
@@ -38,7 +36,7 @@ from oemrelay.oem_json import (
     record_json,
 )
 
-from .vectors import capture, oem_sample, oem_sample_text
+from .vectors import oem_sample, oem_sample_text, payload, since_2013
 
 DATA_CAPTURES = (
     "data-0x04-2-records-2021-denmark",
@@ -50,16 +48,6 @@ FIXED_CAPTURES = ("fixed64-0x10-1-record-G50", "fixed64-0x10-2-records-G50")
 DART = Hello(129336, "353323081669730", "89610185001824844630", 34, 2, 1, 9)
 
 
-def payload(name: str) -> bytes:
-    """The payload of a one-frame capture."""
-    return capture(name)[5:]
-
-
-def since_2013(text: str) -> int:
-    """Seconds since 2013 for a ``YYYY-MM-DD HH:MM:SS`` UTC time."""
-    date, time = text.split(" ")
-    parts = [int(p) for p in date.split("-")] + [int(p) for p in time.split(":")]
-    return calendar.timegm((*parts, 0, 0, 0)) - EPOCH_2013
 
 
 def _reject_constant(name: str) -> None:

@@ -5,7 +5,6 @@ reusing its links, and the values and helpers around an upload.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.python.failure import Failure
@@ -23,6 +22,7 @@ from oemrelay.relay import (
     describe_failure,
 )
 
+from .fakes import FakeConnector
 from .vectors import capture
 
 HELLO = parse_hello(capture("hello-49-byte-dart")[5:])
@@ -32,41 +32,6 @@ OTHER_HELLO = parse_hello(capture("hello-51-byte-G50")[5:])
 def make_upload(*seqs: int, hello: Hello = HELLO) -> Upload:
     """An upload holding records with the sequence numbers ``seqs``."""
     return Upload(hello, (), tuple(Record(seq, 0, 1) for seq in seqs), 1000.0)
-
-
-class FakeLink:
-    """A link whose deliveries stay pending until the test fires them."""
-
-    def __init__(self, hello: Hello, on_lost: Callable[[str], None]) -> None:
-        self.hello = hello
-        self.on_lost = on_lost
-        self.deliveries: list[tuple[Upload, DeviceProfile, Deferred[None]]] = []
-        self.forwarded: list[Frame] = []
-        self.closed = 0
-
-    def deliver(self, upload: Upload, profile: DeviceProfile) -> Deferred[None]:
-        delivery: Deferred[None] = Deferred()
-        self.deliveries.append((upload, profile, delivery))
-        return delivery
-
-    def forward(self, frame: Frame) -> None:
-        self.forwarded.append(frame)
-
-    def close(self) -> None:
-        self.closed += 1
-
-
-class FakeConnector:
-    """Records the links it opens."""
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-        self.links: list[FakeLink] = []
-
-    def open_link(self, hello: Hello, on_lost: Callable[[str], None]) -> FakeLink:
-        link = FakeLink(hello, on_lost)
-        self.links.append(link)
-        return link
 
 
 class FakeProfiles(NoRegistry):
