@@ -114,6 +114,10 @@ def _returns_deferred(
 
 # -- schema ------------------------------------------------------------------
 
+#: Marks disconnected the devices a node left marked connected.
+_RELEASE_NODE = "UPDATE devices SET connected = ? WHERE node = ? AND connected = ?"
+
+
 
 @dataclass(frozen=True)
 class _Dialect:
@@ -371,6 +375,8 @@ class Registry:
         self._url_for_logs = url_for_logs
         self._reactor = reactor
         self._closed = False
+        # Calls made before start() finished wait here; None once it has.
+        self._not_started: list[Deferred[None]] | None = []
         if pool.dbapi.paramstyle in ("format", "pyformat"):
             self._sql: Callable[[str], str] = _format_paramstyle
         else:
@@ -440,8 +446,16 @@ class Registry:
         return rows[0] if rows else None
 
     def _interaction(self, function: Callable[..., _T], *args: Any) -> Deferred[_T]:
-        """Run ``function(txn, *args)`` in one transaction in a pool thread."""
-        return self._pool.runInteraction(function, *args)
+        """
+        Run ``function(txn, *args)`` in one transaction in a pool thread, once
+        :meth:`start` has finished: a device or API call that arrives while the
+        relay starts waits for the schema and the release of stale connections.
+        """
+        if self._not_started is None:
+            return self._pool.runInteraction(function, *args)
+        started: Deferred[None] = Deferred()
+        self._not_started.append(started)
+        return started.addCallback(lambda _: self._pool.runInteraction(function, *args))
 
     def _query_one(self, sql: str, *params: Any) -> Deferred[Any]:
         return self._interaction(self._fetch_one, sql, params)
@@ -460,15 +474,29 @@ class Registry:
     # -- lifetime --
 
     @_returns_deferred
-    async def start(self) -> None:
+    async def start(self, node: str | None = None) -> int:
         """
-        Create the schema if it is missing and bring it up to :data:`SCHEMA_VERSION`.
+        Create the schema if it is missing and bring it up to
+        :data:`SCHEMA_VERSION`; with ``node``, release the connections a
+        crashed run of that node left marked (see :meth:`node_started`).
+        Other calls wait until this is done.
 
         Safe to call on every start, and from several relays at once.
 
+        :return: how many devices were released.
         :raises RegistryError: if the database's schema is newer than this code.
         """
-        old = await self._interaction(self._txn_migrate, self._reactor.seconds())
+        released = 0
+        try:
+            old = await self._pool.runInteraction(self._txn_migrate, self._reactor.seconds())
+            if node is not None:
+                released = await self._pool.runInteraction(
+                    self._txn_rowcount, _RELEASE_NODE, (False, node, True)
+                )
+        finally:
+            waiting, self._not_started = self._not_started or [], None
+            for started in waiting:
+                started.callback(None)
         if old != SCHEMA_VERSION:
             _log.info(
                 "Registry schema at {url} migrated from version {old} to {new}",
@@ -476,6 +504,7 @@ class Registry:
                 old=old,
                 new=SCHEMA_VERSION,
             )
+        return released
 
     def _txn_migrate(self, txn: adbapi.Transaction, now: float) -> int:
         self._execute(txn, self._dialect.migration_lock)
@@ -586,12 +615,7 @@ class Registry:
 
         :return: how many devices were marked.
         """
-        return await self._write(
-            "UPDATE devices SET connected = ? WHERE node = ? AND connected = ?",
-            False,
-            node,
-            True,
-        )
+        return await self._write(_RELEASE_NODE, False, node, True)
 
     @_returns_deferred
     async def upload_committed(self, serial: int, record_count: int, now: float) -> bool:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from twisted.internet.defer import Deferred, succeed
@@ -168,6 +168,7 @@ class Relay:
         self.registry = registry or NoRegistry()
         self.node = node
         self._clock = clock
+        self.presence = _Presence(self)
 
     def now(self) -> float:
         """The time registry entries are stamped with."""
@@ -180,6 +181,81 @@ class Relay:
         return route
 
 
+@dataclass(eq=False)
+class _DevicePresence:
+    connections: int = 0
+    pending_writes: int = 0
+    writes: Deferred = field(default_factory=lambda: succeed(None))
+
+
+class _Presence:
+    """
+    Tells the registry which devices are connected to this relay.
+
+    A device may reconnect before its old connection is closed: only the
+    close of its last connection records it disconnected.  One serial's
+    connection and disconnection writes run one after the other: with a pool
+    of several database connections they could otherwise swap and leave the
+    device marked connected.
+    """
+
+    def __init__(self, relay: Relay) -> None:
+        self._relay = relay
+        # Per serial, while it has connections or writes pending here.
+        self._devices: dict[int, _DevicePresence] = {}
+
+    def opened(self, hello: Hello) -> None:
+        """A connection of the device saying ``hello`` began."""
+        device = self._devices.setdefault(hello.serial, _DevicePresence())
+        device.connections += 1
+        relay, now = self._relay, self._relay.now()
+        self._write(
+            hello.serial,
+            device,
+            "connection",
+            lambda: relay.registry.device_connected(hello, relay.node, now),
+        )
+
+    def closed(self, serial: int) -> None:
+        """A connection of device ``serial`` ended."""
+        device = self._devices[serial]
+        device.connections -= 1
+        if device.connections:
+            return  # another connection of this device is still open here
+        relay, now = self._relay, self._relay.now()
+        self._write(
+            serial,
+            device,
+            "disconnection",
+            lambda: relay.registry.device_disconnected(serial, relay.node, now),
+        )
+
+    def _write(
+        self, serial: int, device: _DevicePresence, what: str, write: Callable[[], Deferred]
+    ) -> None:
+        def written(_: object) -> None:
+            device.pending_writes -= 1
+            if not (device.pending_writes or device.connections):
+                if self._devices.get(serial) is device:
+                    del self._devices[serial]
+
+        device.pending_writes += 1
+        device.writes.addCallback(lambda _: _record(what, serial, write()))
+        device.writes.addBoth(written)
+
+
+def _record(what: str, serial: int, written: Deferred) -> Deferred:
+    # Registry bookkeeping never holds up or breaks the device path.
+    return written.addErrback(
+        lambda failure: log.warn(
+            "registry: could not record {what} of device {serial}: {reason}",
+            what=what,
+            serial=serial,
+            reason=describe_failure(failure),
+        )
+    )
+
+
 class DeviceRoute:
     """The links, deliveries and registry entries of one device connection."""
 
@@ -190,10 +266,7 @@ class DeviceRoute:
         self._on_lost = on_lost
         self._links: dict[str, Link] = {}
         self._closed = False
-        self._record(
-            "connection",
-            self._registry.device_connected(hello, relay.node, relay.now()),
-        )
+        relay.presence.opened(hello)
 
     def link_for(self, connector_name: str) -> Link:
         """This connection's link to ``connector_name``, opened on first use."""
@@ -228,8 +301,9 @@ class DeviceRoute:
 
     def committed(self, upload: Upload) -> None:
         """The device was told to delete ``upload``'s records."""
-        self._record(
+        _record(
             "commit",
+            self._hello.serial,
             self._registry.upload_committed(
                 self._hello.serial, len(upload.records), self._relay.now()
             ),
@@ -237,8 +311,9 @@ class DeviceRoute:
 
     def withheld(self, upload: Upload, reason: str) -> None:
         """The commit of ``upload`` was withheld for ``reason``."""
-        self._record(
+        _record(
             "delivery error",
+            self._hello.serial,
             self._registry.delivery_failed(self._hello.serial, reason, self._relay.now()),
         )
 
@@ -252,8 +327,9 @@ class DeviceRoute:
 
     def command_result(self, command_id: int, device_status: int) -> None:
         """Record the device's answer (0x21) to a command."""
-        self._record(
+        _record(
             "command result",
+            self._hello.serial,
             self._registry.command_result(command_id, device_status, self._relay.now()),
         )
 
@@ -270,23 +346,7 @@ class DeviceRoute:
         links, self._links = self._links, {}
         for link in links.values():
             link.close()
-        self._record(
-            "disconnection",
-            self._registry.device_disconnected(
-                self._hello.serial, self._relay.node, self._relay.now()
-            ),
-        )
-
-    def _record(self, what: str, written: Deferred) -> None:
-        # Registry bookkeeping never holds up or breaks the device path.
-        written.addErrback(
-            lambda failure: log.warn(
-                "registry: could not record {what} of device {serial}: {reason}",
-                what=what,
-                serial=self._hello.serial,
-                reason=describe_failure(failure),
-            )
-        )
+        self._relay.presence.closed(self._hello.serial)
 
 
 def describe_failure(failure: Failure) -> str:

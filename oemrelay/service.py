@@ -36,11 +36,22 @@ class RegistryService(Service):
 
     def startService(self) -> None:
         super().startService()
-        self._started = self._start()
+        # Devices and API calls arriving meanwhile wait inside the registry.
+        self._started = Deferred.fromCoroutine(self._start())
 
-    async def _start_registry(self) -> None:
-        await self.registry.start()
-        released = await self.registry.node_started(self._node, self._reactor.seconds())
+    async def _start(self) -> None:
+        try:
+            released = await self.registry.start(self._node)
+        except Exception as error:
+            # Without its registry the relay could not honour custom fields
+            # or overrides: stop, and let the supervisor retry.
+            log.critical(
+                "cannot open registry {url}: {reason}; stopping",
+                url=self.registry.url_for_logs,
+                reason=" ".join(str(error).split()),
+            )
+            self._reactor.stop()
+            return
         log.info(
             "registry {url} ready; {released} devices left connected to node"
             " {node} marked disconnected",
@@ -48,21 +59,6 @@ class RegistryService(Service):
             released=released,
             node=self._node,
         )
-
-    def _start(self) -> Deferred:
-        started = Deferred.fromCoroutine(self._start_registry())
-
-        def cannot_start(failure) -> None:
-            # Without its registry the relay could not honour custom fields
-            # or overrides: stop, and let the supervisor retry.
-            log.critical(
-                "cannot open registry {url}: {reason}; stopping",
-                url=self.registry.url_for_logs,
-                reason=" ".join(failure.getErrorMessage().split()),
-            )
-            self._reactor.stop()
-
-        return started.addErrback(cannot_start)
 
     def stopService(self) -> Deferred:
         super().stopService()

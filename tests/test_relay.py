@@ -302,3 +302,59 @@ class DescribeFailureTests(SynchronousTestCase):
     def test_empty_message_named_by_type(self) -> None:
         """An error with no message is described by its type name."""
         self.assertEqual(describe_failure(Failure(ConnectionError())), "ConnectionError")
+
+
+class PresenceRegistry(NoRegistry):
+    """Records connection writes; device_connected answers when the test says."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, int]] = []
+        self.connected: list[Deferred[None]] = []
+
+    def device_connected(self, hello: Hello, node: str, now: float) -> Deferred[None]:
+        self.calls.append(("connected", hello.serial))
+        answer: Deferred[None] = Deferred()
+        self.connected.append(answer)
+        return answer
+
+    def device_disconnected(self, serial: int, node: str, now: float) -> Deferred[None]:
+        self.calls.append(("disconnected", serial))
+        return succeed(None)
+
+
+class PresenceTests(SynchronousTestCase):
+    """Connections and disconnections reach the registry in order, once per device."""
+
+    def setUp(self) -> None:
+        self.registry = PresenceRegistry()
+        self.relay = Relay({"main": FakeConnector("main")}, "main", self.registry, node="n")
+
+    def test_disconnection_waits_for_connection_write(self) -> None:
+        """A disconnection is written only after the connection write has finished."""
+        route = self.relay.open_route(HELLO, lambda reason: None)
+        route.close()
+        self.assertEqual(self.registry.calls, [("connected", HELLO.serial)])
+        self.registry.connected[0].callback(None)
+        self.assertEqual(
+            self.registry.calls,
+            [("connected", HELLO.serial), ("disconnected", HELLO.serial)],
+        )
+
+    def test_reconnect_before_old_close(self) -> None:
+        """A device that reconnected is not marked disconnected when its old connection closes."""
+        old = self.relay.open_route(HELLO, lambda reason: None)
+        new = self.relay.open_route(HELLO, lambda reason: None)
+        for answer in self.registry.connected:
+            answer.callback(None)
+        old.close()
+        self.assertNotIn(("disconnected", HELLO.serial), self.registry.calls)
+        new.close()
+        self.assertEqual(self.registry.calls[-1], ("disconnected", HELLO.serial))
+
+    def test_failed_write_does_not_stop_the_queue(self) -> None:
+        """A connection write that fails is logged and the disconnection is still written."""
+        route = self.relay.open_route(HELLO, lambda reason: None)
+        route.close()
+        self.registry.connected[0].errback(Failure(RuntimeError("database locked")))
+        self.assertEqual(self.registry.calls[-1], ("disconnected", HELLO.serial))
+        self.assertEqual(len(self.flushLoggedErrors()), 0)
