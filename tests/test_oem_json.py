@@ -531,3 +531,82 @@ class OemDocumentTests(SynchronousTestCase):
         record = Record(1, 0, 21, (DebugText(0x13, text),))
         parsed = strict(oem_document(DART, [record]))
         self.assertEqual(parsed["Records"][0]["Fields"][0]["Text"], text.decode("latin-1"))
+
+
+class OemConsumer:
+    """
+    A consumer written against the OEM traditional format alone, the way the
+    public ones read it (traccar's DmtHttpProtocolDecoder, gps-tags' typed
+    structs): every key it needs present with its JSON type, times in
+    ``YYYY-MM-DD HH:MM:SS``, unknown FTypes skipped.  It raises on anything else.
+    """
+
+    TIME = "%Y-%m-%d %H:%M:%S"
+
+    def read(self, body: bytes) -> list[dict]:
+        from datetime import datetime
+
+        document = json.loads(body)
+        assert isinstance(document["SerNo"], int)
+        assert isinstance(document["IMEI"], str) and isinstance(document["ICCID"], str)
+        assert isinstance(document["ProdId"], int)
+        assert all(part.isdigit() for part in document["FW"].split(".")), document["FW"]
+        assert len(document["FW"].split(".")) == 4
+        positions = []
+        for record in document["Records"]:
+            assert isinstance(record["SeqNo"], int) and isinstance(record["Reason"], int)
+            position = {"seq": record["SeqNo"], "time": datetime.strptime(record["DateUTC"], self.TIME)}
+            for field in record["Fields"]:
+                ftype = field["FType"]
+                assert isinstance(ftype, int)
+                if ftype == 0:
+                    position["fix"] = datetime.strptime(field["GpsUTC"], self.TIME)
+                    for key in ("Lat", "Long"):
+                        assert isinstance(field[key], (int, float))
+                    assert -90 <= field["Lat"] <= 90 and -180 <= field["Long"] <= 180
+                    for key in ("Alt", "Spd", "SpdAcc", "Head", "PDOP", "PosAcc", "GpsStat"):
+                        assert isinstance(field[key], int), key
+                    position.update(lat=field["Lat"], lon=field["Long"], speed_ms=field["Spd"] / 100,
+                                    course=field["Head"] * 2)
+                elif ftype == 2:
+                    for key in ("DIn", "DOut", "DevStat"):
+                        assert isinstance(field[key], int), key
+                    position["ignition"] = bool(field["DIn"] & 1)
+                elif ftype in (6, 7):
+                    values = field["AnalogueData"]
+                    assert all(k.isdigit() and isinstance(v, int) for k, v in values.items())
+                    position.setdefault("analogues", {}).update(
+                        {int(k): v for k, v in values.items()}
+                    )
+            positions.append(position)
+        return positions
+
+
+class OemConsumerTests(SynchronousTestCase):
+    """Bodies made from the shared captures are accepted by a consumer of the OEM format."""
+
+    def test_sample_accepted(self) -> None:
+        """The consumer accepts DM's own sample, so it is a fair judge."""
+        positions = OemConsumer().read(oem_sample_text().encode())
+        self.assertEqual([p["seq"] for p in positions], [125, 128])
+
+    def test_every_capture_accepted(self) -> None:
+        """Every 0x04 and 0x10 capture's body is accepted, one position per record."""
+        for name in DATA_CAPTURES:
+            records = parse_data_records(payload(name))
+            positions = OemConsumer().read(oem_document(DART, records))
+            self.assertEqual([p["seq"] for p in positions], [r.seq for r in records])
+        for name in FIXED_CAPTURES:
+            records = parse_fixed_records(payload(name))
+            positions = OemConsumer().read(oem_document(DART, records))
+            self.assertEqual([p["seq"] for p in positions], [r.seq for r in records])
+
+    def test_consumer_reads_the_right_values(self) -> None:
+        """The consumer gets the Denmark capture's first fix: position, speed and course."""
+        records = parse_data_records(payload("data-0x04-2-records-2021-denmark"))
+        first = OemConsumer().read(oem_document(DART, records))[0]
+        self.assertEqual((first["lat"], first["lon"]), (55.457414, 9.9343941))
+        self.assertEqual(first["speed_ms"], 23.3)
+        self.assertEqual(first["course"], 296)
+        self.assertEqual(first["analogues"][1], 4125)
+        self.assertTrue(first["ignition"])
