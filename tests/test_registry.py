@@ -510,6 +510,11 @@ class SQLiteRegistryTests(RegistryScenariosMixin, TestCase):
         rows = await self.registry._pool.runQuery("PRAGMA journal_mode")
         self.assertEqual(rows[0][0].lower(), "wal")
 
+    async def test_no_fsync_per_commit(self) -> None:
+        """Commits do not fsync one by one (synchronous NORMAL, safe with WAL)."""
+        rows = await self.registry._pool.runQuery("PRAGMA synchronous")
+        self.assertEqual(rows[0][0], 1)
+
 
 class PostgreSQLRegistryTests(RegistryScenariosMixin, TestCase):
     """The registry on PostgreSQL, each test in a fresh schema."""
