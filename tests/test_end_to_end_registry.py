@@ -291,6 +291,15 @@ class _RegistryTestCase(_RelayTestCase):
         self.http = HTTPClient(Agent(self.reactor, pool=pool, connectTimeout=5))
         self.addCleanup(pool.closeCachedConnections)
 
+
+    async def start_archive_relay(self, registry: str) -> _RelayProcess:
+        """A relay with ``registry`` whose devices' uploads go to a file connector."""
+        config, token = self.relay_config(
+            file_connector("archive", self.path("uploads.jsonl")),
+            registry=registry,
+            default="archive",
+        )
+        return await self.start_relay(config, token)
     def _daemon_output(self) -> str:
         return "".join(
             f"\n--- {relay.name} output ---\n"
@@ -487,12 +496,7 @@ class CommandEndToEndTests(_RegistryTestCase):
 
     async def test_commands_sent_one_at_a_time_and_results_recorded(self) -> None:
         """On 0x22 each due command goes out as 0x20 after the previous 0x21, then 0x23; the API shows the results."""
-        config, token = self.relay_config(
-            file_connector("archive", self.path("uploads.jsonl")),
-            registry=self.sqlite_registry(),
-            default="archive",
-        )
-        relay = await self.start_relay(config, token)
+        relay = await self.start_archive_relay(self.sqlite_registry())
         device = await self.hello(relay)
         await self.api_until(relay, f"/api/devices/{DART_SERIAL}", lambda d: d["connected"], "the hello")
         commands = f"/api/devices/{DART_SERIAL}/commands"
@@ -580,12 +584,7 @@ class CommandEndToEndTests(_RegistryTestCase):
 
     async def test_device_view_follows_the_connection(self) -> None:
         """GET /api/devices/{serial} shows the hello's identity, connected, records committed, then disconnected."""
-        config, token = self.relay_config(
-            file_connector("archive", self.path("uploads.jsonl")),
-            registry=self.sqlite_registry(),
-            default="archive",
-        )
-        relay = await self.start_relay(config, token)
+        relay = await self.start_archive_relay(self.sqlite_registry())
         path = f"/api/devices/{DART_SERIAL}"
         code, body = await self.api(relay, "GET", path)
         self.assertEqual((code, body), (404, {"error": f"no device with serial {DART_SERIAL}"}))
@@ -626,12 +625,7 @@ class ConnectionStateEndToEndTests(_RegistryTestCase):
 
     async def test_reconnect_before_old_connection_closes(self) -> None:
         """A device connecting again before its old connection closes stays shown connected until the new one closes."""
-        config, token = self.relay_config(
-            file_connector("archive", self.path("uploads.jsonl")),
-            registry=self.sqlite_registry(),
-            default="archive",
-        )
-        relay = await self.start_relay(config, token)
+        relay = await self.start_archive_relay(self.sqlite_registry())
         path = f"/api/devices/{DART_SERIAL}"
         old = await self.hello(relay, "old connection")
         await self.api_until(relay, path, lambda d: d["connected"], "the first connection")
@@ -1004,10 +998,7 @@ class SharedRegistryEndToEndTests(_RegistryTestCase):
     async def test_devices_leaving_at_once_shown_disconnected(self) -> None:
         """Devices that send a hello and leave at once are all shown disconnected."""
         registry = await fresh_schema_url(self)
-        config, token = self.relay_config(
-            file_connector("archive", self.path("uploads.jsonl")), registry=registry, default="archive"
-        )
-        relay = await self.start_relay(config, token)
+        relay = await self.start_archive_relay(registry)
         serials = list(range(800000, 800020))
         for serial in serials:
             device = await self.connect_device(relay.device_port, f"device {serial}")
