@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 from pathlib import Path
 
 from twisted.internet import defer
@@ -144,6 +145,24 @@ class FileConnectorTests(SynchronousTestCase):
         self.assertEqual([d["SerNo"] for d in self.lines()], [1, 2, 3, 4])
         self.assertEqual(len(runner.calls), 2)
 
+    def test_one_write_at_a_time_when_callbacks_deliver(self) -> None:
+        """Uploads delivered by a batch's own callbacks share the next write; two are never under way."""
+        runner = ManualRunner()
+        connector = self.connector(runner)
+        connector.deliver(upload_for(1), PROFILE)
+        for serial in (2, 3):
+            # Each device sends its next upload as soon as it is committed.
+            connector.deliver(upload_for(serial), PROFILE).addCallback(
+                lambda _, n=serial: connector.deliver(upload_for(n * 10), PROFILE)
+            )
+        runner.run(0)
+        runner.run(1)
+        self.assertEqual(len(runner.calls), 3)
+        _, (_, data), _ = runner.calls[2]
+        self.assertEqual(data.count(b"\n"), 2)
+        runner.run(2)
+        self.assertEqual([d["SerNo"] for d in self.lines()], [1, 2, 3, 20, 30])
+
     def test_idle_after_batch(self) -> None:
         """After a batch completes, the next upload starts a new write at once."""
         runner = ManualRunner()
@@ -193,6 +212,25 @@ class FileConnectorTests(SynchronousTestCase):
         self.successResultOf(second)
         self.assertEqual([d["SerNo"] for d in self.lines()], [2])
 
+    def test_partial_write_does_not_spoil_next_line(self) -> None:
+        """After a write that failed part-way, the next upload still gets a line of its own."""
+        connector = self.connector()
+        real_write = os.write
+        calls: list[int] = []
+
+        def disk_fills(fd: int, data) -> int:
+            calls.append(fd)
+            if len(calls) > 1:
+                raise OSError(28, "No space left on device")
+            return real_write(fd, data[:40])
+
+        self.patch(os, "write", disk_fills)
+        self.failureResultOf(connector.deliver(upload_for(1), PROFILE), DeliveryFailed)
+        self.patch(os, "write", real_write)
+        self.successResultOf(connector.deliver(upload_for(2), PROFILE))
+        last = Path(self.path).read_bytes().splitlines()[-1]
+        self.assertEqual(json.loads(last)["SerNo"], 2)
+
     def test_link(self) -> None:
         """open_link gives a link that delivers to this file and ignores other frames."""
         connector = self.connector()
@@ -240,18 +278,50 @@ class AppendAndSyncTests(SynchronousTestCase):
         append_and_sync(path, b"")
         self.assertEqual(Path(path).read_bytes(), b"x")
 
+    def test_unfinished_line_ended_first(self) -> None:
+        """A file ending in an unfinished line (a crash mid-write) gets a newline before the data."""
+        path = self.mktemp()
+        Path(path).write_bytes(b'{"SerNo":1,"IM')
+        append_and_sync(path, b"one\n")
+        self.assertEqual(Path(path).read_bytes(), b'{"SerNo":1,"IM\none\n')
+
     def test_unwritable(self) -> None:
         """A path in a missing directory raises OSError."""
         with self.assertRaises(OSError):
             append_and_sync(os.path.join(self.mktemp(), "no", "file"), b"x")
 
+    def record_fsyncs(self) -> list[str]:
+        """From now on, the kind ("file" or "directory") of each fsync'd descriptor."""
+        synced: list[str] = []
+        real_fsync = os.fsync
+
+        def fsync(fd: int) -> None:
+            synced.append("directory" if stat.S_ISDIR(os.fstat(fd).st_mode) else "file")
+            real_fsync(fd)
+
+        self.patch(os, "fsync", fsync)
+        return synced
+
     def test_fsyncs(self) -> None:
         """The data is fsync'd before append_and_sync returns."""
-        synced: list[int] = []
-        real_fsync = os.fsync
-        self.patch(os, "fsync", lambda fd: (synced.append(fd), real_fsync(fd)))
+        synced = self.record_fsyncs()
         append_and_sync(self.mktemp(), b"x")
-        self.assertEqual(len(synced), 1)
+        self.assertEqual(synced.count("file"), 1)
+
+    def test_new_file_directory_synced(self) -> None:
+        """A file the write creates has its directory fsync'd too, so its name survives a crash."""
+        os.mkdir(directory := self.mktemp())
+        synced = self.record_fsyncs()
+        append_and_sync(os.path.join(directory, "uploads.jsonl"), b"one\n")
+        self.assertEqual(synced, ["file", "directory"])
+
+    def test_existing_file_only_file_synced(self) -> None:
+        """Appending to a file that already holds lines fsyncs only the file."""
+        path = self.mktemp()
+        Path(path).write_bytes(b"zero\n")
+        synced = self.record_fsyncs()
+        append_and_sync(path, b"one\n")
+        self.assertEqual(synced, ["file"])
 
 
 class BuildConnectorTests(SynchronousTestCase):

@@ -197,13 +197,43 @@ class TcpLinkTests(SynchronousTestCase):
         self.successResultOf(done)
 
     def test_unexpected_commit_response(self) -> None:
-        """A commit response nobody waits for is ignored."""
+        """A commit response nobody asked for calls on_lost: later answers could not be trusted."""
         protocol, transport = self.accept()
         protocol.dataReceived(COMMIT_OK)
+        self.assertEqual(len(self.lost), 1)
+        self.assertIn("commit response", self.lost[0])
+        self.assertTrue(transport.disconnecting)
+        self.failureResultOf(self.link.deliver(UPLOAD, PROFILE), DeliveryFailed)
+
+    def test_second_commit_response_after_answer(self) -> None:
+        """A second 0x06 for an answered commit calls on_lost instead of waiting to answer the next one."""
+        protocol, transport = self.accept()
+        first = self.link.deliver(UPLOAD, PROFILE)
+        protocol.dataReceived(COMMIT_OK)
+        self.successResultOf(first)
+        protocol.dataReceived(COMMIT_OK)
+        self.assertEqual(len(self.lost), 1)
+        self.assertTrue(transport.disconnecting)
+
+    def test_double_answer_in_one_read_not_taken_for_next_commit(self) -> None:
+        """Two 0x06 in one read answer one commit: a commit requested meanwhile is not answered by the second."""
+        protocol, transport = self.accept()
+        first = self.link.deliver(UPLOAD, PROFILE)
+        following: list[Deferred] = []
+        # The session delivers the device's next upload as soon as the first is committed.
+        first.addCallback(lambda _: following.append(self.link.deliver(UPLOAD, PROFILE)))
+        protocol.dataReceived(COMMIT_OK + COMMIT_OK)
+        self.successResultOf(first)
+        self.failureResultOf(following[0], DeliveryFailed)
+        self.assertEqual(len(self.lost), 1)
+
+    def test_early_answer_before_commit_request(self) -> None:
+        """A 0x06 01 sent while no commit request was outstanding does not answer the commit written next."""
+        protocol, transport = self.accept()
+        protocol.dataReceived(HELLO_RESPONSE + COMMIT_OK)
         done = self.link.deliver(UPLOAD, PROFILE)
-        self.assertNoResult(done)
-        self.assertEqual(self.lost, [])
-        self.assertFalse(transport.disconnecting)
+        self.failureResultOf(done, DeliveryFailed)
+        self.assertEqual(len(self.lost), 1)
 
     def test_deliver_before_connected(self) -> None:
         """An upload delivered while connecting is written after the hello."""

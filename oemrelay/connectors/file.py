@@ -29,13 +29,28 @@ BlockingRunner = Callable[..., Deferred]
 
 
 def append_and_sync(path: str, data: bytes) -> None:
-    """Append ``data`` to ``path`` and flush it to disk before returning."""
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+    """
+    Append ``data`` to ``path`` and flush it to disk before returning.
+
+    A last line left unfinished (a write that failed part-way, a crash) is
+    ended first, so that ``data`` never continues it.
+    """
+    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o640)
     try:
+        end = os.lseek(fd, 0, os.SEEK_END)
+        if data and end and os.pread(fd, 1, end - 1) != b"\n":
+            data = b"\n" + data
         view = memoryview(data)
         while view:
             view = view[os.write(fd, view):]
         os.fsync(fd)
+        if not end:
+            # A file just created survives a crash only once its name does.
+            directory = os.open(os.path.dirname(path) or ".", os.O_RDONLY)
+            try:
+                os.fsync(directory)
+            finally:
+                os.close(directory)
     finally:
         os.close(fd)
 
@@ -70,7 +85,8 @@ class FileConnector(Service):
         written.addBoth(self._written, batch)
 
     def _written(self, result: object, batch: list[tuple[bytes, Deferred[None]]]) -> None:
-        self._writing = False
+        # Still "writing" while the batch's callbacks run: uploads they deliver
+        # queue for the next write together, rather than starting writes of their own.
         if isinstance(result, Failure):
             error = DeliveryFailed(
                 f"connector {self.name}: cannot write {self.path}:"
@@ -81,5 +97,6 @@ class FileConnector(Service):
         else:
             for _, done in batch:
                 done.callback(None)
+        self._writing = False
         if self._queued:
             self._write_queued()

@@ -12,7 +12,9 @@ Server; other frames (0x26, unknown types) are passed on as they come.
 
 The end server's hello response is consumed (the device already has the
 relay's); its commit response decides the device's commit.  If the end server
-cannot be reached or goes away, the device connection is closed uncommitted.
+cannot be reached or goes away, or sends a commit response for which no
+commit request was outstanding when it arrived, the device connection is
+closed uncommitted.
 """
 
 from __future__ import annotations
@@ -47,8 +49,7 @@ class _EndServerProtocol(Protocol):
         except ProtocolError as error:
             self._link.lost(f"end server broke the protocol: {error}")
             return
-        for frame in frames:
-            self._link.frame_from_end_server(frame)
+        self._link.frames_from_end_server(frames)
 
     def connectionLost(self, reason: Failure = None) -> None:
         self._link.lost("end server closed the connection")
@@ -92,10 +93,24 @@ class TcpLink:
     def _not_connected(self, failure: Failure) -> None:
         self.lost(f"cannot connect to end server: {failure.getErrorMessage()}")
 
-    def frame_from_end_server(self, frame: Frame) -> None:
-        if frame.type == MessageType.COMMIT_RESPONSE and self._commit_answers:
-            self._commit_answers.popleft().callback(frame.payload)
-        elif frame.type != MessageType.HELLO_RESPONSE:  # expected, and consumed
+    def frames_from_end_server(self, frames: list[Frame]) -> None:
+        # These bytes can only answer commit requests written before they
+        # arrived, not one an answer among them has meanwhile led to.
+        answerable = len(self._commit_answers)
+        for frame in frames:
+            if self._closed:
+                return
+            if frame.type != MessageType.COMMIT_RESPONSE:
+                self._other_frame(frame)
+            elif answerable:
+                answerable -= 1
+                self._commit_answers.popleft().callback(frame.payload)
+            else:
+                # Out of step with our requests: no later 0x06 can be trusted.
+                self.lost("end server sent a commit response without a commit request")
+
+    def _other_frame(self, frame: Frame) -> None:
+        if frame.type != MessageType.HELLO_RESPONSE:  # expected, and consumed
             log.info(
                 "connector {name}: end server sent message type 0x{type:02x}"
                 " for device {serial}; not passed on",
