@@ -175,9 +175,13 @@ class Relay:
         return self._clock.seconds() if self._clock is not None else time.time()
 
     def open_route(self, hello: Hello, on_lost: Callable[[str], None]) -> DeviceRoute:
-        """Start routing one device connection; links open eagerly for the default."""
+        """
+        Start routing one device connection.  The link to the device's own
+        connector (its override, or the default) opens ahead of its first
+        upload, so a raw TCP end server gets the hello at once.
+        """
         route = DeviceRoute(self, hello, on_lost)
-        route.link_for(self.default_connector)
+        route.open_ahead()
         return route
 
 
@@ -267,6 +271,17 @@ class DeviceRoute:
         self._links: dict[str, Link] = {}
         self._closed = False
         relay.presence.opened(hello)
+
+    def open_ahead(self) -> None:
+        """Open the link the device's next upload will use, once its profile is known."""
+
+        def open_link(profile: DeviceProfile) -> None:
+            name = profile.connector or self._relay.default_connector
+            if not self._closed and name in self._relay.connectors:
+                self.link_for(name)
+
+        # A failed lookup is retried, and reported, by the upload's own.
+        self._registry.profile_for(self._hello).addCallbacks(open_link, lambda _: None)
 
     def link_for(self, connector_name: str) -> Link:
         """This connection's link to ``connector_name``, opened on first use."""

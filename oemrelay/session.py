@@ -31,6 +31,7 @@ from twisted.python.failure import Failure
 
 from .codec import (
     ASYNC_SESSION_COMPLETE,
+    AsyncStatus,
     COMMIT_SUCCESS,
     VERSION_RESPONSE,
     Frame,
@@ -332,11 +333,12 @@ class DeviceSession:
                 reason=" ".join(str(error).split()),
             )
             commands = []
+        route = self._route  # still there to record results once closed
         for command in commands:
             if self._closed:
                 return
             try:
-                sent = await self._route.command_sent(command.id).addTimeout(
+                sent = await route.command_sent(command.id).addTimeout(
                     self._commit_timeout, self._clock
                 )
             except Exception as error:
@@ -351,6 +353,8 @@ class DeviceSession:
             if sent is None:
                 continue  # taken by another relay, or expired, meanwhile
             if self._closed:
+                # Marked sent, never written: back in the queue for next time.
+                route.command_result(command.id, AsyncStatus.RETRY_LATER)
                 return
             answer: Deferred[int] = Deferred()
             self._awaited_response = (command.id, answer)

@@ -130,8 +130,8 @@ class DeliverTests(RouteTestMixin, SynchronousTestCase):
         route = self.route(profiles)
         upload = make_upload(5)
         delivery = Deferred.fromCoroutine(route.deliver(upload))
-        self.assertEqual(profiles.asked, [HELLO])
-        self.assertEqual(self.main.links[0].deliveries, [])
+        self.assertEqual(profiles.asked[-1], HELLO)
+        self.assertEqual(self.main.links, [])
         [(delivered, given, answer)] = self.other.links[0].deliveries
         self.assertIs(delivered, upload)
         self.assertEqual(given, profile)
@@ -152,7 +152,7 @@ class DeliverTests(RouteTestMixin, SynchronousTestCase):
         delivery = Deferred.fromCoroutine(route.deliver(make_upload(1)))
         failure = self.failureResultOf(delivery, DeliveryFailed)
         self.assertIn("'nowhere'", str(failure.value))
-        self.assertEqual(self.main.links[0].deliveries, [])
+        self.assertEqual(self.main.links, [])
         self.assertEqual(self.other.links, [])
 
     def test_delivery_waits_for_profile(self) -> None:
@@ -162,7 +162,7 @@ class DeliverTests(RouteTestMixin, SynchronousTestCase):
         delivery = Deferred.fromCoroutine(route.deliver(make_upload(1)))
         self.assertNoResult(delivery)
         self.assertEqual(self.other.links, [])
-        profiles.pending[0].callback(DeviceProfile(connector="other"))
+        profiles.pending[-1].callback(DeviceProfile(connector="other"))
         self.assertEqual(len(self.other.links[0].deliveries), 1)
         self.other.links[0].deliveries[0][2].callback(None)
         self.successResultOf(delivery)
@@ -172,9 +172,9 @@ class DeliverTests(RouteTestMixin, SynchronousTestCase):
         profiles = FakeProfiles()
         route = self.route(profiles)
         delivery = Deferred.fromCoroutine(route.deliver(make_upload(1)))
-        profiles.pending[0].errback(DeliveryFailed("registry unreachable"))
+        profiles.pending[-1].errback(DeliveryFailed("registry unreachable"))
         self.failureResultOf(delivery, DeliveryFailed)
-        self.assertEqual(self.main.links[0].deliveries, [])
+        self.assertEqual(self.main.links, [])
 
     def test_link_failure_fails_delivery(self) -> None:
         """A link's failure is the delivery's failure."""
@@ -198,13 +198,12 @@ class DeliverTests(RouteTestMixin, SynchronousTestCase):
         route = self.route(FakeProfiles(DeviceProfile(connector="other")))
         for seq in (1, 2, 3):
             Deferred.fromCoroutine(route.deliver(make_upload(seq)))
-        self.assertEqual(len(self.main.links), 1)
+        self.assertEqual(self.main.links, [])
         self.assertEqual(len(self.other.links), 1)
         self.assertEqual(
             [upload.first_seq for upload, _, _ in self.other.links[0].deliveries], [1, 2, 3]
         )
         self.assertIs(route.link_for("other"), self.other.links[0])
-        self.assertIs(route.link_for("main"), self.main.links[0])
 
     def test_deliver_after_close_fails_without_opening_link(self) -> None:
         """A delivery whose profile arrives after the route closed fails and opens no link."""
@@ -212,10 +211,11 @@ class DeliverTests(RouteTestMixin, SynchronousTestCase):
         route = self.route(profiles)
         delivery = Deferred.fromCoroutine(route.deliver(make_upload(1)))
         route.close()
-        profiles.pending[0].callback(DeviceProfile(connector="other"))
+        for lookup in profiles.pending:
+            lookup.callback(DeviceProfile(connector="other"))
         self.failureResultOf(delivery, DeliveryFailed)
         self.assertEqual(self.other.links, [])
-        self.assertEqual(len(self.main.links), 1)
+        self.assertEqual(self.main.links, [])
 
 
 class ForwardCloseTests(RouteTestMixin, SynchronousTestCase):
@@ -224,23 +224,31 @@ class ForwardCloseTests(RouteTestMixin, SynchronousTestCase):
     def test_forward_reaches_open_links(self) -> None:
         """forward() passes the frame to every open link."""
         route = self.route(FakeProfiles(DeviceProfile(connector="other")))
-        Deferred.fromCoroutine(route.deliver(make_upload(1)))
+        route.link_for("main")
         frame = Frame(MessageType.SOCKET_CLOSE, b"")
         route.forward(frame)
         self.assertEqual(self.main.links[0].forwarded, [frame])
         self.assertEqual(self.other.links[0].forwarded, [frame])
 
-    def test_forward_only_default_before_override_used(self) -> None:
-        """Before any delivery only the default link is open, so only it gets frames."""
+    def test_own_connector_opened_ahead(self) -> None:
+        """Before any delivery the link of the device's own connector is open and gets frames; the default's is not opened."""
         route = self.route(FakeProfiles(DeviceProfile(connector="other")))
         route.forward(Frame(0x7E, b"x"))
-        self.assertEqual(self.main.links[0].forwarded, [Frame(0x7E, b"x")])
-        self.assertEqual(self.other.links, [])
+        self.assertEqual(self.other.links[0].forwarded, [Frame(0x7E, b"x")])
+        self.assertEqual(self.main.links, [])
+
+    def test_nothing_opened_ahead_while_profile_unknown(self) -> None:
+        """No link opens until the profile lookup answers; a failed lookup opens none."""
+        profiles = FakeProfiles()
+        self.route(profiles)
+        self.assertEqual((self.main.links, self.other.links), ([], []))
+        profiles.pending[0].errback(DeliveryFailed("registry unreachable"))
+        self.assertEqual((self.main.links, self.other.links), ([], []))
 
     def test_close_closes_all_links(self) -> None:
         """close() closes every open link exactly once, even if called again."""
         route = self.route(FakeProfiles(DeviceProfile(connector="other")))
-        Deferred.fromCoroutine(route.deliver(make_upload(1)))
+        route.link_for("main")
         route.close()
         route.close()
         self.assertEqual(self.main.links[0].closed, 1)

@@ -1100,13 +1100,14 @@ class AsyncSessionTests(RegistryTestMixin, SynchronousTestCase):
         self.assertEqual(link.closed, 1)
 
     def test_disconnect_while_marking_sent(self) -> None:
-        """The device leaving while command_sent is pending: nothing is written when it fires."""
+        """The device leaving while command_sent is pending: nothing is written, and the command goes back to the queue."""
         self.registry.hold("command_sent")
         self.start(ODOMETER, RECOVERY)
         self.transport.loseConnection()
         self.registry.held["command_sent"][0].callback(ODOMETER)
         self.assertEqual(self.take(), b"")
         self.assertEqual(self.registry.named("command_sent"), [(41, NOW)])
+        self.assertEqual(self.registry.named("command_result"), [(41, 2, NOW)])
         self.assertEqual(self.errors(), [])
         self.assertEqual(self.clock.getDelayedCalls(), [])
 
@@ -1314,9 +1315,10 @@ class RegistryEventTests(RegistryTestMixin, SynchronousTestCase):
     def test_profile_failure_withholds_commit(self) -> None:
         """profile_for failing with a registry error withholds the commit: registry unavailable."""
         self.registry.failing["profile_for"] = RegistryError("database is\nlocked")
-        link = self.greet()
+        self.send(DART_HELLO)
+        self.assertTrue(self.take().startswith(b"\x02\x55\x01"))
         self.send(DATA_2, COMMIT)
-        self.assertEqual(link.deliveries, [])
+        self.assertEqual(self.connector.links, [])
         self.assertEqual(self.take(), b"")
         self.assert_closed_with_warning("129336", "registry unavailable", "database is locked")
         self.assertEqual(

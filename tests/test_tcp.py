@@ -27,7 +27,7 @@ from oemrelay.codec import (
 )
 from oemrelay.config import TcpConnectorConfig
 from oemrelay.connectors import build_connector
-from oemrelay.connectors.tcp import TcpConnector, TcpLink
+from oemrelay.connectors.tcp import MAX_UNSENT_FRAMES, TcpConnector, TcpLink
 from oemrelay.relay import DeliveryFailed, DeviceProfile, Upload
 
 from .vectors import capture
@@ -295,6 +295,15 @@ class TcpLinkTests(SynchronousTestCase):
         _, transport = self.accept()
         self.link.forward(Frame(0x7E, b"\x01\x02"))
         self.assertEqual(transport.value(), bytes.fromhex("02557e02000102"))
+
+    def test_flood_before_connected_closes(self) -> None:
+        """More than MAX_UNSENT_FRAMES frames to pass on before the connection is up: the link is lost, nothing held."""
+        for _ in range(MAX_UNSENT_FRAMES):
+            self.link.forward(Frame(0x7E, b"x"))
+        self.assertEqual(self.lost, [])
+        self.link.forward(Frame(0x7E, b"x"))
+        self.assertEqual(len(self.lost), 1)
+        self.assertIn("frames to pass on", self.lost[0])
 
     def test_forward_after_close(self) -> None:
         """forward() after close() writes nothing."""

@@ -35,6 +35,10 @@ from ..relay import DeliveryFailed, DeviceProfile, Upload
 
 log = Logger(namespace="oemrelay.connectors.tcp")
 
+#: Frames (0x26, unknown types) held for an end server still being connected
+#: to; a device sending more is flooding, and is disconnected.
+MAX_UNSENT_FRAMES = 64
+
 
 class _EndServerProtocol(Protocol):
     """The relay's connection to the end server for one device."""
@@ -152,6 +156,12 @@ class TcpLink:
         if self._closed:
             return
         if self._protocol is None:
+            if len(self._unsent) >= MAX_UNSENT_FRAMES:
+                self.lost(
+                    f"more than {MAX_UNSENT_FRAMES} frames to pass on before the"
+                    " end server connection was up"
+                )
+                return
             self._unsent.append(frame)
         else:
             self._protocol.transport.write(frame.to_bytes())
