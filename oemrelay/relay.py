@@ -29,6 +29,9 @@ from .codec import Frame, Hello, Record
 
 log = Logger(namespace="oemrelay.relay")
 
+#: Frames outside uploads held for a link not yet open; more are dropped.
+MAX_HELD_FRAMES = 64
+
 
 @dataclass(frozen=True, slots=True)
 class Upload:
@@ -269,6 +272,8 @@ class DeviceRoute:
         self._hello = hello
         self._on_lost = on_lost
         self._links: dict[str, Link] = {}
+        # Frames to pass on before the device's link is open (see open_ahead).
+        self._held: list[Frame] | None = []
         self._closed = False
         relay.presence.opened(hello)
 
@@ -280,8 +285,15 @@ class DeviceRoute:
             if not self._closed and name in self._relay.connectors:
                 self.link_for(name)
 
+        def opened(_: object) -> None:
+            # Frames the device sent meanwhile reach the link, in order.
+            held, self._held = self._held, None
+            for frame in held:
+                self.forward(frame)
+
         # A failed lookup is retried, and reported, by the upload's own.
-        self._registry.profile_for(self._hello).addCallbacks(open_link, lambda _: None)
+        lookup = self._registry.profile_for(self._hello)
+        lookup.addCallbacks(open_link, lambda _: None).addCallback(opened)
 
     def link_for(self, connector_name: str) -> Link:
         """This connection's link to ``connector_name``, opened on first use."""
@@ -349,7 +361,11 @@ class DeviceRoute:
         )
 
     def forward(self, frame: Frame) -> None:
-        """Pass a non-upload frame to every open link."""
+        """Pass a non-upload frame to every open link (held until the first opens)."""
+        if self._held is not None:
+            if len(self._held) < MAX_HELD_FRAMES:
+                self._held.append(frame)
+            return
         for link in self._links.values():
             link.forward(frame)
 

@@ -12,6 +12,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from oemrelay.codec import Frame, Hello, MessageType, Record, parse_hello
 from oemrelay.relay import (
+    MAX_HELD_FRAMES,
     DeliveryFailed,
     DeviceProfile,
     DeviceRoute,
@@ -236,6 +237,18 @@ class ForwardCloseTests(RouteTestMixin, SynchronousTestCase):
         route.forward(Frame(0x7E, b"x"))
         self.assertEqual(self.other.links[0].forwarded, [Frame(0x7E, b"x")])
         self.assertEqual(self.main.links, [])
+
+    def test_frames_held_until_link_opens(self) -> None:
+        """Frames passed on before the profile is known reach the link once it opens, in order; past 64 they are dropped."""
+        profiles = FakeProfiles()
+        route = self.route(profiles)
+        frames = [Frame(0x7E, bytes([i])) for i in range(MAX_HELD_FRAMES + 3)]
+        for frame in frames:
+            route.forward(frame)
+        profiles.pending[0].callback(DeviceProfile(connector="other"))
+        self.assertEqual(self.other.links[0].forwarded, frames[:MAX_HELD_FRAMES])
+        route.forward(frames[0])
+        self.assertEqual(self.other.links[0].forwarded[-1], frames[0])
 
     def test_nothing_opened_ahead_while_profile_unknown(self) -> None:
         """No link opens until the profile lookup answers; a failed lookup opens none."""
