@@ -455,6 +455,12 @@ def _custom(key: str, value: str) -> str:
     # PostgreSQL text cannot hold NUL; refuse it the same way for every database.
     if "\x00" in value:
         raise _ApiError(400, f"{key} must not contain NUL characters")
+    if not value.isascii():
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            # A JSON "\ud800" escape: valid JSON, but not storable text.
+            raise _ApiError(400, f"{key} must not contain lone surrogates") from None
     return value
 
 
@@ -518,6 +524,8 @@ def _json_body(request: Request) -> Any:
         raise _ApiError(400, "the body is not UTF-8 text") from None
     except ValueError as error:  # JSONDecodeError is one
         raise _ApiError(400, f"the body is not valid JSON: {error}") from None
+    except RecursionError:
+        raise _ApiError(400, "the body is not valid JSON: nested too deeply") from None
 
 
 # -- responses -----------------------------------------------------------------

@@ -43,14 +43,15 @@ IOTHUB_API_VERSION = "2021-04-12"
 #: The DNS suffix added to a bare hub name (Azure's public cloud).
 IOTHUB_DOMAIN = "azure-devices.net"
 
-_SAS_PREFIX = "SharedAccessSignature "
+#: How a complete SAS, sent as it is, begins.
+SAS_PREFIX = "SharedAccessSignature "
 _PLACEHOLDER_SPLIT = re.compile(r"(\[(?:" + "|".join(PLACEHOLDERS) + r")\])")
 
 
 # --- Azure IoT Hub shared access signatures --------------------------------
 
 
-def _decode_key(key_base64: str) -> bytes:
+def decode_sas_key(key_base64: str) -> bytes:
     """The raw bytes of a base64 SAS key; the error names no key material."""
     try:
         key = b64decode(key_base64.strip(), validate=True)
@@ -95,11 +96,11 @@ def sas_token(
         raise ValueError("the SAS resource URI is empty")
     if isinstance(expiry, bool) or not isinstance(expiry, int) or expiry < 0:
         raise ValueError("the SAS expiry must be a non-negative integer (epoch seconds)")
-    key = _decode_key(key_base64)
+    key = decode_sas_key(key_base64)
     encoded_resource = quote(resource_uri, safe="")
     signature = _sas_signature(encoded_resource, str(expiry), key)
     token = (
-        f"{_SAS_PREFIX}sr={encoded_resource}"
+        f"{SAS_PREFIX}sr={encoded_resource}"
         f"&sig={quote(signature, safe='')}&se={expiry}"
     )
     if policy:
@@ -173,7 +174,7 @@ class AzureSas:
         """
         serial = fields.get("SERIAL", "?")
         key = expand(self._key_template, fields)
-        if key.startswith(_SAS_PREFIX):
+        if key.startswith(SAS_PREFIX):
             if "\r" in key or "\n" in key:
                 raise ValueError(
                     f"the preset SAS of device {serial} contains CR or LF"
@@ -525,7 +526,7 @@ class OAuth2ClientCredentials:
             )
         try:
             lifetime = _expires_in(document.get("expires_in"))
-        except ValueError:
+        except (ValueError, OverflowError):  # OverflowError: an int too large for a float
             raise AuthError(
                 f"OAuth2 token endpoint {self._target} answered with an invalid expires_in"
             ) from None

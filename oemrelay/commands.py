@@ -88,6 +88,11 @@ def _parse_time(key: str, value: object) -> float:
         else:
             if moment.tzinfo is None:
                 moment = moment.replace(tzinfo=timezone.utc)
+            try:
+                # Refuses a UTC time outside years 1-9999, which iso8601 could not show.
+                moment = moment.astimezone(timezone.utc)
+            except OverflowError:
+                raise CommandError(f'"{key}" must fall within years 1 to 9999 UTC') from None
             return (moment - _UNIX_EPOCH).total_seconds()
     raise CommandError(
         f'"{key}" must be an ISO 8601 time such as "2026-11-26T09:20:02Z"'

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from urllib.parse import urlsplit
 
+from hyperlink import EncodedURL
 from twisted.internet.endpoints import clientFromString, serverFromString
 from twisted.internet.testing import MemoryReactor
 
@@ -37,7 +38,8 @@ class RelayConfig:
     commit_timeout: float = 20.0
     idle_timeout: float = 600.0
     max_message: int = MAX_PAYLOAD
-    registry: str = "sqlite:oemrelay.sqlite"
+    #: Not in repr(): a PostgreSQL URL may hold a password.
+    registry: str = field(default="sqlite:oemrelay.sqlite", repr=False)
     node: str = field(default_factory=socket.gethostname)
 
 
@@ -54,7 +56,8 @@ class HttpConnectorConfig:
     """``[connector:NAME]`` with ``type = http``."""
 
     name: str
-    url: str
+    #: Not in repr(): the path and query may hold a key (``?code=...``).
+    url: str = field(repr=False)
     headers: tuple[tuple[str, str], ...] = field(default=(), repr=False)
     username: str = ""
     password: str = field(default="", repr=False)
@@ -69,7 +72,7 @@ class HttpConnectorConfig:
     sas_policy: str = ""
     sas_resource: str = ""
     token_ttl: int = 3600
-    token_url: str = ""
+    token_url: str = field(default="", repr=False)
     client_id: str = ""
     client_secret: str = field(default="", repr=False)
     scope: str = ""
@@ -173,16 +176,35 @@ def _client_endpoint(value: str) -> str:
 
 
 def _http_url(value: str) -> str:
+    # Messages never quote the URL: its path and query may hold a key.
     _required(value)
     parts = urlsplit(value)
     if parts.scheme not in ("http", "https") or not parts.netloc:
-        raise ValueError(f"must be an http:// or https:// URL, got {value!r}")
-    if has_placeholders(parts.netloc.split("@")[-1]):
+        shown = f"{parts.scheme}:" if parts.scheme else "no scheme"
+        raise ValueError(f"must be an http:// or https:// URL, got {shown}")
+    if "@" in parts.netloc:
+        # treq drops the password and the request fails; say what works.
+        raise ValueError("must not hold user:password@; set username and password instead")
+    if has_placeholders(parts.netloc):
         raise ValueError("the host part must not contain placeholders")
-    if parts.netloc.split("@")[-1].startswith("["):
+    if parts.netloc.startswith("["):
         # treq's URL library IDNA-encodes every host and fails on IPv6
         # literals (python-hyper/hyperlink#68), so each POST would fail.
         raise ValueError("IPv6 literal hosts are not supported; use a host name")
+    try:
+        port = parts.port
+    except ValueError:
+        port = 0
+    if port == 0:
+        raise ValueError("the port must be a number from 1 to 65535")
+    try:
+        # What treq does to every request's URL: refused here, not per upload.
+        EncodedURL.from_text(f"{parts.scheme}://{parts.netloc}/").to_uri()
+        valid = bool(parts.hostname)
+    except Exception:
+        valid = False
+    if not valid:
+        raise ValueError(f"the host {parts.hostname or ''!r} is not a valid host name")
     return value
 
 
@@ -195,13 +217,25 @@ def _header(value: str) -> tuple[str, str] | None:
     name, colon, template = value.partition(":")
     name = name.strip()
     if not colon or not _HEADER_NAME.match(name):
-        raise ValueError(f"must be 'Name: value', got {value!r}")
+        # Not quoted: the value may be a key.
+        raise ValueError("must be 'Name: value' with a header name before the colon")
     return name, template.strip()
 
 
 def _readable_file(value: str) -> str:
     if value and not os.access(value, os.R_OK):
         raise ValueError(f"cannot read file {value!r}")
+    return value
+
+
+def _ca_file(value: str) -> str:
+    if _readable_file(value):
+        from OpenSSL import SSL
+
+        try:
+            SSL.Context(SSL.TLS_METHOD).load_verify_locations(value)
+        except Exception:
+            raise ValueError(f"{value!r} holds no PEM CA certificate") from None
     return value
 
 
@@ -213,10 +247,13 @@ def _registry_url(value: str) -> str:
     if value.startswith("sqlite:") and value[len("sqlite:"):]:
         return value
     if value.startswith(("postgresql://", "postgres://")):
+        from .registry import check_postgresql_url
+
+        check_postgresql_url(value)
         return value
     raise ValueError(
         "must be sqlite:PATH or postgresql://user@host/database,"
-        f" got {value.split('://')[0]!r}..."
+        f" got {value.split(':')[0]!r}:..."
     )
 
 
@@ -226,13 +263,16 @@ def _auth_scheme(value: str) -> str:
     return value
 
 
+_MAX_TOKEN_TTL = 10 * 365 * 24 * 3600
+
+
 def _whole_seconds(value: str) -> int:
     try:
         number = int(value)
     except ValueError:
         raise ValueError(f"must be a whole number of seconds, got {value!r}") from None
-    if number <= 0:
-        raise ValueError(f"must be a positive number of seconds, got {number}")
+    if not 0 < number <= _MAX_TOKEN_TTL:
+        raise ValueError(f"must be from 1 to {_MAX_TOKEN_TTL} seconds (ten years)")
     return number
 
 
@@ -262,7 +302,7 @@ _HTTPS_KEYS: _Schema = {
     "header2": (_header, ""),
     "header3": (_header, ""),
     "timeout": (_positive_number, "10"),
-    "ca_file": (_readable_file, ""),
+    "ca_file": (_ca_file, ""),
     "client_cert": (_readable_file, ""),
     "client_key": (_readable_file, ""),
     "sas_key": (_text, "[CUSTOM3]"),
@@ -326,6 +366,15 @@ def config_from_string(text: str, source: str = "<string>") -> Config:
     parser.optionxform = str  # keys are case-sensitive, like the schema
     try:
         parser.read_string(text, source)
+    except configparser.ParsingError as error:
+        # Line numbers only: a malformed line may hold a password.
+        if isinstance(error, configparser.MissingSectionHeaderError):
+            lines = [error.lineno]
+            problem = "no section headers; a key comes before the first [section]"
+        else:
+            lines, problem = [n for n, _ in error.errors], "not 'key = value'"
+        where = ", ".join(f"line {n}" for n in lines)
+        raise ConfigError(f"{source}: {where}: {problem}") from None
     except configparser.Error as error:
         raise ConfigError(f"{source}: {' '.join(str(error).split())}") from None
 
@@ -343,6 +392,9 @@ def config_from_string(text: str, source: str = "<string>") -> Config:
             raw = values.get(key, default)
             if raw is None or (raw == "" and default is None):
                 raise fail(section, key, "missing; this key is required")
+            if "\n" in raw.strip() and key != "listen":
+                # An indented line continues the value; not quoted, it may be a key.
+                raise fail(section, key, "must be on one line (the next line is indented)")
             try:
                 parsed[key] = parse(raw.strip())
             except ValueError as error:
@@ -457,7 +509,7 @@ def _connector_config(
     if connector_type == "file":
         return FileConnectorConfig(name, **values)
     # Imported here: auth imports templates, which must not import config.
-    from .auth import default_sas_resource, iothub_url
+    from .auth import SAS_PREFIX, decode_sas_key, default_sas_resource, iothub_url
 
     header_keys = ("header1", "header2", "header3")
     headers = {key: values.pop(key) for key in header_keys}
@@ -465,7 +517,7 @@ def _connector_config(
         hub, device_id = values.pop("hub"), values.pop("device_id")
         if not values["url"]:
             try:
-                values["url"] = iothub_url(hub, device_id)
+                values["url"] = _http_url(iothub_url(hub, device_id))
             except ValueError as error:
                 raise _KeyProblem("hub", str(error)) from None
         values.update(auth="azure-sas", iothub=True)
@@ -481,6 +533,13 @@ def _connector_config(
     else:
         _refuse_given(given, _OAUTH2_KEYS, f"auth = {auth}")
     if auth == "azure-sas":
+        key = values["sas_key"]
+        if not has_placeholders(key) and not key.startswith(SAS_PREFIX):
+            # A key written out would otherwise fail every upload.
+            try:
+                decode_sas_key(key)
+            except ValueError as error:
+                raise _KeyProblem("sas_key", str(error)) from None
         if not values["sas_resource"]:
             try:
                 values["sas_resource"] = default_sas_resource(values["url"])

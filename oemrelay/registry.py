@@ -20,7 +20,7 @@ import os
 from collections.abc import Callable, Coroutine, Iterable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
 from twisted.enterprise import adbapi
 from twisted.internet.defer import Deferred
@@ -288,6 +288,15 @@ def _check_import_row(row: object) -> tuple[int, dict[str, str | None]]:
     return serial, settings
 
 
+def _check_command_id(command_id: object) -> int:
+    # SQLite cannot bind an int past 2**63, PostgreSQL matches nothing: refuse on both.
+    if isinstance(command_id, bool) or not isinstance(command_id, int):
+        raise ValueError(f"command_id must be an integer, not {type(command_id).__name__}")
+    if not 0 <= command_id <= _MAX_SERIAL:
+        raise ValueError(f"command_id {command_id} is outside 0..{_MAX_SERIAL}")
+    return command_id
+
+
 def _check_count(name: str, value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise ValueError(f"{name} must be a non-negative integer, not {value!r}")
@@ -314,6 +323,30 @@ def _url_without_password(url: str) -> str:
             ]
         )
     return urlunsplit(parts._replace(netloc=netloc, query=query))
+
+
+def _passwords(url: str) -> list[str]:
+    """The passwords in ``url`` (user part and query), raw and decoded."""
+    try:
+        parts = urlsplit(url)
+        found = [parts.password or ""]
+    except ValueError:
+        return []
+    for pair in parts.query.split("&"):
+        key, _, value = pair.partition("=")
+        if unquote(key) in ("password", "sslpassword"):
+            found.append(value)
+    found += [unquote(secret) for secret in found]
+    return sorted({secret for secret in found if secret}, key=len, reverse=True)
+
+
+def check_postgresql_url(url: str) -> None:
+    """
+    Check a ``postgresql://`` registry URL without connecting.
+
+    :raises ValueError: as :meth:`Registry.from_url` would; one line, no password.
+    """
+    _postgresql_pool_args(url)
 
 
 def _sqlite_pool_args(path: str) -> tuple[tuple[Any, ...], dict[str, Any]]:
@@ -346,6 +379,9 @@ def _postgresql_pool_args(url: str) -> tuple[tuple[Any, ...], dict[str, Any]]:
         given = conninfo_to_dict(url)
     except ProgrammingError as e:
         reason = (str(e).strip().splitlines() or ["cannot parse it"])[0]
+        # libpq quotes the token it cannot parse, which may be the password.
+        for secret in _passwords(url):
+            reason = reason.replace(secret, "***")
         raise ValueError(f"bad PostgreSQL URL {_url_without_password(url)}: {reason}") from None
     defaults = {"connect_timeout": 10, "application_name": "oemrelay"}
     return (url,), {k: v for k, v in defaults.items() if k not in given}
@@ -751,7 +787,9 @@ class Registry:
     ) -> tuple[int, int]:
         dbapi = self._pool.dbapi
         created = 0
-        for index, (serial, changes) in enumerate(rows):
+        # In serial order: concurrent imports then lock rows in the same
+        # order, which PostgreSQL would otherwise abort as a deadlock.
+        for index, (serial, changes) in sorted(enumerate(rows), key=lambda row: row[1][0]):
             try:
                 _, new = self._txn_update_device(txn, serial, changes)
             except (dbapi.IntegrityError, dbapi.DataError) as e:
@@ -864,7 +902,7 @@ class Registry:
             f" RETURNING {_COMMAND_SELECT}",
             "sent",
             now,
-            _check_count("command_id", command_id),
+            _check_command_id(command_id),
             "queued",
         )
         return None if row is None else _command_from_row(row)
@@ -897,7 +935,7 @@ class Registry:
             status,
             completed,
             _check_count("device_status", device_status),
-            _check_count("command_id", command_id),
+            _check_command_id(command_id),
             "queued",
             "sent",
         )

@@ -551,6 +551,19 @@ class PutDeviceTests(_ApiTestCase):
             self.assertError(self.call("PUT", "/api/devices/12", body=body), 400)
         self.assertEqual(self.registry.calls, [])
 
+    def test_deeply_nested(self) -> None:
+        """JSON nested too deep for the parser is a 400, not a 500."""
+        for body in (b"[" * 100_000 + b"]" * 100_000, b'{"a":' * 100_000 + b"1" + b"}" * 100_000):
+            self.assertError(self.call("PUT", "/api/devices/12", body=body), 400, "JSON")
+        self.assertEqual(self.registry.calls, [])
+
+    def test_lone_surrogate(self) -> None:
+        """A custom value with a lone surrogate, which no database can store, is a 400."""
+        self.assertError(
+            self.call("PUT", "/api/devices/12", body=b'{"custom1": "a\\ud800b"}'), 400, "custom1"
+        )
+        self.assertEqual(self.registry.calls, [])
+
     def test_too_large(self) -> None:
         """A JSON body over the limit is a 413."""
         self.patch(api, "MAX_JSON_BODY", 100)
@@ -851,6 +864,20 @@ class CommandTests(_ApiTestCase):
             ),
             400,
             "expires",
+        )
+        self.assertEqual(self.registry.called("add_command"), [])
+
+    def test_time_outside_utc_years(self) -> None:
+        """A send_after whose UTC is past year 9999 is a 400 and is not queued (it could never be listed)."""
+        self.registry.add(_device(5))
+        self.assertError(
+            self.call(
+                "POST",
+                "/api/devices/5/commands",
+                json_body={"type": "remote_reset", "send_after": "9999-12-31T23:59:59-23:59"},
+            ),
+            400,
+            "send_after",
         )
         self.assertEqual(self.registry.called("add_command"), [])
 

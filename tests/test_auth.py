@@ -634,6 +634,11 @@ class OAuth2ClientCredentialsTests(SynchronousTestCase):
         self.server.token_answer = (200, b'{"access_token": "abc", "expires_in": Infinity}')
         self.assert_auth_error(self.oauth.token(), "invalid expires_in")
 
+    def test_huge_expires_in(self) -> None:
+        """An expires_in too large for a float is an invalid expires_in, not an OverflowError."""
+        self.server.token_answer = (200, b'{"access_token": "abc", "expires_in": 1' + b"0" * 400 + b"}")
+        self.assert_auth_error(self.oauth.token(), "invalid expires_in")
+
     def test_timeout(self) -> None:
         """A token endpoint that does not answer within the timeout is an AuthError."""
         self.server.hang = True

@@ -450,6 +450,12 @@ class CommandErrorTests(SynchronousTestCase):
             for value in ("soon", "2026-13-01T00:00:00Z", 1795684802, None):
                 self.assertRefused({"type": "remote_reset", key: value}, f'"{key}"', "ISO 8601")
 
+    def test_schedule_outside_utc_years(self) -> None:
+        """A time whose UTC falls outside years 1 to 9999 (it could not be shown back) is refused."""
+        for key in ("send_after", "expires"):
+            for value in ("9999-12-31T23:59:59-23:59", "0001-01-01T00:00:00+23:59"):
+                self.assertRefused({"type": "remote_reset", key: value}, f'"{key}"')
+
     def test_expires_not_after_send_after(self) -> None:
         """expires equal to or before send_after is refused."""
         for expires in ("2026-11-26T09:20:02Z", "2026-11-26T09:20:01Z"):

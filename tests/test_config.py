@@ -205,9 +205,8 @@ class DefaultsTests(SynchronousTestCase):
         self.assertEqual(config.connectors["main"], FileConnectorConfig("main", "a b"))
 
     def test_ca_file(self) -> None:
-        """A readable ca_file is kept."""
-        path = self.mktemp()
-        Path(path).write_text("not checked here\n")
+        """A readable ca_file of PEM certificates is kept."""
+        path = write_temp(self, client_certificate_pem()[0])
         config = config_from_string(
             f"[connector:h]\ntype = http\nurl = https://h/\nca_file = {path}\n"
         )
@@ -499,8 +498,96 @@ class ConfigErrorTests(ConfigErrorAssertions, SynchronousTestCase):
         self.assert_error("listen = tcp:1\n" + FILE_CONNECTOR, "no section headers")
 
     def test_line_without_value(self) -> None:
-        """A line that is not 'key = value' is refused on one line."""
-        self.assert_error("[relay]\nlisten\n" + FILE_CONNECTOR, "listen")
+        """A line that is not 'key = value' is refused on one line naming its line."""
+        self.assert_error("[relay]\nlisten\n" + FILE_CONNECTOR, "line 2")
+
+    def test_value_continued_on_next_line(self) -> None:
+        """An indented line continuing a value (a header, the token, a key) is refused without quoting it."""
+        for text, where in (
+            ("[connector:h]\ntype = http\nurl = http://h/\nheader1 = X-Key: abc\n  s3cr3t\n", "[connector:h] header1"),
+            ("[connector:h]\ntype = azure-iothub\nhub = h\nsas_key = abc\n  s3cr3t\n", "[connector:h] sas_key"),
+            ("[api]\nlisten = tcp:8080\ntoken = abc\n  s3cr3t\n" + FILE_CONNECTOR, "[api] token"),
+            ("[relay]\nconnector = main\n  s3cr3t\n" + FILE_CONNECTOR, "[relay] connector"),
+            ("[relay]\nnode = a\n  s3cr3t\n" + FILE_CONNECTOR, "[relay] node"),
+            ("[connector:f]\ntype = file\npath = a\n  s3cr3t\n", "[connector:f] path"),
+        ):
+            message = self.assert_error(text, where, "one line")
+            self.assertNotIn("s3cr3t", message)
+
+    def test_listen_on_several_lines(self) -> None:
+        """listen, a list of endpoints, may continue on indented lines."""
+        config = config_from_string("[relay]\nlisten = tcp:1\n  tcp:2\n" + FILE_CONNECTOR)
+        self.assertEqual(config.relay.listen, ("tcp:1", "tcp:2"))
+
+    def test_bad_line_not_quoted(self) -> None:
+        """A malformed line, which may hold a secret, is named by number, not quoted."""
+        message = self.assert_error(
+            "[connector:h]\ntype = http\nurl = http://h/\npassword s3cr3t-pw\n", "line 4"
+        )
+        self.assertNotIn("s3cr3t-pw", message)
+        message = self.assert_error("password = s3cr3t-pw\n" + FILE_CONNECTOR, "line 1")
+        self.assertNotIn("s3cr3t-pw", message)
+
+    def test_header_error_hides_value(self) -> None:
+        """A header without a colon is refused without quoting its value."""
+        message = self.assert_error(
+            "[connector:h]\ntype = http\nurl = http://h/\nheader1 = X-Api-Key s3cr3t-key\n",
+            "[connector:h] header1",
+        )
+        self.assertNotIn("s3cr3t-key", message)
+
+    def test_url_error_hides_query(self) -> None:
+        """A refused url is not quoted: its path and query may hold a key."""
+        message = self.assert_error(
+            "[connector:h]\ntype = http\nurl = ftp://h/x?code=s3cr3t-code\n", "[connector:h] url"
+        )
+        self.assertNotIn("s3cr3t-code", message)
+
+    def test_url_with_credentials(self) -> None:
+        """user:password@ in the url, which the HTTP client cannot send, is refused."""
+        message = self.assert_error(
+            "[connector:h]\ntype = http\nurl = https://relay:s3cr3t-pw@h/dm\n",
+            "[connector:h] url",
+            "username",
+        )
+        self.assertNotIn("s3cr3t-pw", message)
+
+    def test_url_bad_port(self) -> None:
+        """A url port that is not a number from 1 to 65535 is refused up front."""
+        for port in ("abc", "99999", "0"):
+            self.assert_error(
+                f"[connector:h]\ntype = http\nurl = http://h:{port}/dm\n", "[connector:h] url", "port"
+            )
+
+    def test_url_bad_host(self) -> None:
+        """A host name the HTTP client would refuse at every upload is refused up front."""
+        for host in ("-bad-.example.com", "a..example.com", "my_host", ":80"):
+            self.assert_error(
+                f"[connector:h]\ntype = http\nurl = http://{host}/dm\n", "[connector:h] url", "host"
+            )
+        self.assert_error(
+            HTTP_X + "auth = oauth2\n" + OAUTH2_KEYS.replace("login.example.com", "login_server"),
+            "[connector:x] token_url",
+        )
+        self.assert_error("[connector:x]\ntype = azure-iothub\nhub = -myhub-\n", "[connector:x] hub")
+
+    def test_ca_file_not_pem(self) -> None:
+        """A ca_file that holds no PEM certificate is refused, not found at the first upload."""
+        path = write_temp(self, b"not a certificate\n")
+        self.assert_error(
+            f"[connector:h]\ntype = http\nurl = https://h/\nca_file = {path}\n",
+            "[connector:h] ca_file",
+            "PEM",
+        )
+        self.assert_error(
+            f"[connector:h]\ntype = http\nurl = https://h/\nca_file = {self.mktemp()}x\n",
+            "[connector:h] ca_file",
+        )
+        os.mkdir(path + ".d")
+        self.assert_error(
+            f"[connector:h]\ntype = http\nurl = https://h/\nca_file = {path}.d\n",
+            "[connector:h] ca_file",
+        )
 
 
 class LoadConfigTests(SynchronousTestCase):
@@ -631,6 +718,28 @@ class RelayRegistryTests(ConfigErrorAssertions, SynchronousTestCase):
             "[relay] registry",
         )
         self.assertNotIn("hunter2", message)
+        message = self.assert_error(
+            "[relay]\nregistry = postgresql:/relay:hunter2@db/oemrelay\n" + FILE_CONNECTOR,
+            "[relay] registry",
+        )
+        self.assertNotIn("hunter2", message)
+
+    def test_bad_postgresql_url(self) -> None:
+        """A postgresql:// URL libpq cannot parse is refused here, not with a traceback at start."""
+        for url in (
+            "postgresql://relay:hunter2@db/oemrelay?bogus=1",
+            "postgresql://relay:hun%zzter2@db/oemrelay",
+            "postgresql://relay:hun ter2@db/oemrelay",
+        ):
+            message = self.assert_error(f"[relay]\nregistry = {url}\n" + FILE_CONNECTOR, "[relay] registry")
+            self.assertNotIn("hun", message)
+
+    def test_password_not_in_repr(self) -> None:
+        """The registry URL, which may hold a password, is not in repr()."""
+        config = config_from_string(
+            "[relay]\nregistry = postgresql://relay:hunter2@db/oemrelay\n" + FILE_CONNECTOR
+        )
+        self.assertNotIn("hunter2", repr(config))
 
     def test_node_defaults_to_host_name(self) -> None:
         """Without node the relay is named after its host."""
@@ -819,6 +928,18 @@ class HttpAuthConfigTests(ConfigErrorAssertions, SynchronousTestCase):
             (config.sas_key, config.sas_policy, config.token_ttl), ("[CUSTOM2]", "device", 600)
         )
 
+    def test_literal_sas_key_checked(self) -> None:
+        """A sas_key written out (no placeholder) that is not base64 is refused without quoting it."""
+        message = self.assert_error(
+            f"[connector:x]\ntype = http\nurl = {IOTHUB_URL}\nauth = azure-sas\n"
+            "sas_key = n0t-base64!s3cr3t\nsas_policy = device\n",
+            "[connector:x] sas_key",
+            "base64",
+        )
+        self.assertNotIn("s3cr3t", message)
+        for key in ("c2FzLWtleQ==", "SharedAccessSignature sr=h&sig=s&se=1", "[CUSTOM3]"):
+            connector_x(f"[connector:x]\ntype = azure-iothub\nhub = myhub\nsas_key = {key}\n")
+
     def test_oauth2(self) -> None:
         """auth = oauth2 keeps token_url, client_id, client_secret and scope."""
         config = connector_x(HTTP_X + "auth = oauth2\n" + OAUTH2_KEYS + "scope = telemetry.write\n")
@@ -899,8 +1020,8 @@ class HttpAuthConfigTests(ConfigErrorAssertions, SynchronousTestCase):
         self.assertEqual(config.headers, (("Authorization", "Bearer [CUSTOM2]"),))
 
     def test_token_ttl_positive_whole(self) -> None:
-        """token_ttl must be a positive whole number of seconds."""
-        for value in ("0", "-60", "1.5", "soon"):
+        """token_ttl must be a positive whole number of seconds, at most ten years."""
+        for value in ("0", "-60", "1.5", "soon", "315360001", "9" * 400):
             self.assert_error(
                 f"[connector:x]\ntype = http\nurl = {IOTHUB_URL}\nauth = azure-sas\n"
                 f"token_ttl = {value}\n",
@@ -1070,3 +1191,13 @@ class SecretsReprTests(SynchronousTestCase):
         ):
             self.assertNotIn(secret, repr(config))
             self.assertNotIn(secret, str(config))
+
+    def test_urls_not_in_repr(self) -> None:
+        """The url and token_url, whose query may hold a key, are not in repr()."""
+        config = config_from_string(
+            "[connector:f]\ntype = http\nurl = https://h/api?code=funct10n-key-6\n"
+            "auth = oauth2\ntoken_url = https://h/token?key=t0ken-url-key-7\n"
+            "client_id = relay\nclient_secret = x\n"
+        )
+        for secret in ("funct10n-key-6", "t0ken-url-key-7"):
+            self.assertNotIn(secret, repr(config))

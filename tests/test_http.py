@@ -18,9 +18,9 @@ from twisted.internet import task
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.error import ConnectionDone, ConnectionRefusedError
-from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
+from twisted.internet.interfaces import IHandshakeListener, IOpenSSLClientConnectionCreator
 from twisted.internet.protocol import Factory, Protocol
-from twisted.internet.ssl import CertificateOptions
+from twisted.internet.ssl import CertificateOptions, PrivateCertificate
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
@@ -366,6 +366,16 @@ class HttpConnectorTests(SynchronousTestCase):
         request = self.only_request()
         self.assertEqual((request["uri"], request["headers"][b"x-i"]), (b"/42", [b"111"]))
         self.assertEqual(json.loads(request["body"])["SerNo"], 42)
+
+
+@implementer(IHandshakeListener)
+class HandshakeRecorder(Protocol):
+    """Notes whether its TLS handshake completed."""
+
+    completed = False
+
+    def handshakeCompleted(self) -> None:  # noqa: N802 - Twisted's name
+        self.completed = True
 
 
 @implementer(IBodyProducer)
@@ -896,6 +906,43 @@ class ClientCertificateTests(SynchronousTestCase):
         )
         self.assertIsInstance(policy.trust_root, PlatformTrustPlusCA)
         self.assert_presents_certificate(policy)
+
+    def test_server_certificate_and_host_verified(self) -> None:
+        """The policy completes a handshake only with a server the CA vouches for, under the host name asked for."""
+        from .test_end_to_end_registry import make_pki
+
+        directory = self.mktemp()
+        os.mkdir(directory)
+        pki = make_pki(directory)
+        with open(pki["server_cert"], "rb") as f, open(pki["server_key"], "rb") as g:
+            server = PrivateCertificate.loadPEM(f.read() + g.read())
+        server_options = CertificateOptions(
+            privateKey=server.privateKey.original, certificate=server.original
+        )
+
+        def handshake(ca_file: str, host: bytes) -> bool:
+            policy = self.policy_for(
+                client_cert=pki["client_cert"], client_key=pki["client_key"], ca_file=ca_file
+            )
+            self.policies.clear()
+            ends = []
+            for creator, is_client in ((policy.creatorForNetloc(host, 443), True), (server_options, False)):
+                protocol = TLSMemoryBIOFactory(
+                    creator, is_client, Factory.forProtocol(HandshakeRecorder)
+                ).buildProtocol(None)
+                protocol.makeConnection(StringTransport())
+                ends.append(protocol)
+            for _ in range(10):
+                for sender, receiver in (ends, ends[::-1]):
+                    data = sender.transport.value()
+                    sender.transport.clear()
+                    if data and not receiver.transport.disconnecting:
+                        receiver.dataReceived(data)
+            return ends[0].wrappedProtocol.completed and not ends[0].transport.disconnecting
+
+        self.assertTrue(handshake(pki["ca"], b"localhost"))
+        self.assertFalse(handshake(pki["ca"], b"end.example.com"))
+        self.assertFalse(handshake(pki["other_ca"], b"localhost"))
 
     def test_without_client_cert(self) -> None:
         """Without client_cert no client certificate policy is made."""

@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 
 from twisted.internet import reactor
+from twisted.internet.defer import DeferredList
 from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
@@ -367,6 +368,17 @@ class RegistryScenariosMixin:
         devices = await self.registry.list_devices(10)
         self.assertEqual([(d.serial, d.custom1) for d in devices], [(1, "old")])
 
+    async def test_concurrent_imports_in_opposite_orders(self) -> None:
+        """Imports running at once over the same devices in opposite orders all succeed."""
+        rows = [{"serial": serial, "custom1": "x"} for serial in range(1, 301)]
+        await self.registry.import_devices(rows)
+        for _ in range(3):
+            results = await DeferredList(
+                [self.registry.import_devices(order) for order in (rows, rows[::-1]) * 2],
+                consumeErrors=True,
+            )
+            self.assertEqual([ok for ok, _ in results], [True] * 4, results)
+
     # -- commands --
 
     async def test_add_command(self) -> None:
@@ -489,6 +501,14 @@ class RegistryScenariosMixin:
                 ("failed", NOW + 2, device_status),
             )
 
+    async def test_command_id_outside_uint32(self) -> None:
+        """A command id outside uint32, which no command has, is a ValueError on either database."""
+        for command_id in (-1, 0x100000000, 2**64):
+            with self.assertRaises(ValueError):
+                await self.registry.command_sent(command_id, NOW)
+            with self.assertRaises(ValueError):
+                await self.registry.command_result(command_id, 1, NOW)
+
     async def test_late_result_ignored(self) -> None:
         """A result for a finished command changes nothing and is None."""
         await self.registry.update_device(1, {})
@@ -571,3 +591,10 @@ class RegistryURLTests(SynchronousTestCase):
             Registry.from_url("postgresql://u:s3cret@h/db?bogus=1", reactor=self.reactor)
         self.assertNotIn("s3cret", str(caught.exception))
         self.assertNotIn("\n", str(caught.exception))
+
+    def test_bad_postgresql_url_quoting_password(self) -> None:
+        """libpq's reason quoting the password (a bad escape, a space) does not carry it out."""
+        for url in ("postgresql://u:s3%zzcret@h/db", "postgresql://u:s3 cret@h/db?password=x"):
+            with self.assertRaises(ValueError) as caught:
+                Registry.from_url(url, reactor=self.reactor)
+            self.assertNotIn("s3", str(caught.exception))
