@@ -222,6 +222,16 @@ def _header(value: str) -> tuple[str, str] | None:
     return name, template.strip()
 
 
+def _appendable_path(value: str) -> str:
+    _required(value)
+    directory = os.path.dirname(os.path.abspath(value))
+    if not os.path.isdir(directory):
+        raise ValueError(f"directory {directory!r} does not exist")
+    if not os.access(directory, os.W_OK | os.X_OK):
+        raise ValueError(f"cannot write in directory {directory!r}")
+    return value
+
+
 def _readable_file(value: str) -> str:
     if value and not os.access(value, os.R_OK):
         raise ValueError(f"cannot read file {value!r}")
@@ -330,7 +340,7 @@ _CONNECTOR_KEYS: dict[str, _Schema] = {
         **_HTTPS_KEYS,
     },
     "tcp": {"endpoint": (_client_endpoint, None)},
-    "file": {"path": (_required, None)},
+    "file": {"path": (_appendable_path, None)},
 }
 
 CONNECTOR_PREFIX = "connector:"

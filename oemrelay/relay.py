@@ -58,9 +58,10 @@ class DeviceProfile:
     in connector templates and an optional connector override.
     """
 
-    custom1: str = ""
-    custom2: str = ""
-    custom3: str = ""
+    # Custom fields often hold device keys: never in a repr that may be logged.
+    custom1: str = field(default="", repr=False)
+    custom2: str = field(default="", repr=False)
+    custom3: str = field(default="", repr=False)
     connector: str | None = None
 
 

@@ -9,10 +9,13 @@ endpoint serves devices and each ``[api] listen`` endpoint the management API.
 
 from __future__ import annotations
 
+import sys
+
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import IService, MultiService, Service
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import serverFromString
+from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 from twisted.web.server import Site
 
@@ -65,11 +68,25 @@ class RegistryService(Service):
         return self._started.addBoth(lambda _: self.registry.close())
 
 
-def _listen(description: str, factory, reactor, parent: MultiService) -> None:
-    listener = StreamServerEndpointService(serverFromString(reactor, description), factory)
-    # A port that cannot be opened stops twistd instead of idling.
-    listener._raiseSynchronously = True
-    listener.setServiceParent(parent)
+class _Listener(StreamServerEndpointService):
+    """A listening endpoint; one that cannot be opened stops twistd with one line."""
+
+    def __init__(self, section: str, description: str, factory, reactor) -> None:
+        super().__init__(serverFromString(reactor, description), factory)
+        self._where = f"[{section}] listen: {description}"
+        self._raiseSynchronously = True
+
+    def privilegedStartService(self) -> None:
+        try:
+            super().privilegedStartService()
+        except CannotListenError as error:
+            reason = error.socketError
+            sys.stderr.write(f"oemrelay: {self._where}: cannot listen: {reason}\n")
+            raise SystemExit(1) from None
+
+
+def _listen(section: str, description: str, factory, reactor, parent: MultiService) -> None:
+    _Listener(section, description, factory, reactor).setServiceParent(parent)
 
 
 def build_service(config: Config, reactor) -> MultiService:
@@ -98,9 +115,9 @@ def build_service(config: Config, reactor) -> MultiService:
         max_message=config.relay.max_message,
     )
     for description in config.relay.listen:
-        _listen(description, devices, reactor, top)
+        _listen("relay", description, devices, reactor, top)
     if config.api.listen:
         api = Site(build_api(registry, config.api.token, set(connectors), reactor))
         for description in config.api.listen:
-            _listen(description, api, reactor, top)
+            _listen("api", description, api, reactor, top)
     return top

@@ -1201,3 +1201,23 @@ class SecretsReprTests(SynchronousTestCase):
         )
         for secret in ("funct10n-key-6", "t0ken-url-key-7"):
             self.assertNotIn(secret, repr(config))
+
+
+class FilePathTests(ConfigErrorAssertions, SynchronousTestCase):
+    """A file connector's path must be somewhere the relay can create it."""
+
+    def test_missing_directory(self) -> None:
+        """A path in a directory that does not exist is an error naming [connector:x] path."""
+        self.assert_error(
+            "[connector:x]\ntype = file\npath = /nonexistent-dir/uploads.jsonl\n",
+            "[connector:x] path",
+            "does not exist",
+        )
+
+    def test_existing_directory(self) -> None:
+        """A path in an existing, writable directory loads."""
+        directory = self.mktemp()
+        os.makedirs(directory)
+        path = os.path.join(directory, "uploads.jsonl")
+        config = config_from_string(f"[connector:x]\ntype = file\npath = {path}\n")
+        self.assertEqual(config.connectors["x"].path, path)

@@ -859,6 +859,26 @@ class DaemonCommandTests(_RelayTestCase):
         self.assertNotIn("Traceback", output)
         self.assertEqual(daemon.port, None)
 
+    async def test_port_in_use_is_one_line_and_status_1(self) -> None:
+        """A listen port already taken makes twistd exit 1, naming [relay] listen, with no traceback."""
+        taken = socket.socket()
+        self.addCleanup(taken.close)
+        taken.bind((LOOPBACK, 0))
+        taken.listen()
+        busy = taken.getsockname()[1]
+        path = self.write_config(
+            f"[relay]\nlisten = tcp:{busy}:interface={LOOPBACK}\n\n"
+            "[connector:main]\ntype = file\npath = uploads.jsonl\n"
+        )
+        daemon, _ = self.spawn_twistd(path)
+        self.daemon = daemon
+        await self.wait_until(lambda: daemon.ended, "twistd to exit", START_TIMEOUT)
+
+        self.assertEqual(daemon.exit_code, 1)
+        output = daemon.output.decode("utf-8", "replace")
+        self.assertIn(f"[relay] listen: tcp:{busy}:interface={LOOPBACK}: cannot listen", output)
+        self.assertNotIn("Traceback", output)
+
     async def test_sigterm_stops_cleanly(self) -> None:
         """SIGTERM shuts the daemon down cleanly: connections and port closed, no error logged."""
         server = self.start_http_server()
