@@ -450,17 +450,19 @@ class _RelayTestCase(TestCase):
         wrapper = WrappingFactory(factory)
         wrapper.noisy = False
         port = self.reactor.listenTCP(0, wrapper, backlog=256, interface=LOOPBACK)
+        self.close_in_cleanup(port, wrapper, "end server connections")
+        return port.getHost().port
+
+    def close_in_cleanup(self, port, wrapper: WrappingFactory, what: str) -> None:
+        """At cleanup stop ``port`` and abort every connection ``wrapper`` holds."""
 
         async def close() -> None:
             await port.stopListening()
             for connection in list(wrapper.protocols):
                 connection.transport.abortConnection()
-            await self.wait_until(
-                lambda: not wrapper.protocols, "end server connections to close", STOP_TIMEOUT
-            )
+            await self.wait_until(lambda: not wrapper.protocols, f"{what} to close", STOP_TIMEOUT)
 
         self.addCleanup(close)
-        return port.getHost().port
 
     def start_http_server(self, status: int = 200, delay: float = 0.0) -> _HttpEndServer:
         """An HTTP end server on a loopback port."""

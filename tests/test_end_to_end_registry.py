@@ -424,16 +424,7 @@ token = {token}
         """Serve ``factory`` over TLS on a loopback port; closed in cleanup."""
         wrapper = _CountingFactory(factory)
         port = self.reactor.listenSSL(0, wrapper, options, interface=LOOPBACK)
-
-        async def close() -> None:
-            await port.stopListening()
-            for connection in list(wrapper.protocols):
-                connection.transport.abortConnection()
-            await self.wait_until(
-                lambda: not wrapper.protocols, "TLS connections to close", STOP_TIMEOUT
-            )
-
-        self.addCleanup(close)
+        self.close_in_cleanup(port, wrapper, "TLS connections")
         return port.getHost().port, wrapper
 
     async def upload(self, device: _Device, *frames: bytes) -> None:
