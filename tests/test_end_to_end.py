@@ -114,6 +114,19 @@ def seq_numbers(body: bytes) -> list[int]:
 # -- the daemon ----------------------------------------------------------------
 
 
+
+def device_hello(serial: int) -> bytes:
+    """A 49-byte hello for another device, like the Dart's."""
+    return Hello(
+        serial,
+        imei=f"35332308{serial:07d}",
+        iccid=f"8961018500{serial:010d}",
+        product_id=34,
+        hardware_rev=2,
+        firmware_major=1,
+        firmware_minor=9,
+    ).to_frame()
+
 class _Daemon(ProcessProtocol):
     """The twistd child: its output, the port it listens on, how it ended."""
 
@@ -604,28 +617,23 @@ class HttpRelayEndToEndTests(_RelayTestCase):
 
     async def test_slow_end_server_means_no_commit(self) -> None:
         """An end server slower than commit_timeout: no 0x06, disconnected once the timeout passed."""
-        server = self.start_http_server(delay=3.0)
-        port = await self.start_daemon(http_config(server, commit_timeout=1))
-        device = await self.connect_device(port)
-
-        sent = time.monotonic()
-        device.send(DART_HELLO, DENMARK, COMMIT_REQUEST)
-        await self.wait_until(lambda: device.closed, "the relay to close the device", 5)
-
-        self.assertEqual(device.types(), [MessageType.HELLO_RESPONSE])
-        self.assertEqual(len(server.requests), 1)
-        self.assertNotIn(("http", "answered"), self.events)
-        self.assertGreaterEqual(device.closed_at - sent, 0.9)
-        self.assertIn(
+        await self.assert_slow_server_not_committed(
+            {"commit_timeout": 1},
             "commit of 2 records withheld, closing so the device resends:"
             " not confirmed within commit_timeout 1s",
-            self.daemon.output.decode("utf-8", "replace"),
         )
 
     async def test_connector_timeout_means_no_commit(self) -> None:
         """An end server slower than the connector's timeout: no 0x06, disconnected, the timeout logged."""
+        await self.assert_slow_server_not_committed(
+            {"commit_timeout": 10, "timeout": 1},
+            "connector platform: {server} did not answer within 1s",
+        )
+
+    async def assert_slow_server_not_committed(self, settings: dict, logged: str) -> None:
+        """An end server answering after 3 s: no 0x06, the device closed after ~1 s, ``logged`` in the log."""
         server = self.start_http_server(delay=3.0)
-        port = await self.start_daemon(http_config(server, commit_timeout=10, timeout=1))
+        port = await self.start_daemon(http_config(server, **settings))
         device = await self.connect_device(port)
 
         sent = time.monotonic()
@@ -637,7 +645,7 @@ class HttpRelayEndToEndTests(_RelayTestCase):
         self.assertNotIn(("http", "answered"), self.events)
         self.assertGreaterEqual(device.closed_at - sent, 0.9)
         self.assertIn(
-            f"connector platform: {LOOPBACK}:{server.port} did not answer within 1s",
+            logged.format(server=f"{LOOPBACK}:{server.port}"),
             self.daemon.output.decode("utf-8", "replace"),
         )
 
@@ -653,16 +661,7 @@ class HttpRelayEndToEndTests(_RelayTestCase):
             ]
         )
         for serial, device in zip(serials, devices):
-            hello = Hello(
-                serial,
-                imei=f"35332308{serial:07d}",
-                iccid=f"8961018500{serial:010d}",
-                product_id=34,
-                hardware_rev=2,
-                firmware_major=1,
-                firmware_minor=9,
-            )
-            device.send(hello.to_frame(), DENMARK, COMMIT_REQUEST)
+            device.send(device_hello(serial), DENMARK, COMMIT_REQUEST)
 
         await self.wait_until(
             lambda: all(device.got(MessageType.COMMIT_RESPONSE) for device in devices),

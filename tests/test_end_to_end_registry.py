@@ -36,7 +36,7 @@ from twisted.protocols.policies import WrappingFactory
 from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.server import Site
 
-from oemrelay.codec import Hello, MessageType
+from oemrelay.codec import MessageType
 
 from .fake_azure import FakeIoTHub
 from .fake_oauth import FakeOAuth
@@ -45,6 +45,7 @@ from .test_end_to_end import (
     AUCKLAND,
     AUCKLAND_SEQ,
     COMMIT_OK,
+    device_hello,
     COMMIT_REQUEST,
     DART_HELLO,
     DART_IMEI,
@@ -79,19 +80,6 @@ _REGISTRY_READY = re.compile(rb"registry \S+ ready;")
 def async_response(message_id: int, status: int) -> bytes:
     """A device's 0x21: the message id it answers and its delivery status."""
     return bytes.fromhex("0255210500") + struct.pack("<IB", message_id, status)
-
-
-def device_hello(serial: int) -> bytes:
-    """A 49-byte hello for another device, like the Dart's."""
-    return Hello(
-        serial,
-        imei=f"35332308{serial:07d}",
-        iccid=f"8961018500{serial:010d}",
-        product_id=34,
-        hardware_rev=2,
-        firmware_major=1,
-        firmware_minor=9,
-    ).to_frame()
 
 
 def gather(*coroutines) -> Deferred:
@@ -291,6 +279,15 @@ class _RegistryTestCase(_RelayTestCase):
         self.http = HTTPClient(Agent(self.reactor, pool=pool, connectTimeout=5))
         self.addCleanup(pool.closeCachedConnections)
 
+
+    async def start_platform_relay(self, server, archive: str) -> _RelayProcess:
+        """A relay (SQLite registry) posting to ``server`` by default, with an ``archive`` file connector."""
+        config, token = self.relay_config(
+            templated_http_connector("platform", server.port) + "\n" + file_connector("archive", archive),
+            registry=self.sqlite_registry(),
+            default="platform",
+        )
+        return await self.start_relay(config, token)
 
     async def start_archive_relay(self, registry: str) -> _RelayProcess:
         """A relay with ``registry`` whose devices' uploads go to a file connector."""
@@ -656,12 +653,7 @@ class DeviceSettingsEndToEndTests(_RegistryTestCase):
         """PUT custom fields, then a connector override: each changes the very next upload on the same connection."""
         server = self.start_http_server()
         archive = self.path("archive.jsonl")
-        config, token = self.relay_config(
-            templated_http_connector("platform", server.port) + "\n" + file_connector("archive", archive),
-            registry=self.sqlite_registry(),
-            default="platform",
-        )
-        relay = await self.start_relay(config, token)
+        relay = await self.start_platform_relay(server, archive)
         device = await self.hello(relay)
 
         await self.upload(device, DENMARK)
@@ -700,12 +692,7 @@ class DeviceSettingsEndToEndTests(_RegistryTestCase):
         """A CSV with a bad row imports nothing; a good one creates every device, which its next upload uses."""
         server = self.start_http_server()
         archive = self.path("archive.jsonl")
-        config, token = self.relay_config(
-            templated_http_connector("platform", server.port) + "\n" + file_connector("archive", archive),
-            registry=self.sqlite_registry(),
-            default="platform",
-        )
-        relay = await self.start_relay(config, token)
+        relay = await self.start_platform_relay(server, archive)
         keys = [self.secret(f"imported key {n}", secrets.token_urlsafe(18)) for n in range(3)]
 
         bad = (
