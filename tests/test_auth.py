@@ -628,6 +628,37 @@ class OAuth2ClientCredentialsTests(SynchronousTestCase):
         self.clock.advance(0.1)
         self.assert_auth_error(deferred, "did not answer within 5s")
 
+    def test_fetch_after_timeout(self) -> None:
+        """After a timed-out fetch the next call starts a new one, which can succeed."""
+        self.server.hang = True
+        abandoned = self.oauth.token()
+        self.clock.advance(10)
+        self.failureResultOf(abandoned, AuthError)
+        self.server.hang = False
+        self.assertEqual(len(self.server.token_requests), 1)
+        token = self.successResultOf(self.oauth.token())
+        self.assertEqual(len(self.server.token_requests), 2)
+        self.assertEqual(token, self.server.issued[-1])
+
+    def test_timer_stopped_by_answer(self) -> None:
+        """A fetch answered in time leaves no timeout behind to fail or drop the cached token."""
+        token = self.successResultOf(self.oauth.token())
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.clock.advance(10)
+        self.assertEqual(self.successResultOf(self.oauth.token()), token)
+        self.assertEqual(len(self.server.token_requests), 1)
+
+    def test_invalidate_during_fetch(self) -> None:
+        """Invalidating while a fetch is under way changes nothing: the fetched token is cached."""
+        self.server.hang = True
+        waiting = self.oauth.token()
+        self.oauth.invalidate("some-old-token")
+        self.server.release()
+        self.stub.flush()
+        token = self.successResultOf(waiting)
+        self.assertEqual(self.successResultOf(self.oauth.token()), token)
+        self.assertEqual(len(self.server.token_requests), 1)
+
     def test_connection_failure(self) -> None:
         """A transport failure is an AuthError naming the kind of failure."""
 
