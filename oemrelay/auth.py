@@ -30,7 +30,8 @@ from collections import OrderedDict
 from collections.abc import Mapping
 from urllib.parse import quote, quote_plus, unquote, urlencode, urlsplit
 
-from twisted.internet.defer import CancelledError, Deferred, succeed
+from automat import MethodicalMachine
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseFailed
@@ -349,7 +350,9 @@ class OAuth2ClientCredentials:
     The token is cached until shortly before it expires (a tenth of its
     lifetime or a minute before, whichever is sooner).  Callers asking
     while a fetch is under way share that fetch.  A failed fetch is not
-    cached: the next call tries again.
+    cached: the next call tries again.  The rules are one table of automat
+    transitions between three states: ``_empty`` (no usable token),
+    ``_fetching`` (one fetch under way, callers waiting) and ``_cached``.
 
     :param http_client: a :class:`treq.client.HTTPClient` (or ``StubTreq``).
     :param clock: times the request and the token's lifetime.
@@ -390,8 +393,9 @@ class OAuth2ClientCredentials:
         self._target = urlsplit(token_url).netloc.rpartition("@")[2] or "token endpoint"
         self._token: str | None = None
         self._renew_at = 0.0
-        self._waiters: list[Deferred[str]] | None = None
-        self._timed_out = False
+        self._waiters: list[Deferred[str]] = []
+        self._fetch: Deferred[tuple[str, float]] | None = None
+        self._timer = None
 
     def __repr__(self) -> str:
         return f"<OAuth2ClientCredentials {self._client_id!r} at {self._target}>"
@@ -405,21 +409,10 @@ class OAuth2ClientCredentials:
             :class:`AuthError`.  Cancelling it leaves a shared fetch running
             for the other callers (and for the cache).
         """
-        if self._token is not None and self._clock.seconds() < self._renew_at:
-            return succeed(self._token)
+        if self._token is not None and self._clock.seconds() >= self._renew_at:
+            self._expired()
         waiter: Deferred[str] = Deferred(self._forget_waiter)
-        if self._waiters is None:
-            self._waiters = [waiter]
-            self._timed_out = False
-            fetch = Deferred.fromCoroutine(self._fetch())
-            # Not addTimeout: a cancelled treq request fails with
-            # ResponseNeverReceived, not CancelledError, so the timeout is
-            # recorded here to be reported as one.
-            timer = self._clock.callLater(self._timeout, self._time_out, fetch)
-            fetch.addBoth(self._stop_timer, timer)
-            fetch.addBoth(self._fetched)
-        else:
-            self._waiters.append(waiter)
+        self._wanted(waiter)
         return waiter
 
     def invalidate(self, token: str) -> None:
@@ -429,48 +422,133 @@ class OAuth2ClientCredentials:
         server refuses ``token`` (401); a token already replaced by a newer
         one is left alone, so many refusals cause one fetch.
         """
+        # A token is held only in the cached state.
         if self._token is not None and hmac.compare_digest(
             self._token.encode("utf-8"), token.encode("utf-8")
         ):
-            self._token = None
-            self._renew_at = 0.0
+            self._invalidated()
 
-    def _time_out(self, fetch: Deferred) -> None:
-        self._timed_out = True
+    # -- the machine: empty, fetching, cached -----------------------------------
+
+    _machine = MethodicalMachine()
+
+    @_machine.state(initial=True)
+    def _empty(self) -> None:
+        """No usable token, no fetch under way."""
+
+    @_machine.state()
+    def _fetching(self) -> None:
+        """One fetch is under way; every caller waits for it."""
+
+    @_machine.state()
+    def _cached(self) -> None:
+        """A token is held until its renewal time."""
+
+    @_machine.input()
+    def _wanted(self, waiter: Deferred[str]) -> None:
+        "A caller wants a token."
+
+    @_machine.input()
+    def _fetched(self, token: str, renew_at: float) -> None:
+        "The token endpoint gave a token."
+
+    @_machine.input()
+    def _fetch_failed(self, failure: Failure) -> None:
+        "The fetch failed (and not by our own timeout)."
+
+    @_machine.input()
+    def _timed_out(self) -> None:
+        "The fetch took longer than the timeout."
+
+    @_machine.input()
+    def _expired(self) -> None:
+        "The cached token's renewal time has come."
+
+    @_machine.input()
+    def _invalidated(self) -> None:
+        "The resource server refused the cached token."
+
+    @_machine.output()
+    def _start_fetch(self, waiter: Deferred[str]) -> None:
+        # Not addTimeout: a cancelled treq request fails with
+        # ResponseNeverReceived, not CancelledError, so the timeout is an
+        # input of its own and is reported as one.
+        self._timer = self._clock.callLater(self._timeout, self._timed_out)
+        self._fetch = Deferred.fromCoroutine(self._fetch_token())
+        self._fetch.addCallbacks(lambda result: self._fetched(*result), self._fetch_failed)
+
+    @_machine.output()
+    def _add_waiter(self, waiter: Deferred[str]) -> None:
+        self._waiters.append(waiter)
+
+    @_machine.output()
+    def _give_cached(self, waiter: Deferred[str]) -> None:
+        waiter.callback(self._token)
+
+    @_machine.output()
+    def _keep_token(self, token: str, renew_at: float) -> None:
+        self._stop_fetch()
+        self._token, self._renew_at = token, renew_at
+        for waiter in self._take_waiters():
+            waiter.callback(token)
+
+    @_machine.output()
+    def _report_failure(self, failure: Failure) -> None:
+        self._stop_fetch()
+        if failure.check(AuthError):
+            error = failure.value
+        else:
+            error = AuthError(
+                f"OAuth2 token request to {self._target} failed ({failure.type.__name__})"
+            )
+        self._fail_waiters(error)
+
+    @_machine.output()
+    def _abandon_fetch(self) -> None:
+        # Cancelled while already empty, its failure is ignored.
+        fetch, self._fetch, self._timer = self._fetch, None, None
         fetch.cancel()
+        self._fail_waiters(
+            AuthError(
+                f"OAuth2 token endpoint {self._target} did not answer"
+                f" within {self._timeout:g}s"
+            )
+        )
 
-    @staticmethod
-    def _stop_timer(result: object, timer) -> object:
-        if timer.active():
+    @_machine.output()
+    def _forget_token(self) -> None:
+        self._token, self._renew_at = None, 0.0
+
+    # fmt: off
+    _empty.upon(_wanted, enter=_fetching, outputs=[_add_waiter, _start_fetch])
+    _empty.upon(_fetch_failed, enter=_empty, outputs=[])  # the abandoned fetch's cancellation
+
+    _fetching.upon(_wanted, enter=_fetching, outputs=[_add_waiter])
+    _fetching.upon(_fetched, enter=_cached, outputs=[_keep_token])
+    _fetching.upon(_fetch_failed, enter=_empty, outputs=[_report_failure])
+    _fetching.upon(_timed_out, enter=_empty, outputs=[_abandon_fetch])
+
+    _cached.upon(_wanted, enter=_cached, outputs=[_give_cached])
+    _cached.upon(_expired, enter=_empty, outputs=[_forget_token])
+    _cached.upon(_invalidated, enter=_empty, outputs=[_forget_token])
+    # fmt: on
+
+    def _stop_fetch(self) -> None:
+        timer, self._fetch, self._timer = self._timer, None, None
+        if timer is not None and timer.active():
             timer.cancel()
-        return result
+
+    def _take_waiters(self) -> list[Deferred[str]]:
+        waiters, self._waiters = self._waiters, []
+        return waiters
+
+    def _fail_waiters(self, error: AuthError) -> None:
+        for waiter in self._take_waiters():
+            waiter.errback(Failure(error))
 
     def _forget_waiter(self, waiter: Deferred[str]) -> None:
-        if self._waiters is not None and waiter in self._waiters:
+        if waiter in self._waiters:
             self._waiters.remove(waiter)
-
-    def _fetched(self, result: tuple[str, float] | Failure) -> None:
-        waiters, self._waiters = self._waiters or [], None
-        if isinstance(result, Failure):
-            if self._timed_out:
-                error = AuthError(
-                    f"OAuth2 token endpoint {self._target} did not answer"
-                    f" within {self._timeout:g}s"
-                )
-            elif result.check(AuthError):
-                error = result.value
-            else:
-                error = AuthError(
-                    f"OAuth2 token request to {self._target} failed"
-                    f" ({result.type.__name__})"
-                )
-            for waiter in waiters:
-                waiter.errback(Failure(error))
-            return
-        token, renew_at = result
-        self._token, self._renew_at = token, renew_at
-        for waiter in waiters:
-            waiter.callback(token)
 
     def _request(self) -> tuple[bytes, dict[bytes, list[bytes]]]:
         form = [("grant_type", "client_credentials")]
@@ -488,7 +566,7 @@ class OAuth2ClientCredentials:
             headers[b"Authorization"] = [b"Basic " + b64encode(pair.encode("utf-8"))]
         return urlencode(form).encode("ascii"), headers
 
-    async def _fetch(self) -> tuple[str, float]:
+    async def _fetch_token(self) -> tuple[str, float]:
         started = self._clock.seconds()
         body, headers = self._request()
         try:

@@ -92,8 +92,9 @@ class TcpLinkTests(SynchronousTestCase):
         self.link = self.connector.open_link(HELLO, self.lost.append)
 
     def accept(self) -> tuple[Protocol, StringTransport]:
-        """Connect the link and forget the hello it wrote."""
+        """Connect the link, answer its hello and forget the hello it wrote."""
         protocol, transport = self.endpoint.accept()
+        protocol.dataReceived(HELLO_RESPONSE)
         transport.clear()
         return protocol, transport
 
@@ -170,16 +171,27 @@ class TcpLinkTests(SynchronousTestCase):
         """Successive uploads are answered in order by successive commit responses."""
         protocol, transport = self.accept()
         first = self.link.deliver(UPLOAD, PROFILE)
-        second = self.link.deliver(UPLOAD, PROFILE)
-        self.assertEqual(transport.value(), (DATA_BYTES + COMMIT_REQUEST) * 2)
         protocol.dataReceived(COMMIT_OK)
         self.successResultOf(first)
-        self.assertNoResult(second)
+        second = self.link.deliver(UPLOAD, PROFILE)
+        self.assertEqual(transport.value(), (DATA_BYTES + COMMIT_REQUEST) * 2)
         protocol.dataReceived(COMMIT_REFUSED)
         self.failureResultOf(second, DeliveryFailed)
 
+    def test_second_upload_while_committing_refused(self) -> None:
+        """An upload offered while another awaits its commit response fails unwritten; the first still commits."""
+        protocol, transport = self.accept()
+        first = self.link.deliver(UPLOAD, PROFILE)
+        transport.clear()
+        second = self.link.deliver(UPLOAD, PROFILE)
+        self.assertIn("already", str(self.failureResultOf(second, DeliveryFailed).value))
+        self.assertEqual(transport.value(), b"")
+        protocol.dataReceived(COMMIT_OK)
+        self.successResultOf(first)
+        self.assertEqual(self.lost, [])
+
     def test_hello_response_swallowed(self) -> None:
-        """The end server's hello response neither answers a commit nor ends the link."""
+        """A repeated hello response neither answers a commit nor ends the link."""
         protocol, transport = self.accept()
         done = self.link.deliver(UPLOAD, PROFILE)
         protocol.dataReceived(HELLO_RESPONSE)
@@ -191,10 +203,11 @@ class TcpLinkTests(SynchronousTestCase):
 
     def test_hello_response_with_commit(self) -> None:
         """A hello response and a commit response in one read are told apart."""
-        protocol, _ = self.accept()
         done = self.link.deliver(UPLOAD, PROFILE)
+        protocol, transport = self.endpoint.accept()
         protocol.dataReceived(HELLO_RESPONSE + COMMIT_OK)
         self.successResultOf(done)
+        self.assertEqual(self.lost, [])
 
     def test_unexpected_commit_response(self) -> None:
         """A commit response nobody asked for calls on_lost: later answers could not be trusted."""
@@ -236,13 +249,53 @@ class TcpLinkTests(SynchronousTestCase):
         self.assertEqual(len(self.lost), 1)
 
     def test_deliver_before_connected(self) -> None:
-        """An upload delivered while connecting is written after the hello."""
+        """An upload delivered while connecting waits for the hello response, then is written."""
         done = self.link.deliver(UPLOAD, PROFILE)
         self.assertNoResult(done)
         protocol, transport = self.endpoint.accept()
+        self.assertEqual(transport.value(), HELLO_BYTES)
+        protocol.dataReceived(HELLO_RESPONSE)
         self.assertEqual(transport.value(), HELLO_BYTES + DATA_BYTES + COMMIT_REQUEST)
-        protocol.dataReceived(HELLO_RESPONSE + COMMIT_OK)
+        protocol.dataReceived(COMMIT_OK)
         self.successResultOf(done)
+
+    def test_upload_waits_for_hello_response(self) -> None:
+        """An upload delivered before the end server's hello response is not written until it comes."""
+        protocol, transport = self.endpoint.accept()
+        transport.clear()
+        done = self.link.deliver(UPLOAD, PROFILE)
+        self.assertEqual(transport.value(), b"")
+        protocol.dataReceived(HELLO_RESPONSE)
+        self.assertEqual(transport.value(), DATA_BYTES + COMMIT_REQUEST)
+        self.assertNoResult(done)
+
+    def test_stray_commit_ok_on_connect_commits_nothing(self) -> None:
+        """A 06 01 sent on connect, before the hello response, fails the waiting upload: no false commit."""
+        done = self.link.deliver(UPLOAD, PROFILE)
+        protocol, transport = self.endpoint.accept()
+        protocol.dataReceived(COMMIT_OK)
+        self.failureResultOf(done, DeliveryFailed)
+        self.assertEqual(len(self.lost), 1)
+        self.assertIn("before its hello response", self.lost[0])
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual(transport.value(), HELLO_BYTES)
+
+    def test_stray_commit_ok_then_refusals_commit_nothing(self) -> None:
+        """An end server sending one stray 06 01 then refusing with 06 00 gets no upload committed."""
+        done = self.link.deliver(UPLOAD, PROFILE)
+        protocol, _ = self.endpoint.accept()
+        protocol.dataReceived(COMMIT_OK + HELLO_RESPONSE)
+        protocol.dataReceived(COMMIT_REFUSED)
+        self.failureResultOf(done, DeliveryFailed)
+        self.failureResultOf(self.link.deliver(UPLOAD, PROFILE), DeliveryFailed)
+
+    def test_commit_response_before_hello_response_idle(self) -> None:
+        """A 0x06 before the hello response, with no upload waiting, loses the link."""
+        protocol, transport = self.endpoint.accept()
+        protocol.dataReceived(COMMIT_OK)
+        self.assertEqual(len(self.lost), 1)
+        self.assertTrue(transport.disconnecting)
+        self.failureResultOf(self.link.deliver(UPLOAD, PROFILE), DeliveryFailed)
 
     def test_end_server_closes(self) -> None:
         """The end server closing fails the pending delivery and calls on_lost once."""

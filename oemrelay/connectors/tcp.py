@@ -11,18 +11,20 @@ answered by the relay and never reach the end server, as with DM's OEM
 Server; other frames (0x26, unknown types) are passed on as they come.
 
 The end server's hello response is consumed (the device already has the
-relay's); its commit response decides the device's commit.  If the end server
-cannot be reached or goes away, or sends a commit response for which no
-commit request was outstanding when it arrived, the device connection is
-closed uncommitted.
+relay's), and nothing of an upload is written before it came, as a device
+would wait for it; the commit response to the upload's commit request then
+decides the device's commit.  If the end server cannot be reached or goes
+away, or sends a commit response out of step (before its hello response, or
+with no commit request outstanding), the device connection is closed
+uncommitted: such an answer can never confirm an upload.
 """
 
 from __future__ import annotations
 
-from collections import deque
 from collections.abc import Callable
 
-from twisted.internet.defer import Deferred, fail
+from automat import MethodicalMachine
+from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import clientFromString, connectProtocol
 from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.internet.protocol import Protocol
@@ -41,7 +43,7 @@ MAX_UNSENT_FRAMES = 64
 
 
 class _EndServerProtocol(Protocol):
-    """The relay's connection to the end server for one device."""
+    """The relay's connection to the end server for one device: feeds its link."""
 
     def __init__(self, link: TcpLink, max_message: int) -> None:
         self._link = link
@@ -51,16 +53,29 @@ class _EndServerProtocol(Protocol):
         try:
             frames = self._decoder.feed(data)
         except ProtocolError as error:
-            self._link.lost(f"end server broke the protocol: {error}")
+            self._link.end_server_failed(f"end server broke the protocol: {error}")
             return
         self._link.frames_from_end_server(frames)
 
     def connectionLost(self, reason: Failure = None) -> None:
-        self._link.lost("end server closed the connection")
+        self._link.end_server_failed("end server closed the connection")
 
 
 class TcpLink:
-    """One device connection's counterpart at the end server."""
+    """
+    One device connection's counterpart at the end server.
+
+    The states, and what every input does in each, are the table under
+    ``_machine`` below.  The relay behaves as a device would: it sends the
+    hello, waits for the end server's hello response, and only then writes an
+    upload and its commit request, one upload at a time.  So the one commit
+    response that can confirm an upload is the first one after that upload's
+    commit request in the ``committing`` state; a commit response in any other
+    state (before the hello response, with no request outstanding) means the
+    end server is out of step with us, and the link is lost without a commit.
+    """
+
+    _machine = MethodicalMachine()
 
     def __init__(
         self,
@@ -72,116 +87,274 @@ class TcpLink:
         self._serial = hello.serial
         self._on_lost = on_lost
         self._protocol: _EndServerProtocol | None = None
-        self._commit_answers: deque[Deferred[bytes]] = deque()
-        self._closed = False
-        self._ready: Deferred[None] = Deferred()
         self._hello_frame = hello.to_frame()
         # Frames passed on before the end server connection is up: sent after the hello.
         self._unsent: list[Frame] = []
+        # The one upload being delivered, and the Deferred its commit response fires.
+        self._upload: Upload | None = None
+        self._answer: Deferred[None] | None = None
+        # Commit responses of the read being processed, fired once it is done.
+        self._answered: list[tuple[Deferred[None], bytes]] = []
         self._connecting = connectProtocol(
             connector.endpoint, _EndServerProtocol(self, connector.max_message)
         )
         self._connecting.addCallbacks(self._connected, self._not_connected)
 
-    def _connected(self, protocol: _EndServerProtocol) -> None:
-        if self._closed:
-            protocol.transport.loseConnection()
+    # -- the public surface (Link) ---------------------------------------------
+
+    def deliver(self, upload: Upload, profile: DeviceProfile) -> Deferred[None]:
+        """Write ``upload`` and a commit request; fires when the end server answers 06 01."""
+        answer: Deferred[None] = Deferred()
+        self._upload_offered(upload, answer)
+        return answer
+
+    def forward(self, frame: Frame) -> None:
+        """Pass a frame that is no upload on to the end server."""
+        # Frames are held only while connecting, so this bounds just that.
+        if len(self._unsent) >= MAX_UNSENT_FRAMES:
+            self._lost(
+                f"more than {MAX_UNSENT_FRAMES} frames to pass on before the"
+                " end server connection was up"
+            )
             return
+        self._frame_offered(frame)
+
+    def close(self) -> None:
+        """The device connection closed: close the end server's, without calling on_lost."""
+        self._closed_by_device("device connection closed")
+
+    def end_server_failed(self, reason: str) -> None:
+        """The end server connection failed or broke the protocol."""
+        self._lost(reason)
+
+    def frames_from_end_server(self, frames: list[Frame]) -> None:
+        """Feed one read's frames to the machine."""
+        for frame in frames:
+            if frame.type == MessageType.COMMIT_RESPONSE:
+                self._commit_response(frame.payload)
+            elif frame.type == MessageType.HELLO_RESPONSE:
+                self._hello_response()
+            else:
+                self._other_frame(frame)
+        # Answers fire only now: a commit request written in reaction to one
+        # (the session's next upload) must not be answered by a surplus
+        # commit response that arrived in the same read, before it was sent.
+        answered, self._answered = self._answered, []
+        for answer, status in answered:
+            if status == b"\x01":
+                answer.callback(None)
+            else:
+                answer.errback(
+                    self._failed(
+                        "end server answered the commit with status"
+                        f" {status.hex() or 'empty'}"
+                    )
+                )
+
+    # -- the machine -----------------------------------------------------------
+
+    @_machine.state(initial=True)
+    def connecting(self) -> None:
+        """The end server connection is being made; nothing is written yet."""
+
+    @_machine.state()
+    def connecting_with_upload(self) -> None:
+        """Still connecting, and an upload waits to be written."""
+
+    @_machine.state()
+    def greeting(self) -> None:
+        """The hello is written; the end server's hello response has not come."""
+
+    @_machine.state()
+    def greeting_with_upload(self) -> None:
+        """Waiting for the hello response, and an upload waits to be written."""
+
+    @_machine.state()
+    def open(self) -> None:
+        """The hello is answered and no commit request is outstanding."""
+
+    @_machine.state()
+    def committing(self) -> None:
+        """An upload and its commit request are written; its answer is awaited."""
+
+    @_machine.state()
+    def closed(self) -> None:
+        """The link is gone; every input is ignored or refused."""
+
+    @_machine.input()
+    def _connection_made(self, protocol: _EndServerProtocol) -> None:
+        "The end server connection is up."
+
+    @_machine.input()
+    def _hello_response(self) -> None:
+        "The end server sent its hello response (0x02)."
+
+    @_machine.input()
+    def _commit_response(self, status: bytes) -> None:
+        "The end server sent a commit response (0x06)."
+
+    @_machine.input()
+    def _upload_offered(self, upload: Upload, answer: Deferred[None]) -> None:
+        "The session delivers an upload."
+
+    @_machine.input()
+    def _frame_offered(self, frame: Frame) -> None:
+        "The session passes on a frame."
+
+    @_machine.input()
+    def _lost(self, reason: str) -> None:
+        "The end server connection failed, could not be made, or broke the protocol."
+
+    @_machine.input()
+    def _closed_by_device(self, reason: str) -> None:
+        "The device connection closed."
+
+    @_machine.output()
+    def _hold_upload(self, upload: Upload, answer: Deferred[None]) -> None:
+        self._upload, self._answer = upload, answer
+
+    @_machine.output()
+    def _refuse_second_upload(self, upload: Upload, answer: Deferred[None]) -> None:
+        # The session waits for each commit, as the device does; two at once
+        # would leave a commit response's upload ambiguous.
+        answer.errback(self._failed("an upload is already awaiting its commit response"))
+
+    @_machine.output()
+    def _refuse_upload(self, upload: Upload, answer: Deferred[None]) -> None:
+        answer.errback(self._failed("link is closed"))
+
+    @_machine.output()
+    def _hold_frame(self, frame: Frame) -> None:
+        self._unsent.append(frame)
+
+    @_machine.output()
+    def _write_frame(self, frame: Frame) -> None:
+        self._protocol.transport.write(frame.to_bytes())
+
+    @_machine.output()
+    def _send_hello(self, protocol: _EndServerProtocol) -> None:
         self._protocol = protocol
         unsent, self._unsent = self._unsent, []
         protocol.transport.write(
             self._hello_frame + b"".join(frame.to_bytes() for frame in unsent)
         )
-        self._ready.callback(None)
+
+    @_machine.output()
+    def _drop_late_connection(self, protocol: _EndServerProtocol) -> None:
+        protocol.transport.loseConnection()
+
+    @_machine.output()
+    def _send_upload(self) -> None:
+        self._protocol.transport.write(
+            b"".join(frame.to_bytes() for frame in self._upload.frames) + COMMIT_REQUEST
+        )
+
+    @_machine.output()
+    def _answer_upload(self, status: bytes) -> None:
+        self._answered.append((self._answer, status))
+        self._upload = self._answer = None
+
+    @_machine.output()
+    def _lose(self, reason: str) -> None:
+        self._give_up_and_report(reason)
+
+    @_machine.output()
+    def _lose_before_hello(self, status: bytes) -> None:
+        self._give_up_and_report("end server sent a commit response before its hello response")
+
+    @_machine.output()
+    def _lose_out_of_step(self, status: bytes) -> None:
+        self._give_up_and_report("end server sent a commit response without a commit request")
+
+    @_machine.output()
+    def _close_quietly(self, reason: str) -> None:
+        self._give_up(reason)
+
+    # fmt: off
+    connecting.upon(_connection_made, enter=greeting, outputs=[_send_hello])
+    connecting.upon(_upload_offered, enter=connecting_with_upload, outputs=[_hold_upload])
+    connecting.upon(_frame_offered, enter=connecting, outputs=[_hold_frame])
+    connecting.upon(_lost, enter=closed, outputs=[_lose])
+    connecting.upon(_closed_by_device, enter=closed, outputs=[_close_quietly])
+
+    connecting_with_upload.upon(_connection_made, enter=greeting_with_upload, outputs=[_send_hello])
+    connecting_with_upload.upon(_upload_offered, enter=connecting_with_upload, outputs=[_refuse_second_upload])
+    connecting_with_upload.upon(_frame_offered, enter=connecting_with_upload, outputs=[_hold_frame])
+    connecting_with_upload.upon(_lost, enter=closed, outputs=[_lose])
+    connecting_with_upload.upon(_closed_by_device, enter=closed, outputs=[_close_quietly])
+
+    greeting.upon(_hello_response, enter=open, outputs=[])
+    greeting.upon(_commit_response, enter=closed, outputs=[_lose_before_hello])
+    greeting.upon(_upload_offered, enter=greeting_with_upload, outputs=[_hold_upload])
+    greeting.upon(_frame_offered, enter=greeting, outputs=[_write_frame])
+    greeting.upon(_lost, enter=closed, outputs=[_lose])
+    greeting.upon(_closed_by_device, enter=closed, outputs=[_close_quietly])
+
+    greeting_with_upload.upon(_hello_response, enter=committing, outputs=[_send_upload])
+    greeting_with_upload.upon(_commit_response, enter=closed, outputs=[_lose_before_hello])
+    greeting_with_upload.upon(_upload_offered, enter=greeting_with_upload, outputs=[_refuse_second_upload])
+    greeting_with_upload.upon(_frame_offered, enter=greeting_with_upload, outputs=[_write_frame])
+    greeting_with_upload.upon(_lost, enter=closed, outputs=[_lose])
+    greeting_with_upload.upon(_closed_by_device, enter=closed, outputs=[_close_quietly])
+
+    open.upon(_hello_response, enter=open, outputs=[])  # a repeated one changes nothing
+    open.upon(_commit_response, enter=closed, outputs=[_lose_out_of_step])
+    open.upon(_upload_offered, enter=committing, outputs=[_hold_upload, _send_upload])
+    open.upon(_frame_offered, enter=open, outputs=[_write_frame])
+    open.upon(_lost, enter=closed, outputs=[_lose])
+    open.upon(_closed_by_device, enter=closed, outputs=[_close_quietly])
+
+    committing.upon(_hello_response, enter=committing, outputs=[])
+    committing.upon(_commit_response, enter=open, outputs=[_answer_upload])
+    committing.upon(_upload_offered, enter=committing, outputs=[_refuse_second_upload])
+    committing.upon(_frame_offered, enter=committing, outputs=[_write_frame])
+    committing.upon(_lost, enter=closed, outputs=[_lose])
+    committing.upon(_closed_by_device, enter=closed, outputs=[_close_quietly])
+
+    # A connection completing after close() is dropped; anything else is ignored.
+    closed.upon(_connection_made, enter=closed, outputs=[_drop_late_connection])
+    closed.upon(_hello_response, enter=closed, outputs=[])
+    closed.upon(_commit_response, enter=closed, outputs=[])
+    closed.upon(_upload_offered, enter=closed, outputs=[_refuse_upload])
+    closed.upon(_frame_offered, enter=closed, outputs=[])
+    closed.upon(_lost, enter=closed, outputs=[])
+    closed.upon(_closed_by_device, enter=closed, outputs=[])
+    # fmt: on
+
+    # -- helpers -----------------------------------------------------------------
+
+    def _connected(self, protocol: _EndServerProtocol) -> None:
+        self._connection_made(protocol)
 
     def _not_connected(self, failure: Failure) -> None:
-        self.lost(f"cannot connect to end server: {failure.getErrorMessage()}")
+        # After close() the cancelled attempt fails too: ignored when closed.
+        self._lost(f"cannot connect to end server: {failure.getErrorMessage()}")
 
-    def frames_from_end_server(self, frames: list[Frame]) -> None:
-        # These bytes can only answer commit requests written before they
-        # arrived, not one an answer among them has meanwhile led to.
-        answerable = len(self._commit_answers)
-        for frame in frames:
-            if self._closed:
-                return
-            if frame.type != MessageType.COMMIT_RESPONSE:
-                self._other_frame(frame)
-            elif answerable:
-                answerable -= 1
-                self._commit_answers.popleft().callback(frame.payload)
-            else:
-                # Out of step with our requests: no later 0x06 can be trusted.
-                self.lost("end server sent a commit response without a commit request")
-
-    def _other_frame(self, frame: Frame) -> None:
-        if frame.type != MessageType.HELLO_RESPONSE:  # expected, and consumed
-            log.info(
-                "connector {name}: end server sent message type 0x{type:02x}"
-                " for device {serial}; not passed on",
-                name=self._connector.name,
-                type=frame.type,
-                serial=self._serial,
-            )
-
-    def lost(self, reason: str) -> None:
-        """The end server link failed: fail what waits on it, tell the session."""
-        if self._closed:
-            return
-        self._closed = True
-        self._drop(reason)
-        self._on_lost(f"connector {self._connector.name}: {reason}")
-
-    async def _deliver(self, upload: Upload) -> None:
-        await self._ready
-        if self._closed:
-            raise DeliveryFailed(f"connector {self._connector.name}: link is closed")
-        answer: Deferred[bytes] = Deferred()
-        self._commit_answers.append(answer)
-        self._protocol.transport.write(
-            b"".join(frame.to_bytes() for frame in upload.frames) + COMMIT_REQUEST
-        )
-        status = await answer
-        if status != b"\x01":
-            raise DeliveryFailed(
-                f"connector {self._connector.name}: end server answered the commit"
-                f" with status {status.hex() or 'empty'}"
-            )
-
-    def deliver(self, upload: Upload, profile: DeviceProfile) -> Deferred[None]:
-        if self._closed:
-            return fail(DeliveryFailed(f"connector {self._connector.name}: link is closed"))
-        return Deferred.fromCoroutine(self._deliver(upload))
-
-    def forward(self, frame: Frame) -> None:
-        if self._closed:
-            return
-        if self._protocol is None:
-            if len(self._unsent) >= MAX_UNSENT_FRAMES:
-                self.lost(
-                    f"more than {MAX_UNSENT_FRAMES} frames to pass on before the"
-                    " end server connection was up"
-                )
-                return
-            self._unsent.append(frame)
-        else:
-            self._protocol.transport.write(frame.to_bytes())
-
-    def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        self._drop("device connection closed")
-
-    def _drop(self, reason: str) -> None:
+    def _give_up(self, reason: str) -> None:
+        """Fail the upload being delivered and close the end server connection."""
+        answer, self._upload, self._answer = self._answer, None, None
+        self._unsent = []
         self._connecting.cancel()
-        if not self._ready.called:
-            self._ready.errback(DeliveryFailed(f"connector {self._connector.name}: {reason}"))
-            self._ready.addErrback(lambda _: None)
-        answers, self._commit_answers = self._commit_answers, deque()
-        for answer in answers:
-            answer.errback(DeliveryFailed(f"connector {self._connector.name}: {reason}"))
         if self._protocol is not None:
             self._protocol.transport.loseConnection()
+        if answer is not None:
+            answer.errback(self._failed(reason))
+
+    def _give_up_and_report(self, reason: str) -> None:
+        self._give_up(reason)
+        self._on_lost(f"connector {self._connector.name}: {reason}")
+
+    def _failed(self, reason: str) -> Failure:
+        return Failure(DeliveryFailed(f"connector {self._connector.name}: {reason}"))
+
+    def _other_frame(self, frame: Frame) -> None:
+        log.info(
+            "connector {name}: end server sent message type 0x{type:02x}"
+            " for device {serial}; not passed on",
+            name=self._connector.name,
+            type=frame.type,
+            serial=self._serial,
+        )
 
 
 class TcpConnector:
