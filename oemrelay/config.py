@@ -9,111 +9,31 @@ falls back to a default.  :func:`config_from_string` lets tests skip files.
 from __future__ import annotations
 
 import configparser
+import functools
 import os
 import re
 import socket
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field, fields
 from types import MappingProxyType
 from urllib.parse import urlsplit
 
 from hyperlink import EncodedURL
+from OpenSSL import SSL
 from twisted.internet.endpoints import clientFromString, serverFromString
-from twisted.internet.testing import MemoryReactor
+from twisted.internet.interfaces import IReactorPluggableNameResolver
+from twisted.internet.ssl import PrivateCertificate
+from zope.interface import implementer
 
 from .codec import MAX_PAYLOAD
+from .iothub import SAS_PREFIX, decode_sas_key, default_sas_resource, iothub_url
+from .registry_url import check_postgresql_url
 from .templates import has_placeholders
 
 
 class ConfigError(Exception):
     """The configuration is unusable; the message is one line for the user."""
 
-
-@dataclass(frozen=True)
-class RelayConfig:
-    """``[relay]``: where devices connect and how long the relay waits."""
-
-    listen: tuple[str, ...] = ("tcp:20500",)
-    connector: str = ""
-    commit_timeout: float = 20.0
-    idle_timeout: float = 600.0
-    max_message: int = MAX_PAYLOAD
-    #: Not in repr(): a PostgreSQL URL may hold a password.
-    registry: str = field(default="sqlite:oemrelay.sqlite", repr=False)
-    node: str = field(default_factory=socket.gethostname)
-
-
-@dataclass(frozen=True)
-class ApiConfig:
-    """``[api]``: the management HTTP API, off unless ``listen`` is set."""
-
-    listen: tuple[str, ...] = ()
-    token: str = field(default="", repr=False)
-
-
-@dataclass(frozen=True)
-class HttpConnectorConfig:
-    """``[connector:NAME]`` with ``type = http``."""
-
-    name: str
-    #: Not in repr(): the path and query may hold a key (``?code=...``).
-    url: str = field(repr=False)
-    headers: tuple[tuple[str, str], ...] = field(default=(), repr=False)
-    username: str = ""
-    password: str = field(default="", repr=False)
-    timeout: float = 10.0
-    ca_file: str = ""
-    client_cert: str = ""
-    client_key: str = ""
-    #: ``none``, ``basic``, ``azure-sas`` or ``oauth2``; empty: basic when
-    #: there are credentials, else none (see :attr:`auth_scheme`).
-    auth: str = ""
-    sas_key: str = field(default="[CUSTOM3]", repr=False)
-    sas_policy: str = ""
-    sas_resource: str = ""
-    token_ttl: int = 3600
-    token_url: str = field(default="", repr=False)
-    client_id: str = ""
-    client_secret: str = field(default="", repr=False)
-    scope: str = ""
-    #: Azure IoT Hub: add ``iothub-messageid`` to each request.
-    iothub: bool = False
-
-    @property
-    def auth_scheme(self) -> str:
-        """The authentication in force, with the empty default resolved."""
-        if self.auth:
-            return self.auth
-        return "basic" if self.username or self.password else "none"
-
-
-@dataclass(frozen=True)
-class TcpConnectorConfig:
-    """``[connector:NAME]`` with ``type = tcp``."""
-
-    name: str
-    endpoint: str
-
-
-@dataclass(frozen=True)
-class FileConnectorConfig:
-    """``[connector:NAME]`` with ``type = file``."""
-
-    name: str
-    path: str
-
-
-ConnectorConfig = HttpConnectorConfig | TcpConnectorConfig | FileConnectorConfig
-
-
-@dataclass(frozen=True)
-class Config:
-    """The whole configuration, as read from ``source``."""
-
-    relay: RelayConfig
-    connectors: Mapping[str, ConnectorConfig]
-    source: str = "<string>"
-    api: ApiConfig = ApiConfig()
 
 
 # -- value parsers: each takes the text and returns the value or raises ValueError
@@ -149,9 +69,22 @@ def _message_size(value: str) -> int:
     return number
 
 
-# Endpoint strings are only parsed here, never listened on or connected:
-# a memory reactor keeps validation free of side effects.
-_VALIDATION_REACTOR = MemoryReactor()
+@implementer(IReactorPluggableNameResolver)
+class _ParseOnlyReactor:
+    """
+    The reactor endpoint parsers are given here: they store it and never call
+    it, since config only parses endpoint strings, never listens or connects.
+    """
+
+    # HostnameEndpoint (tls:) reads this at construction, and warns if the
+    # reactor does not declare it.
+    nameResolver = None
+
+    def installNameResolver(self, resolver: object) -> object:
+        raise NotImplementedError("configuration never resolves names")
+
+
+_VALIDATION_REACTOR = _ParseOnlyReactor()
 
 
 def _server_endpoints(value: str) -> tuple[str, ...]:
@@ -240,8 +173,6 @@ def _readable_file(value: str) -> str:
 
 def _ca_file(value: str) -> str:
     if _readable_file(value):
-        from OpenSSL import SSL
-
         try:
             SSL.Context(SSL.TLS_METHOD).load_verify_locations(value)
         except Exception:
@@ -249,16 +180,13 @@ def _ca_file(value: str) -> str:
     return value
 
 
-# -- the schema: section kind -> key -> (parser, default; None = required)
-
-_Schema = dict[str, tuple[Callable[[str], object], str | None]]
-
 def _registry_url(value: str) -> str:
-    if value.startswith("sqlite:") and value[len("sqlite:"):]:
+    path = value[len("sqlite:"):] if value.startswith("sqlite:") else ""
+    if path:
+        # Checked now, or the relay would start and then fail to open it.
+        _appendable_path(path)
         return value
     if value.startswith(("postgresql://", "postgres://")):
-        from .registry import check_postgresql_url
-
         check_postgresql_url(value)
         return value
     raise ValueError(
@@ -290,58 +218,240 @@ def _optional_http_url(value: str) -> str:
     return _http_url(value) if value else ""
 
 
-_RELAY_KEYS: _Schema = {
-    "listen": (_server_endpoints, "tcp:20500"),
-    "connector": (_text, ""),
-    "commit_timeout": (_positive_number, "20"),
-    "idle_timeout": (_positive_number, "600"),
-    "max_message": (_message_size, str(MAX_PAYLOAD)),
-    "registry": (_registry_url, "sqlite:oemrelay.sqlite"),
-    "node": (_text, ""),
+def _node_name(value: str) -> str:
+    return value or socket.gethostname()
+
+
+def _optional_server_endpoints(value: str) -> tuple[str, ...]:
+    return _server_endpoints(value) if value else ()
+
+
+# -- the schema: each key declared once, with its parser, default and meaning
+
+
+@dataclass(frozen=True)
+class Key:
+    """
+    One INI key.
+
+    :ivar parse: turns the key's text into its value, or raises
+        :class:`ValueError` with a one-line reason.
+    :ivar default: the text used when the key is absent; ``None``: required.
+    :ivar doc: one line saying what the key means, for the reference table.
+    """
+
+    parse: Callable[[str], object]
+    default: str | None
+    doc: str
+
+
+def _setting(
+    parse: Callable[[str], object], default: str | None, doc: str, *, secret: bool = False
+):
+    """
+    A dataclass field that is also an INI key: the key's one declaration.
+
+    The field's default is ``default`` parsed, so a value built in code and a
+    key left out of the file agree.  ``secret`` keeps the value out of repr().
+    """
+    metadata = {"key": Key(parse, default, doc)}
+    if default is None:
+        return field(repr=not secret, metadata=metadata)
+    return field(
+        default_factory=functools.partial(parse, default),
+        repr=not secret,
+        metadata=metadata,
+    )
+
+
+def _keys_of(cls: type, names: tuple[str, ...] | None = None) -> dict[str, Key]:
+    """The INI keys declared by ``cls``'s fields (only ``names``, if given), in order."""
+    keys = {f.name: f.metadata["key"] for f in fields(cls) if "key" in f.metadata}
+    return keys if names is None else {name: keys[name] for name in names}
+
+
+@dataclass(frozen=True)
+class RelayConfig:
+    """``[relay]``: where devices connect and how long the relay waits."""
+
+    listen: tuple[str, ...] = _setting(
+        _server_endpoints, "tcp:20500", "Twisted server endpoint strings, space separated."
+    )
+    connector: str = _setting(
+        _text, "", "The [connector:NAME] devices use; empty: the only connector section."
+    )
+    commit_timeout: float = _setting(
+        _positive_number, "20", "Seconds for the connector to accept an upload."
+    )
+    idle_timeout: float = _setting(
+        _positive_number,
+        "600",
+        "Seconds of silence before a device is closed; more than commit_timeout.",
+    )
+    max_message: int = _setting(
+        _message_size, str(MAX_PAYLOAD), "Largest accepted payload, in bytes."
+    )
+    #: Secret: a PostgreSQL URL may hold a password.
+    registry: str = _setting(
+        _registry_url,
+        "sqlite:oemrelay.sqlite",
+        "sqlite:PATH (its directory must be writable) or postgresql://user@host/db.",
+        secret=True,
+    )
+    node: str = _setting(
+        _node_name, "", "This relay's name in the registry; empty: the host name."
+    )
+
+
+@dataclass(frozen=True)
+class ApiConfig:
+    """``[api]``: the management HTTP API, off unless ``listen`` is set."""
+
+    listen: tuple[str, ...] = _setting(
+        _optional_server_endpoints, "", "Twisted server endpoint strings; empty: no API."
+    )
+    token: str = _setting(
+        _text, "", "The bearer token every request must carry.", secret=True
+    )
+
+
+#: ``[api]`` keys read into other fields.
+_API_FILE_KEYS = {
+    "token_file": Key(_readable_file, "", "A file holding the token (instead of token)."),
 }
 
-_API_KEYS: _Schema = {
-    "listen": (_text, ""),
-    "token": (_text, ""),
-    "token_file": (_readable_file, ""),
+
+@dataclass(frozen=True)
+class HttpConnectorConfig:
+    """``[connector:NAME]`` with ``type = http``."""
+
+    name: str
+    #: Secret: the path and query may hold a key (``?code=...``).
+    url: str = _setting(
+        _http_url, None, "http:// or https:// URL; a template.", secret=True
+    )
+    headers: tuple[tuple[str, str], ...] = field(default=(), repr=False)
+    username: str = _setting(_text, "", "HTTP Basic user name (a template).")
+    password: str = _setting(
+        _text, "", "HTTP Basic password (a template).", secret=True
+    )
+    timeout: float = _setting(
+        _positive_number, "10", "Seconds for the end server to answer one POST."
+    )
+    ca_file: str = _setting(_ca_file, "", "PEM file of a private CA to trust as well.")
+    client_cert: str = _setting(
+        _readable_file, "", "PEM client certificate (mutual TLS), with its key."
+    )
+    client_key: str = _setting(
+        _readable_file, "", "PEM private key, if not in client_cert."
+    )
+    #: ``none``, ``basic``, ``azure-sas`` or ``oauth2``; empty: basic when
+    #: there are credentials, else none (see :attr:`auth_scheme`).
+    auth: str = _setting(
+        _auth_scheme, "", "none, basic, azure-sas or oauth2; empty: basic with credentials."
+    )
+    sas_key: str = _setting(
+        _text, "[CUSTOM3]", "Template: the device's base64 SAS key.", secret=True
+    )
+    sas_policy: str = _setting(_text, "", "Shared access policy name (adds skn=).")
+    sas_resource: str = _setting(
+        _text, "", "Template; empty: the URL's host and path up to /messages."
+    )
+    token_ttl: int = _setting(
+        _whole_seconds, "3600", "SAS token lifetime in seconds, at most ten years."
+    )
+    #: Secret: the query may hold a key.
+    token_url: str = _setting(
+        _optional_http_url, "", "OAuth2 token endpoint.", secret=True
+    )
+    client_id: str = _setting(_text, "", "OAuth2 client id.")
+    client_secret: str = _setting(_text, "", "OAuth2 client secret.", secret=True)
+    scope: str = _setting(_text, "", "OAuth2 scope (optional).")
+    #: Azure IoT Hub: add ``iothub-messageid`` to each request.
+    iothub: bool = False
+
+    @property
+    def auth_scheme(self) -> str:
+        """The authentication in force, with the empty default resolved."""
+        if self.auth:
+            return self.auth
+        return "basic" if self.username or self.password else "none"
+
+
+@dataclass(frozen=True)
+class TcpConnectorConfig:
+    """``[connector:NAME]`` with ``type = tcp``."""
+
+    name: str
+    endpoint: str = _setting(
+        _client_endpoint, None, "Twisted client endpoint string of the end server."
+    )
+
+
+@dataclass(frozen=True)
+class FileConnectorConfig:
+    """``[connector:NAME]`` with ``type = file``."""
+
+    name: str
+    path: str = _setting(
+        _appendable_path, None, "JSON-lines file; its directory must be writable."
+    )
+
+
+ConnectorConfig = HttpConnectorConfig | TcpConnectorConfig | FileConnectorConfig
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole configuration, as read from ``source``."""
+
+    relay: RelayConfig
+    connectors: Mapping[str, ConnectorConfig]
+    source: str = "<string>"
+    api: ApiConfig = field(default_factory=ApiConfig)
+
+
+_Schema = Mapping[str, Key]
+
+#: The http connector keys read into ``headers``.
+_HEADER_KEYS: _Schema = {
+    f"header{n}": Key(_header, "", "'Name: value' extra header; the value is a template.")
+    for n in (1, 2, 3)
 }
 
-# Keys shared by the two HTTP connector types.
-_HTTPS_KEYS: _Schema = {
-    "header1": (_header, ""),
-    "header2": (_header, ""),
-    "header3": (_header, ""),
-    "timeout": (_positive_number, "10"),
-    "ca_file": (_ca_file, ""),
-    "client_cert": (_readable_file, ""),
-    "client_key": (_readable_file, ""),
-    "sas_key": (_text, "[CUSTOM3]"),
-    "sas_policy": (_text, ""),
-    "sas_resource": (_text, ""),
-    "token_ttl": (_whole_seconds, "3600"),
-}
+#: The keys an azure-iothub section shares with http, after its own.
+_IOTHUB_SHARED = (
+    "timeout",
+    "ca_file",
+    "client_cert",
+    "client_key",
+    "sas_key",
+    "sas_policy",
+    "sas_resource",
+    "token_ttl",
+)
 
-_CONNECTOR_KEYS: dict[str, _Schema] = {
-    "http": {
-        "url": (_http_url, None),
-        **_HTTPS_KEYS,
-        "username": (_text, ""),
-        "password": (_text, ""),
-        "auth": (_auth_scheme, ""),
-        "token_url": (_optional_http_url, ""),
-        "client_id": (_text, ""),
-        "client_secret": (_text, ""),
-        "scope": (_text, ""),
-    },
-    "azure-iothub": {
-        "hub": (_required, None),
-        "device_id": (_required, "[CUSTOM1]"),
-        "url": (_optional_http_url, ""),
-        **_HTTPS_KEYS,
-    },
-    "tcp": {"endpoint": (_client_endpoint, None)},
-    "file": {"path": (_appendable_path, None)},
-}
+#: Every section and key the relay reads: ``[relay]``, ``[api]``, and each
+#: connector ``type``.
+SCHEMA: Mapping[str, _Schema] = MappingProxyType(
+    {
+        "relay": _keys_of(RelayConfig),
+        "api": {**_keys_of(ApiConfig), **_API_FILE_KEYS},
+        "http": {**_keys_of(HttpConnectorConfig), **_HEADER_KEYS},
+        "azure-iothub": {
+            "hub": Key(_required, None, "The hub's name (myhub) or full host name."),
+            "device_id": Key(_required, "[CUSTOM1]", "The IoT Hub device id (a template)."),
+            "url": Key(_optional_http_url, "", "Override the hub's URL (a test double)."),
+            **_HEADER_KEYS,
+            **_keys_of(HttpConnectorConfig, _IOTHUB_SHARED),
+        },
+        "tcp": _keys_of(TcpConnectorConfig),
+        "file": _keys_of(FileConnectorConfig),
+    }
+)
+
+_CONNECTOR_TYPES = tuple(kind for kind in SCHEMA if kind not in ("relay", "api"))
+
 
 CONNECTOR_PREFIX = "connector:"
 
@@ -398,15 +508,15 @@ def config_from_string(text: str, source: str = "<string>") -> Config:
             if key not in schema:
                 raise fail(section, key, f"unknown key (known: {', '.join(schema)})")
         parsed = {}
-        for key, (parse, default) in schema.items():
-            raw = values.get(key, default)
-            if raw is None or (raw == "" and default is None):
+        for key, spec in schema.items():
+            raw = values.get(key, spec.default)
+            if raw is None or (raw == "" and spec.default is None):
                 raise fail(section, key, "missing; this key is required")
             if "\n" in raw.strip() and key != "listen":
                 # An indented line continues the value; not quoted, it may be a key.
                 raise fail(section, key, "must be on one line (the next line is indented)")
             try:
-                parsed[key] = parse(raw.strip())
+                parsed[key] = spec.parse(raw.strip())
             except ValueError as error:
                 raise fail(section, key, str(error)) from None
         return parsed
@@ -421,22 +531,21 @@ def config_from_string(text: str, source: str = "<string>") -> Config:
             )
         name = section[len(CONNECTOR_PREFIX):]
         connector_type = parser[section].get("type", "").strip()
-        if connector_type not in _CONNECTOR_KEYS:
+        if connector_type not in _CONNECTOR_TYPES:
             raise fail(
                 section,
                 "type",
-                f"must be one of {', '.join(_CONNECTOR_KEYS)}, got {connector_type!r}",
+                f"must be one of {', '.join(_CONNECTOR_TYPES)}, got {connector_type!r}",
             )
         parser.remove_option(section, "type")
         given = frozenset(key for key, value in parser[section].items() if value)
-        values = read(section, _CONNECTOR_KEYS[connector_type])
+        values = read(section, SCHEMA[connector_type])
         try:
             connectors[name] = _connector_config(name, connector_type, values, given)
         except _KeyProblem as problem:
             raise fail(section, problem.key, problem.message) from None
 
-    relay_values = read("relay", _RELAY_KEYS)
-    relay_values["node"] = relay_values["node"] or socket.gethostname()
+    relay_values = read("relay", SCHEMA["relay"])
     if not relay_values["connector"]:
         if len(connectors) != 1:
             raise fail(
@@ -459,7 +568,7 @@ def config_from_string(text: str, source: str = "<string>") -> Config:
             " server would close devices",
         )
     try:
-        api = _api_config(read("api", _API_KEYS))
+        api = _api_config(read("api", SCHEMA["api"]))
     except _KeyProblem as problem:
         raise fail("api", problem.key, problem.message) from None
     return Config(
@@ -481,10 +590,6 @@ def _api_config(values: dict) -> ApiConfig:
         if values["token"] or values["token_file"]:
             raise _KeyProblem("listen", "missing; the API needs an endpoint to listen on")
         return ApiConfig()
-    try:
-        listen = _server_endpoints(values["listen"])
-    except ValueError as error:
-        raise _KeyProblem("listen", str(error)) from None
     if values["token"] and values["token_file"]:
         raise _KeyProblem("token_file", "set token or token_file, not both")
     token = values["token"]
@@ -504,7 +609,7 @@ def _api_config(values: dict) -> ApiConfig:
             raise _KeyProblem("token_file", f"{values['token_file']} is empty")
     if not token:
         raise _KeyProblem("token", "missing; the API never runs without a bearer token")
-    return ApiConfig(listen, token)
+    return ApiConfig(values["listen"], token)
 
 
 _OAUTH2_KEYS = ("token_url", "client_id", "client_secret", "scope")
@@ -518,9 +623,6 @@ def _connector_config(
         return TcpConnectorConfig(name, **values)
     if connector_type == "file":
         return FileConnectorConfig(name, **values)
-    # Imported here: auth imports templates, which must not import config.
-    from .auth import SAS_PREFIX, decode_sas_key, default_sas_resource, iothub_url
-
     header_keys = ("header1", "header2", "header3")
     headers = {key: values.pop(key) for key in header_keys}
     if connector_type == "azure-iothub":
@@ -577,8 +679,6 @@ def _check_client_certificate(cert_file: str, key_file: str) -> None:
         raise _KeyProblem("client_key", "needs client_cert")
     if not cert_file:
         return
-    from twisted.internet.ssl import PrivateCertificate
-
     try:
         with open(cert_file, "rb") as f:
             pem = f.read()

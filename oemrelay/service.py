@@ -5,19 +5,29 @@ The registry starts first (schema created or migrated, devices this node left
 marked connected after a crash set free); connectors that hold resources are
 child services, so their pools close on shutdown; each ``[relay] listen``
 endpoint serves devices and each ``[api] listen`` endpoint the management API.
+
+A failure at start-up (a port in use, a registry that cannot be opened) is
+one line, and the process exits with status 1, so a supervisor such as
+systemd sees a failed start rather than a clean stop.
 """
 
 from __future__ import annotations
 
+import atexit
+import os
 import sys
+from collections.abc import Callable
 
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import IService, MultiService, Service
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.interfaces import IStreamServerEndpoint
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web.server import Site
+from zope.interface import implementer
 
 from .api import build_api
 from .config import Config
@@ -28,14 +38,41 @@ from .session import DeviceFactory
 
 log = Logger(namespace="oemrelay.service")
 
+#: The exit status of a relay that failed to start.
+START_FAILED = 1
+
+
+def _exit_now(status: int) -> None:
+    # twistd has shut down and removed its pid file by now; only the status
+    # it would end with (0) is wrong.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
+
+
+def stop_after_failed_start(reactor) -> Callable[[], None]:
+    """
+    What a service calls when it cannot start: the reactor stops, then the
+    process exits with :data:`START_FAILED` instead of twistd's 0.
+    """
+
+    def stop() -> None:
+        atexit.register(_exit_now, START_FAILED)
+        if reactor.running:
+            reactor.stop()
+        else:
+            reactor.callWhenRunning(reactor.stop)
+
+    return stop
+
 
 class RegistryService(Service):
     """Opens the registry at start-up and closes it at shutdown."""
 
-    def __init__(self, registry: Registry, node: str, reactor) -> None:
+    def __init__(self, registry: Registry, node: str, on_start_failure: Callable[[], None]) -> None:
         self.registry = registry
         self._node = node
-        self._reactor = reactor
+        self._on_start_failure = on_start_failure
 
     def startService(self) -> None:
         super().startService()
@@ -53,7 +90,7 @@ class RegistryService(Service):
                 url=self.registry.url_for_logs,
                 reason=" ".join(str(error).split()),
             )
-            self._reactor.stop()
+            self._on_start_failure()
             return
         log.info(
             "registry {url} ready; {released} devices left connected to node"
@@ -68,32 +105,69 @@ class RegistryService(Service):
         return self._started.addBoth(lambda _: self.registry.close())
 
 
-class _Listener(StreamServerEndpointService):
-    """A listening endpoint; one that cannot be opened stops twistd with one line."""
+@implementer(IStreamServerEndpoint)
+class _ReportingEndpoint:
+    """An endpoint whose failure to listen is kept as one line, not logged as a traceback."""
 
-    def __init__(self, section: str, description: str, factory, reactor) -> None:
-        super().__init__(serverFromString(reactor, description), factory)
-        self._where = f"[{section}] listen: {description}"
-        self._raiseSynchronously = True
+    def __init__(self, endpoint, where: str, on_failure: Callable[[str], None]) -> None:
+        self._endpoint = endpoint
+        self._where = where
+        self._on_failure = on_failure
+
+    def listen(self, factory) -> Deferred:
+        return self._endpoint.listen(factory).addErrback(self._cannot_listen)
+
+    def _cannot_listen(self, failure: Failure) -> Failure | None:
+        if failure.check(CancelledError):
+            return failure  # stopped before it listened: not a failure to start
+        error = failure.value
+        reason = error.socketError if isinstance(error, CannotListenError) else error
+        self._on_failure(f"{self._where}: cannot listen: {reason}")
+
+
+class Listener(StreamServerEndpointService):
+    """
+    A listening endpoint.  One that cannot be opened is one line on stderr
+    and exit status 1: at once if it fails while twistd starts services
+    (tcp:, ssl:, unix: do), else by stopping the reactor.
+    """
+
+    def __init__(
+        self, section: str, description: str, factory, reactor,
+        on_start_failure: Callable[[], None],
+    ) -> None:
+        where = f"[{section}] listen: {description}"
+        endpoint = _ReportingEndpoint(serverFromString(reactor, description), where, self._failed)
+        super().__init__(endpoint, factory)
+        self._on_start_failure = on_start_failure
+        self._starting = False
+        self._failure_now: str | None = None
 
     def privilegedStartService(self) -> None:
+        self._starting = True
         try:
             super().privilegedStartService()
-        except CannotListenError as error:
-            reason = error.socketError
-            sys.stderr.write(f"oemrelay: {self._where}: cannot listen: {reason}\n")
-            raise SystemExit(1) from None
+        finally:
+            self._starting = False
+        if self._failure_now is not None:
+            sys.stderr.write(f"oemrelay: {self._failure_now}\n")
+            raise SystemExit(START_FAILED)
 
-
-def _listen(section: str, description: str, factory, reactor, parent: MultiService) -> None:
-    _Listener(section, description, factory, reactor).setServiceParent(parent)
+    def _failed(self, line: str) -> None:
+        if self._starting:
+            # Raised by privilegedStartService, outside the Deferred's callbacks.
+            self._failure_now = line
+            return
+        sys.stderr.write(f"oemrelay: {line}\n")
+        self._on_start_failure()
 
 
 def build_service(config: Config, reactor) -> MultiService:
     """Everything the relay runs, ready for ``twistd`` to start."""
     top = MultiService()
+    on_start_failure = stop_after_failed_start(reactor)
     registry = Registry.from_url(config.relay.registry, reactor)
-    RegistryService(registry, config.relay.node, reactor).setServiceParent(top)
+    RegistryService(registry, config.relay.node, on_start_failure).setServiceParent(top)
     connectors = {}
     for name, connector_config in config.connectors.items():
         connector = build_connector(connector_config, reactor, config.relay.max_message)
@@ -115,9 +189,9 @@ def build_service(config: Config, reactor) -> MultiService:
         max_message=config.relay.max_message,
     )
     for description in config.relay.listen:
-        _listen("relay", description, devices, reactor, top)
+        Listener("relay", description, devices, reactor, on_start_failure).setServiceParent(top)
     if config.api.listen:
         api = Site(build_api(registry, config.api.token, set(connectors), reactor))
         for description in config.api.listen:
-            _listen("api", description, api, reactor, top)
+            Listener("api", description, api, reactor, on_start_failure).setServiceParent(top)
     return top

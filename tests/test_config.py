@@ -10,14 +10,16 @@ import datetime
 import io
 import os
 import socket
+import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
 from oemrelay import tap
 from oemrelay.codec import MAX_PAYLOAD
@@ -27,6 +29,7 @@ from oemrelay.config import (
     ConfigError,
     FileConnectorConfig,
     HttpConnectorConfig,
+    SCHEMA,
     RelayConfig,
     TcpConnectorConfig,
     config_from_string,
@@ -380,6 +383,29 @@ class ConfigErrorTests(ConfigErrorAssertions, SynchronousTestCase):
         """A tcp connector needs an endpoint."""
         self.assert_error("[connector:t]\ntype = tcp\n", "[connector:t] endpoint", "missing")
 
+    def test_idle_timeout_equal_to_commit_timeout(self) -> None:
+        """idle_timeout equal to commit_timeout is refused, naming [relay] idle_timeout."""
+        self.assert_error(
+            "[relay]\ncommit_timeout = 30\nidle_timeout = 30\n" + FILE_CONNECTOR,
+            "[relay] idle_timeout",
+            "longer than commit_timeout",
+        )
+
+    def test_idle_timeout_below_commit_timeout(self) -> None:
+        """idle_timeout shorter than commit_timeout is refused, naming [relay] idle_timeout."""
+        self.assert_error(
+            "[relay]\ncommit_timeout = 30\nidle_timeout = 29.5\n" + FILE_CONNECTOR,
+            "[relay] idle_timeout",
+            "longer than commit_timeout",
+        )
+
+    def test_idle_timeout_just_above_commit_timeout(self) -> None:
+        """idle_timeout a little longer than commit_timeout loads."""
+        config = config_from_string(
+            "[relay]\ncommit_timeout = 30\nidle_timeout = 30.5\n" + FILE_CONNECTOR
+        )
+        self.assertEqual((config.relay.commit_timeout, config.relay.idle_timeout), (30.0, 30.5))
+
     def test_commit_timeout_not_a_number(self) -> None:
         """commit_timeout=abc is refused."""
         self.assert_error("[relay]\ncommit_timeout = abc\n" + FILE_CONNECTOR, "[relay] commit_timeout", "abc")
@@ -692,11 +718,34 @@ class RelayRegistryTests(ConfigErrorAssertions, SynchronousTestCase):
         self.assertEqual(config_from_string(FILE_CONNECTOR).relay.registry, "sqlite:oemrelay.sqlite")
 
     def test_sqlite_path(self) -> None:
-        """sqlite: followed by a path is kept as written."""
-        config = config_from_string(
-            "[relay]\nregistry = sqlite:/var/lib/oemrelay/registry.sqlite\n" + FILE_CONNECTOR
+        """sqlite: followed by a path in a writable directory is kept as written."""
+        directory = self.mktemp()
+        os.makedirs(directory)
+        url = f"sqlite:{os.path.abspath(directory)}/registry.sqlite"
+        config = config_from_string(f"[relay]\nregistry = {url}\n" + FILE_CONNECTOR)
+        self.assertEqual(config.relay.registry, url)
+
+    def test_sqlite_missing_directory(self) -> None:
+        """A SQLite registry in a directory that does not exist is a [relay] registry error."""
+        self.assert_error(
+            "[relay]\nregistry = sqlite:/nonexistent-dir/registry.sqlite\n" + FILE_CONNECTOR,
+            "[relay] registry",
+            "directory '/nonexistent-dir' does not exist",
         )
-        self.assertEqual(config.relay.registry, "sqlite:/var/lib/oemrelay/registry.sqlite")
+
+    def test_sqlite_unwritable_directory(self) -> None:
+        """A SQLite registry in a directory the relay cannot write is a [relay] registry error."""
+        if os.geteuid() == 0:
+            raise SkipTest("root writes in any directory")
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(directory)
+        os.chmod(directory, 0o500)
+        self.addCleanup(os.chmod, directory, 0o700)
+        self.assert_error(
+            f"[relay]\nregistry = sqlite:{directory}/registry.sqlite\n" + FILE_CONNECTOR,
+            "[relay] registry",
+            f"cannot write in directory {directory!r}",
+        )
 
     def test_postgresql(self) -> None:
         """A postgresql:// URL is kept as written."""
@@ -1221,3 +1270,52 @@ class FilePathTests(ConfigErrorAssertions, SynchronousTestCase):
         path = os.path.join(directory, "uploads.jsonl")
         config = config_from_string(f"[connector:x]\ntype = file\npath = {path}\n")
         self.assertEqual(config.connectors["x"].path, path)
+
+
+class SchemaTests(SynchronousTestCase):
+    """The schema is declared once, by the config dataclasses' fields."""
+
+    def test_field_defaults_are_the_keys_defaults(self) -> None:
+        """A RelayConfig built in code equals one read from a file that sets no [relay] key."""
+        loaded = config_from_string(FILE_CONNECTOR).relay
+        self.assertEqual(dataclasses.replace(RelayConfig(), connector="main"), loaded)
+
+    def test_every_key_documented(self) -> None:
+        """Every key of every section has a one-line description for the reference."""
+        for kind, keys in SCHEMA.items():
+            for name, key in keys.items():
+                self.assertTrue(key.doc and "\n" not in key.doc, f"{kind} {name}")
+
+    def test_sections(self) -> None:
+        """The schema lists [relay], [api] and each connector type, no more."""
+        self.assertEqual(list(SCHEMA), ["relay", "api", "http", "azure-iothub", "tcp", "file"])
+
+    def test_iothub_keys(self) -> None:
+        """An azure-iothub section takes its own keys, headers and the shared HTTPS keys only."""
+        self.assertEqual(
+            set(SCHEMA["azure-iothub"]),
+            {"hub", "device_id", "url", "header1", "header2", "header3", "timeout",
+             "ca_file", "client_cert", "client_key", "sas_key", "sas_policy",
+             "sas_resource", "token_ttl"},
+        )
+
+    def test_tls_client_endpoint_without_warning(self) -> None:
+        """Parsing a tls: endpoint at load time emits no reactor deprecation warning."""
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            config = config_from_string(
+                "[connector:x]\ntype = tcp\nendpoint = tls:host=example.com:port=5028\n"
+            )
+        self.assertEqual(config.connectors["x"].endpoint, "tls:host=example.com:port=5028")
+
+    def test_leaf_module(self) -> None:
+        """Importing oemrelay.config loads neither auth, registry nor twisted.internet.testing."""
+        probe = (
+            "import sys, oemrelay.config;"
+            "print(sorted(m for m in ('oemrelay.auth', 'oemrelay.registry',"
+            " 'twisted.internet.testing', 'twisted.internet.reactor') if m in sys.modules))"
+        )
+        output = subprocess.run(
+            [sys.executable, "-c", probe], capture_output=True, text=True, check=True
+        ).stdout
+        self.assertEqual(output.strip(), "[]")

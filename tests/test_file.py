@@ -324,14 +324,102 @@ class AppendAndSyncTests(SynchronousTestCase):
         self.assertEqual(synced, ["file"])
 
 
+class FakePool:
+    """Records the connector starting and stopping its thread."""
+
+    def __init__(self) -> None:
+        self.events: list[str] = []
+
+    def start(self) -> None:
+        self.events.append("start")
+
+    def stop(self) -> None:
+        self.events.append("stop")
+
+
+class FileConnectorServiceTests(SynchronousTestCase):
+    """The connector starts its writer thread with itself and stops it after the last write."""
+
+    def setUp(self) -> None:
+        os.mkdir(directory := self.mktemp())
+        self.pool = FakePool()
+        self.runner = ManualRunner()
+        self.connector = FileConnector(
+            FileConnectorConfig("store", os.path.join(directory, "u.jsonl")),
+            self.runner,
+            self.pool,
+        )
+
+    def test_start_starts_pool(self) -> None:
+        """startService starts the thread pool, and nothing else does."""
+        self.assertEqual(self.pool.events, [])
+        self.connector.startService()
+        self.assertEqual(self.pool.events, ["start"])
+
+    def test_stop_when_idle(self) -> None:
+        """stopService with no write under way stops the pool at once."""
+        self.connector.startService()
+        self.successResultOf(defer.maybeDeferred(self.connector.stopService))
+        self.assertEqual(self.pool.events, ["start", "stop"])
+
+    def test_stop_waits_for_pending_write(self) -> None:
+        """stopService waits for the write under way and the one queued behind it."""
+        self.connector.startService()
+        first = self.connector.deliver(UPLOAD, PROFILE)
+        second = self.connector.deliver(upload_for(2), PROFILE)
+        stopped = self.connector.stopService()
+        self.assertNoResult(stopped)
+        self.runner.run(0)
+        self.successResultOf(first)
+        self.assertNoResult(stopped)
+        self.assertEqual(self.pool.events, ["start"])
+        self.runner.run(1)
+        self.successResultOf(second)
+        self.successResultOf(stopped)
+        self.assertEqual(self.pool.events, ["start", "stop"])
+
+    def test_stop_after_failed_write(self) -> None:
+        """A write that fails during shutdown still lets the pool stop."""
+        self.connector = FileConnector(
+            FileConnectorConfig("store", "/nonexistent-dir/u.jsonl"), self.runner, self.pool
+        )
+        self.connector.startService()
+        pending = self.connector.deliver(UPLOAD, PROFILE)
+        stopped = self.connector.stopService()
+        self.runner.run(0)
+        self.failureResultOf(pending, DeliveryFailed)
+        self.successResultOf(stopped)
+        self.assertEqual(self.pool.events, ["start", "stop"])
+
+    def test_deliver_after_stop(self) -> None:
+        """An upload offered after stopService fails, nothing is written, so no commit."""
+        self.connector.startService()
+        self.connector.stopService()
+        failure = self.failureResultOf(self.connector.deliver(UPLOAD, PROFILE), DeliveryFailed)
+        self.assertIn("store", failure.getErrorMessage())
+        self.assertEqual(self.runner.calls, [])
+
+
 class BuildConnectorTests(SynchronousTestCase):
-    """build_connector gives a file section its own writer thread."""
+    """build_connector gives a file section its own writer thread, owned by the connector."""
 
     def test_file_connector(self) -> None:
-        """A file section becomes a FileConnector whose thread starts and stops with the reactor."""
+        """A file section becomes a FileConnector; the reactor gets no start or shutdown hook."""
         reactor = MemoryReactorClock()
         connector = build_connector(FileConnectorConfig("store", "x.jsonl"), reactor, 65535)
         self.assertIsInstance(connector, FileConnector)
         self.assertEqual((connector.name, connector.path), ("store", "x.jsonl"))
-        self.assertEqual(len(reactor.whenRunningHooks), 1)
-        self.assertEqual(len(reactor.triggers["during"]["shutdown"]), 1)
+        self.assertEqual(reactor.whenRunningHooks, [])
+        self.assertEqual(reactor.triggers, {})
+
+    def test_thread_lives_with_service(self) -> None:
+        """The writer thread pool runs between startService and stopService, one thread at most."""
+        connector = build_connector(
+            FileConnectorConfig("store", "x.jsonl"), MemoryReactorClock(), 65535
+        )
+        pool = connector._pool
+        self.assertEqual((pool.max, pool.started), (1, False))
+        connector.startService()
+        self.assertTrue(pool.started)
+        self.successResultOf(connector.stopService())
+        self.assertFalse(pool.started)

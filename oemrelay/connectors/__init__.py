@@ -5,6 +5,8 @@ turns a ``[connector:NAME]`` section into a connector.
 
 from __future__ import annotations
 
+import functools
+
 from twisted.internet.threads import deferToThreadPool
 from twisted.python.threadpool import ThreadPool
 
@@ -28,13 +30,7 @@ def build_connector(config: ConnectorConfig, reactor, max_message: int) -> Conne
     if isinstance(config, TcpConnectorConfig):
         return TcpConnector.from_config(config, reactor, max_message)
     if isinstance(config, FileConnectorConfig):
-        return FileConnector(config, _single_thread_runner(reactor, config.name))
+        # One thread keeps appends in order; the connector starts and stops it.
+        pool = ThreadPool(minthreads=1, maxthreads=1, name=f"oemrelay-file-{config.name}")
+        return FileConnector(config, functools.partial(deferToThreadPool, reactor, pool), pool)
     raise TypeError(f"no connector for {config!r}")
-
-
-def _single_thread_runner(reactor, name: str):
-    # One thread keeps appends in order; it stops with the reactor.
-    pool = ThreadPool(minthreads=1, maxthreads=1, name=f"oemrelay-file-{name}")
-    reactor.callWhenRunning(pool.start)
-    reactor.addSystemEventTrigger("during", "shutdown", pool.stop)
-    return lambda function, *args: deferToThreadPool(reactor, pool, function, *args)

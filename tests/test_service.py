@@ -1,0 +1,105 @@
+"""
+Tests for :mod:`oemrelay.service`: listeners and the registry report a failed
+start as one line and ask for a non-zero exit.
+"""
+
+from __future__ import annotations
+
+import io
+import sys
+
+from twisted.internet.defer import Deferred, fail
+from twisted.internet.error import CannotListenError
+from twisted.internet.protocol import Factory
+from twisted.internet.testing import MemoryReactor
+from twisted.trial.unittest import SynchronousTestCase
+
+from oemrelay.service import START_FAILED, Listener, RegistryService
+
+
+class RefusingReactor(MemoryReactor):
+    """A memory reactor whose TCP listens fail with EADDRINUSE."""
+
+    def listenTCP(self, port, factory, backlog=50, interface=""):
+        raise CannotListenError(interface, port, OSError(98, "Address already in use"))
+
+
+class ListenerTests(SynchronousTestCase):
+    """A Listener that cannot listen says so in one line and exits with status 1."""
+
+    def setUp(self) -> None:
+        self.stderr = io.StringIO()
+        self.patch(sys, "stderr", self.stderr)
+        self.stops: list[str] = []
+
+    def listener(self, reactor) -> Listener:
+        return Listener(
+            "relay", "tcp:20500", Factory(), reactor, lambda: self.stops.append("stop")
+        )
+
+    def test_port_in_use_exits_1(self) -> None:
+        """A listen refused while twistd starts services raises SystemExit(1) after one line."""
+        with self.assertRaises(SystemExit) as caught:
+            self.listener(RefusingReactor()).privilegedStartService()
+        self.assertEqual(caught.exception.code, START_FAILED)
+        self.assertEqual(
+            self.stderr.getvalue(),
+            "oemrelay: [relay] listen: tcp:20500: cannot listen:"
+            " [Errno 98] Address already in use\n",
+        )
+        self.assertEqual(self.flushLoggedErrors(), [])
+
+    def test_listens(self) -> None:
+        """A listen that works starts nothing else and writes nothing."""
+        reactor = MemoryReactor()
+        self.listener(reactor).privilegedStartService()
+        self.assertEqual(len(reactor.tcpServers), 1)
+        self.assertEqual((self.stderr.getvalue(), self.stops), ("", []))
+
+    def test_later_failure_stops(self) -> None:
+        """A listen that fails after start-up writes one line and stops with a failure."""
+        listener = self.listener(MemoryReactor())
+        waiting: Deferred = Deferred()
+        listener.endpoint._endpoint = type("Slow", (), {"listen": lambda self, f: waiting})()
+        listener.privilegedStartService()
+        self.assertEqual(self.stops, [])
+        waiting.errback(CannotListenError("", 20500, OSError(13, "Permission denied")))
+        self.assertEqual(self.stops, ["stop"])
+        self.assertIn("cannot listen: [Errno 13] Permission denied", self.stderr.getvalue())
+
+    def test_stop_before_listening_is_no_failure(self) -> None:
+        """Stopping a listener still waiting to listen is not reported as a failed start."""
+        listener = self.listener(MemoryReactor())
+        listener.endpoint._endpoint = type("Slow", (), {"listen": lambda self, f: Deferred()})()
+        listener.privilegedStartService()
+        listener.stopService()
+        self.assertEqual((self.stops, self.stderr.getvalue()), ([], ""))
+
+
+class FailingRegistry:
+    """A registry whose start fails, as a database that cannot be opened does."""
+
+    url_for_logs = "sqlite:/nowhere/registry.sqlite"
+
+    def __init__(self) -> None:
+        self.closed = False
+
+    def start(self, node: str) -> Deferred:
+        return fail(OSError("unable to open database file"))
+
+    def close(self) -> None:
+        self.closed = True
+
+
+class RegistryServiceTests(SynchronousTestCase):
+    """A registry that cannot be opened stops the relay with a failure."""
+
+    def test_cannot_open(self) -> None:
+        """A failed registry start logs one critical line and calls the start-failure hook."""
+        stops: list[str] = []
+        registry = FailingRegistry()
+        service = RegistryService(registry, "node-a", lambda: stops.append("stop"))
+        service.startService()
+        self.assertEqual(stops, ["stop"])
+        self.successResultOf(service.stopService())
+        self.assertTrue(registry.closed)
