@@ -19,16 +19,15 @@ messages; every message is one line that may be logged as it is.
 
 from __future__ import annotations
 
-import binascii
 import hashlib
 import hmac
 import json
 import math
 import re
-from base64 import b64decode, b64encode
+from base64 import b64encode
 from collections import OrderedDict
 from collections.abc import Mapping
-from urllib.parse import quote, quote_plus, unquote, urlencode, urlsplit
+from urllib.parse import quote, quote_plus, urlencode, urlsplit
 
 from automat import MethodicalMachine
 from twisted.internet.defer import CancelledError, Deferred
@@ -36,31 +35,11 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseFailed
 
-from .templates import PLACEHOLDERS, expand
-
-#: The IoT Hub REST API version :func:`iothub_url` asks for.
-IOTHUB_API_VERSION = "2021-04-12"
-
-#: The DNS suffix added to a bare hub name (Azure's public cloud).
-IOTHUB_DOMAIN = "azure-devices.net"
-
-#: How a complete SAS, sent as it is, begins.
-SAS_PREFIX = "SharedAccessSignature "
-_PLACEHOLDER_SPLIT = re.compile(r"(\[(?:" + "|".join(PLACEHOLDERS) + r")\])")
-
+# default_sas_resource and iothub_url are part of this module's interface too.
+from .iothub import SAS_PREFIX, decode_sas_key, default_sas_resource, iothub_url  # noqa: F401
+from .templates import expand
 
 # --- Azure IoT Hub shared access signatures --------------------------------
-
-
-def decode_sas_key(key_base64: str) -> bytes:
-    """The raw bytes of a base64 SAS key; the error names no key material."""
-    try:
-        key = b64decode(key_base64.strip(), validate=True)
-    except (binascii.Error, ValueError):
-        raise ValueError("the SAS key is not valid base64") from None
-    if not key:
-        raise ValueError("the SAS key is empty")
-    return key
 
 
 def _sas_signature(encoded_resource: str, expiry: str, key: bytes) -> str:
@@ -206,85 +185,6 @@ class AzureSas:
     def cached_tokens(self) -> int:
         """How many tokens the cache holds now."""
         return len(self._cache)
-
-
-def _split_url_template(url_template: str) -> tuple[str, str]:
-    """
-    The host (no user info, no port) and raw path of a URL template.
-
-    Parsed by hand: :func:`urllib.parse.urlsplit` refuses a bracketed
-    placeholder in the host as a malformed IPv6 literal.
-    """
-    scheme, separator, rest = url_template.partition("://")
-    if not separator or not scheme:
-        raise ValueError("the URL has no scheme (expected https://...)")
-    end = len(rest)
-    for stop in "/?#":
-        index = rest.find(stop)
-        if index != -1:
-            end = min(end, index)
-    authority, remainder = rest[:end], rest[end:]
-    host = authority.rpartition("@")[2]
-    # Drop a port, but not the inside of an IPv6 literal or a placeholder.
-    head, colon, port = host.rpartition(":")
-    if colon and "]" not in port and port.isdigit():
-        host = head
-    if not host:
-        raise ValueError("the URL has no host")
-    path = remainder
-    for stop in "?#":
-        path = path.split(stop, 1)[0]
-    return host, path
-
-
-def default_sas_resource(url_template: str) -> str:
-    """
-    The SAS scope implied by an IoT Hub URL: its host and its path up to,
-    and not including, ``/messages``.
-
-    ``https://myhub.azure-devices.net/devices/[CUSTOM1]/messages/events?api-version=2021-04-12``
-    gives ``myhub.azure-devices.net/devices/[CUSTOM1]``.  Placeholders are
-    kept for :class:`AzureSas` to fill in; percent-escapes in the template's
-    path are decoded (the resource is signed unescaped, then encoded as a
-    whole).  A path without a ``/messages`` segment is taken whole, less
-    a trailing ``/``.
-
-    :raises ValueError: if the URL has no scheme or no host.
-    """
-    host, path = _split_url_template(url_template)
-    match = re.search(r"/messages(?=/|$)", path, re.IGNORECASE)
-    if match is not None:
-        path = path[: match.start()]
-    return unquote(host + path.rstrip("/"))
-
-
-def iothub_url(hub: str, device_id_template: str) -> str:
-    """
-    The IoT Hub HTTPS URL a device's telemetry is POSTed to.
-
-    :param hub: the hub's name (``myhub``, completed with
-        ``.azure-devices.net``) or, if it contains a dot, its full host name
-        (``myhub.azure-devices.net``, or a national cloud's such as
-        ``myhub.azure-devices.cn``), taken as written.
-    :param device_id_template: the device id, usually a placeholder such as
-        ``[CUSTOM1]``; literal text around placeholders is percent-encoded
-        here, the placeholders' values when the URL is expanded.
-    :raises ValueError: if ``hub`` is empty or is not a bare host name.
-    """
-    hub = hub.strip()
-    if not hub or re.search(r"[/:@?#\s\[\]]", hub):
-        raise ValueError(
-            "the IoT Hub must be a hub name or host name, such as myhub"
-            f" or myhub.{IOTHUB_DOMAIN}"
-        )
-    host = hub if "." in hub else f"{hub}.{IOTHUB_DOMAIN}"
-    if not device_id_template:
-        raise ValueError("the IoT Hub device id template is empty")
-    device = "".join(
-        part if _PLACEHOLDER_SPLIT.fullmatch(part) else quote(part, safe="")
-        for part in _PLACEHOLDER_SPLIT.split(device_id_template)
-    )
-    return f"https://{host}/devices/{device}/messages/events?api-version={IOTHUB_API_VERSION}"
 
 
 def iothub_message_id(serial: int, first_seq: int | None) -> str:
