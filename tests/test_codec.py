@@ -429,7 +429,7 @@ class ReplyTests(SynchronousTestCase):
 
 
 class DataRecordsTests(SynchronousTestCase):
-    """parse_data_records decodes 0x04 payloads to the values in section 6."""
+    """parse_data_records decodes 0x04 payloads to the hand-decoded values (tests/data/README.rst)."""
 
     def test_denmark(self) -> None:
         """The 2021 Denmark upload decodes to its two records exactly."""
@@ -532,7 +532,7 @@ class DataRecordsTests(SynchronousTestCase):
         self.assertEqual(debug_seqs, set(expected))
 
     def test_dart_state_records(self) -> None:
-        """Dart seq 15-19 show the input, trip and power changes of section 6."""
+        """Dart seq 15-19 show the input, trip and power changes of tests/data/README.rst."""
         records = {r.seq: r for r in parse_data_records(payload("data-0x04-20-records-dart-after-reset"))}
         summary = {
             seq: (records[seq].reason, records[seq].fields[1].inputs, records[seq].fields[1].status)
@@ -745,7 +745,7 @@ class FixedRecordsTests(SynchronousTestCase):
     """parse_fixed_records decodes G50 64-byte records to the common model."""
 
     def test_one_record(self) -> None:
-        """The single-record capture decodes to every value of section 6."""
+        """The single-record capture decodes to every hand-decoded value (tests/data/README.rst)."""
         (record,) = parse_fixed_records(payload("fixed64-0x10-1-record-G50"))
         time = since_2013("2018-03-14 11:46:24")
         self.assertEqual(

@@ -1,6 +1,7 @@
 """
 Tests for ``oemrelay.oem_json``: the OEM "traditional" JSON body, checked
-against the real OEM sample and the worked example of dm-protocol.md 5.4.
+against the real OEM sample and the hand-decoded capture values of
+``tests/data/README.rst`` (layouts: ``docs/protocol.rst``).
 """
 
 from __future__ import annotations
@@ -187,7 +188,7 @@ class DeviceTimeTests(SynchronousTestCase):
         self.assertEqual(device_time(0), "2013-01-01 00:00:00")
 
     def test_known_times(self) -> None:
-        """Times from the captures format as section 6 states."""
+        """Times from the captures format as the hand decode states."""
         self.assertEqual(device_time(255505915), "2021-02-05 05:51:55")
         self.assertEqual(device_time(347068800), "2024-01-01 00:00:00")
         self.assertEqual(device_time(59), "2013-01-01 00:00:59")
@@ -373,7 +374,7 @@ class OemDocumentTests(SynchronousTestCase):
     """oem_document() writes valid JSON with the capture values."""
 
     def test_worked_example(self) -> None:
-        """Record 565 of the Denmark capture gives the fields of section 5.4."""
+        """Record 565 of the Denmark capture gives its hand-decoded fields as OEM JSON."""
         records = parse_data_records(payload("data-0x04-2-records-2021-denmark"))
         self.assertEqual(
             record_json(records[0]),
@@ -385,7 +386,7 @@ class OemDocumentTests(SynchronousTestCase):
         )
 
     def test_worked_example_document(self) -> None:
-        """The whole section 5.4 document (header aside) parses to its values."""
+        """The whole Denmark worked-example document (header aside) parses to its values."""
         hello = Hello(0, "?", "?")
         records = parse_data_records(payload("data-0x04-2-records-2021-denmark"))[:1]
         document = strict(oem_document(hello, records))
