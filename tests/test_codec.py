@@ -6,6 +6,7 @@ checked against the real device captures in ``tests/data``.
 from __future__ import annotations
 
 import calendar
+import importlib.util
 import random
 import struct
 
@@ -46,7 +47,16 @@ from oemrelay.codec import (
     time_response,
 )
 
-from .vectors import capture, captures, payload, since_2013
+from .vectors import (
+    DATA,
+    HAND_DECODED_FIXED,
+    HAND_DECODED_RECORDS,
+    capture,
+    captures,
+    payload,
+    since_2013,
+)
+from .zones import use_time_zone
 
 #: Unix time of 2024-01-01 00:00:00 UTC (347 068 800 s since 2013).
 NEW_YEAR_2024 = 1704067200
@@ -419,7 +429,7 @@ class ReplyTests(SynchronousTestCase):
 
 
 class DataRecordsTests(SynchronousTestCase):
-    """parse_data_records decodes 0x04 payloads to the values in section 6."""
+    """parse_data_records decodes 0x04 payloads to the hand-decoded values (tests/data/README.rst)."""
 
     def test_denmark(self) -> None:
         """The 2021 Denmark upload decodes to its two records exactly."""
@@ -481,9 +491,14 @@ class DataRecordsTests(SynchronousTestCase):
 
     def test_auckland_field_types(self) -> None:
         """Every Auckland record has fields 0, 2, 6, 7 in that order."""
-        for record in parse_data_records(payload("data-0x04-12-records-2017-auckland")):
-            self.assertEqual([f.FIELD_ID for f in record.fields], [0, 2, 6, 7])
-            self.assertEqual(record.fields[0].fix_time, record.time)
+        records = parse_data_records(payload("data-0x04-12-records-2017-auckland"))
+        expected = HAND_DECODED_RECORDS["data-0x04-12-records-2017-auckland"]
+        self.assertEqual(len(expected), 12)
+        self.assertEqual([[f.FIELD_ID for f in r.fields] for r in records], [[0, 2, 6, 7]] * 12)
+        # Fix time equals record time in this capture, by the hand decode.
+        self.assertEqual(
+            [r.fields[0].fix_time for r in records], [since_2013(t) for _, t, _, _ in expected]
+        )
 
     def test_auckland_second_speed(self) -> None:
         """Record 519 reports 763 cm/s at heading raw 125 (250 degrees)."""
@@ -517,7 +532,7 @@ class DataRecordsTests(SynchronousTestCase):
         self.assertEqual(debug_seqs, set(expected))
 
     def test_dart_state_records(self) -> None:
-        """Dart seq 15-19 show the input, trip and power changes of section 6."""
+        """Dart seq 15-19 show the input, trip and power changes of tests/data/README.rst."""
         records = {r.seq: r for r in parse_data_records(payload("data-0x04-20-records-dart-after-reset"))}
         summary = {
             seq: (records[seq].reason, records[seq].fields[1].inputs, records[seq].fields[1].status)
@@ -730,7 +745,7 @@ class FixedRecordsTests(SynchronousTestCase):
     """parse_fixed_records decodes G50 64-byte records to the common model."""
 
     def test_one_record(self) -> None:
-        """The single-record capture decodes to every value of section 6."""
+        """The single-record capture decodes to every hand-decoded value (tests/data/README.rst)."""
         (record,) = parse_fixed_records(payload("fixed64-0x10-1-record-G50"))
         time = since_2013("2018-03-14 11:46:24")
         self.assertEqual(
@@ -934,3 +949,116 @@ class FramingErrorTests(SynchronousTestCase):
         with self.assertRaises(FramingError) as raised:
             FrameDecoder(max_payload=1000).feed(data)
         self.assertEqual([f.type for f in raised.exception.frames], [0x22])
+
+
+def _hand_decode():
+    """The standalone ``tests/data/hand_decode.py``, loaded from its path."""
+    path = DATA / "hand_decode.py"
+    spec = importlib.util.spec_from_file_location("hand_decode", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+class HandDecodeTests(SynchronousTestCase):
+    """The codec agrees with the independent hand decode of every capture."""
+
+    def test_literals_are_what_the_script_prints(self) -> None:
+        """The literals in tests/vectors.py are what hand_decode.py decodes today."""
+        decoded = _hand_decode().decode_all()
+        records = {
+            name: tuple(
+                (r["seq"], r["time"], r["reason"], tuple(r["field_ids"])) for r in decoded[name]
+            )
+            for name in HAND_DECODED_RECORDS
+        }
+        fixed = {
+            name: tuple((r["index"], r["time"], r["event"]) for r in decoded[name])
+            for name in HAND_DECODED_FIXED
+        }
+        self.assertEqual(records, HAND_DECODED_RECORDS)
+        self.assertEqual(fixed, HAND_DECODED_FIXED)
+        self.assertEqual(sorted(HAND_DECODED_RECORDS), sorted(DATA_CAPTURES))
+        self.assertEqual(sorted(HAND_DECODED_FIXED), sorted(FIXED_CAPTURES))
+
+    def test_hand_decode_checksums(self) -> None:
+        """The hand decode finds all three fixed-record checksums correct."""
+        decoded = _hand_decode().decode_all()
+        checks = [r["checksum_ok"] for name in FIXED_CAPTURES for r in decoded[name]]
+        self.assertEqual(checks, [True, True, True])
+
+    def test_data_records_match(self) -> None:
+        """All 34 records of the 0x04 captures have the hand decode's seq, time, reason, fields."""
+        count = 0
+        for name, expected in HAND_DECODED_RECORDS.items():
+            records = parse_data_records(payload(name))
+            self.assertEqual(
+                [(r.seq, r.time, r.reason, tuple(f.FIELD_ID for f in r.fields)) for r in records],
+                [(seq, since_2013(t), reason, ids) for seq, t, reason, ids in expected],
+                name,
+            )
+            count += len(records)
+        self.assertEqual(count, 2 + 12 + 20)
+
+    def test_fixed_records_match(self) -> None:
+        """All 3 G50 fixed records have the hand decode's index, time and event."""
+        count = 0
+        for name, expected in HAND_DECODED_FIXED.items():
+            records = parse_fixed_records(payload(name))
+            self.assertEqual(
+                [(r.seq, r.time, r.reason) for r in records],
+                [(index, since_2013(t), event) for index, t, event in expected],
+                name,
+            )
+            count += len(records)
+        self.assertEqual(count, 3)
+
+
+class LongHelloTests(SynchronousTestCase):
+    """Only a hello of exactly 51 bytes is the G50 form."""
+
+    def test_52_bytes_not_g50(self) -> None:
+        """A 52-byte hello (the G50 one plus a byte) is not G50 and gets the time reply."""
+        hello = parse_hello(payload("hello-51-byte-G50") + b"\x00")
+        self.assertFalse(hello.g50)
+        self.assertEqual(hello.serial, 6912)
+        self.assertEqual(
+            hello_response(hello, NEW_YEAR_2024),
+            bytes.fromhex("0255010800") + (347068800).to_bytes(4, "little") + bytes(4),
+        )
+
+    def test_much_longer_not_g50(self) -> None:
+        """A 200-byte hello is not G50 either, and its identity is still read."""
+        hello = parse_hello(payload("hello-49-byte-dart") + bytes(151))
+        self.assertFalse(hello.g50)
+        self.assertEqual((hello.serial, hello.firmware), (129336, "34.2.1.9"))
+        self.assertEqual(len(hello_response(hello, NEW_YEAR_2024)), 5 + 8)
+
+    def test_50_bytes_not_g50(self) -> None:
+        """A 50-byte hello, one short of G50, is not G50."""
+        self.assertFalse(parse_hello(payload("hello-51-byte-G50")[:50]).g50)
+
+
+class FixedRecordTimeZoneTests(SynchronousTestCase):
+    """G50 packed times are UTC whatever the host's time zone."""
+
+    def setUp(self) -> None:
+        use_time_zone(self)
+
+    def test_encodes_capture_time_in_utc(self) -> None:
+        """Under Auckland time the capture's values still encode to its exact bytes."""
+        (index, moment, event), = HAND_DECODED_FIXED["fixed64-0x10-1-record-G50"]
+        data = encode_fixed_record(
+            index, since_2013(moment), -294937869, 312025029, event,
+            heading=126, altitude=66, position_accuracy=2449, speed_accuracy=9,
+            gps_status=7, inputs=1, analogues=(4235, 13925, 0, 0, 0),
+            temperature=127, acceleration=(468, -828, -270), device_id=b"\xff" * 8,
+            pdop_hundredths=238,
+        )
+        self.assertEqual(data, payload("fixed64-0x10-1-record-G50"))
+
+    def test_round_trip(self) -> None:
+        """A time encoded and parsed back under Auckland time is unchanged."""
+        moment = since_2013("2021-02-05 23:30:00")  # another date in Auckland
+        (record,) = parse_fixed_records(encode_fixed_record(1, moment, 0, 0, 3))
+        self.assertEqual(record.time, moment)

@@ -62,7 +62,7 @@ _LOG_PIECE = 16000
 
 PROJECT = Path(__file__).resolve().parent.parent
 
-# The device's side, from real captures (docs/dm-protocol.md section 6).
+# The device's side, from real captures (tests/data/README.rst).
 DART_HELLO = capture("hello-49-byte-dart")  # serial 129336
 DART_SERIAL = 129336
 DART_IMEI = "353323081669730"

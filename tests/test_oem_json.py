@@ -1,6 +1,7 @@
 """
 Tests for ``oemrelay.oem_json``: the OEM "traditional" JSON body, checked
-against the real OEM sample and the worked example of dm-protocol.md 5.4.
+against the real OEM sample and the hand-decoded capture values of
+``tests/data/README.rst`` (layouts: ``docs/protocol.rst``).
 """
 
 from __future__ import annotations
@@ -36,7 +37,15 @@ from oemrelay.oem_json import (
     record_json,
 )
 
-from .vectors import oem_sample, oem_sample_text, payload, since_2013
+from .vectors import (
+    HAND_DECODED_DEGREES,
+    HAND_DECODED_RECORDS,
+    oem_sample,
+    oem_sample_text,
+    payload,
+    since_2013,
+)
+from .zones import use_time_zone
 
 DATA_CAPTURES = (
     "data-0x04-2-records-2021-denmark",
@@ -126,12 +135,12 @@ class DegreesTests(SynchronousTestCase):
 
     def test_no_float_noise(self) -> None:
         """Values that float arithmetic would spoil are printed exactly."""
-        # The Denmark longitude: 99343941 * 1e-7 == 9.934394099999999 in floats.
-        self.assertNotEqual(repr(99343941 * 1e-7), "9.9343941")
-        self.assertEqual(degrees(554574140), "55.457414")
-        self.assertEqual(degrees(99343941), "9.9343941")
-        self.assertEqual(degrees(-367399358), "-36.7399358")
-        self.assertEqual(degrees(1747199418), "174.7199418")
+        # Raw * 1e-7 in floats gives 9.934394099999999 for the Denmark
+        # longitude; the expected texts are written out by hand.
+        self.assertEqual(len(HAND_DECODED_DEGREES), 6)
+        self.assertEqual(
+            {raw: degrees(raw) for raw in HAND_DECODED_DEGREES}, HAND_DECODED_DEGREES
+        )
 
     def test_trailing_zeros_dropped(self) -> None:
         """Trailing zeros of the fraction are dropped, but one decimal stays."""
@@ -179,7 +188,7 @@ class DeviceTimeTests(SynchronousTestCase):
         self.assertEqual(device_time(0), "2013-01-01 00:00:00")
 
     def test_known_times(self) -> None:
-        """Times from the captures format as section 6 states."""
+        """Times from the captures format as the hand decode states."""
         self.assertEqual(device_time(255505915), "2021-02-05 05:51:55")
         self.assertEqual(device_time(347068800), "2024-01-01 00:00:00")
         self.assertEqual(device_time(59), "2013-01-01 00:00:59")
@@ -365,7 +374,7 @@ class OemDocumentTests(SynchronousTestCase):
     """oem_document() writes valid JSON with the capture values."""
 
     def test_worked_example(self) -> None:
-        """Record 565 of the Denmark capture gives the fields of section 5.4."""
+        """Record 565 of the Denmark capture gives its hand-decoded fields as OEM JSON."""
         records = parse_data_records(payload("data-0x04-2-records-2021-denmark"))
         self.assertEqual(
             record_json(records[0]),
@@ -377,7 +386,7 @@ class OemDocumentTests(SynchronousTestCase):
         )
 
     def test_worked_example_document(self) -> None:
-        """The whole section 5.4 document (header aside) parses to its values."""
+        """The whole Denmark worked-example document (header aside) parses to its values."""
         hello = Hello(0, "?", "?")
         records = parse_data_records(payload("data-0x04-2-records-2021-denmark"))[:1]
         document = strict(oem_document(hello, records))
@@ -402,18 +411,17 @@ class OemDocumentTests(SynchronousTestCase):
         )
 
     def test_every_capture_is_valid_json(self) -> None:
-        """Each data capture gives a strict JSON body with all its records."""
+        """Each data capture gives a strict JSON body with the hand-decoded SeqNo, Reason, DateUTC."""
+        count = 0
         for name in DATA_CAPTURES:
-            records = parse_data_records(payload(name))
-            document = strict(oem_document(DART, records))
+            document = strict(oem_document(DART, parse_data_records(payload(name))))
             self.assertEqual(
-                [r["SeqNo"] for r in document["Records"]], [r.seq for r in records], name
-            )
-            self.assertEqual(
-                [r["DateUTC"] for r in document["Records"]],
-                [device_time(r.time) for r in records],
+                [(r["SeqNo"], r["DateUTC"], r["Reason"]) for r in document["Records"]],
+                [(seq, t, reason) for seq, t, reason, _ in HAND_DECODED_RECORDS[name]],
                 name,
             )
+            count += len(document["Records"])
+        self.assertEqual(count, 2 + 12 + 20)
 
     def test_header_from_hello(self) -> None:
         """SerNo, IMEI, ICCID, ProdId and FW come from the hello capture."""
@@ -610,3 +618,24 @@ class OemConsumerTests(SynchronousTestCase):
         self.assertEqual(first["course"], 296)
         self.assertEqual(first["analogues"][1], 4125)
         self.assertTrue(first["ignition"])
+
+
+class DeviceTimeZoneTests(SynchronousTestCase):
+    """Device times are written in UTC whatever the host's time zone."""
+
+    def setUp(self) -> None:
+        use_time_zone(self)
+
+    def test_device_time_in_utc(self) -> None:
+        """Under Auckland time, hand-decoded capture times still format as UTC."""
+        for moment in ("2021-02-05 05:51:55", "2017-06-12 07:14:26", "2013-01-01 00:00:00"):
+            self.assertEqual(device_time(since_2013(moment)), moment)
+
+    def test_record_dates_in_utc(self) -> None:
+        """Under Auckland time a record's DateUTC and GpsUTC are its UTC times."""
+        (first, _) = parse_data_records(payload("data-0x04-2-records-2021-denmark"))
+        record = strict(record_json(first))
+        self.assertEqual(
+            (record["DateUTC"], record["Fields"][0]["GpsUTC"]),
+            ("2021-02-05 05:51:55", "2021-02-05 05:51:55"),
+        )

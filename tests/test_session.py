@@ -41,7 +41,7 @@ from .vectors import capture
 PEER = IPv4Address("TCP", "198.51.100.7", 40123)
 PEER_TEXT = "198.51.100.7:40123"
 
-#: 2024-01-01 00:00:00 UTC; its hello response is given in dm-protocol.md 2.2.
+#: 2024-01-01 00:00:00 UTC; its hello response is given in docs/protocol.rst, "Hello response (0x01)".
 NOW = EPOCH_2013 + 347_068_800
 HELLO_RESPONSE_AT_NOW = bytes.fromhex("025501080080d9af1400000000")
 G50_HELLO_RESPONSE = bytes.fromhex("02550105000000000000")
@@ -783,7 +783,7 @@ RESET = Command(
     created=NOW - 10,
 )
 
-#: The 0x20 frames for the commands above, written out from dm-protocol.md 2.7:
+#: The 0x20 frames for the commands above, written out from docs/protocol.rst, "Async session (0x22, 0x20, 0x21, 0x23)":
 #: message id, CAN address 0xFFFFFFFF, async type, flags 0, data.
 ODOMETER_MESSAGE = bytes.fromhex("0255200f00" "29000000" "ffffffff" "1200" "00" "e8030000")
 RECOVERY_MESSAGE = bytes.fromhex("0255201000" "2a000000" "ffffffff" "0300" "00" "03c0498e0d")
