@@ -17,7 +17,7 @@ from twisted.internet.defer import DeferredList
 from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from oemrelay import registry as registry_module
+from oemrelay.registry import devices as devices_module
 from oemrelay.codec import Hello
 from oemrelay.commands import CommandRequest
 from oemrelay.registry import (
@@ -101,13 +101,13 @@ class RegistryScenariosMixin:
 
     async def test_schema_version_recorded(self) -> None:
         """The first start creates the schema and records its version."""
-        rows = await self.registry._pool.runQuery("SELECT MAX(version) FROM schema_version")
+        rows = await self.registry.database.pool.runQuery("SELECT MAX(version) FROM schema_version")
         self.assertEqual(rows[0][0], SCHEMA_VERSION)
 
     async def test_newer_schema_refused(self) -> None:
         """start() fails with RegistryError on a schema newer than the code."""
-        await self.registry._pool.runOperation(
-            self.registry._sql("INSERT INTO schema_version (version, applied) VALUES (?, ?)"),
+        await self.registry.database.pool.runOperation(
+            self.registry.database.sql("INSERT INTO schema_version (version, applied) VALUES (?, ?)"),
             (SCHEMA_VERSION + 1, NOW),
         )
         later = Registry.from_url(self.url, reactor=reactor)
@@ -355,7 +355,7 @@ class RegistryScenariosMixin:
         """A row the database refuses undoes the rows before it in the same import."""
         await self.registry.update_device(1, {"custom1": "old"})
         # Let an out-of-range serial past the checks, so the database refuses it.
-        self.patch(registry_module, "_check_serial", lambda serial: serial)
+        self.patch(devices_module, "check_serial", lambda serial: serial)
         with self.assertRaises(ValueError) as caught:
             await self.registry.import_devices(
                 [
@@ -527,12 +527,12 @@ class SQLiteRegistryTests(RegistryScenariosMixin, TestCase):
 
     async def test_wal_mode(self) -> None:
         """The database file is in WAL journal mode."""
-        rows = await self.registry._pool.runQuery("PRAGMA journal_mode")
+        rows = await self.registry.database.pool.runQuery("PRAGMA journal_mode")
         self.assertEqual(rows[0][0].lower(), "wal")
 
     async def test_no_fsync_per_commit(self) -> None:
         """Commits do not fsync one by one (synchronous NORMAL, safe with WAL)."""
-        rows = await self.registry._pool.runQuery("PRAGMA synchronous")
+        rows = await self.registry.database.pool.runQuery("PRAGMA synchronous")
         self.assertEqual(rows[0][0], 1)
 
 
@@ -544,7 +544,7 @@ class PostgreSQLRegistryTests(RegistryScenariosMixin, TestCase):
 
     async def test_tables_in_own_schema(self) -> None:
         """The registry creates its tables in the schema named in the URL."""
-        rows = await self.registry._pool.runQuery(
+        rows = await self.registry.database.pool.runQuery(
             "SELECT table_schema FROM information_schema.tables WHERE table_name = 'devices'"
         )
         schemas = [row[0] for row in rows]
