@@ -92,7 +92,8 @@ class CommandQueue:
         self, txn: adbapi.Transaction, serial: int, request: CommandRequest, now: float
     ) -> Command | None:
         database = self._database
-        if database.fetch_one(txn, "SELECT serial FROM devices WHERE serial = ?", (serial,)) is None:
+        known = database.fetch_one(txn, "SELECT serial FROM devices WHERE serial = ?", (serial,))
+        if known is None:
             return None
         row = database.fetch_one(
             txn,

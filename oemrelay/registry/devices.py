@@ -49,7 +49,8 @@ class FieldDoc:
 
 def _field(kind: str, description: str, *, writable: bool = False, **options: Any) -> Any:
     """A dataclass field with its :class:`FieldDoc`; ``default=None`` makes it nullable."""
-    doc = FieldDoc(kind, description, "default" in options and options["default"] is None, writable)
+    nullable = "default" in options and options["default"] is None
+    doc = FieldDoc(kind, description, nullable, writable)
     return field(metadata={"doc": doc}, **options)
 
 
