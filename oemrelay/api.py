@@ -350,6 +350,8 @@ class _ApiResource(Resource):
         except CommandError as error:
             raise _ApiError(400, str(error)) from None
         now = self._clock.seconds()
+        # The registry still sends a command at its expiry instant, but one
+        # expiring exactly now could never reach a later async session.
         if command_request.expires is not None and command_request.expires <= now:
             raise _ApiError(400, '"expires" is already past')
         command = await self._call(self._registry.add_command, serial, command_request, now)

@@ -903,6 +903,22 @@ class CommandTests(_ApiTestCase):
         )
         self.assertEqual(self.registry.called("add_command"), [])
 
+    def test_expires_at_boundary(self) -> None:
+        """An expiry of exactly now is a 400; one second later is queued."""
+        self.registry.add(_device(5))
+        path = "/api/devices/5/commands"
+        self.assertError(
+            self.call(
+                "POST", path, json_body={"type": "remote_reset", "expires": "2026-11-26T09:20:02Z"}
+            ),
+            400,
+            "expires",
+        )
+        code, body = self.call(
+            "POST", path, json_body={"type": "remote_reset", "expires": "2026-11-26T09:20:03Z"}
+        )
+        self.assertEqual((code, body["status"]), (202, "queued"))
+
     def test_time_outside_utc_years(self) -> None:
         """A send_after whose UTC is past year 9999 is a 400 and is not queued (it could never be listed)."""
         self.registry.add(_device(5))
