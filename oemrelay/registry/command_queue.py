@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from twisted.enterprise import adbapi
 
 from .database import Database, returns_deferred
-from .devices import MAX_SERIAL, check_count, check_serial, seconds_or_none
+from .devices import check_count, check_serial, check_uint32, seconds_or_none
 
 if TYPE_CHECKING:
     from ..commands import CommandRequest
@@ -58,12 +58,7 @@ def _command_from_row(row: Iterable[Any]) -> Command:
 
 
 def _check_command_id(command_id: object) -> int:
-    # SQLite cannot bind an int past 2**63, PostgreSQL matches nothing: refuse on both.
-    if isinstance(command_id, bool) or not isinstance(command_id, int):
-        raise ValueError(f"command_id must be an integer, not {type(command_id).__name__}")
-    if not 0 <= command_id <= MAX_SERIAL:
-        raise ValueError(f"command_id {command_id} is outside 0..{MAX_SERIAL}")
-    return command_id
+    return check_uint32("command_id", command_id)
 
 
 class CommandQueue:

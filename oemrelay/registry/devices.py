@@ -169,13 +169,19 @@ def device_fields_table() -> str:
 # -- input checks --------------------------------------------------------------
 
 
+def check_uint32(name: str, value: object) -> int:
+    """``value`` if it is a uint32; a ValueError naming ``name`` otherwise."""
+    # SQLite cannot bind an int past 2**63, PostgreSQL matches nothing: refuse on both.
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name} must be an integer, not {type(value).__name__}")
+    if not 0 <= value <= MAX_SERIAL:
+        raise ValueError(f"{name} {value} is outside 0..{MAX_SERIAL}")
+    return value
+
+
 def check_serial(serial: object) -> int:
     """``serial`` if it is a uint32; a ValueError saying why not otherwise."""
-    if isinstance(serial, bool) or not isinstance(serial, int):
-        raise ValueError(f"serial must be an integer, not {type(serial).__name__}")
-    if not 0 <= serial <= MAX_SERIAL:
-        raise ValueError(f"serial {serial} is outside 0..{MAX_SERIAL}")
-    return serial
+    return check_uint32("serial", serial)
 
 
 def check_count(name: str, value: object) -> int:
