@@ -33,6 +33,7 @@ import io
 import json
 import re
 from collections.abc import Callable, Coroutine, Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qs
 
@@ -44,7 +45,15 @@ from twisted.web.server import NOT_DONE_YET, Request
 
 from . import __version__
 from .commands import COMMAND_TYPES, CommandError, iso8601, parse_command
-from .registry import COMMAND_STATES, Command, DeviceRecord
+from .registry import COMMAND_STATES, DEVICE_SETTINGS, Command, DeviceRecord
+from .registry.devices import (
+    FIELD_KINDS,
+    MAX_SERIAL,
+    device_fields,
+    device_json,
+    device_schema,
+    field_schema,
+)
 
 log = Logger(namespace="oemrelay.api")
 
@@ -56,11 +65,10 @@ MAX_CSV_BODY = 10 * 1024 * 1024
 DEFAULT_LIMIT = 100
 MAX_LIMIT = 1000
 
-_MAX_SERIAL = 0xFFFFFFFF
 _SERIAL_TEXT = re.compile(r"[0-9]{1,10}")
 _SERIAL_PROBLEM = "serial must be a decimal number from 0 to 4294967295"
 _CUSTOM_KEYS = ("custom1", "custom2", "custom3")
-_PROFILE_KEYS = (*_CUSTOM_KEYS, "connector")
+_PROFILE_KEYS = DEVICE_SETTINGS
 _PENDING_STATES = frozenset({"queued", "sent"})
 _MUTATING = frozenset({b"POST", b"PUT", b"PATCH", b"DELETE"})
 _REALM = 'Bearer realm="oemrelay"'
@@ -105,6 +113,36 @@ def _ok(body: Any, status: int = 200) -> _Answer:
     return status, body, {}
 
 
+_Endpoint = Callable[..., Coroutine[Any, Any, _Answer]]
+
+
+@dataclass(frozen=True)
+class Route:
+    """One operation: a method on a path template as the OpenAPI document writes it."""
+
+    method: bytes
+    #: ``/api/...``; a ``{serial}`` segment matches a non-empty segment,
+    #: passed to ``endpoint`` as an int (a non-uint32 is a 400).
+    path: str
+    endpoint: _Endpoint
+
+    @property
+    def segments(self) -> tuple[str, ...]:
+        """The path template split at ``/``."""
+        return tuple(self.path.split("/"))
+
+    def literals(self) -> int:
+        """How many segments are fixed text (the most specific template wins)."""
+        return sum(not segment.startswith("{") for segment in self.segments)
+
+    def matches(self, segments: list[str]) -> bool:
+        """Whether a request path, split at ``/``, fits this template."""
+        return len(segments) == len(self.segments) and all(
+            segment == pattern or (pattern.startswith("{") and segment != "")
+            for segment, pattern in zip(segments, self.segments)
+        )
+
+
 class _ApiResource(Resource):
     """Every path under one leaf: authentication, routing, JSON answers."""
 
@@ -125,6 +163,16 @@ class _ApiResource(Resource):
         self._openapi = json.dumps(
             openapi_document(connector_names), indent=1
         ).encode("utf-8")
+        #: Every operation, in the order the 405 ``Allow`` header lists methods.
+        self.routes = (
+            Route(b"GET", "/api/openapi.json", self._get_openapi),
+            Route(b"GET", "/api/devices", self._list_devices),
+            Route(b"POST", "/api/devices/import", self._import_devices),
+            Route(b"GET", "/api/devices/{serial}", self._get_device),
+            Route(b"PUT", "/api/devices/{serial}", self._put_device),
+            Route(b"GET", "/api/devices/{serial}/commands", self._list_commands),
+            Route(b"POST", "/api/devices/{serial}/commands", self._add_command),
+        )
 
     # -- twisted.web ---------------------------------------------------------
 
@@ -182,36 +230,27 @@ class _ApiResource(Resource):
 
     async def _answer(self, request: Request) -> _Answer:
         self._authenticate(request)
-        segments = request.path.split(b"/")
-        if segments[:2] != [b"", b"api"]:
+        # Latin-1 maps every byte to one character, so no path fails to decode.
+        segments = request.path.decode("latin-1").split("/")
+        candidates = [route for route in self.routes if route.matches(segments)]
+        if not candidates:
             raise _ApiError(404, "no such path")
-        route = segments[2:]
-        methods: dict[bytes, Callable[..., Coroutine[Any, Any, _Answer]]]
-        args: tuple = ()
-        if route == [b"openapi.json"]:
-            methods = {b"GET": self._get_openapi}
-        elif route == [b"devices"]:
-            methods = {b"GET": self._list_devices}
-        elif route == [b"devices", b"import"]:
-            methods = {b"POST": self._import_devices}
-        elif len(route) == 2 and route[0] == b"devices" and route[1]:
-            methods = {b"GET": self._get_device, b"PUT": self._put_device}
-            args = (route[1],)
-        elif len(route) == 3 and route[0] == b"devices" and route[1] and route[2] == b"commands":
-            methods = {b"GET": self._list_commands, b"POST": self._add_command}
-            args = (route[1],)
-        else:
-            raise _ApiError(404, "no such path")
-        method = methods.get(request.method)
-        if method is None:
+        template = max(candidates, key=Route.literals).path
+        on_path = [route for route in candidates if route.path == template]
+        chosen = [route for route in on_path if route.method == request.method]
+        if not chosen:
             raise _ApiError(
                 405,
                 f"method {_text(request.method)} not allowed here",
-                {b"allow": b", ".join(methods)},
+                {b"allow": b", ".join(route.method for route in on_path)},
             )
-        if args:
-            args = (_serial(args[0]),)
-        return await method(request, *args)
+        (route,) = chosen
+        arguments = [
+            _serial(segment.encode("latin-1"))
+            for segment, pattern in zip(segments, route.segments)
+            if pattern == "{serial}"
+        ]
+        return await route.endpoint(request, *arguments)
 
     def _authenticate(self, request: Request) -> None:
         values = request.requestHeaders.getRawHeaders(b"authorization") or []
@@ -250,7 +289,7 @@ class _ApiResource(Resource):
         if "after" in query:
             after = _serial(query["after"].encode("utf-8"), "after")
         # One more than asked for says whether there is a next page.
-        devices = await self._call("list_devices", limit + 1, after)
+        devices = await self._call(self._registry.list_devices, limit + 1, after)
         page = list(devices)[:limit]
         return _ok(
             {
@@ -283,14 +322,16 @@ class _ApiResource(Resource):
                 if not isinstance(value, str):
                     raise _ApiError(400, f"{key} must be a string")
                 changes[key] = _custom(key, value)
-        device, created = await self._call("update_device", serial, changes)
+        device, created = await self._call(self._registry.update_device, serial, changes)
         return _ok(await self._device_with_pending(device), 201 if created else 200)
 
     async def _import_devices(self, request: Request) -> _Answer:
         _query(request, ())
         rows, lines = self._csv_rows(_body(request, MAX_CSV_BODY))
         try:
-            created, updated = await self._call("import_devices", rows, refused=ValueError)
+            created, updated = await self._call(
+                self._registry.import_devices, rows, refused=ValueError
+            )
         except ValueError as error:
             # Rows are checked here first, so only the database itself can
             # refuse one now; the registry names it by index ("row 3: ...").
@@ -309,9 +350,11 @@ class _ApiResource(Resource):
         except CommandError as error:
             raise _ApiError(400, str(error)) from None
         now = self._clock.seconds()
+        # The registry still sends a command at its expiry instant, but one
+        # expiring exactly now could never reach a later async session.
         if command_request.expires is not None and command_request.expires <= now:
             raise _ApiError(400, '"expires" is already past')
-        command = await self._call("add_command", serial, command_request, now)
+        command = await self._call(self._registry.add_command, serial, command_request, now)
         if command is None:
             raise _unknown_device(serial)
         return _ok(_command_json(command), 202)
@@ -319,13 +362,16 @@ class _ApiResource(Resource):
     async def _list_commands(self, request: Request, serial: int) -> _Answer:
         _query(request, ())
         await self._known_device(serial)
-        commands = await self._call("list_commands", serial, self._clock.seconds())
+        commands = await self._call(self._registry.list_commands, serial, self._clock.seconds())
         return _ok({"commands": [_command_json(command) for command in commands]})
 
     # -- helpers -------------------------------------------------------------
 
     async def _call(
-        self, name: str, *args: Any, refused: type[Exception] | tuple[()] = ()
+        self,
+        method: Callable[..., Any],
+        *args: Any,
+        refused: type[Exception] | tuple[()] = (),
     ) -> Any:
         """
         Call a registry method; its failures become 500s, logged without
@@ -334,26 +380,28 @@ class _ApiResource(Resource):
         :param refused: exceptions passed on to the caller instead.
         """
         try:
-            return await maybeDeferred(getattr(self._registry, name), *args)
+            return await maybeDeferred(method, *args)
         except refused:
             raise
         except Exception as error:
             log.error(
                 "registry {call} failed: {error_type}: {error}",
-                call=name,
+                call=getattr(method, "__name__", "call"),
                 error_type=type(error).__name__,
                 error=" ".join(str(error).split())[:500],
             )
             raise _ApiError(500, "registry unavailable") from None
 
     async def _known_device(self, serial: int) -> DeviceRecord:
-        device = await self._call("get_device", serial)
+        device = await self._call(self._registry.get_device, serial)
         if device is None:
             raise _unknown_device(serial)
         return device
 
     async def _device_with_pending(self, device: DeviceRecord) -> dict[str, Any]:
-        commands = await self._call("list_commands", device.serial, self._clock.seconds())
+        commands = await self._call(
+            self._registry.list_commands, device.serial, self._clock.seconds()
+        )
         body = _device_json(device)
         body["pending_commands"] = sum(
             1 for command in commands if command.status in _PENDING_STATES
@@ -414,7 +462,7 @@ class _ApiResource(Resource):
                     400, f"line {start}: {len(cells)} columns; expected {width}"
                 )
             text_serial = cells[0].strip()
-            if not _SERIAL_TEXT.fullmatch(text_serial) or int(text_serial) > _MAX_SERIAL:
+            if not _SERIAL_TEXT.fullmatch(text_serial) or int(text_serial) > MAX_SERIAL:
                 raise _ApiError(400, f"line {start}: {_SERIAL_PROBLEM}")
             serial = int(text_serial)
             if serial in lines:
@@ -446,7 +494,7 @@ def _text(value: bytes) -> str:
 
 
 def _serial(text: bytes, name: str = "serial") -> int:
-    if not _SERIAL_TEXT.fullmatch(_text(text)) or int(text) > _MAX_SERIAL:
+    if not _SERIAL_TEXT.fullmatch(_text(text)) or int(text) > MAX_SERIAL:
         raise _ApiError(400, _SERIAL_PROBLEM.replace("serial", name, 1))
     return int(text)
 
@@ -537,25 +585,7 @@ def _time(unix_seconds: float | None) -> str | None:
 
 def _device_json(device: DeviceRecord) -> dict[str, Any]:
     """A device as the API shows it (without ``pending_commands``)."""
-    return {
-        "serial": device.serial,
-        "imei": device.imei,
-        "iccid": device.iccid,
-        "product_id": device.product_id,
-        "hardware_rev": device.hardware_rev,
-        "firmware": device.firmware,
-        "first_seen": _time(device.first_seen),
-        "last_seen": _time(device.last_seen),
-        "connected": device.connected,
-        "node": device.node,
-        "last_upload": _time(device.last_upload),
-        "records_committed": device.records_committed,
-        "last_error": device.last_error,
-        "custom1": device.custom1,
-        "custom2": device.custom2,
-        "custom3": device.custom3,
-        "connector": device.connector,
-    }
+    return device_json(device)
 
 
 def _command_json(command: Command) -> dict[str, Any]:
@@ -591,35 +621,93 @@ def _openapi_30(schema: Any) -> Any:
     return schema
 
 
-def _nullable(schema: dict[str, Any]) -> dict[str, Any]:
+def _nullable(schema: Mapping[str, Any]) -> dict[str, Any]:
     return {**schema, "nullable": True}
 
 
-_TIME = {"type": "string", "format": "date-time", "example": "2026-11-26T09:20:02Z"}
-_SERIAL_SCHEMA = {"type": "integer", "minimum": 0, "maximum": _MAX_SERIAL}
+_TIME = FIELD_KINDS["time"]
+_SERIAL_SCHEMA = FIELD_KINDS["serial"]
+
+
+def _ref(name: str) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _response(description: str, schema: Mapping[str, Any]) -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": schema}}}
 
 
 def _error_response(description: str) -> dict[str, Any]:
-    return {
-        "description": description,
-        "content": {
-            "application/json": {"schema": {"$ref": "#/components/schemas/Error"}}
-        },
-    }
+    return _response(description, _ref("Error"))
 
 
 def _json_response(description: str, ref: str) -> dict[str, Any]:
+    return _response(description, _ref(ref))
+
+
+def _json_body_of(ref: str) -> dict[str, Any]:
+    return {"required": True, "content": {"application/json": {"schema": _ref(ref)}}}
+
+
+#: The answers every operation may give.
+_COMMON_RESPONSES = {
+    "401": _error_response("Missing or wrong bearer token."),
+    "500": _error_response('The registry is unavailable ("registry unavailable").'),
+}
+_BAD_SERIAL = _error_response("The serial is not a uint32.")
+_NO_DEVICE = _error_response("No such device.")
+
+
+def _too_large(limit: int) -> dict[str, Any]:
+    return _error_response(f"The body is over {limit} bytes.")
+
+
+def _operation(operation_id: str, summary: str, responses: dict[str, Any], **more: Any) -> dict:
+    """One OpenAPI operation; every one may also answer 401 and 500."""
     return {
-        "description": description,
-        "content": {
-            "application/json": {"schema": {"$ref": f"#/components/schemas/{ref}"}}
+        "summary": summary,
+        **more,
+        "operationId": operation_id,
+        "responses": {**responses, **_COMMON_RESPONSES},
+    }
+
+
+def _device_schemas(connector_names: list[str]) -> dict[str, Any]:
+    """The Device and DeviceChanges schemas, from DeviceRecord's fields."""
+    connector_schema: dict[str, Any] = {
+        "type": "string",
+        "nullable": True,
+        "description": "A configured connector name; null or \"\" clears the"
+        " override (the relay's default connector is used).",
+    }
+    if connector_names:
+        connector_schema["enum"] = [*connector_names, "", None]
+    changes = {name: field_schema(doc) for name, doc in device_fields() if doc.writable}
+    # Unlike the other settings, its allowed values depend on the configuration.
+    changes["connector"] = connector_schema
+    return {
+        "Device": {
+            "type": "object",
+            "properties": {
+                **device_schema(),
+                "pending_commands": {
+                    "type": "integer",
+                    "minimum": 0,
+                    "description": "Commands queued or sent, not yet done."
+                    " Only in the single-device view.",
+                },
+            },
+        },
+        "DeviceChanges": {
+            "type": "object",
+            "additionalProperties": False,
+            "properties": changes,
         },
     }
 
 
 def openapi_document(connector_names: Iterable[str] = ()) -> dict[str, Any]:
-    """The OpenAPI 3.0 description of this API."""
-    connectors = sorted(connector_names)
+    """The OpenAPI 3.0 description of this API (its paths are the routes' paths)."""
     serial_parameter = {
         "name": "serial",
         "in": "path",
@@ -627,22 +715,107 @@ def openapi_document(connector_names: Iterable[str] = ()) -> dict[str, Any]:
         "description": "The device serial, decimal. Anything else is a 400.",
         "schema": _SERIAL_SCHEMA,
     }
-    common = {
-        "401": _error_response("Missing or wrong bearer token."),
-        "500": _error_response('The registry is unavailable ("registry unavailable").'),
-    }
-    connector_schema: dict[str, Any] = {
-        "type": "string",
-        "nullable": True,
-        "description": "A configured connector name; null or \"\" clears the"
-        " override (the relay's default connector is used).",
-    }
-    if connectors:
-        connector_schema["enum"] = [*connectors, "", None]
     command_types = {
-        f"Command_{name}": _openapi_30(schema)
-        for name, schema in COMMAND_TYPES.items()
+        f"Command_{name}": _openapi_30(schema) for name, schema in COMMAND_TYPES.items()
     }
+    list_devices = _operation(
+        "listDevices",
+        "List devices by serial, a page at a time.",
+        {
+            "200": _json_response("One page of devices.", "DevicePage"),
+            "400": _error_response("Bad limit, after or query parameter."),
+        },
+        parameters=[
+            {
+                "name": "limit",
+                "in": "query",
+                "description": "Devices per page.",
+                "schema": {
+                    "type": "integer",
+                    "minimum": 1,
+                    "maximum": MAX_LIMIT,
+                    "default": DEFAULT_LIMIT,
+                },
+            },
+            {
+                "name": "after",
+                "in": "query",
+                "description": "Only devices with a greater serial (the previous page's next).",
+                "schema": _SERIAL_SCHEMA,
+            },
+        ],
+    )
+    import_devices = _operation(
+        "importDevices",
+        "Create or update many devices from CSV, all or nothing.",
+        {
+            "200": _json_response("Imported.", "ImportResult"),
+            "400": _error_response("A bad row; the message names its line."),
+            "413": _too_large(MAX_CSV_BODY),
+        },
+        description="Rows are serial,custom1,custom2,custom3[,connector];"
+        " a first row whose first cell is 'serial' is a header. Every"
+        " row has as many cells as the first (4 or 5). With 5, an empty"
+        " connector cell clears the override; with 4, overrides are left"
+        " unchanged. A bad row (bad serial, wrong number of cells, unknown"
+        " connector, serial listed twice) fails the whole import with a"
+        " 400 naming its line; nothing is imported.",
+        requestBody={
+            "required": True,
+            "content": {
+                "text/csv": {
+                    "schema": {"type": "string"},
+                    "example": "serial,custom1,custom2,custom3,connector\n12345,key-a,,,\n",
+                }
+            },
+        },
+    )
+    get_device = _operation(
+        "getDevice",
+        "One device.",
+        {"200": _json_response("The device.", "Device"), "400": _BAD_SERIAL, "404": _NO_DEVICE},
+    )
+    put_device = _operation(
+        "putDevice",
+        "Set custom fields and the connector override, creating the device if it is unknown.",
+        {
+            "200": _json_response("Updated.", "Device"),
+            "201": _json_response("Created.", "Device"),
+            "400": _error_response(
+                "Bad JSON, an unknown key, a wrong type or an unknown connector."
+            ),
+            "413": _too_large(MAX_JSON_BODY),
+        },
+        description="Keys left out keep their values.",
+        requestBody=_json_body_of("DeviceChanges"),
+    )
+    list_commands = _operation(
+        "listCommands",
+        "The device's commands, whatever their status.",
+        {
+            "200": _json_response("The commands.", "CommandList"),
+            "400": _BAD_SERIAL,
+            "404": _NO_DEVICE,
+        },
+    )
+    add_command = _operation(
+        "addCommand",
+        "Queue a command for the device's next async session.",
+        {
+            "202": _json_response("Queued.", "Command"),
+            "400": _error_response(
+                "Bad JSON, an unknown type, a bad parameter or an expiry already past."
+            ),
+            "404": _NO_DEVICE,
+            "413": _too_large(MAX_JSON_BODY),
+        },
+        requestBody=_json_body_of("CommandBody"),
+    )
+    get_openapi = _operation(
+        "getOpenApi",
+        "This document.",
+        {"200": _response("The OpenAPI document.", {"type": "object"})},
+    )
     return {
         "openapi": "3.0.3",
         "info": {
@@ -655,150 +828,19 @@ def openapi_document(connector_names: Iterable[str] = ()) -> dict[str, Any]:
         },
         "security": [{"bearerAuth": []}],
         "paths": {
-            "/api/devices": {
-                "get": {
-                    "summary": "List devices by serial, a page at a time.",
-                    "operationId": "listDevices",
-                    "parameters": [
-                        {
-                            "name": "limit",
-                            "in": "query",
-                            "description": "Devices per page.",
-                            "schema": {
-                                "type": "integer",
-                                "minimum": 1,
-                                "maximum": MAX_LIMIT,
-                                "default": DEFAULT_LIMIT,
-                            },
-                        },
-                        {
-                            "name": "after",
-                            "in": "query",
-                            "description": "Only devices with a greater serial"
-                            " (the previous page's next).",
-                            "schema": _SERIAL_SCHEMA,
-                        },
-                    ],
-                    "responses": {
-                        "200": _json_response("One page of devices.", "DevicePage"),
-                        "400": _error_response("Bad limit, after or query parameter."),
-                        **common,
-                    },
-                }
-            },
-            "/api/devices/import": {
-                "post": {
-                    "summary": "Create or update many devices from CSV, all or nothing.",
-                    "description": "Rows are serial,custom1,custom2,custom3[,connector];"
-                    " a first row whose first cell is 'serial' is a header. Every"
-                    " row has as many cells as the first (4 or 5). With 5, an empty"
-                    " connector cell clears the override; with 4, overrides are left"
-                    " unchanged. A bad row (bad serial, wrong number of cells, unknown"
-                    " connector, serial listed twice) fails the whole import with a"
-                    " 400 naming its line; nothing is imported.",
-                    "operationId": "importDevices",
-                    "requestBody": {
-                        "required": True,
-                        "content": {
-                            "text/csv": {
-                                "schema": {"type": "string"},
-                                "example": "serial,custom1,custom2,custom3,connector\n"
-                                "12345,key-a,,,\n",
-                            }
-                        },
-                    },
-                    "responses": {
-                        "200": _json_response("Imported.", "ImportResult"),
-                        "400": _error_response("A bad row; the message names its line."),
-                        "413": _error_response(f"The body is over {MAX_CSV_BODY} bytes."),
-                        **common,
-                    },
-                }
-            },
+            "/api/devices": {"get": list_devices},
+            "/api/devices/import": {"post": import_devices},
             "/api/devices/{serial}": {
                 "parameters": [serial_parameter],
-                "get": {
-                    "summary": "One device.",
-                    "operationId": "getDevice",
-                    "responses": {
-                        "200": _json_response("The device.", "Device"),
-                        "400": _error_response("The serial is not a uint32."),
-                        "404": _error_response("No such device."),
-                        **common,
-                    },
-                },
-                "put": {
-                    "summary": "Set custom fields and the connector override,"
-                    " creating the device if it is unknown.",
-                    "description": "Keys left out keep their values.",
-                    "operationId": "putDevice",
-                    "requestBody": {
-                        "required": True,
-                        "content": {
-                            "application/json": {
-                                "schema": {"$ref": "#/components/schemas/DeviceChanges"}
-                            }
-                        },
-                    },
-                    "responses": {
-                        "200": _json_response("Updated.", "Device"),
-                        "201": _json_response("Created.", "Device"),
-                        "400": _error_response(
-                            "Bad JSON, an unknown key, a wrong type or an unknown connector."
-                        ),
-                        "413": _error_response(f"The body is over {MAX_JSON_BODY} bytes."),
-                        **common,
-                    },
-                },
+                "get": get_device,
+                "put": put_device,
             },
             "/api/devices/{serial}/commands": {
                 "parameters": [serial_parameter],
-                "get": {
-                    "summary": "The device's commands, whatever their status.",
-                    "operationId": "listCommands",
-                    "responses": {
-                        "200": _json_response("The commands.", "CommandList"),
-                        "400": _error_response("The serial is not a uint32."),
-                        "404": _error_response("No such device."),
-                        **common,
-                    },
-                },
-                "post": {
-                    "summary": "Queue a command for the device's next async session.",
-                    "operationId": "addCommand",
-                    "requestBody": {
-                        "required": True,
-                        "content": {
-                            "application/json": {
-                                "schema": {"$ref": "#/components/schemas/CommandBody"}
-                            }
-                        },
-                    },
-                    "responses": {
-                        "202": _json_response("Queued.", "Command"),
-                        "400": _error_response(
-                            "Bad JSON, an unknown type, a bad parameter or an"
-                            " expiry already past."
-                        ),
-                        "404": _error_response("No such device."),
-                        "413": _error_response(f"The body is over {MAX_JSON_BODY} bytes."),
-                        **common,
-                    },
-                },
+                "get": list_commands,
+                "post": add_command,
             },
-            "/api/openapi.json": {
-                "get": {
-                    "summary": "This document.",
-                    "operationId": "getOpenApi",
-                    "responses": {
-                        "200": {
-                            "description": "The OpenAPI document.",
-                            "content": {"application/json": {"schema": {"type": "object"}}},
-                        },
-                        **common,
-                    },
-                }
-            },
+            "/api/openapi.json": {"get": get_openapi},
         },
         "components": {
             "securitySchemes": {"bearerAuth": {"type": "http", "scheme": "bearer"}},
@@ -808,44 +850,12 @@ def openapi_document(connector_names: Iterable[str] = ()) -> dict[str, Any]:
                     "required": ["error"],
                     "properties": {"error": {"type": "string"}},
                 },
-                "Device": {
-                    "type": "object",
-                    "properties": {
-                        "serial": _SERIAL_SCHEMA,
-                        "imei": _nullable({"type": "string"}),
-                        "iccid": _nullable({"type": "string"}),
-                        "product_id": _nullable({"type": "integer"}),
-                        "hardware_rev": _nullable({"type": "integer"}),
-                        "firmware": _nullable({"type": "string"}),
-                        "first_seen": _nullable(_TIME),
-                        "last_seen": _nullable(_TIME),
-                        "connected": {"type": "boolean"},
-                        "node": _nullable(
-                            {"type": "string", "description": "The relay node it is connected to."}
-                        ),
-                        "last_upload": _nullable(_TIME),
-                        "records_committed": {"type": "integer", "minimum": 0},
-                        "last_error": _nullable({"type": "string"}),
-                        "custom1": {"type": "string"},
-                        "custom2": {"type": "string"},
-                        "custom3": {"type": "string"},
-                        "connector": _nullable({"type": "string"}),
-                        "pending_commands": {
-                            "type": "integer",
-                            "minimum": 0,
-                            "description": "Commands queued or sent, not yet done."
-                            " Only in the single-device view.",
-                        },
-                    },
-                },
+                **_device_schemas(sorted(connector_names)),
                 "DevicePage": {
                     "type": "object",
                     "required": ["devices", "next"],
                     "properties": {
-                        "devices": {
-                            "type": "array",
-                            "items": {"$ref": "#/components/schemas/Device"},
-                        },
+                        "devices": {"type": "array", "items": _ref("Device")},
                         "next": _nullable(
                             {
                                 **_SERIAL_SCHEMA,
@@ -853,16 +863,6 @@ def openapi_document(connector_names: Iterable[str] = ()) -> dict[str, Any]:
                                 " null on the last page.",
                             }
                         ),
-                    },
-                },
-                "DeviceChanges": {
-                    "type": "object",
-                    "additionalProperties": False,
-                    "properties": {
-                        "custom1": {"type": "string"},
-                        "custom2": {"type": "string"},
-                        "custom3": {"type": "string"},
-                        "connector": connector_schema,
                     },
                 },
                 "ImportResult": {
@@ -898,16 +898,11 @@ def openapi_document(connector_names: Iterable[str] = ()) -> dict[str, Any]:
                     "type": "object",
                     "required": ["commands"],
                     "properties": {
-                        "commands": {
-                            "type": "array",
-                            "items": {"$ref": "#/components/schemas/Command"},
-                        }
+                        "commands": {"type": "array", "items": _ref("Command")},
                     },
                 },
                 "CommandBody": {
-                    "oneOf": [
-                        {"$ref": f"#/components/schemas/{name}"} for name in command_types
-                    ],
+                    "oneOf": [_ref(name) for name in command_types],
                     "discriminator": {
                         "propertyName": "type",
                         "mapping": {

@@ -294,6 +294,26 @@ class RoutingTests(_ApiTestCase):
         self.assertEqual(response.code, 405)
         self.assertEqual(response.headers.getRawHeaders(b"allow"), [b"POST"])
 
+    def test_routes_are_documented(self) -> None:
+        """The route table and the OpenAPI document name the same methods on the same paths."""
+        routed = {
+            (route.method.decode("ascii").lower(), route.path) for route in self.resource.routes
+        }
+        documented = {
+            (method, path)
+            for path, item in api.openapi_document(CONNECTORS)["paths"].items()
+            for method in item
+            if method != "parameters"
+        }
+        self.assertEqual(routed, documented)
+
+    def test_literal_beats_parameter(self) -> None:
+        """/api/devices/import is the import path, not a device whatever the table's order."""
+        self.patch(self.resource, "routes", tuple(reversed(self.resource.routes)))
+        response, _ = self.request("GET", "/api/devices/import")
+        self.assertEqual(response.code, 405)
+        self.assertEqual(response.headers.getRawHeaders(b"allow"), [b"POST"])
+
     def test_not_cached(self) -> None:
         """Answers, which may carry custom fields, are marked no-store."""
         response, _ = self.request("GET", "/api/devices")
@@ -572,6 +592,14 @@ class PutDeviceTests(_ApiTestCase):
         )
         self.assertEqual(self.registry.calls, [])
 
+    def test_body_at_limit(self) -> None:
+        """A JSON body of exactly the limit is accepted; one byte more is a 413."""
+        body = json.dumps({"custom1": "x" * 80}).encode("utf-8")
+        self.patch(api, "MAX_JSON_BODY", len(body))
+        code, device = self.call("PUT", "/api/devices/12", body=body)
+        self.assertEqual((code, device["custom1"]), (201, "x" * 80))
+        self.assertError(self.call("PUT", "/api/devices/12", body=body + b" "), 413)
+
     def test_bad_serial(self) -> None:
         """A PUT to a malformed serial is a 400."""
         self.assertError(self.call("PUT", "/api/devices/x", json_body={}), 400, "serial")
@@ -750,6 +778,14 @@ class ImportTests(_ApiTestCase):
         self.assertError(self.post("1,a,b,c\n2,a,b,c\n3,a,b,c\n"), 413)
         self.assertEqual(self.registry.imports, [])
 
+    def test_body_at_limit(self) -> None:
+        """A CSV of exactly the limit is imported; one byte more is a 413, nothing imported."""
+        text = "1,a,b,c\n2,a,b,c\n"
+        self.patch(api, "MAX_CSV_BODY", len(text))
+        self.assertEqual(self.post(text), (200, {"created": 2, "updated": 0}))
+        self.assertError(self.post(text + "\n"), 413)
+        self.assertEqual(len(self.registry.imports), 1)
+
     def test_refused_by_database(self) -> None:
         """A row the database refuses (named by index) is a 400 naming its line."""
         self.registry.refuse_import = "row 1: the database refused it: CHECK constraint failed"
@@ -866,6 +902,22 @@ class CommandTests(_ApiTestCase):
             "expires",
         )
         self.assertEqual(self.registry.called("add_command"), [])
+
+    def test_expires_at_boundary(self) -> None:
+        """An expiry of exactly now is a 400; one second later is queued."""
+        self.registry.add(_device(5))
+        path = "/api/devices/5/commands"
+        self.assertError(
+            self.call(
+                "POST", path, json_body={"type": "remote_reset", "expires": "2026-11-26T09:20:02Z"}
+            ),
+            400,
+            "expires",
+        )
+        code, body = self.call(
+            "POST", path, json_body={"type": "remote_reset", "expires": "2026-11-26T09:20:03Z"}
+        )
+        self.assertEqual((code, body["status"]), (202, "queued"))
 
     def test_time_outside_utc_years(self) -> None:
         """A send_after whose UTC is past year 9999 is a 400 and is not queued (it could never be listed)."""
@@ -1080,6 +1132,18 @@ class OpenApiTests(_ApiTestCase):
                 self.assertEqual(
                     "requestBody" in operation, method in ("put", "post"), (path, method)
                 )
+
+    def test_device_schema_matches_answers(self) -> None:
+        """The Device schema lists exactly the keys a device answer has."""
+        self.registry.add(_device(7))
+        _, device = self.call("GET", "/api/devices/7")
+        schema = self.document()["components"]["schemas"]["Device"]
+        self.assertEqual(set(schema["properties"]), set(device))
+
+    def test_device_changes_are_the_settings(self) -> None:
+        """The DeviceChanges schema lists exactly the keys PUT accepts."""
+        schema = self.document()["components"]["schemas"]["DeviceChanges"]
+        self.assertEqual(list(schema["properties"]), ["custom1", "custom2", "custom3", "connector"])
 
     def test_connector_names(self) -> None:
         """The configured connector names are the override's allowed values."""

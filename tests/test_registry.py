@@ -11,16 +11,18 @@ its own, dropped afterwards.
 from __future__ import annotations
 
 import os
+from dataclasses import fields as dataclass_fields
 
 from twisted.internet import reactor
 from twisted.internet.defer import DeferredList
 from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from oemrelay import registry as registry_module
+from oemrelay.registry import devices as devices_module
 from oemrelay.codec import Hello
 from oemrelay.commands import CommandRequest
 from oemrelay.registry import (
+    DEVICE_SETTINGS,
     SCHEMA_VERSION,
     Command,
     DeviceRecord,
@@ -29,9 +31,15 @@ from oemrelay.registry import (
 )
 from oemrelay.relay import DeviceProfile
 
+from oemrelay.registry.devices import device_fields_table, device_json, device_schema
+
 from .postgres import fresh_schema_url
 
+README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.rst")
+
 NOW = 1_700_000_000  # an int on purpose: times must come back as floats
+#: A step in time small next to a second, exact in a double near NOW.
+EPSILON = 1 / 1024
 
 
 
@@ -84,6 +92,15 @@ class RegistryScenariosMixin:
 
     # -- schema --
 
+    async def device_table_columns(self) -> list[str]:
+        raise NotImplementedError
+
+    async def test_devices_table_is_the_dataclass(self) -> None:
+        """The migrated devices table has exactly DeviceRecord's fields, in order."""
+        self.assertEqual(
+            await self.device_table_columns(), [f.name for f in dataclass_fields(DeviceRecord)]
+        )
+
     async def test_start_is_idempotent(self) -> None:
         """start() again on a started registry changes nothing and keeps the data."""
         await self.registry.update_device(1, {"custom1": "kept"})
@@ -101,13 +118,13 @@ class RegistryScenariosMixin:
 
     async def test_schema_version_recorded(self) -> None:
         """The first start creates the schema and records its version."""
-        rows = await self.registry._pool.runQuery("SELECT MAX(version) FROM schema_version")
+        rows = await self.registry.database.pool.runQuery("SELECT MAX(version) FROM schema_version")
         self.assertEqual(rows[0][0], SCHEMA_VERSION)
 
     async def test_newer_schema_refused(self) -> None:
         """start() fails with RegistryError on a schema newer than the code."""
-        await self.registry._pool.runOperation(
-            self.registry._sql("INSERT INTO schema_version (version, applied) VALUES (?, ?)"),
+        await self.registry.database.pool.runOperation(
+            self.registry.database.sql("INSERT INTO schema_version (version, applied) VALUES (?, ?)"),
             (SCHEMA_VERSION + 1, NOW),
         )
         later = Registry.from_url(self.url, reactor=reactor)
@@ -355,7 +372,7 @@ class RegistryScenariosMixin:
         """A row the database refuses undoes the rows before it in the same import."""
         await self.registry.update_device(1, {"custom1": "old"})
         # Let an out-of-range serial past the checks, so the database refuses it.
-        self.patch(registry_module, "_check_serial", lambda serial: serial)
+        self.patch(devices_module, "check_serial", lambda serial: serial)
         with self.assertRaises(ValueError) as caught:
             await self.registry.import_devices(
                 [
@@ -458,6 +475,28 @@ class RegistryScenariosMixin:
             ["queued", "queued", "expired", "queued", "sent"],
         )
 
+    async def test_due_at_expiry(self) -> None:
+        """A command is due until and at its expiry instant, and expired just after."""
+        await self.registry.update_device(1, {})
+        command = await self.registry.add_command(1, request(expires=NOW + 10), NOW)
+        for now in (NOW + 10 - EPSILON, NOW + 10):
+            self.assertEqual([c.id for c in await self.registry.due_commands(1, now)], [command.id])
+        self.assertEqual(await self.registry.due_commands(1, NOW + 10 + EPSILON), [])
+        (expired,) = await self.registry.list_commands(1, NOW + 20)
+        self.assertEqual((expired.status, expired.completed), ("expired", NOW + 10 + EPSILON))
+
+    async def test_listed_at_expiry(self) -> None:
+        """Listing at a command's expiry instant leaves it queued; just after marks it expired."""
+        await self.registry.update_device(1, {})
+        command = await self.registry.add_command(1, request(expires=NOW + 10), NOW)
+        for now in (NOW + 10 - EPSILON, NOW + 10):
+            (listed,) = await self.registry.list_commands(1, now)
+            self.assertEqual(
+                (listed.id, listed.status, listed.completed), (command.id, "queued", None)
+            )
+        (listed,) = await self.registry.list_commands(1, NOW + 10 + EPSILON)
+        self.assertEqual((listed.status, listed.completed), ("expired", NOW + 10 + EPSILON))
+
     async def test_command_sent(self) -> None:
         """command_sent marks a queued command sent, and only a queued one."""
         await self.registry.update_device(1, {})
@@ -525,14 +564,18 @@ class SQLiteRegistryTests(RegistryScenariosMixin, TestCase):
     async def make_database(self) -> str:
         return "sqlite:" + self.mktemp()
 
+    async def device_table_columns(self) -> list[str]:
+        rows = await self.registry.database.pool.runQuery("PRAGMA table_info(devices)")
+        return [row[1] for row in rows]
+
     async def test_wal_mode(self) -> None:
         """The database file is in WAL journal mode."""
-        rows = await self.registry._pool.runQuery("PRAGMA journal_mode")
+        rows = await self.registry.database.pool.runQuery("PRAGMA journal_mode")
         self.assertEqual(rows[0][0].lower(), "wal")
 
     async def test_no_fsync_per_commit(self) -> None:
         """Commits do not fsync one by one (synchronous NORMAL, safe with WAL)."""
-        rows = await self.registry._pool.runQuery("PRAGMA synchronous")
+        rows = await self.registry.database.pool.runQuery("PRAGMA synchronous")
         self.assertEqual(rows[0][0], 1)
 
 
@@ -542,13 +585,62 @@ class PostgreSQLRegistryTests(RegistryScenariosMixin, TestCase):
     async def make_database(self) -> str:
         return await fresh_schema_url(self)
 
+    async def device_table_columns(self) -> list[str]:
+        rows = await self.registry.database.pool.runQuery(
+            "SELECT column_name FROM information_schema.columns"
+            " WHERE table_name = 'devices' AND table_schema = current_schema()"
+            " ORDER BY ordinal_position"
+        )
+        return [row[0] for row in rows]
+
     async def test_tables_in_own_schema(self) -> None:
         """The registry creates its tables in the schema named in the URL."""
-        rows = await self.registry._pool.runQuery(
+        rows = await self.registry.database.pool.runQuery(
             "SELECT table_schema FROM information_schema.tables WHERE table_name = 'devices'"
         )
         schemas = [row[0] for row in rows]
         self.assertIn(self.url.rsplit("%3D", 1)[1], schemas)
+
+
+class DeviceFieldsTests(SynchronousTestCase):
+    """What is derived from DeviceRecord's fields."""
+
+    def test_readme_table(self) -> None:
+        """README.rst's device field table is the one the fields give."""
+        with open(README, encoding="utf-8") as readme:
+            text = readme.read()
+        self.assertIn(device_fields_table(), text)
+
+    def test_table_lists_every_field(self) -> None:
+        """The table has a row per field, naming it and marking the settable ones."""
+        rows = device_fields_table().splitlines()[3:-1]
+        self.assertEqual(
+            [(row.split()[0], " yes " in row) for row in rows],
+            [(f"``{f.name}``", f.name in DEVICE_SETTINGS) for f in dataclass_fields(DeviceRecord)],
+        )
+
+    def test_settings_are_the_writable_fields(self) -> None:
+        """Only the custom fields and the connector override can be set."""
+        self.assertEqual(DEVICE_SETTINGS, ("custom1", "custom2", "custom3", "connector"))
+
+    def test_json(self) -> None:
+        """A device's JSON has every field; times are ISO 8601, other values as they are."""
+        device = DeviceRecord(7, first_seen=NOW, records_committed=3, connected=True)
+        body = device_json(device)
+        self.assertEqual(list(body), [f.name for f in dataclass_fields(DeviceRecord)])
+        self.assertEqual(
+            (body["first_seen"], body["last_seen"], body["records_committed"], body["connected"]),
+            ("2023-11-14T22:13:20Z", None, 3, True),
+        )
+
+    def test_nullable_from_default(self) -> None:
+        """A field defaulting to None is nullable in the schema; the others are not."""
+        schema = device_schema()
+        self.assertEqual(
+            {name: field.get("nullable", False) for name, field in schema.items()},
+            {f.name: f.default is None for f in dataclass_fields(DeviceRecord)},
+        )
+        self.assertEqual((schema["imei"]["type"], schema["imei"]["nullable"]), ("string", True))
 
 
 class RegistryURLTests(SynchronousTestCase):

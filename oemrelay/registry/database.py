@@ -1,0 +1,430 @@
+"""
+The registry's database: the connection pool, the two SQL dialects, the schema
+and its migrations, and running statements in the pool's threads.
+
+:class:`Database` keeps one schema with one behaviour on SQLite
+(``sqlite:PATH``) and PostgreSQL (``postgresql://...``).  Every statement runs
+in the thread pool of a ``twisted.enterprise.adbapi.ConnectionPool``, so none
+blocks the reactor.  The SQL is written once with ``?`` placeholders (turned
+into ``%s`` for psycopg); only three column types differ between the two.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Callable, Coroutine, Mapping
+from dataclasses import dataclass, field
+from typing import Any, ParamSpec, TypeVar
+from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
+
+from twisted.enterprise import adbapi
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+
+#: The schema version this code creates and understands.
+SCHEMA_VERSION = 1
+
+_log = Logger()
+
+_P = ParamSpec("_P")
+_T = TypeVar("_T")
+
+
+class RegistryError(Exception):
+    """The database cannot be used by this relay.  The message is one line."""
+
+
+def returns_deferred(
+    method: Callable[_P, Coroutine[Any, Any, _T]],
+) -> Callable[_P, Deferred[_T]]:
+    """Make a coroutine method return a Deferred (for ``await`` and ``addCallback``)."""
+
+    @functools.wraps(method)
+    def wrapper(*args: _P.args, **kwargs: _P.kwargs) -> Deferred[_T]:
+        return Deferred.fromCoroutine(method(*args, **kwargs))
+
+    return wrapper
+
+
+@dataclass(frozen=True)
+class _Dialect:
+    """What differs between the two databases: three column types and a lock."""
+
+    name: str
+    module: str
+    serial_type: str
+    command_id: str
+    blob_type: str
+    #: Run first in the migration transaction, so two relays never migrate at once.
+    migration_lock: str
+    pool_options: Mapping[str, Any] = field(default_factory=dict)
+
+
+_SQLITE = _Dialect(
+    name="sqlite",
+    module="sqlite3",
+    # Exactly "INTEGER PRIMARY KEY": the serial is the rowid, one b-tree.
+    serial_type="INTEGER",
+    # AUTOINCREMENT: an id is never reused, so a late reply cannot hit another command.
+    command_id="INTEGER PRIMARY KEY AUTOINCREMENT",
+    blob_type="BLOB",
+    migration_lock="BEGIN IMMEDIATE",
+    pool_options={"cp_min": 1, "cp_max": 1},
+)
+
+_POSTGRESQL = _Dialect(
+    name="postgresql",
+    module="psycopg",
+    serial_type="BIGINT",
+    command_id=(
+        "BIGINT GENERATED ALWAYS AS IDENTITY (MINVALUE 1 MAXVALUE 4294967295) PRIMARY KEY"
+    ),
+    blob_type="BYTEA",
+    # Any constant will do; it only has to be the same in every relay.
+    migration_lock="SELECT pg_advisory_xact_lock(5139884137)",
+    pool_options={"cp_min": 1, "cp_max": 5, "cp_reconnect": True},
+)
+
+#: The statements that bring the schema from version N-1 to N, by N.  They are
+#: history: a new device field is a new version with an ``ALTER TABLE`` (a
+#: test checks the migrated ``devices`` table has exactly DeviceRecord's fields).
+_MIGRATIONS: dict[int, tuple[str, ...]] = {
+    1: (
+        """
+        CREATE TABLE devices (
+            serial {serial_type} NOT NULL PRIMARY KEY
+                CHECK (serial BETWEEN 0 AND 4294967295),
+            imei TEXT,
+            iccid TEXT,
+            product_id INTEGER,
+            hardware_rev INTEGER,
+            firmware TEXT,
+            first_seen DOUBLE PRECISION,
+            last_seen DOUBLE PRECISION,
+            connected BOOLEAN NOT NULL DEFAULT FALSE,
+            node TEXT,
+            last_upload DOUBLE PRECISION,
+            records_committed BIGINT NOT NULL DEFAULT 0,
+            last_error TEXT,
+            custom1 TEXT NOT NULL DEFAULT '',
+            custom2 TEXT NOT NULL DEFAULT '',
+            custom3 TEXT NOT NULL DEFAULT '',
+            connector TEXT
+        )
+        """,
+        "CREATE INDEX devices_node ON devices (node)",
+        """
+        CREATE TABLE commands (
+            id {command_id},
+            serial {serial_type} NOT NULL REFERENCES devices (serial) ON DELETE CASCADE,
+            type TEXT NOT NULL,
+            params TEXT NOT NULL,
+            message_type INTEGER NOT NULL,
+            data {blob_type} NOT NULL,
+            status TEXT NOT NULL
+                CHECK (status IN ('queued', 'sent', 'delivered', 'failed', 'expired')),
+            created DOUBLE PRECISION NOT NULL,
+            send_after DOUBLE PRECISION,
+            expires DOUBLE PRECISION,
+            sent DOUBLE PRECISION,
+            completed DOUBLE PRECISION,
+            device_status INTEGER,
+            CHECK (id BETWEEN 1 AND 4294967295)
+        )
+        """,
+        "CREATE INDEX commands_serial_status ON commands (serial, status, id)",
+    ),
+}
+
+
+@functools.lru_cache(maxsize=256)
+def _format_paramstyle(sql: str) -> str:
+    """``?`` placeholders as ``%s`` (and a literal ``%`` doubled), for psycopg."""
+    return sql.replace("%", "%%").replace("?", "%s")
+
+
+# -- URLs ----------------------------------------------------------------------
+
+
+def _url_without_password(url: str) -> str:
+    """``url`` with the password removed from its user part and its query."""
+    parts = urlsplit(url)
+    netloc = parts.netloc
+    if "@" in netloc:
+        userinfo, host = netloc.rsplit("@", 1)
+        netloc = userinfo.split(":", 1)[0] + "@" + host
+    query = parts.query
+    if query:
+        query = urlencode(
+            [
+                (key, value)
+                for key, value in parse_qsl(query, keep_blank_values=True)
+                if key not in ("password", "sslpassword")
+            ]
+        )
+    return urlunsplit(parts._replace(netloc=netloc, query=query))
+
+
+def _passwords(url: str) -> list[str]:
+    """The passwords in ``url`` (user part and query), raw and decoded."""
+    try:
+        parts = urlsplit(url)
+        found = [parts.password or ""]
+    except ValueError:
+        return []
+    for pair in parts.query.split("&"):
+        key, _, value = pair.partition("=")
+        if unquote(key) in ("password", "sslpassword"):
+            found.append(value)
+    found += [unquote(secret) for secret in found]
+    return sorted({secret for secret in found if secret}, key=len, reverse=True)
+
+
+def check_postgresql_url(url: str) -> None:
+    """
+    Check a ``postgresql://`` registry URL without connecting.
+
+    :raises ValueError: as :meth:`Database.from_url` would; one line, no password.
+    """
+    _postgresql_pool_args(url)
+
+
+def _sqlite_pool_args(path: str) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    def open_connection(connection: Any) -> None:
+        # WAL: readers never wait for the writer; this sticks to the file.
+        connection.execute("PRAGMA journal_mode=WAL")
+        # In WAL mode NORMAL syncs at checkpoints, not on every commit: a
+        # crash loses nothing, a power cut at most the last moments of
+        # bookkeeping.  Per-commit fsyncs would cap uploads per second.
+        connection.execute("PRAGMA synchronous=NORMAL")
+        connection.execute("PRAGMA foreign_keys=ON")
+
+    return (path,), {
+        "check_same_thread": False,
+        # The busy timeout, in seconds: wait this long for another process's lock.
+        "timeout": 10.0,
+        "cp_openfun": open_connection,
+    }
+
+
+def _postgresql_pool_args(url: str) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    try:
+        from psycopg import ProgrammingError
+        from psycopg.conninfo import conninfo_to_dict
+    except ImportError:
+        raise ValueError(
+            "a postgresql:// registry needs the psycopg package (pip install 'psycopg[binary]')"
+        ) from None
+    try:
+        given = conninfo_to_dict(url)
+    except ProgrammingError as e:
+        reason = (str(e).strip().splitlines() or ["cannot parse it"])[0]
+        # libpq quotes the token it cannot parse, which may be the password.
+        for secret in _passwords(url):
+            reason = reason.replace(secret, "***")
+        raise ValueError(f"bad PostgreSQL URL {_url_without_password(url)}: {reason}") from None
+    defaults = {"connect_timeout": 10, "application_name": "oemrelay"}
+    return (url,), {k: v for k, v in defaults.items() if k not in given}
+
+
+# -- the database ----------------------------------------------------------------
+
+
+class Database:
+    """
+    A connection pool on the registry's schema.
+
+    Use :meth:`from_url`, then :meth:`start` before anything else and
+    :meth:`close` at the end.  The ``txn`` methods run in a pool thread, inside
+    a function given to :meth:`interaction`; the others return Deferreds.
+    """
+
+    def __init__(
+        self, pool: adbapi.ConnectionPool, dialect: _Dialect, url_for_logs: str, reactor: Any
+    ) -> None:
+        """
+        :param pool: a connection pool on ``dialect.module``.
+        :param dialect: :data:`_SQLITE` or :data:`_POSTGRESQL`.
+        :param url_for_logs: where the database is, with no password.
+        :param reactor: the pool's reactor.
+        """
+        self.pool = pool
+        self._dialect = dialect
+        self._url_for_logs = url_for_logs
+        self._reactor = reactor
+        self._closed = False
+        # Calls made before start() finished wait here; None once it has.
+        self._not_started: list[Deferred[None]] | None = []
+        if pool.dbapi.paramstyle in ("format", "pyformat"):
+            self.sql: Callable[[str], str] = _format_paramstyle
+        else:
+            self.sql = str
+
+    @classmethod
+    def from_url(cls, url: str, reactor: Any = None) -> Database:
+        """
+        A database for a registry URL.  Nothing is opened until :meth:`start`.
+
+        :param url: ``sqlite:PATH`` (a relative path is taken relative to the
+            current directory, now) or ``postgresql://user[:password]@host[:port]/db[?params]``
+            (libpq's URL form; ``postgres://`` is accepted too).
+        :param reactor: provides ``IReactorCore``, ``IReactorThreads`` and
+            ``IReactorTime``; the global reactor if None.
+        :raises ValueError: for any other URL; the message is one line.
+        """
+        if reactor is None:
+            from twisted.internet import reactor  # type: ignore[no-redef]
+        if not isinstance(url, str):
+            raise ValueError(f"registry URL must be a string, not {type(url).__name__}")
+        if url.startswith("sqlite:"):
+            path = url[len("sqlite:"):]
+            if not path:
+                raise ValueError(
+                    "registry URL sqlite: needs a path, as in sqlite:/var/lib/oemrelay/registry.db"
+                )
+            path = os.path.abspath(path)
+            dialect, url_for_logs = _SQLITE, f"sqlite:{path}"
+            args, kwargs = _sqlite_pool_args(path)
+        elif url.startswith(("postgresql://", "postgres://")):
+            dialect, url_for_logs = _POSTGRESQL, _url_without_password(url)
+            args, kwargs = _postgresql_pool_args(url)
+        else:
+            shown = url if "@" not in url else _url_without_password(url)
+            raise ValueError(
+                f"registry URL {shown!r} is neither sqlite:PATH nor postgresql://..."
+            )
+        pool = adbapi.ConnectionPool(
+            dialect.module,
+            *args,
+            cp_reactor=reactor,
+            cp_noisy=False,
+            **dialect.pool_options,
+            **kwargs,
+        )
+        return cls(pool, dialect, url_for_logs, reactor)
+
+    @property
+    def url_for_logs(self) -> str:
+        """The database URL with any password removed."""
+        return self._url_for_logs
+
+    @property
+    def dbapi(self) -> Any:
+        """The DB-API module, for its exception classes."""
+        return self.pool.dbapi
+
+    # -- in a pool thread --
+
+    def execute(self, txn: adbapi.Transaction, sql: str, params: tuple[Any, ...] = ()) -> None:
+        """Run one statement written with ``?`` placeholders."""
+        txn.execute(self.sql(sql), params)
+
+    def fetch_all(
+        self, txn: adbapi.Transaction, sql: str, params: tuple[Any, ...] = ()
+    ) -> list[Any]:
+        """Run one statement; its rows."""
+        self.execute(txn, sql, params)
+        return txn.fetchall()
+
+    def fetch_one(self, txn: adbapi.Transaction, sql: str, params: tuple[Any, ...] = ()) -> Any:
+        """Run one statement; its first row, or None."""
+        rows = self.fetch_all(txn, sql, params)
+        return rows[0] if rows else None
+
+    def rowcount(self, txn: adbapi.Transaction, sql: str, params: tuple[Any, ...] = ()) -> int:
+        """Run one statement; how many rows it changed."""
+        self.execute(txn, sql, params)
+        return txn.rowcount
+
+    # -- from the reactor --
+
+    def interaction(self, function: Callable[..., _T], *args: Any) -> Deferred[_T]:
+        """
+        Run ``function(txn, *args)`` in one transaction in a pool thread, once
+        :meth:`start` has finished: a device or API call that arrives while the
+        relay starts waits for the schema and the release of stale connections.
+        """
+        if self._not_started is None:
+            return self.pool.runInteraction(function, *args)
+        started: Deferred[None] = Deferred()
+        self._not_started.append(started)
+        return started.addCallback(lambda _: self.pool.runInteraction(function, *args))
+
+    def query_one(self, sql: str, *params: Any) -> Deferred[Any]:
+        """The first row of one statement, or None."""
+        return self.interaction(self.fetch_one, sql, params)
+
+    def query_all(self, sql: str, *params: Any) -> Deferred[list[Any]]:
+        """The rows of one statement."""
+        return self.interaction(self.fetch_all, sql, params)
+
+    def write(self, sql: str, *params: Any) -> Deferred[int]:
+        """Run one statement; fire with the number of rows it changed."""
+        return self.interaction(self.rowcount, sql, params)
+
+    # -- lifetime --
+
+    @returns_deferred
+    async def start(self, prepare: Callable[[adbapi.Transaction], _T] | None = None) -> _T | None:
+        """
+        Create the schema if it is missing and bring it up to
+        :data:`SCHEMA_VERSION`, then run ``prepare(txn)`` if given, before
+        any call waiting in :meth:`interaction`.
+
+        Safe to call on every start, and from several relays at once.
+
+        :return: what ``prepare`` returned.
+        :raises RegistryError: if the database's schema is newer than this code.
+        """
+        prepared = None
+        try:
+            old = await self.pool.runInteraction(self._txn_migrate, self._reactor.seconds())
+            if prepare is not None:
+                prepared = await self.pool.runInteraction(prepare)
+        finally:
+            waiting, self._not_started = self._not_started or [], None
+            for started in waiting:
+                started.callback(None)
+        if old != SCHEMA_VERSION:
+            _log.info(
+                "Registry schema at {url} migrated from version {old} to {new}",
+                url=self._url_for_logs,
+                old=old,
+                new=SCHEMA_VERSION,
+            )
+        return prepared
+
+    def _txn_migrate(self, txn: adbapi.Transaction, now: float) -> int:
+        self.execute(txn, self._dialect.migration_lock)
+        self.execute(
+            txn,
+            "CREATE TABLE IF NOT EXISTS schema_version ("
+            " version INTEGER NOT NULL PRIMARY KEY, applied DOUBLE PRECISION NOT NULL)",
+        )
+        (current,) = self.fetch_one(txn, "SELECT MAX(version) FROM schema_version")
+        current = current or 0
+        if current > SCHEMA_VERSION:
+            raise RegistryError(
+                f"registry {self._url_for_logs} has schema version {current}; "
+                f"this relay knows versions up to {SCHEMA_VERSION}"
+            )
+        types = {
+            "serial_type": self._dialect.serial_type,
+            "command_id": self._dialect.command_id,
+            "blob_type": self._dialect.blob_type,
+        }
+        for version in range(current + 1, SCHEMA_VERSION + 1):
+            for statement in _MIGRATIONS[version]:
+                self.execute(txn, statement.format(**types))
+            self.execute(
+                txn, "INSERT INTO schema_version (version, applied) VALUES (?, ?)", (version, now)
+            )
+        return current
+
+    @returns_deferred
+    async def close(self) -> None:
+        """Close the pool; calls under way finish first.  Closing twice is harmless."""
+        if not self._closed:
+            self._closed = True
+            self.pool.close()

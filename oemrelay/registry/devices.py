@@ -1,0 +1,469 @@
+"""
+The devices the registry holds: :class:`DeviceRecord`, the one place a
+device's fields are declared, and :class:`DeviceStore`, their SQL.
+
+Each field of :class:`DeviceRecord` carries a :class:`FieldDoc` (its JSON
+kind, whether the API may set it, what it means).  The SELECT column list, the
+row mapping, the API's JSON, its OpenAPI schema, :data:`DEVICE_SETTINGS` and
+README.rst's table are all derived from them, so a new field is declared once
+(plus a migration that adds its column).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from twisted.enterprise import adbapi
+
+from ..codec import Hello
+from ..commands import iso8601
+from ..relay import DeviceProfile
+from .database import Database, returns_deferred
+
+MAX_SERIAL = 0xFFFFFFFF
+
+#: The JSON Schema of each kind of field value (nullability aside).
+FIELD_KINDS: Mapping[str, Mapping[str, Any]] = {
+    "serial": {"type": "integer", "minimum": 0, "maximum": MAX_SERIAL},
+    "string": {"type": "string"},
+    "integer": {"type": "integer"},
+    "count": {"type": "integer", "minimum": 0},
+    "boolean": {"type": "boolean"},
+    "time": {"type": "string", "format": "date-time", "example": "2026-11-26T09:20:02Z"},
+}
+
+
+@dataclass(frozen=True)
+class FieldDoc:
+    """What a device field holds, as the API and the docs show it."""
+
+    #: A key of :data:`FIELD_KINDS`; a ``time`` is Unix seconds here, ISO 8601 in JSON.
+    kind: str
+    description: str
+    nullable: bool = False
+    #: Whether ``PUT /api/devices/{serial}`` and the CSV import may set it.
+    writable: bool = False
+
+
+def _field(kind: str, description: str, *, writable: bool = False, **options: Any) -> Any:
+    """A dataclass field with its :class:`FieldDoc`; ``default=None`` makes it nullable."""
+    nullable = "default" in options and options["default"] is None
+    doc = FieldDoc(kind, description, nullable, writable)
+    return field(metadata={"doc": doc}, **options)
+
+
+@dataclass(frozen=True)
+class DeviceRecord:
+    """One device as the registry holds it.  Times are Unix seconds or None."""
+
+    serial: int = _field("serial", "The device's serial number.")
+    imei: str | None = _field("string", "IMEI, from the last hello.", default=None)
+    iccid: str | None = _field("string", "SIM ICCID, from the last hello.", default=None)
+    product_id: int | None = _field("integer", "DM product id, from the last hello.", default=None)
+    hardware_rev: int | None = _field(
+        "integer", "Hardware revision, from the last hello.", default=None
+    )
+    firmware: str | None = _field("string", "Firmware version, from the last hello.", default=None)
+    first_seen: float | None = _field("time", "The first hello.", default=None)
+    last_seen: float | None = _field("time", "The last time it was heard from.", default=None)
+    connected: bool = _field("boolean", "Whether it is connected now.", default=False)
+    node: str | None = _field("string", "The relay node it is connected to.", default=None)
+    last_upload: float | None = _field("time", "The last delivered upload.", default=None)
+    records_committed: int = _field(
+        "count", "Records delivered and committed, in all.", default=0
+    )
+    last_error: str | None = _field(
+        "string", "Why the last upload was not delivered; cleared by a delivery.", default=None
+    )
+    custom1: str = _field("string", "Custom field 1.", writable=True, default="", repr=False)
+    custom2: str = _field("string", "Custom field 2.", writable=True, default="", repr=False)
+    custom3: str = _field("string", "Custom field 3.", writable=True, default="", repr=False)
+    connector: str | None = _field(
+        "string",
+        "Connector override: a [connector:NAME] name; null uses the default.",
+        writable=True,
+        default=None,
+    )
+
+    def profile(self) -> DeviceProfile:
+        """The part connectors use."""
+        return DeviceProfile(self.custom1, self.custom2, self.custom3, self.connector)
+
+
+def device_fields() -> list[tuple[str, FieldDoc]]:
+    """Each field of :class:`DeviceRecord` with its documentation, in order."""
+    return [(f.name, f.metadata["doc"]) for f in fields(DeviceRecord)]
+
+
+#: The keys :meth:`DeviceStore.update_device` and :meth:`DeviceStore.import_devices` accept.
+DEVICE_SETTINGS = tuple(name for name, doc in device_fields() if doc.writable)
+
+DEVICE_COLUMNS = tuple(name for name, _ in device_fields())
+DEVICE_SELECT = ", ".join(DEVICE_COLUMNS)
+_TIME_FIELDS = tuple(name for name, doc in device_fields() if doc.kind == "time")
+_BOOLEAN_FIELDS = tuple(name for name, doc in device_fields() if doc.kind == "boolean")
+
+
+def seconds_or_none(value: Any) -> float | None:
+    """A time from the database (an int or a float) as float seconds."""
+    return None if value is None else float(value)
+
+
+def device_from_row(row: Iterable[Any]) -> DeviceRecord:
+    """A device from a row of :data:`DEVICE_SELECT`."""
+    values = dict(zip(DEVICE_COLUMNS, row, strict=True))
+    for name in _TIME_FIELDS:
+        values[name] = seconds_or_none(values[name])
+    for name in _BOOLEAN_FIELDS:
+        values[name] = bool(values[name])
+    return DeviceRecord(**values)
+
+
+def device_json(device: DeviceRecord) -> dict[str, Any]:
+    """A device as the API shows it: every field, times in ISO 8601."""
+    body = {}
+    for name, doc in device_fields():
+        value = getattr(device, name)
+        body[name] = iso8601(value) if doc.kind == "time" and value is not None else value
+    return body
+
+
+def field_schema(doc: FieldDoc) -> dict[str, Any]:
+    """The OpenAPI 3.0 schema of one field's JSON value."""
+    schema = {**FIELD_KINDS[doc.kind], "description": doc.description}
+    return {**schema, "nullable": True} if doc.nullable else schema
+
+
+def device_schema() -> dict[str, Any]:
+    """The OpenAPI 3.0 schema of :func:`device_json`'s properties, by name."""
+    return {name: field_schema(doc) for name, doc in device_fields()}
+
+
+_TABLE_KINDS = {
+    "serial": "integer",
+    "string": "string",
+    "integer": "integer",
+    "count": "integer",
+    "boolean": "boolean",
+    "time": "ISO 8601",
+}
+
+
+def device_fields_table() -> str:
+    """The reST table of device fields README.rst shows (a test keeps them equal)."""
+    rows = [("Field", "JSON", "Settable", "Meaning")]
+    for name, doc in device_fields():
+        kind = _TABLE_KINDS[doc.kind] + (" or null" if doc.nullable else "")
+        rows.append((f"``{name}``", kind, "yes" if doc.writable else "", doc.description))
+    widths = [max(len(row[column]) for row in rows) for column in range(4)]
+    rule = "  ".join("=" * width for width in widths)
+
+    def line(row: tuple[str, ...]) -> str:
+        return "  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip()
+
+    return "\n".join([rule, line(rows[0]), rule, *map(line, rows[1:]), rule]) + "\n"
+
+
+# -- input checks --------------------------------------------------------------
+
+
+def check_uint32(name: str, value: object) -> int:
+    """``value`` if it is a uint32; a ValueError naming ``name`` otherwise."""
+    # SQLite cannot bind an int past 2**63, PostgreSQL matches nothing: refuse on both.
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name} must be an integer, not {type(value).__name__}")
+    if not 0 <= value <= MAX_SERIAL:
+        raise ValueError(f"{name} {value} is outside 0..{MAX_SERIAL}")
+    return value
+
+
+def check_serial(serial: object) -> int:
+    """``serial`` if it is a uint32; a ValueError saying why not otherwise."""
+    return check_uint32("serial", serial)
+
+
+def check_count(name: str, value: object) -> int:
+    """``value`` if it is a non-negative integer; a ValueError naming ``name`` otherwise."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{name} must be a non-negative integer, not {value!r}")
+    return value
+
+
+def _check_settings(
+    changes: object, allowed: Iterable[str] = DEVICE_SETTINGS
+) -> dict[str, str | None]:
+    """
+    Check device settings and normalise them (an empty connector clears the override).
+
+    :raises ValueError: for a key not in ``allowed`` or a value of the wrong type.
+    """
+    if not isinstance(changes, Mapping):
+        raise ValueError(f"device settings must be an object, not {type(changes).__name__}")
+    allowed = tuple(allowed)
+    checked: dict[str, str | None] = {}
+    for key, value in changes.items():
+        if key not in allowed:
+            raise ValueError(f"unknown key {key!r} (known: {', '.join(allowed)})")
+        if key == "connector" and value is None:
+            checked[key] = None
+            continue
+        if not isinstance(value, str):
+            raise ValueError(f"{key} must be a string, not {type(value).__name__}")
+        if "\x00" in value:
+            # PostgreSQL cannot store it, SQLite can: refuse it on both.
+            raise ValueError(f"{key} contains a NUL character")
+        checked[key] = (value or None) if key == "connector" else value
+    return checked
+
+
+def _check_import_row(row: object) -> tuple[int, dict[str, str | None]]:
+    if not isinstance(row, Mapping):
+        raise ValueError(f"must be an object, not {type(row).__name__}")
+    if "serial" not in row:
+        raise ValueError("has no serial")
+    serial = check_serial(row["serial"])
+    settings = _check_settings({k: v for k, v in row.items() if k != "serial"})
+    return serial, settings
+
+
+# -- the store -------------------------------------------------------------------
+
+#: Marks disconnected the devices a node left marked connected.
+_RELEASE_NODE = "UPDATE devices SET connected = ? WHERE node = ? AND connected = ?"
+
+
+class DeviceStore:
+    """
+    The ``devices`` table: what the relay reports (hellos, commits, errors)
+    and what the API reads and sets.  Every public method returns a Deferred;
+    times are given by the caller as ``now`` (Unix seconds).
+    """
+
+    def __init__(self, database: Database) -> None:
+        self._database = database
+
+    def txn_release_node(self, txn: adbapi.Transaction, node: str) -> int:
+        """In a pool thread: :meth:`node_started`'s statement; how many devices it marked."""
+        return self._database.rowcount(txn, _RELEASE_NODE, (False, node, True))
+
+    # -- what the relay tells the registry --
+
+    @returns_deferred
+    async def profile_for(self, hello: Hello) -> DeviceProfile:
+        """The device's custom fields and connector override (empty if unknown)."""
+        row = await self._database.query_one(
+            "SELECT custom1, custom2, custom3, connector FROM devices WHERE serial = ?",
+            hello.serial,
+        )
+        return DeviceProfile(*row) if row is not None else DeviceProfile()
+
+    @returns_deferred
+    async def device_connected(self, hello: Hello, node: str, now: float) -> DeviceRecord:
+        """
+        Record a device's hello: its identity, connected to ``node`` since ``now``.
+
+        Custom fields and the connector override are left as they are.
+
+        :return: the device as it now is.
+        """
+        row = await self._database.query_one(
+            f"""
+            INSERT INTO devices (serial, imei, iccid, product_id, hardware_rev, firmware,
+                                 first_seen, last_seen, connected, node)
+            VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+            ON CONFLICT (serial) DO UPDATE SET
+                imei = excluded.imei,
+                iccid = excluded.iccid,
+                product_id = excluded.product_id,
+                hardware_rev = excluded.hardware_rev,
+                firmware = excluded.firmware,
+                first_seen = COALESCE(devices.first_seen, excluded.first_seen),
+                last_seen = excluded.last_seen,
+                connected = excluded.connected,
+                node = excluded.node
+            RETURNING {DEVICE_SELECT}
+            """,
+            check_serial(hello.serial),
+            hello.imei,
+            hello.iccid,
+            hello.product_id,
+            hello.hardware_rev,
+            hello.firmware,
+            now,
+            now,
+            True,
+            node,
+        )
+        return device_from_row(row)
+
+    @returns_deferred
+    async def device_disconnected(self, serial: int, node: str, now: float) -> bool:
+        """
+        Mark a device disconnected, unless another node holds it now.
+
+        :return: whether the device was marked.
+        """
+        changed = await self._database.write(
+            "UPDATE devices SET connected = ?, last_seen = ? WHERE serial = ? AND node = ?",
+            False,
+            now,
+            check_serial(serial),
+            node,
+        )
+        return changed > 0
+
+    @returns_deferred
+    async def node_started(self, node: str, now: float) -> int:
+        """
+        Mark disconnected every device still marked connected to ``node``
+        (connections a crashed run of this node left behind).  ``last_seen``
+        is left alone: it stays when each device was last heard from.
+
+        :return: how many devices were marked.
+        """
+        return await self._database.write(_RELEASE_NODE, False, node, True)
+
+    @returns_deferred
+    async def upload_committed(self, serial: int, record_count: int, now: float) -> bool:
+        """
+        Count ``record_count`` records delivered and clear the last error.
+
+        :return: whether the device is known.
+        """
+        changed = await self._database.write(
+            """
+            UPDATE devices SET last_upload = ?, last_seen = ?,
+                records_committed = records_committed + ?, last_error = NULL
+            WHERE serial = ?
+            """,
+            now,
+            now,
+            check_count("record_count", record_count),
+            check_serial(serial),
+        )
+        return changed > 0
+
+    @returns_deferred
+    async def delivery_failed(self, serial: int, reason: str, now: float) -> bool:
+        """
+        Keep why an upload was not delivered (shown until the next delivery).
+
+        :return: whether the device is known.
+        """
+        changed = await self._database.write(
+            "UPDATE devices SET last_error = ?, last_seen = ? WHERE serial = ?",
+            str(reason).replace("\x00", "\\x00"),
+            now,
+            check_serial(serial),
+        )
+        return changed > 0
+
+    # -- devices, for the API --
+
+    @returns_deferred
+    async def list_devices(self, limit: int, after: int | None = None) -> list[DeviceRecord]:
+        """
+        Up to ``limit`` devices in serial order, those with a serial above
+        ``after`` (for the next page: the last serial of this one).
+        """
+        limit = check_count("limit", limit)
+        if after is None:
+            after = -1
+        elif isinstance(after, bool) or not isinstance(after, int):
+            raise ValueError(f"after must be an integer, not {type(after).__name__}")
+        rows = await self._database.query_all(
+            f"SELECT {DEVICE_SELECT} FROM devices WHERE serial > ? ORDER BY serial LIMIT ?",
+            max(after, -1),
+            limit,
+        )
+        return [device_from_row(row) for row in rows]
+
+    @returns_deferred
+    async def get_device(self, serial: int) -> DeviceRecord | None:
+        """One device, or None if it is unknown."""
+        row = await self._database.query_one(
+            f"SELECT {DEVICE_SELECT} FROM devices WHERE serial = ?", check_serial(serial)
+        )
+        return None if row is None else device_from_row(row)
+
+    @returns_deferred
+    async def update_device(
+        self, serial: int, changes: Mapping[str, str | None]
+    ) -> tuple[DeviceRecord, bool]:
+        """
+        Set some of a device's custom fields and connector override, creating
+        the device if it is unknown (so settings can be loaded before it first
+        connects).  A connector of None or ``""`` clears the override.
+
+        :param changes: keys among :data:`DEVICE_SETTINGS`, string values.
+        :return: the device as it now is, and whether it was created.
+        :raises ValueError: for another key or a value that is not a string.
+        """
+        serial = check_serial(serial)
+        checked = _check_settings(changes)
+        return await self._database.interaction(self._txn_update_device, serial, checked)
+
+    def _txn_update_device(
+        self, txn: adbapi.Transaction, serial: int, changes: Mapping[str, str | None]
+    ) -> tuple[DeviceRecord, bool]:
+        database = self._database
+        created = database.fetch_one(
+            txn,
+            "INSERT INTO devices (serial) VALUES (?)"
+            " ON CONFLICT (serial) DO NOTHING RETURNING serial",
+            (serial,),
+        )
+        if changes:
+            # The column names come from DEVICE_SETTINGS only (_check_settings).
+            assignments = ", ".join(f"{key} = ?" for key in changes)
+            row = database.fetch_one(
+                txn,
+                f"UPDATE devices SET {assignments} WHERE serial = ? RETURNING {DEVICE_SELECT}",
+                (*changes.values(), serial),
+            )
+        else:
+            row = database.fetch_one(
+                txn, f"SELECT {DEVICE_SELECT} FROM devices WHERE serial = ?", (serial,)
+            )
+        return device_from_row(row), created is not None
+
+    @returns_deferred
+    async def import_devices(self, rows: list[Mapping[str, Any]]) -> tuple[int, int]:
+        """
+        Create or update many devices in one transaction: all of them or none.
+
+        Each row has ``serial`` and any keys of :data:`DEVICE_SETTINGS`, as in
+        :meth:`update_device`.  Every row is checked before the database is
+        touched; a row the database refuses undoes the rows before it.
+
+        :return: how many devices were created and how many updated.
+        :raises ValueError: naming the first bad row (counted from 0).
+        """
+        if not isinstance(rows, (list, tuple)):
+            raise ValueError(f"devices must be a list, not {type(rows).__name__}")
+        checked = []
+        for index, row in enumerate(rows):
+            try:
+                checked.append(_check_import_row(row))
+            except ValueError as e:
+                raise ValueError(f"row {index}: {e}") from None
+        return await self._database.interaction(self._txn_import, checked)
+
+    def _txn_import(
+        self, txn: adbapi.Transaction, rows: list[tuple[int, dict[str, str | None]]]
+    ) -> tuple[int, int]:
+        dbapi = self._database.dbapi
+        created = 0
+        # In serial order: concurrent imports then lock rows in the same
+        # order, which PostgreSQL would otherwise abort as a deadlock.
+        for index, (serial, changes) in sorted(enumerate(rows), key=lambda row: row[1][0]):
+            try:
+                _, new = self._txn_update_device(txn, serial, changes)
+            except (dbapi.IntegrityError, dbapi.DataError) as e:
+                reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                # Raising makes adbapi roll the whole import back.
+                raise ValueError(f"row {index}: the database refused it: {reason}") from e
+            created += new
+        return created, len(rows) - created
