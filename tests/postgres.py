@@ -15,7 +15,7 @@ import secrets
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import SkipTest, TestCase
 
-from oemrelay.registry import _url_without_password
+from oemrelay.registry_url import url_without_password
 
 POSTGRES_URL = os.environ.get(
     "OEMRELAY_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test"
@@ -41,7 +41,7 @@ async def fresh_schema_url(test: TestCase) -> str:
     except psycopg.OperationalError as e:
         reason = (str(e).strip().splitlines() or ["no reason given"])[0]
         message = (
-            f"PostgreSQL at {_url_without_password(POSTGRES_URL)} is not reachable"
+            f"PostgreSQL at {url_without_password(POSTGRES_URL)} is not reachable"
             f" ({reason}); set OEMRELAY_TEST_POSTGRES to a server's URL"
         )
         if os.environ.get("OEMRELAY_REQUIRE_POSTGRES") == "1":

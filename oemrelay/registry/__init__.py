@@ -23,7 +23,6 @@ from .database import (
     SCHEMA_VERSION,
     Database,
     RegistryError,
-    _url_without_password,  # noqa: F401  (tests/postgres.py uses it)
     check_postgresql_url,
     returns_deferred,
 )

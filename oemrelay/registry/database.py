@@ -16,11 +16,16 @@ import os
 from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ParamSpec, TypeVar
-from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
 from twisted.enterprise import adbapi
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
+
+from ..registry_url import (  # noqa: F401  (check_postgresql_url: part of this interface)
+    check_postgresql_url,
+    postgresql_pool_args,
+    url_without_password,
+)
 
 #: The schema version this code creates and understands.
 SCHEMA_VERSION = 1
@@ -144,52 +149,6 @@ def _format_paramstyle(sql: str) -> str:
     return sql.replace("%", "%%").replace("?", "%s")
 
 
-# -- URLs ----------------------------------------------------------------------
-
-
-def _url_without_password(url: str) -> str:
-    """``url`` with the password removed from its user part and its query."""
-    parts = urlsplit(url)
-    netloc = parts.netloc
-    if "@" in netloc:
-        userinfo, host = netloc.rsplit("@", 1)
-        netloc = userinfo.split(":", 1)[0] + "@" + host
-    query = parts.query
-    if query:
-        query = urlencode(
-            [
-                (key, value)
-                for key, value in parse_qsl(query, keep_blank_values=True)
-                if key not in ("password", "sslpassword")
-            ]
-        )
-    return urlunsplit(parts._replace(netloc=netloc, query=query))
-
-
-def _passwords(url: str) -> list[str]:
-    """The passwords in ``url`` (user part and query), raw and decoded."""
-    try:
-        parts = urlsplit(url)
-        found = [parts.password or ""]
-    except ValueError:
-        return []
-    for pair in parts.query.split("&"):
-        key, _, value = pair.partition("=")
-        if unquote(key) in ("password", "sslpassword"):
-            found.append(value)
-    found += [unquote(secret) for secret in found]
-    return sorted({secret for secret in found if secret}, key=len, reverse=True)
-
-
-def check_postgresql_url(url: str) -> None:
-    """
-    Check a ``postgresql://`` registry URL without connecting.
-
-    :raises ValueError: as :meth:`Database.from_url` would; one line, no password.
-    """
-    _postgresql_pool_args(url)
-
-
 def _sqlite_pool_args(path: str) -> tuple[tuple[Any, ...], dict[str, Any]]:
     def open_connection(connection: Any) -> None:
         # WAL: readers never wait for the writer; this sticks to the file.
@@ -206,26 +165,6 @@ def _sqlite_pool_args(path: str) -> tuple[tuple[Any, ...], dict[str, Any]]:
         "timeout": 10.0,
         "cp_openfun": open_connection,
     }
-
-
-def _postgresql_pool_args(url: str) -> tuple[tuple[Any, ...], dict[str, Any]]:
-    try:
-        from psycopg import ProgrammingError
-        from psycopg.conninfo import conninfo_to_dict
-    except ImportError:
-        raise ValueError(
-            "a postgresql:// registry needs the psycopg package (pip install 'psycopg[binary]')"
-        ) from None
-    try:
-        given = conninfo_to_dict(url)
-    except ProgrammingError as e:
-        reason = (str(e).strip().splitlines() or ["cannot parse it"])[0]
-        # libpq quotes the token it cannot parse, which may be the password.
-        for secret in _passwords(url):
-            reason = reason.replace(secret, "***")
-        raise ValueError(f"bad PostgreSQL URL {_url_without_password(url)}: {reason}") from None
-    defaults = {"connect_timeout": 10, "application_name": "oemrelay"}
-    return (url,), {k: v for k, v in defaults.items() if k not in given}
 
 
 # -- the database ----------------------------------------------------------------
@@ -287,10 +226,10 @@ class Database:
             dialect, url_for_logs = _SQLITE, f"sqlite:{path}"
             args, kwargs = _sqlite_pool_args(path)
         elif url.startswith(("postgresql://", "postgres://")):
-            dialect, url_for_logs = _POSTGRESQL, _url_without_password(url)
-            args, kwargs = _postgresql_pool_args(url)
+            dialect, url_for_logs = _POSTGRESQL, url_without_password(url)
+            args, kwargs = postgresql_pool_args(url)
         else:
-            shown = url if "@" not in url else _url_without_password(url)
+            shown = url if "@" not in url else url_without_password(url)
             raise ValueError(
                 f"registry URL {shown!r} is neither sqlite:PATH nor postgresql://..."
             )
