@@ -340,7 +340,10 @@ class SimulatedDevice:
             now = seconds_since_2013(self._clock.seconds())
             count = self._settings.records
             records = [
-                self._track.record(self._next_seq + i, now - (count - 1 - i) * LOG_INTERVAL)
+                # Logged every LOG_INTERVAL up to now; never before the 2013 epoch.
+                self._track.record(
+                    self._next_seq + i, max(0, now - (count - 1 - i) * LOG_INTERVAL)
+                )
                 for i in range(count)
             ]
             self._next_seq += count
