@@ -51,11 +51,15 @@ class CommandError(Exception):
     """A command cannot do what was asked; the message is one line."""
 
 
+class _UsageError(Exception):
+    """Bad arguments: the command name and the one-line reason."""
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse, but a usage mistake is one line, not the usage text."""
 
     def error(self, message: str):
-        self.exit(2, f"{self.prog}: {message}\n")
+        raise _UsageError(f"{self.prog}: {message}")
 
 
 def _positive_int(text: str) -> int:
@@ -509,7 +513,11 @@ def run(
     stdout = stdout or sys.stdout
     stderr = stderr or sys.stderr
     stdin = stdin or sys.stdin.buffer
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except _UsageError as error:
+        stderr.write(f"{error}\n")
+        return 2
     try:
         if args.command == "decode":
             return _decode(args, stdout, stdin)
