@@ -4,12 +4,14 @@ the relay's own CPU time per record.
 
 Starts an HTTP end server (a separate process answering 204), the relay
 (``twistd oemrelay``, http connector, SQLite registry in a temp dir) and, in
-this process, ``--devices`` simulated devices that each repeat hello-less
-upload rounds — two captured 0x04 messages (14 records) and a commit request,
-then wait for the commit answer — for ``--seconds``.  The relay's CPU time is
-read from /proc before and after.  Loopback only; bounded in count and time.
+this process, a fleet of ``--devices`` simulated devices (oemrelay.simulator,
+the same as ``oemrelay simulate``): each says hello once, then uploads
+``--records`` realistic records and a commit request and waits for the commit
+answer, again and again, for ``--seconds`` after a two-second warm-up.  The
+relay's CPU time is read from /proc before and after.  Loopback only; bounded
+in count and time.
 
-    python bench/bench_fleet.py [--devices 200] [--seconds 20]
+    python bench/bench_fleet.py [--devices 200] [--seconds 20] [--records 14]
 """
 
 from __future__ import annotations
@@ -26,18 +28,10 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, ".."))
 
-from twisted.internet import defer, protocol, reactor, task  # noqa: E402
+from twisted.internet import defer, reactor, task  # noqa: E402
 from twisted.internet.endpoints import TCP4ClientEndpoint  # noqa: E402
 
-from oemrelay.codec import COMMIT_REQUEST, COMMIT_SUCCESS, Hello  # noqa: E402
-from tests.vectors import capture  # noqa: E402
-
-RECORDS_PER_UPLOAD = 14
-UPLOAD = (
-    capture("data-0x04-12-records-2017-auckland")
-    + capture("data-0x04-2-records-2021-denmark")
-    + COMMIT_REQUEST
-)
+from oemrelay.simulator import DeviceSettings, Fleet, endpoint_connect, percentile  # noqa: E402
 
 SINK = textwrap.dedent(
     """
@@ -73,37 +67,7 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-class Device(protocol.Protocol):
-    """Sends upload after upload, each after the previous commit answer."""
-
-    def __init__(self, serial: int, stats: dict) -> None:
-        self.serial = serial
-        self.stats = stats
-        self.buffer = b""
-        self.greeted = False
-        self.running = True
-
-    def connectionMade(self) -> None:
-        hello = Hello(self.serial, "353323081669730", "89610185001824844630", 34, 2, 1, 9)
-        self.transport.write(hello.to_frame())
-
-    def dataReceived(self, data: bytes) -> None:
-        self.buffer += data
-        if not self.greeted and len(self.buffer) >= 13:
-            self.buffer = self.buffer[13:]
-            self.greeted = True
-            self.send_upload()
-        while COMMIT_SUCCESS in self.buffer:
-            self.buffer = self.buffer.replace(COMMIT_SUCCESS, b"", 1)
-            self.stats["records"] += RECORDS_PER_UPLOAD
-            self.send_upload()
-
-    def send_upload(self) -> None:
-        if self.running:
-            self.transport.write(UPLOAD)
-
-
-async def run(devices: int, seconds: float, workdir: str) -> None:
+async def run(devices: int, seconds: float, records: int, workdir: str) -> None:
     sink = subprocess.Popen(
         [sys.executable, "-c", SINK], stdout=subprocess.PIPE, text=True
     )
@@ -136,27 +100,33 @@ async def run(devices: int, seconds: float, workdir: str) -> None:
                     raise SystemExit("the relay did not start; see relay.log")
                 await task.deferLater(reactor, 0.2, lambda: None)
 
-        stats = {"records": 0}
-        fleet = []
-        for serial in range(devices):
-            endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", relay_port)
-            fleet.append(await endpoint.connect(protocol.Factory.forProtocol(
-                lambda serial=serial: Device(100000 + serial, stats))))
+        fleet = Fleet(
+            reactor,
+            endpoint_connect(lambda: TCP4ClientEndpoint(reactor, "127.0.0.1", relay_port)),
+            devices,
+            DeviceSettings(records=records, uploads=0, reply_timeout=30),
+        )
+        running = defer.Deferred.fromCoroutine(fleet.run())
         await task.deferLater(reactor, 2, lambda: None)  # warm up
-        records_before, cpu_before = stats["records"], cpu_seconds(relay.pid)
+        records_before, cpu_before = fleet.stats.records, cpu_seconds(relay.pid)
+        latencies_before = len(fleet.stats.latencies)
         started = time.monotonic()
         await task.deferLater(reactor, seconds, lambda: None)
         elapsed = time.monotonic() - started
-        records = stats["records"] - records_before
+        committed = fleet.stats.records - records_before
         cpu = cpu_seconds(relay.pid) - cpu_before
-        for device in fleet:
-            device.running = False
-            device.transport.loseConnection()
+        measured = fleet.stats.latencies[latencies_before:]
+        fleet.stop()
+        summary = await running
         print(f"devices               {devices}")
         print(f"seconds               {elapsed:.1f}")
-        print(f"records committed     {records}")
-        print(f"records/s             {records / elapsed:,.0f}")
-        print(f"relay CPU per record  {cpu / max(records, 1) * 1e6:.1f} µs")
+        print(f"records per upload    {records}")
+        print(f"records committed     {committed}")
+        print(f"records/s             {committed / elapsed:,.0f}")
+        print(f"withheld, reconnects  {summary['withheld']}, {summary['reconnects']}")
+        print(f"commit latency p50    {percentile(measured, 50) * 1000:.1f} ms")
+        print(f"commit latency p99    {percentile(measured, 99) * 1000:.1f} ms")
+        print(f"relay CPU per record  {cpu / max(committed, 1) * 1e6:.1f} µs")
         print(f"relay CPU use         {cpu / elapsed * 100:.0f}% of one core")
     finally:
         relay.terminate()
@@ -169,9 +139,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--devices", type=int, default=200)
     parser.add_argument("--seconds", type=float, default=20)
+    parser.add_argument("--records", type=int, default=14, help="records per upload")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as workdir:
-        done = defer.Deferred.fromCoroutine(run(args.devices, args.seconds, workdir))
+        done = defer.Deferred.fromCoroutine(run(args.devices, args.seconds, args.records, workdir))
         done.addErrback(lambda failure: print(failure.getTraceback()))
         done.addBoth(lambda _: reactor.stop())
         reactor.run()
