@@ -78,6 +78,8 @@ class State(Enum):
     COMMITTING = "committing"
     #: Due commands are being sent; frames other than 0x21 wait.
     ASYNC_SESSION = "async session"
+    #: Told to stop (SIGTERM) during a commit: its answer is awaited, then close.
+    DRAINING = "draining"
     CLOSED = "closed"
 
 
@@ -102,6 +104,7 @@ class Input(Enum):
     END_SERVER_LOST = "end server lost"
     PROTOCOL_ERROR = "protocol error"
     CONNECTION_LOST = "connection lost"
+    DRAIN = "drain"
 
 
 #: Every input a device frame becomes.
@@ -149,6 +152,7 @@ class DeviceChannel(TypingProtocol):
 
 
 _OPEN = tuple(state for state in State if state is not State.CLOSED)
+_NOT_COMMITTING = (State.AWAITING_HELLO, State.IDLE, State.ASYNC_SESSION)
 _NOT_HELLO = tuple(frame for frame in FRAMES if frame is not Input.HELLO)
 _NOT_ANSWER = tuple(frame for frame in FRAMES if frame is not Input.COMMAND_ANSWER)
 #: In a row's input column: every input no earlier row gave for that state.
@@ -172,11 +176,11 @@ class DeviceSession:
     # stays open; frame_received turns the error into PROTOCOL_ERROR.  A pair
     # missing from the table cannot happen; it raises KeyError.
     #
-    # Room for the next states: RETRYING is COMMITTING's own business (the
-    # connector retries inside commit_timeout); SPOOLED is DELIVERED fed once
-    # the spool has the upload; DRAINING (SIGTERM) is entered from COMMITTING
-    # on a DRAIN input, waits for DELIVERED / NOT_DELIVERED, answers and
-    # closes, while other states close on DRAIN at once.
+    # Room for the next states: retrying inside the commit window stays in
+    # COMMITTING (the connector retries while commit_timeout runs; only its
+    # final answer is an input); spooled is DELIVERED fed once the spool holds
+    # the upload durably.  DRAINING's grace period is commit_timeout, which
+    # bounds every delivery.
     _TABLE: tuple[_Row, ...] = (
         # state               input(s)              next state           outputs
         (State.AWAITING_HELLO, Input.HELLO,         State.OPENING,       ("_take_hello", "_open_route")),
@@ -196,6 +200,11 @@ class DeviceSession:
         (State.ASYNC_SESSION, _NOT_ANSWER,          State.ASYNC_SESSION, ("_wait",)),
         (State.ASYNC_SESSION, Input.COMMAND_ANSWER, State.ASYNC_SESSION, ("_answer_command",)),
         (State.ASYNC_SESSION, Input.ASYNC_DONE,     State.IDLE,          ("_complete_async", "_replay_waiting")),
+        (State.COMMITTING,    Input.DRAIN,          State.DRAINING,      ()),
+        (State.DRAINING,      FRAMES + (Input.DRAIN,), State.DRAINING,   ()),
+        (State.DRAINING,      Input.DELIVERED,      State.CLOSED,        ("_commit", "_close")),
+        (State.DRAINING,      Input.NOT_DELIVERED,  State.CLOSED,        ("_withhold", "_close")),
+        (_NOT_COMMITTING,     Input.DRAIN,          State.CLOSED,        ("_close",)),
         (_OPEN,               Input.END_SERVER_LOST, State.CLOSED,       ("_warn_end_server_lost", "_close")),
         (_OPEN,               Input.PROTOCOL_ERROR, State.CLOSED,        ("_warn_protocol_error", "_close")),
         (_OPEN,               Input.CONNECTION_LOST, State.CLOSED,       ("_log_disconnect", "_discard")),
@@ -287,6 +296,13 @@ class DeviceSession:
     def connection_lost(self) -> None:
         """The connection is gone; uncommitted records are the device's to resend."""
         self._input(Input.CONNECTION_LOST)
+
+    def drain(self) -> None:
+        """
+        Stop taking work (the relay is stopping): close now, or once the
+        commit under way is answered or withheld; frames meanwhile are dropped.
+        """
+        self._input(Input.DRAIN)
 
     def _end_server_lost(self, reason: str) -> None:
         self._input(Input.END_SERVER_LOST, reason)

@@ -701,8 +701,10 @@ class StateTableTests(SessionTestMixin, SynchronousTestCase):
     """The session's transition table itself."""
 
     def test_every_state_answers_device_and_link_inputs(self) -> None:
-        """Each state but OPENING has a row for every frame, a lost end server, a protocol error and a lost connection."""
-        external = FRAMES + (Input.END_SERVER_LOST, Input.PROTOCOL_ERROR, Input.CONNECTION_LOST)
+        """Each state but OPENING has a row for every frame, drain, a lost end server, a protocol error and a lost connection."""
+        external = FRAMES + (
+            Input.DRAIN, Input.END_SERVER_LOST, Input.PROTOCOL_ERROR, Input.CONNECTION_LOST
+        )
         transitions = session_module.DeviceSession._transitions
         for state in State:
             wanted = external if state is not State.OPENING else external[-3:]
@@ -740,6 +742,50 @@ class StateTableTests(SessionTestMixin, SynchronousTestCase):
             self.send(frame)
         self.assertEqual(self.take(), b"")
         self.assertEqual((link.deliveries, link.forwarded), ([], []))
+
+
+class DrainTests(SessionTestMixin, SynchronousTestCase):
+    """drain(): the relay stopping lets a commit under way finish, then closes."""
+
+    def test_idle_connection_closes_at_once(self) -> None:
+        """Draining an idle connection closes it and its link, gathered records uncommitted."""
+        link = self.greet()
+        self.send(DATA_2)
+        self.protocol.session.drain()
+        self.assertFalse(self.is_open)
+        self.assertEqual((link.deliveries, link.closed), ([], 1))
+
+    def test_commit_under_way_answered_then_closed(self) -> None:
+        """A commit under way when draining starts is answered once delivered, then the connection closes."""
+        link = self.greet()
+        self.send(DATA_2, COMMIT)
+        self.protocol.session.drain()
+        self.assertTrue(self.is_open)
+        self.assertEqual(self.transport.producerState, "paused")
+        link.answer().callback(None)
+        self.assertEqual(self.take(), COMMIT_OK)
+        self.assertFalse(self.is_open)
+        self.assertEqual(link.closed, 1)
+
+    def test_frames_while_draining_dropped(self) -> None:
+        """Frames read while draining are neither answered nor delivered, then or later."""
+        link = self.greet()
+        self.send(DATA_2, COMMIT, TIME_REQUEST)
+        self.protocol.session.drain()
+        self.send(DATA_12, COMMIT, VERSION_DATA)
+        link.answer().callback(None)
+        self.assertEqual(self.take(), COMMIT_OK)
+        self.assertEqual(len(link.deliveries), 1)
+
+    def test_commit_withheld_while_draining_closes(self) -> None:
+        """A commit timing out while draining is withheld: no 0x06, closed at commit_timeout."""
+        link = self.greet()
+        self.send(DATA_2, COMMIT)
+        self.protocol.session.drain()
+        self.clock.advance(COMMIT_TIMEOUT)
+        self.assertEqual(link.cancelled, [link.answer()])
+        self.assertEqual(self.take(), b"")
+        self.assert_closed_with_warning("129336", "commit_timeout")
 
 
 class StreamTests(SessionTestMixin, SynchronousTestCase):
