@@ -205,8 +205,8 @@ class DeviceSession:
         (State.DRAINING,      Input.DELIVERED,      State.CLOSED,        ("_commit", "_close")),
         (State.DRAINING,      Input.NOT_DELIVERED,  State.CLOSED,        ("_withhold", "_close")),
         (_NOT_COMMITTING,     Input.DRAIN,          State.CLOSED,        ("_close",)),
-        (_OPEN,               Input.END_SERVER_LOST, State.CLOSED,       ("_warn_end_server_lost", "_close")),
-        (_OPEN,               Input.PROTOCOL_ERROR, State.CLOSED,        ("_warn_protocol_error", "_close")),
+        (_OPEN,               Input.END_SERVER_LOST, State.CLOSED,       ("_warn_closing", "_close")),
+        (_OPEN,               Input.PROTOCOL_ERROR, State.CLOSED,        ("_warn_closing", "_close")),
         (_OPEN,               Input.CONNECTION_LOST, State.CLOSED,       ("_log_disconnect", "_discard")),
         # Closed: frames and late failures are dropped; late results tidy up.
         (State.CLOSED,        Input.DELIVERED,      State.CLOSED,        ("_log_late_delivery",)),
@@ -305,7 +305,7 @@ class DeviceSession:
         self._input(Input.DRAIN)
 
     def _end_server_lost(self, reason: str) -> None:
-        self._input(Input.END_SERVER_LOST, reason)
+        self._input(Input.END_SERVER_LOST, f"end server link lost: {reason}")
 
     # -- hello -----------------------------------------------------------------
 
@@ -576,17 +576,9 @@ class DeviceSession:
 
     # -- teardown ------------------------------------------------------------
 
-    def _warn_protocol_error(self, reason: str) -> None:
+    def _warn_closing(self, reason: str) -> None:
         log.warn(
-            "closing device connection from {peer}, serial {serial}: {reason}",
-            peer=self.peer,
-            serial=self.serial,
-            reason=reason,
-        )
-
-    def _warn_end_server_lost(self, reason: str) -> None:
-        log.warn(
-            "device {serial} from {peer}: closing, end server link lost: {reason}",
+            "device {serial} from {peer}: closing: {reason}",
             serial=self.serial,
             peer=self.peer,
             reason=reason,
