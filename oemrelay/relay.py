@@ -164,6 +164,7 @@ class Relay:
         *,
         node: str = "",
         clock: IReactorTime | None = None,
+        max_held_frames: int = MAX_HELD_FRAMES,
     ) -> None:
         if default_connector not in connectors:
             raise ValueError(f"no connector named {default_connector!r}")
@@ -172,6 +173,7 @@ class Relay:
         self.registry = registry or NoRegistry()
         self.node = node
         self._clock = clock
+        self.max_held_frames = max_held_frames
         self.presence = _Presence(self)
 
     def now(self) -> float:
@@ -364,7 +366,7 @@ class DeviceRoute:
     def forward(self, frame: Frame) -> None:
         """Pass a non-upload frame to every open link (held until the first opens)."""
         if self._held is not None:
-            if len(self._held) < MAX_HELD_FRAMES:
+            if len(self._held) < self._relay.max_held_frames:
                 self._held.append(frame)
             return
         for link in self._links.values():

@@ -3,9 +3,11 @@ One device connection: the protocol rules and the commit decision.
 
 :class:`DeviceSession` holds the rules (hello before anything else, canned
 replies, records gathered until a commit request, the commit answered only
-once the route confirmed delivery).  It reaches the network only through the
-narrow :class:`DeviceChannel` interface, so it is tested without sockets.
-:class:`DeviceProtocol` is the thin Twisted protocol that feeds it frames.
+once the route confirmed delivery) as one explicit state machine: a table of
+``(state, input) -> (next state, outputs)``.  It reaches the network only
+through the narrow :class:`DeviceChannel` interface, so it is tested without
+sockets.  :class:`DeviceProtocol` is the thin Twisted protocol that feeds it
+frames.
 
 While a commit is being delivered the session reads nothing further from the
 device: frames already received wait in order, and the transport is paused.
@@ -20,6 +22,8 @@ Other frames that arrive meanwhile wait, as during a commit.
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable, Iterable
+from enum import Enum
 from typing import Protocol as TypingProtocol
 
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError
@@ -56,11 +60,76 @@ log = Logger(namespace="oemrelay.session")
 
 #: Frames a device may send while a commit or an async session is under way
 #: before the relay stops reading from it.
-_MAX_WAITING_FRAMES = 32
+MAX_WAITING_FRAMES = 32
 
 #: The most record data one upload may hold.  Devices send about 1 KiB per
 #: message; a flash backlog of tens of thousands of records still fits.
 MAX_UNCOMMITTED_BYTES = 4 * 1024 * 1024
+
+
+class State(Enum):
+    """Where a device connection is."""
+
+    AWAITING_HELLO = "awaiting hello"
+    #: The hello's route is being opened (synchronously; a link may fail meanwhile).
+    OPENING = "opening"
+    IDLE = "idle"
+    #: An upload is being delivered; reading is paused, frames wait.
+    COMMITTING = "committing"
+    #: Due commands are being sent; frames other than 0x21 wait.
+    ASYNC_SESSION = "async session"
+    #: Told to stop (SIGTERM) during a commit: its answer is awaited, then close.
+    DRAINING = "draining"
+    CLOSED = "closed"
+
+
+class Input(Enum):
+    """What can happen to a device connection."""
+
+    # Frames from the device, by message type.
+    HELLO = "hello"
+    DATA = "data records"
+    COMMIT = "commit request"
+    EMPTY_COMMIT = "commit request, nothing pending"
+    VERSION = "version data"
+    TIME = "time request"
+    ASYNC_REQUEST = "async session request"
+    COMMAND_ANSWER = "async response"
+    OTHER = "other frame"
+    # Everything else.
+    ROUTE_OPENED = "route opened"
+    DELIVERED = "delivered"
+    NOT_DELIVERED = "not delivered"
+    ASYNC_DONE = "async session done"
+    END_SERVER_LOST = "end server lost"
+    PROTOCOL_ERROR = "protocol error"
+    CONNECTION_LOST = "connection lost"
+    DRAIN = "drain"
+
+
+#: Every input a device frame becomes.
+FRAMES = (
+    Input.HELLO,
+    Input.DATA,
+    Input.COMMIT,
+    Input.EMPTY_COMMIT,
+    Input.VERSION,
+    Input.TIME,
+    Input.ASYNC_REQUEST,
+    Input.COMMAND_ANSWER,
+    Input.OTHER,
+)
+
+_FRAME_INPUTS = {
+    MessageType.HELLO: Input.HELLO,
+    MessageType.DATA_RECORDS: Input.DATA,
+    MessageType.FIXED_RECORDS: Input.DATA,
+    MessageType.COMMIT_REQUEST: Input.COMMIT,
+    MessageType.VERSION_DATA: Input.VERSION,
+    MessageType.TIME_REQUEST: Input.TIME,
+    MessageType.ASYNC_SESSION_REQUEST: Input.ASYNC_REQUEST,
+    MessageType.ASYNC_RESPONSE: Input.COMMAND_ANSWER,
+}
 
 
 def _commit_timed_out(result: object, timeout: float) -> None:
@@ -82,8 +151,72 @@ class DeviceChannel(TypingProtocol):
     def resume(self) -> None: ...
 
 
+_OPEN = tuple(state for state in State if state is not State.CLOSED)
+_NOT_COMMITTING = (State.AWAITING_HELLO, State.IDLE, State.ASYNC_SESSION)
+_NOT_HELLO = tuple(frame for frame in FRAMES if frame is not Input.HELLO)
+_NOT_ANSWER = tuple(frame for frame in FRAMES if frame is not Input.COMMAND_ANSWER)
+#: In a row's input column: every input no earlier row gave for that state.
+_ANY_OTHER = tuple(Input)
+
+_Row = tuple[
+    "State | tuple[State, ...]", "Input | tuple[Input, ...]", State, tuple[str, ...]
+]
+
+
 class DeviceSession:
     """The protocol state of one device connection."""
+
+    # How to read the table: a row is (state, input, next state, outputs); a
+    # tuple in the first two columns stands for each of its members.  On an
+    # input the session enters the next state, then runs the outputs in order,
+    # each given the input's argument (a frame, an upload, a reason).  An
+    # output that feeds another input (a delivery accepted at once, a link
+    # lost while opening) comes last, so nothing of the old row runs after it.
+    # An output that raises ProtocolError (a bad payload) sits in a row that
+    # stays open; frame_received turns the error into PROTOCOL_ERROR.  A pair
+    # missing from the table cannot happen; it raises KeyError.
+    #
+    # Room for the next states: retrying inside the commit window stays in
+    # COMMITTING (the connector retries while commit_timeout runs; only its
+    # final answer is an input); spooled is DELIVERED fed once the spool holds
+    # the upload durably.  DRAINING's grace period is commit_timeout, which
+    # bounds every delivery.
+    _TABLE: tuple[_Row, ...] = (
+        # state               input(s)              next state           outputs
+        (State.AWAITING_HELLO, Input.HELLO,         State.OPENING,       ("_take_hello", "_open_route")),
+        (State.AWAITING_HELLO, _NOT_HELLO,          State.AWAITING_HELLO, ("_refuse_before_hello",)),
+        (State.OPENING,       Input.ROUTE_OPENED,   State.IDLE,          ("_keep_route", "_answer_hello")),
+        (State.IDLE,          Input.HELLO,          State.IDLE,          ("_hello_again",)),
+        (State.IDLE,          Input.DATA,           State.IDLE,          ("_keep",)),
+        (State.IDLE,          Input.COMMIT,         State.COMMITTING,    ("_pause", "_deliver")),
+        (State.IDLE,          Input.EMPTY_COMMIT,   State.IDLE,          ("_answer_commit",)),
+        (State.IDLE,          Input.VERSION,        State.IDLE,          ("_answer_version",)),
+        (State.IDLE,          Input.TIME,           State.IDLE,          ("_answer_time",)),
+        (State.IDLE,          Input.ASYNC_REQUEST,  State.ASYNC_SESSION, ("_start_async_session",)),
+        (State.IDLE,          (Input.COMMAND_ANSWER, Input.OTHER), State.IDLE, ("_forward",)),
+        (State.COMMITTING,    FRAMES,               State.COMMITTING,    ("_wait",)),
+        (State.COMMITTING,    Input.DELIVERED,      State.IDLE,          ("_commit", "_replay_waiting")),
+        (State.COMMITTING,    Input.NOT_DELIVERED,  State.CLOSED,        ("_withhold", "_close")),
+        (State.ASYNC_SESSION, _NOT_ANSWER,          State.ASYNC_SESSION, ("_wait",)),
+        (State.ASYNC_SESSION, Input.COMMAND_ANSWER, State.ASYNC_SESSION, ("_answer_command",)),
+        (State.ASYNC_SESSION, Input.ASYNC_DONE,     State.IDLE,          ("_complete_async", "_replay_waiting")),
+        (State.COMMITTING,    Input.DRAIN,          State.DRAINING,      ()),
+        (State.DRAINING,      FRAMES + (Input.DRAIN,), State.DRAINING,   ()),
+        (State.DRAINING,      Input.DELIVERED,      State.CLOSED,        ("_commit", "_close")),
+        (State.DRAINING,      Input.NOT_DELIVERED,  State.CLOSED,        ("_withhold", "_close")),
+        (_NOT_COMMITTING,     Input.DRAIN,          State.CLOSED,        ("_close",)),
+        (_OPEN,               Input.END_SERVER_LOST, State.CLOSED,       ("_warn_closing", "_close")),
+        (_OPEN,               Input.PROTOCOL_ERROR, State.CLOSED,        ("_warn_closing", "_close")),
+        (_OPEN,               Input.CONNECTION_LOST, State.CLOSED,       ("_log_disconnect", "_discard")),
+        # Closed: frames and late failures are dropped; late results tidy up.
+        (State.CLOSED,        Input.DELIVERED,      State.CLOSED,        ("_log_late_delivery",)),
+        (State.CLOSED,        Input.ROUTE_OPENED,   State.CLOSED,        ("_close_route",)),
+        (State.CLOSED,        Input.CONNECTION_LOST, State.CLOSED,       ("_log_disconnect",)),
+        (State.CLOSED,        _ANY_OTHER,           State.CLOSED,        ()),
+    )
+
+    #: The table compiled: state -> input -> (next state, output functions).
+    _transitions: dict[State, dict[Input, tuple[State, tuple[Callable, ...]]]]
 
     def __init__(
         self,
@@ -92,23 +225,34 @@ class DeviceSession:
         relay: Relay,
         clock: IReactorTime,
         commit_timeout: float,
+        *,
+        max_uncommitted_bytes: int = MAX_UNCOMMITTED_BYTES,
+        max_waiting_frames: int = MAX_WAITING_FRAMES,
     ) -> None:
         self.peer = peer
         self.hello: Hello | None = None
+        self._state = State.AWAITING_HELLO
         self._channel = channel
         self._relay = relay
         self._clock = clock
         self._commit_timeout = commit_timeout
+        self._max_uncommitted_bytes = max_uncommitted_bytes
+        self._max_waiting_frames = max_waiting_frames
         self._route: DeviceRoute | None = None
+        # The upload being gathered: frames since the last commit request.
         self._frames: list[Frame] = []
         self._records: list[Record] = []
         self._pending_bytes = 0
+        # Records received since the last commit the device was told of.
+        self._unconfirmed_records = 0
         self._waiting: deque[Frame] = deque()
-        # A commit or an async session is under way: other frames wait.
-        self._busy = False
         # The command id and the Deferred awaiting its 0x21, in an async session.
         self._awaited_response: tuple[int, Deferred[int]] | None = None
-        self._closed = False
+
+    @property
+    def state(self) -> State:
+        """Where the connection is (see the table above)."""
+        return self._state
 
     @property
     def serial(self) -> str:
@@ -120,115 +264,121 @@ class DeviceSession:
         """Records received since the last commit request."""
         return len(self._records)
 
+    @property
+    def unconfirmed_records(self) -> int:
+        """
+        Records the device still holds: received since its last successful
+        commit, including those of an upload in flight or withheld.
+        """
+        return self._unconfirmed_records
+
     # -- input ---------------------------------------------------------------
+
+    def _input(self, event: Input, argument: object = None) -> None:
+        self._state, outputs = self._transitions[self._state][event]
+        for output in outputs:
+            output(self, argument)
 
     def frame_received(self, frame: Frame) -> None:
         """Handle one frame now, or after the commit or async session under way."""
-        if self._closed:
-            return
+        event = _FRAME_INPUTS.get(frame.type, Input.OTHER)
+        if event is Input.COMMIT and not self._frames:
+            event = Input.EMPTY_COMMIT
         try:
-            if frame.type == MessageType.ASYNC_RESPONSE and self._awaited_response:
-                self._async_response(frame)
-            elif self._busy:
-                self._waiting.append(frame)
-                if len(self._waiting) > _MAX_WAITING_FRAMES:
-                    self._channel.pause()
-            else:
-                self._handle(frame)
+            self._input(event, frame)
         except ProtocolError as error:
-            self.protocol_error(str(error))
+            self._input(Input.PROTOCOL_ERROR, str(error))
 
     def protocol_error(self, reason: str) -> None:
         """The device broke the protocol: log it, drop its records, hang up."""
-        if self._closed:
-            return
-        log.warn(
-            "closing device connection from {peer}, serial {serial}: {reason}",
-            peer=self.peer,
-            serial=self.serial,
-            reason=reason,
-        )
-        self._close()
+        self._input(Input.PROTOCOL_ERROR, reason)
 
     def connection_lost(self) -> None:
         """The connection is gone; uncommitted records are the device's to resend."""
-        if self.hello is not None:
-            log.info(
-                "device {serial} from {peer} disconnected"
-                " ({uncommitted} uncommitted records left with the device)",
-                serial=self.serial,
-                peer=self.peer,
-                uncommitted=len(self._records),
-            )
-        self._closed = True
-        self._discard()
+        self._input(Input.CONNECTION_LOST)
 
-    # -- message rules -------------------------------------------------------
+    def drain(self) -> None:
+        """
+        Stop taking work (the relay is stopping): close now, or once the
+        commit under way is answered or withheld; frames meanwhile are dropped.
+        """
+        self._input(Input.DRAIN)
 
-    def _handle(self, frame: Frame) -> None:
-        message_type = frame.type
-        if message_type == MessageType.HELLO:
-            self._hello_received(parse_hello(frame.payload))
-            return
-        if self.hello is None:
-            raise ProtocolError(f"message type 0x{message_type:02x} before hello")
-        if message_type == MessageType.DATA_RECORDS:
-            self._keep(frame, parse_data_records(frame.payload))
-        elif message_type == MessageType.FIXED_RECORDS:
-            records = parse_fixed_records(frame.payload)
-            self._check_fixed_checksums(records)
-            self._keep(frame, records)
-        elif message_type == MessageType.COMMIT_REQUEST:
-            self._commit_requested()
-        elif message_type == MessageType.VERSION_DATA:
-            self._channel.send(VERSION_RESPONSE)
-        elif message_type == MessageType.ASYNC_SESSION_REQUEST:
-            self._start_async_session()
-        elif message_type == MessageType.TIME_REQUEST:
-            self._channel.send(time_response(self._clock.seconds()))
-        else:
-            # 0x26 (socket closing), stray 0x21, types we do not know: DM says
-            # unknown messages can be ignored; raw TCP end servers still see them.
-            if message_type != MessageType.SOCKET_CLOSE:
-                log.info(
-                    "device {serial} sent message type 0x{type:02x}; ignored"
-                    " (passed on to raw TCP end servers)",
-                    serial=self.serial,
-                    type=message_type,
-                )
-            self._route.forward(frame)
+    def _end_server_lost(self, reason: str) -> None:
+        self._input(Input.END_SERVER_LOST, f"end server link lost: {reason}")
 
-    def _hello_received(self, hello: Hello) -> None:
-        if self.hello is None:
-            self.hello = hello
-            log.info(
-                "device {serial} connected from {peer} (IMEI {imei}, FW {fw})",
-                serial=hello.serial,
-                peer=self.peer,
-                imei=hello.imei,
-                fw=hello.firmware,
-            )
-            self._route = self._relay.open_route(hello, self._end_server_lost)
-            if self._closed:
-                # A link failed while opening and closed the session before
-                # the route was stored: close the route, do not answer.
-                self._discard()
-                return
-        elif hello.serial != self.hello.serial:
-            raise ProtocolError(
-                f"second hello with another serial {hello.serial}"
-            )
+    # -- hello -----------------------------------------------------------------
+
+    def _take_hello(self, frame: Frame) -> None:
+        self.hello = hello = parse_hello(frame.payload)
+        log.info(
+            "device {serial} connected from {peer} (IMEI {imei}, FW {fw})",
+            serial=hello.serial,
+            peer=self.peer,
+            imei=hello.imei,
+            fw=hello.firmware,
+        )
+
+    def _open_route(self, _: object) -> None:
+        # A link failing while it opens feeds END_SERVER_LOST first.
+        route = self._relay.open_route(self.hello, self._end_server_lost)
+        self._input(Input.ROUTE_OPENED, route)
+
+    def _keep_route(self, route: DeviceRoute) -> None:
+        self._route = route
+
+    def _close_route(self, route: DeviceRoute) -> None:
+        route.close()
+
+    def _answer_hello(self, _: object) -> None:
+        self._channel.send(hello_response(self.hello, self._clock.seconds()))
+
+    def _hello_again(self, frame: Frame) -> None:
+        hello = parse_hello(frame.payload)
+        if hello.serial != self.hello.serial:
+            raise ProtocolError(f"second hello with another serial {hello.serial}")
         self._channel.send(hello_response(hello, self._clock.seconds()))
 
-    def _keep(self, frame: Frame, records: list[Record]) -> None:
+    def _refuse_before_hello(self, frame: Frame) -> None:
+        raise ProtocolError(f"message type 0x{frame.type:02x} before hello")
+
+    # -- canned replies and passed-on frames ------------------------------------
+
+    def _answer_version(self, _: object) -> None:
+        self._channel.send(VERSION_RESPONSE)
+
+    def _answer_time(self, _: object) -> None:
+        self._channel.send(time_response(self._clock.seconds()))
+
+    def _forward(self, frame: Frame) -> None:
+        # 0x26 (socket closing), stray 0x21, types we do not know: DM says
+        # unknown messages can be ignored; raw TCP end servers still see them.
+        if frame.type != MessageType.SOCKET_CLOSE:
+            log.info(
+                "device {serial} sent message type 0x{type:02x}; ignored"
+                " (passed on to raw TCP end servers)",
+                serial=self.serial,
+                type=frame.type,
+            )
+        self._route.forward(frame)
+
+    # -- records and commit ------------------------------------------------------
+
+    def _keep(self, frame: Frame) -> None:
+        if frame.type == MessageType.FIXED_RECORDS:
+            records = parse_fixed_records(frame.payload)
+            self._check_fixed_checksums(records)
+        else:
+            records = parse_data_records(frame.payload)
         self._pending_bytes += len(frame.payload)
-        if self._pending_bytes > MAX_UNCOMMITTED_BYTES:
+        if self._pending_bytes > self._max_uncommitted_bytes:
             raise ProtocolError(
-                f"more than {MAX_UNCOMMITTED_BYTES} bytes of records without a"
-                " commit request"
+                f"more than {self._max_uncommitted_bytes} bytes of records without"
+                " a commit request"
             )
         self._frames.append(frame)
         self._records.extend(records)
+        self._unconfirmed_records += len(records)
 
     def _check_fixed_checksums(self, records: list[Record]) -> None:
         for record in records:
@@ -244,21 +394,18 @@ class DeviceSession:
                     index=record.seq,
                 )
 
-    # -- commit --------------------------------------------------------------
+    def _pause(self, _: object) -> None:
+        self._channel.pause()
 
-    def _commit_requested(self) -> None:
-        if not self._frames:
-            self._channel.send(COMMIT_SUCCESS)
-            return
+    def _deliver(self, _: object) -> None:
         upload = Upload(
             self.hello,
             tuple(self._frames),
             tuple(self._records),
             self._clock.seconds(),
         )
+        # The byte budget is per upload: a long-lived connection starts afresh.
         self._frames, self._records, self._pending_bytes = [], [], 0
-        self._busy = True
-        self._channel.pause()
         delivery = Deferred.fromCoroutine(self._route.deliver(upload))
         delivery.addTimeout(self._commit_timeout, self._clock, _commit_timed_out)
         delivery.addCallbacks(
@@ -269,28 +416,9 @@ class DeviceSession:
         )
 
     def _delivered(self, _: object, upload: Upload) -> None:
-        if self._closed:
-            log.info(
-                "device {serial}: {count} records delivered after the device"
-                " left; it will send them again",
-                serial=self.serial,
-                count=len(upload.records),
-            )
-            return
-        self._channel.send(COMMIT_SUCCESS)
-        # No log line per commit: twistd logs every level, and commits are
-        # the hot path; the registry counts them.
-        self._route.committed(upload)
-        self._not_busy()
-
-    def _not_busy(self) -> None:
-        self._busy = False
-        self._channel.resume()
-        while self._waiting and not self._busy and not self._closed:
-            self.frame_received(self._waiting.popleft())
+        self._input(Input.DELIVERED, upload)
 
     def _not_delivered(self, failure: Failure, upload: Upload) -> None:
-        self._busy = False
         if failure.check(TimeoutError, CancelledError):
             reason = f"not confirmed within commit_timeout {self._commit_timeout:g}s"
         elif failure.check(DeliveryFailed):
@@ -300,8 +428,20 @@ class DeviceSession:
                 "bug delivering for device {serial}", failure, serial=self.serial
             )
             reason = describe_failure(failure)
-        if self._closed:
-            return
+        self._input(Input.NOT_DELIVERED, (upload, reason))
+
+    def _answer_commit(self, _: object) -> None:
+        self._channel.send(COMMIT_SUCCESS)
+
+    def _commit(self, upload: Upload) -> None:
+        self._channel.send(COMMIT_SUCCESS)
+        self._unconfirmed_records -= len(upload.records)
+        # No log line per commit: twistd logs every level, and commits are
+        # the hot path; the registry counts them.
+        self._route.committed(upload)
+
+    def _withhold(self, upload_and_reason: tuple[Upload, str]) -> None:
+        upload, reason = upload_and_reason
         self._route.withheld(upload, reason)
         log.warn(
             "device {serial} from {peer}: commit of {count} records withheld,"
@@ -311,15 +451,35 @@ class DeviceSession:
             count=len(upload.records),
             reason=reason,
         )
-        self._close()
+
+    def _log_late_delivery(self, upload: Upload) -> None:
+        log.info(
+            "device {serial}: {count} records delivered after the device"
+            " left; it will send them again",
+            serial=self.serial,
+            count=len(upload.records),
+        )
+
+    # -- frames waiting for a commit or an async session --------------------------
+
+    def _wait(self, frame: Frame) -> None:
+        self._waiting.append(frame)
+        if len(self._waiting) > self._max_waiting_frames:
+            self._channel.pause()
+
+    def _replay_waiting(self, _: object) -> None:
+        self._channel.resume()
+        # A replayed commit or async request leaves IDLE: the rest waits again.
+        while self._waiting and self._state is State.IDLE:
+            self.frame_received(self._waiting.popleft())
 
     # -- async session (commands) ---------------------------------------------
 
-    def _start_async_session(self) -> None:
-        self._busy = True
+    def _start_async_session(self, _: object) -> None:
         session = Deferred.fromCoroutine(self._send_due_commands())
-        session.addErrback(self._async_session_failed)
-        session.addCallback(lambda _: self._not_busy())
+        session.addCallbacks(
+            lambda _: self._input(Input.ASYNC_DONE), self._async_session_failed
+        )
 
     async def _send_due_commands(self) -> None:
         try:
@@ -334,8 +494,10 @@ class DeviceSession:
             )
             commands = []
         route = self._route  # still there to record results once closed
+        # The registry calls below outlive the connection; the session's state
+        # after each says whether to carry on.
         for command in commands:
-            if self._closed:
+            if self._state is State.CLOSED:
                 return
             try:
                 sent = await route.command_sent(command.id).addTimeout(
@@ -349,10 +511,10 @@ class DeviceSession:
                     id=command.id,
                     reason=" ".join(str(error).split()),
                 )
-                break
+                return
             if sent is None:
                 continue  # taken by another relay, or expired, meanwhile
-            if self._closed:
+            if self._state is State.CLOSED:
                 # Marked sent, never written: back in the queue for next time.
                 route.command_result(command.id, AsyncStatus.RETRY_LATER)
                 return
@@ -371,10 +533,10 @@ class DeviceSession:
                     id=command.id,
                     seconds=self._commit_timeout,
                 )
-                break
+                return
             finally:
                 self._awaited_response = None
-            self._route.command_result(command.id, status)
+            route.command_result(command.id, status)
             log.info(
                 "device {serial}: command {id} ({type}) answered with status {status}",
                 serial=self.serial,
@@ -382,10 +544,12 @@ class DeviceSession:
                 type=command.type,
                 status=status,
             )
-        if not self._closed:
-            self._channel.send(ASYNC_SESSION_COMPLETE)
 
-    def _async_response(self, frame: Frame) -> None:
+    def _answer_command(self, frame: Frame) -> None:
+        if self._awaited_response is None:
+            # No command out yet (the registry is being asked): wait with the rest.
+            self._wait(frame)
+            return
         message_id, status = parse_async_response(frame.payload)
         expected, answer = self._awaited_response
         if message_id != expected:
@@ -399,34 +563,42 @@ class DeviceSession:
             return
         answer.callback(status)
 
+    def _complete_async(self, _: object) -> None:
+        self._channel.send(ASYNC_SESSION_COMPLETE)
+
     def _async_session_failed(self, failure: Failure) -> None:
+        # CancelledError: the connection closed while a command awaited its answer.
         if not failure.check(CancelledError):
             log.failure(
                 "bug in the async session of device {serial}", failure, serial=self.serial
             )
-            self._close()
+            self._input(Input.PROTOCOL_ERROR, "internal error in the async session")
 
-    def _end_server_lost(self, reason: str) -> None:
-        if self._closed:
-            return
+    # -- teardown ------------------------------------------------------------
+
+    def _warn_closing(self, reason: str) -> None:
         log.warn(
-            "device {serial} from {peer}: closing, end server link lost: {reason}",
+            "device {serial} from {peer}: closing: {reason}",
             serial=self.serial,
             peer=self.peer,
             reason=reason,
         )
-        self._close()
 
-    # -- teardown ------------------------------------------------------------
+    def _log_disconnect(self, _: object) -> None:
+        if self.hello is not None:
+            log.info(
+                "device {serial} from {peer} disconnected"
+                " ({uncommitted} uncommitted records left with the device)",
+                serial=self.serial,
+                peer=self.peer,
+                uncommitted=self._unconfirmed_records,
+            )
 
-    def _close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        self._discard()
+    def _close(self, _: object) -> None:
+        self._discard(None)
         self._channel.close()
 
-    def _discard(self) -> None:
+    def _discard(self, _: object) -> None:
         self._frames, self._records, self._pending_bytes = [], [], 0
         self._waiting.clear()
         if self._awaited_response is not None:
@@ -434,6 +606,28 @@ class DeviceSession:
         if self._route is not None:
             route, self._route = self._route, None
             route.close()
+
+
+def _compile(
+    rows: Iterable[_Row], owner: type
+) -> dict[State, dict[Input, tuple[State, tuple[Callable, ...]]]]:
+    """The transition table as nested dicts, its outputs as functions of ``owner``."""
+    transitions: dict[State, dict[Input, tuple[State, tuple[Callable, ...]]]] = {
+        state: {} for state in State
+    }
+    for states, inputs, next_state, outputs in rows:
+        functions = tuple(getattr(owner, name) for name in outputs)
+        for state in states if isinstance(states, tuple) else (states,):
+            for event in inputs if isinstance(inputs, tuple) else (inputs,):
+                if event in transitions[state]:
+                    if inputs is _ANY_OTHER:
+                        continue
+                    raise ValueError(f"two rows for {state} on {event}")
+                transitions[state][event] = (next_state, functions)
+    return transitions
+
+
+DeviceSession._transitions = _compile(DeviceSession._TABLE, DeviceSession)
 
 
 class DeviceProtocol(Protocol, TimeoutMixin):
@@ -455,6 +649,8 @@ class DeviceProtocol(Protocol, TimeoutMixin):
             self._factory.relay,
             self._factory.clock,
             self._factory.commit_timeout,
+            max_uncommitted_bytes=self._factory.max_uncommitted_bytes,
+            max_waiting_frames=self._factory.max_waiting_frames,
         )
         self.setTimeout(self._factory.idle_timeout)
 
@@ -510,12 +706,16 @@ class DeviceFactory(Factory):
         commit_timeout: float,
         idle_timeout: float,
         max_message: int,
+        max_uncommitted_bytes: int = MAX_UNCOMMITTED_BYTES,
+        max_waiting_frames: int = MAX_WAITING_FRAMES,
     ) -> None:
         self.relay = relay
         self.clock = clock
         self.commit_timeout = commit_timeout
         self.idle_timeout = idle_timeout
         self.max_message = max_message
+        self.max_uncommitted_bytes = max_uncommitted_bytes
+        self.max_waiting_frames = max_waiting_frames
 
     def buildProtocol(self, addr: object) -> DeviceProtocol:
         return DeviceProtocol(self)

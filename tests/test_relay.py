@@ -60,8 +60,8 @@ class RouteTestMixin:
         self.other = FakeConnector("other")
         self.lost: list[str] = []
 
-    def route(self, profiles: FakeProfiles | None = None) -> DeviceRoute:
-        relay = Relay({"main": self.main, "other": self.other}, "main", profiles)
+    def route(self, profiles: FakeProfiles | None = None, **options: int) -> DeviceRoute:
+        relay = Relay({"main": self.main, "other": self.other}, "main", profiles, **options)
         return relay.open_route(HELLO, self.lost.append)
 
 
@@ -249,6 +249,16 @@ class ForwardCloseTests(RouteTestMixin, SynchronousTestCase):
         self.assertEqual(self.other.links[0].forwarded, frames[:MAX_HELD_FRAMES])
         route.forward(frames[0])
         self.assertEqual(self.other.links[0].forwarded[-1], frames[0])
+
+    def test_held_frames_limit_is_the_relays(self) -> None:
+        """A relay made with max_held_frames=3 holds exactly three frames for a link not yet open."""
+        profiles = FakeProfiles()
+        route = self.route(profiles, max_held_frames=3)
+        frames = [Frame(0x7E, bytes([i])) for i in range(4)]
+        for frame in frames:
+            route.forward(frame)
+        profiles.pending[0].callback(DeviceProfile(connector="other"))
+        self.assertEqual(self.other.links[0].forwarded, frames[:3])
 
     def test_nothing_opened_ahead_while_profile_unknown(self) -> None:
         """No link opens until the profile lookup answers; a failed lookup opens none."""

@@ -22,6 +22,7 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from oemrelay import session as session_module
+from oemrelay.session import FRAMES, Input, State
 from oemrelay.codec import (
     EPOCH_2013,
     MAX_PAYLOAD,
@@ -93,14 +94,19 @@ class SessionTestMixin:
         self.clock.advance(NOW)
         self.connector = FakeConnector()
         self.relay = self.make_relay()
+        self.events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        self.connect_with()
+
+    def connect_with(self, **limits: int) -> None:
+        """Connect afresh to a factory given ``limits`` (max_uncommitted_bytes, ...)."""
         self.factory = DeviceFactory(
             self.relay,
             self.clock,
             commit_timeout=COMMIT_TIMEOUT,
             idle_timeout=IDLE_TIMEOUT,
             max_message=self.max_message,
+            **limits,
         )
-        self.events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
         self.protocol, self.transport = self.connect()
 
     def make_relay(self) -> Relay:
@@ -521,8 +527,8 @@ class BadInputTests(SessionTestMixin, SynchronousTestCase):
         self.assertEqual(len(self.warnings()), 1)
 
     def test_too_much_data_without_commit_closes(self) -> None:
-        """Record data beyond MAX_UNCOMMITTED_BYTES without a commit closes the connection, committing nothing."""
-        self.patch(session_module, "MAX_UNCOMMITTED_BYTES", 300)
+        """Record data beyond max_uncommitted_bytes without a commit closes the connection, committing nothing."""
+        self.connect_with(max_uncommitted_bytes=300)
         link = self.greet()
         self.send(DATA_2, DATA_2)
         self.assertTrue(self.is_open)
@@ -596,6 +602,190 @@ class BadInputTests(SessionTestMixin, SynchronousTestCase):
         self.send(b"\x02\x56")
         self.assertFalse(self.is_open)
         self.assertEqual(self.clock.getDelayedCalls(), [])
+
+
+class LimitTests(SessionTestMixin, SynchronousTestCase):
+    """The per-connection limits given to the factory, at their boundaries."""
+
+    def test_budget_restarts_after_each_commit(self) -> None:
+        """With a budget of two messages, five upload-commit rounds on one connection all commit."""
+        self.connect_with(max_uncommitted_bytes=2 * len(payload(DATA_2)))
+        link = self.greet()
+        for round_number in range(5):
+            self.send(DATA_2, DATA_2, COMMIT)
+            link.answer().callback(None)
+            self.assertEqual(self.take(), COMMIT_OK, f"round {round_number}")
+        self.assertTrue(self.is_open)
+        self.assertEqual([len(upload.records) for upload in link.uploads], [4] * 5)
+
+    def test_budget_exactly_filled_accepted(self) -> None:
+        """Record data exactly at max_uncommitted_bytes is accepted and committed."""
+        self.connect_with(max_uncommitted_bytes=2 * len(payload(DATA_2)))
+        link = self.greet()
+        self.send(DATA_2, DATA_2, COMMIT)
+        self.assertTrue(self.is_open)
+        self.assertEqual(len(link.uploads), 1)
+
+    def test_budget_one_byte_over_closes(self) -> None:
+        """Record data one byte beyond max_uncommitted_bytes closes the connection."""
+        self.connect_with(max_uncommitted_bytes=2 * len(payload(DATA_2)) - 1)
+        link = self.greet()
+        self.send(DATA_2)
+        self.assertTrue(self.is_open)
+        self.send(DATA_2)
+        self.assert_closed_with_warning("129336", str(2 * len(payload(DATA_2)) - 1))
+        self.assertEqual(link.deliveries, [])
+
+    def test_waiting_frames_limit_pauses_past_it(self) -> None:
+        """With max_waiting_frames=3, reading stops at the fourth waiting frame, not the third."""
+        self.connect_with(max_waiting_frames=3)
+        self.greet()
+        self.hold_in_async_session()
+        self.send(TIME_REQUEST * 3)
+        self.assertEqual(self.transport.producerState, "producing")
+        self.send(TIME_REQUEST)
+        self.assertEqual(self.transport.producerState, "paused")
+
+    def hold_in_async_session(self) -> None:
+        """Hold the relay in an async session: the registry's due_commands never answers."""
+        self.relay.registry.due_commands = lambda serial, now: Deferred()
+        self.send(ASYNC_REQUEST)
+        self.assertEqual(self.protocol.session.state, State.ASYNC_SESSION)
+
+
+class UnconfirmedRecordTests(SessionTestMixin, SynchronousTestCase):
+    """The disconnect line counts the records the device still holds."""
+
+    def left_with_device(self) -> int:
+        """The ``uncommitted`` field of the one disconnect event logged."""
+        [event] = [e for e in self.events if "disconnected" in e.get("log_format", "")]
+        return event["uncommitted"]
+
+    def test_withheld_upload_counted(self) -> None:
+        """After a withheld commit of 2 records the disconnect line says 2 are left."""
+        link = self.greet()
+        self.send(DATA_2, COMMIT)
+        link.answer().errback(DeliveryFailed("connector main: refused"))
+        self.assertEqual(self.left_with_device(), 2)
+
+    def test_upload_in_flight_counted(self) -> None:
+        """A device leaving while its upload of 2 is delivered leaves 2 with the device."""
+        self.greet()
+        self.send(DATA_2, COMMIT)
+        self.transport.loseConnection()
+        self.assertEqual(self.left_with_device(), 2)
+
+    def test_committed_records_not_counted(self) -> None:
+        """Only records after the last successful commit count: 12, not 14."""
+        link = self.greet()
+        self.send(DATA_2, COMMIT)
+        link.answer().callback(None)
+        self.send(DATA_12)
+        self.transport.loseConnection()
+        self.assertEqual(self.left_with_device(), 12)
+
+    def test_in_flight_and_gathered_counted(self) -> None:
+        """An upload in flight and records gathered meanwhile count together."""
+        link = self.greet()
+        self.send(DATA_2, COMMIT)
+        self.assertEqual(self.protocol.session.unconfirmed_records, 2)
+        link.answer().callback(None)
+        self.assertEqual(self.protocol.session.unconfirmed_records, 0)
+        self.send(DATA_12, COMMIT)
+        self.transport.loseConnection()
+        link.answer().callback(None)
+        self.assertEqual(self.left_with_device(), 12)
+
+
+class StateTableTests(SessionTestMixin, SynchronousTestCase):
+    """The session's transition table itself."""
+
+    def test_every_state_answers_device_and_link_inputs(self) -> None:
+        """Each state but OPENING has a row for every frame, drain, a lost end server, a protocol error and a lost connection."""
+        external = FRAMES + (
+            Input.DRAIN, Input.END_SERVER_LOST, Input.PROTOCOL_ERROR, Input.CONNECTION_LOST
+        )
+        transitions = session_module.DeviceSession._transitions
+        for state in State:
+            wanted = external if state is not State.OPENING else external[-3:]
+            missing = [event for event in wanted if event not in transitions[state]]
+            self.assertEqual(missing, [], state)
+
+    def test_two_rows_for_one_pair_refused(self) -> None:
+        """A table giving one state and input twice is refused when compiled."""
+        row = (State.IDLE, Input.TIME, State.IDLE, ("_answer_time",))
+        with self.assertRaises(ValueError):
+            session_module._compile((row, row), session_module.DeviceSession)
+
+    def test_states_through_a_commit(self) -> None:
+        """A session goes awaiting hello, idle, committing, idle, closed."""
+        session = self.protocol.session
+        seen = [session.state]
+        link = self.greet()
+        seen.append(session.state)
+        self.send(DATA_2, COMMIT)
+        seen.append(session.state)
+        link.answer().callback(None)
+        seen.append(session.state)
+        self.transport.loseConnection()
+        seen.append(session.state)
+        self.assertEqual(
+            seen,
+            [State.AWAITING_HELLO, State.IDLE, State.COMMITTING, State.IDLE, State.CLOSED],
+        )
+
+    def test_closed_session_ignores_every_frame(self) -> None:
+        """Once closed, no frame gets an answer or reaches the link."""
+        link = self.greet()
+        self.protocol.session.protocol_error("test")
+        for frame in (DART_HELLO, DATA_2, COMMIT, VERSION_DATA, TIME_REQUEST, ASYNC_REQUEST, SOCKET_CLOSE):
+            self.send(frame)
+        self.assertEqual(self.take(), b"")
+        self.assertEqual((link.deliveries, link.forwarded), ([], []))
+
+
+class DrainTests(SessionTestMixin, SynchronousTestCase):
+    """drain(): the relay stopping lets a commit under way finish, then closes."""
+
+    def test_idle_connection_closes_at_once(self) -> None:
+        """Draining an idle connection closes it and its link, gathered records uncommitted."""
+        link = self.greet()
+        self.send(DATA_2)
+        self.protocol.session.drain()
+        self.assertFalse(self.is_open)
+        self.assertEqual((link.deliveries, link.closed), ([], 1))
+
+    def test_commit_under_way_answered_then_closed(self) -> None:
+        """A commit under way when draining starts is answered once delivered, then the connection closes."""
+        link = self.greet()
+        self.send(DATA_2, COMMIT)
+        self.protocol.session.drain()
+        self.assertTrue(self.is_open)
+        self.assertEqual(self.transport.producerState, "paused")
+        link.answer().callback(None)
+        self.assertEqual(self.take(), COMMIT_OK)
+        self.assertFalse(self.is_open)
+        self.assertEqual(link.closed, 1)
+
+    def test_frames_while_draining_dropped(self) -> None:
+        """Frames read while draining are neither answered nor delivered, then or later."""
+        link = self.greet()
+        self.send(DATA_2, COMMIT, TIME_REQUEST)
+        self.protocol.session.drain()
+        self.send(DATA_12, COMMIT, VERSION_DATA)
+        link.answer().callback(None)
+        self.assertEqual(self.take(), COMMIT_OK)
+        self.assertEqual(len(link.deliveries), 1)
+
+    def test_commit_withheld_while_draining_closes(self) -> None:
+        """A commit timing out while draining is withheld: no 0x06, closed at commit_timeout."""
+        link = self.greet()
+        self.send(DATA_2, COMMIT)
+        self.protocol.session.drain()
+        self.clock.advance(COMMIT_TIMEOUT)
+        self.assertEqual(link.cancelled, [link.answer()])
+        self.assertEqual(self.take(), b"")
+        self.assert_closed_with_warning("129336", "commit_timeout")
 
 
 class StreamTests(SessionTestMixin, SynchronousTestCase):
