@@ -640,11 +640,9 @@ class DeviceProtocol(Protocol, TimeoutMixin):
         self.callLater = factory.clock.callLater
 
     def connectionMade(self) -> None:
-        peer = self.transport.getPeer()
-        host = getattr(peer, "host", str(peer))
-        port = getattr(peer, "port", None)
+        self._peer_final = False
         self.session = DeviceSession(
-            f"{host}:{port}" if port is not None else host,
+            self._peer_text(),
             self,
             self._factory.relay,
             self._factory.clock,
@@ -654,7 +652,18 @@ class DeviceProtocol(Protocol, TimeoutMixin):
         )
         self.setTimeout(self._factory.idle_timeout)
 
+    def _peer_text(self) -> str:
+        peer = self.transport.getPeer()
+        host = getattr(peer, "host", str(peer))
+        port = getattr(peer, "port", None)
+        return f"{host}:{port}" if port is not None else host
+
     def dataReceived(self, data: bytes) -> None:
+        if not self._peer_final:
+            # Behind haproxy: the PROXY header is parsed before the first
+            # bytes reach us, so only now does getPeer() give the device.
+            self.session.peer = self._peer_text()
+            self._peer_final = True
         self.resetTimeout()
         try:
             frames = self._decoder.feed(data)

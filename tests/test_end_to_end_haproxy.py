@@ -234,8 +234,3 @@ class HAProxyEndToEndTests(_RegistryTestCase):
         logged = re.findall(rb"device %d connected from (\S+) " % DART_SERIAL, relay.daemon.output)
         self.assertEqual(logged, [f"{own.host}:{own.port}".encode()])
         await self.assert_secrets_not_logged()
-
-    test_relay_logs_the_device_address_not_haproxys.todo = (  # type: ignore[attr-defined]
-        "oemrelay.session.DeviceProtocol reads getPeer() in connectionMade, before"
-        " Twisted's PROXY wrapper has parsed the header: it logs HAProxy's address"
-    )

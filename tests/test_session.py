@@ -170,6 +170,15 @@ class HelloTests(SessionTestMixin, SynchronousTestCase):
         self.assertEqual(self.take(), HELLO_RESPONSE_AT_NOW)
         self.assertTrue(self.is_open)
 
+    def test_peer_read_again_when_the_first_bytes_arrive(self) -> None:
+        """The peer is the address known at the first bytes (a PROXY header parsed by then), not at connect."""
+        self.transport.peerAddr = IPv4Address("TCP", "203.0.113.9", 5555)
+        self.send(DART_HELLO)
+        self.assertEqual(self.protocol.session.peer, "203.0.113.9:5555")
+        self.transport.peerAddr = PEER
+        self.send(DART_HELLO)
+        self.assertEqual(self.protocol.session.peer, "203.0.113.9:5555")
+
     def test_hello_response_follows_the_clock(self) -> None:
         """The hello response time is the clock's time when the hello arrives."""
         self.clock.advance(300)
