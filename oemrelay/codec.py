@@ -397,12 +397,14 @@ class Analogues:
             return None
         values = tuple(item.iter_unpack(data[:whole] if whole < len(data) else data))
         if field_id == 6:
-            values = tuple(
-                (number, value - 0x10000)
-                if number == SIGNED_ANALOGUE and value >= 0x8000
-                else (number, value)
-                for number, value in values
-            )
+            for number, value in values:
+                if value >= 0x8000 and number == SIGNED_ANALOGUE:
+                    # Rare, so the common case keeps unpack's own tuples.
+                    values = tuple(
+                        (n, v - 0x10000 if n == SIGNED_ANALOGUE and v >= 0x8000 else v)
+                        for n, v in values
+                    )
+                    break
         return cls(field_id, values, bytes(data[whole:]))
 
     def to_bytes(self) -> bytes:
