@@ -259,8 +259,11 @@ def time_response(unix_time: float) -> bytes:
 
 # -- record fields -----------------------------------------------------------
 #
-# Each field type knows its binary form.  A known field id whose length does
-# not fit its layout is kept as a RawField, so no byte is ever lost.
+# Each field type knows its binary form.  A field longer than its layout is
+# decoded from its first bytes, as traccar's binary decoder does, and keeps the
+# rest in ``extra`` (newer firmware appends bytes); a known field id shorter
+# than its layout becomes a ShortField, an unknown id a RawField.  No byte is
+# ever lost: ``to_bytes`` gives back exactly what the device sent.
 
 
 class _PackedField:
@@ -271,13 +274,17 @@ class _PackedField:
 
     @classmethod
     def from_bytes(cls, data: bytes):
-        """The field, or None if ``data`` does not have the layout's size."""
-        if len(data) != cls._LAYOUT.size:
-            return None
-        return cls(*cls._LAYOUT.unpack(data))
+        """The field, or None if ``data`` is shorter than the layout."""
+        size = cls._LAYOUT.size
+        if len(data) == size:
+            return cls(*cls._LAYOUT.unpack(data))
+        if len(data) > size:
+            return cls(*cls._LAYOUT.unpack_from(data), extra=data[size:])
+        return None
 
     def to_bytes(self) -> bytes:
-        return self._LAYOUT.pack(*(getattr(self, f.name) for f in dataclass_fields(self)))
+        values = (getattr(self, f.name) for f in dataclass_fields(self) if f.name != "extra")
+        return self._LAYOUT.pack(*values) + self.extra
 
 
 @dataclass(frozen=True, slots=True)
@@ -297,6 +304,8 @@ class GpsFix(_PackedField):
     pdop: int
     position_accuracy: int
     status: int
+    #: Bytes after the 21-byte layout (newer firmware), kept as sent.
+    extra: bytes = b""
 
 
 @dataclass(frozen=True, slots=True)
@@ -328,6 +337,7 @@ class Digital(_PackedField):
     inputs: int
     outputs: int
     status: int
+    extra: bytes = b""
 
 
 @dataclass(frozen=True, slots=True)
@@ -349,19 +359,29 @@ class DriverId:
         return bytes([self.id_type]) + self.data
 
 
+#: The one 16-bit analogue DM documents as signed: internal temperature in
+#: 0.01 °C.  The others (voltages in mV or 10 mV, signal strength) are
+#: unsigned, as traccar's binary decoder reads them.
+SIGNED_ANALOGUE = 3
+
+
 @dataclass(frozen=True, slots=True)
 class Analogues:
     """
-    Fields 6 and 7: numbered analogue readings, 16- or 32-bit signed.
+    Fields 6 and 7: numbered analogue readings, 16- or 32-bit.
 
-    ``values`` keeps the device's order, which OEM keeps in its JSON.
+    16-bit values are unsigned except analogue 3 (SIGNED_ANALOGUE); 32-bit
+    values are signed (no public source says otherwise).  ``values`` keeps
+    the device's order, which OEM keeps in its JSON; ``extra`` holds a
+    trailing part-item, kept as sent.
     """
 
     field_id: int
     values: tuple[tuple[int, int], ...]
+    extra: bytes = b""
 
     _ITEMS: ClassVar[dict[int, struct.Struct]] = {
-        6: struct.Struct("<Bh"),
+        6: struct.Struct("<BH"),
         7: struct.Struct("<Bi"),
     }
 
@@ -372,13 +392,28 @@ class Analogues:
     @classmethod
     def from_bytes_for(cls, field_id: int, data: bytes) -> Analogues | None:
         item = cls._ITEMS[field_id]
-        if len(data) % item.size:
+        whole = len(data) - len(data) % item.size
+        if not whole and data:
             return None
-        return cls(field_id, tuple(item.iter_unpack(data)))
+        values = tuple(item.iter_unpack(data[:whole] if whole < len(data) else data))
+        if field_id == 6:
+            for number, value in values:
+                if value >= 0x8000 and number == SIGNED_ANALOGUE:
+                    # Rare, so the common case keeps unpack's own tuples.
+                    values = tuple(
+                        (n, v - 0x10000 if n == SIGNED_ANALOGUE and v >= 0x8000 else v)
+                        for n, v in values
+                    )
+                    break
+        return cls(field_id, values, bytes(data[whole:]))
 
     def to_bytes(self) -> bytes:
         item = self._ITEMS[self.field_id]
-        return b"".join(item.pack(number, value) for number, value in self.values)
+        mask = 0xFFFF if self.field_id == 6 else -1
+        return (
+            b"".join(item.pack(number, value & mask) for number, value in self.values)
+            + self.extra
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -390,6 +425,7 @@ class TripSummary(_PackedField):
 
     distance: int
     duration: int
+    extra: bytes = b""
 
 
 @dataclass(frozen=True, slots=True)
@@ -401,11 +437,12 @@ class OdometerRunHours(_PackedField):
 
     odometer: int
     run_hours: int
+    extra: bytes = b""
 
 
 @dataclass(frozen=True, slots=True)
 class RawField:
-    """A field whose layout is unknown (or did not fit): id and raw bytes."""
+    """A field whose layout is unknown: its id and raw bytes."""
 
     field_id: int
     data: bytes
@@ -419,13 +456,36 @@ class RawField:
 
 
 @dataclass(frozen=True, slots=True)
+class ShortField(RawField):
+    """
+    A known field id whose bytes are fewer than its layout needs.
+
+    Never emitted under its own ``FType`` (a consumer would miss the keys);
+    the session logs it once per device.
+    """
+
+
+@dataclass(frozen=True, slots=True)
 class FixedRecordExtras:
     """
-    What a G50 fixed 64-byte record holds beyond GPS, digital and analogues.
+    Every value of a G50 fixed 64-byte record, in the G50's own units.
 
     Not an OEM field: emitted with oemrelay's own ``FType`` (see oem_json).
+    Only the analogues whose DM meaning and unit are established also go
+    into a standard analogue field (see parse_fixed_records).
     """
 
+    latitude: int
+    longitude: int
+    altitude: int
+    speed: int
+    heading: int
+    position_accuracy: int
+    speed_accuracy: int
+    gps_status: int
+    inputs: int
+    outputs: int
+    analogues: tuple[int, int, int, int, int]
     temperature: int
     acceleration: tuple[int, int, int]
     device_id: bytes
@@ -442,6 +502,7 @@ Field = (
     | TripSummary
     | OdometerRunHours
     | RawField
+    | ShortField
     | FixedRecordExtras
 )
 
@@ -452,14 +513,17 @@ _FIELD_TYPES = {
 
 
 def decode_field(field_id: int, data: bytes) -> Field:
-    """The typed field for ``field_id``, or a RawField if it does not fit."""
+    """
+    The typed field for ``field_id``: a ShortField if a known id's bytes are
+    too few for its layout, a RawField if the id is unknown.
+    """
     if field_id in Analogues._ITEMS:
         decoded = Analogues.from_bytes_for(field_id, data)
     elif field_id in _FIELD_TYPES:
         decoded = _FIELD_TYPES[field_id].from_bytes(data)
     else:
-        decoded = None
-    return decoded if decoded is not None else RawField(field_id, data)
+        return RawField(field_id, data)
+    return decoded if decoded is not None else ShortField(field_id, data)
 
 
 @dataclass(frozen=True, slots=True)
@@ -473,6 +537,11 @@ class Record:
     time: int
     reason: int
     fields: tuple[Field, ...] = ()
+
+    @property
+    def short_fields(self) -> tuple[ShortField, ...]:
+        """The fields too short for their layout, for the session to log."""
+        return tuple(f for f in self.fields if type(f) is ShortField)
 
 
 _RECORD_HEADER = struct.Struct("<HIIB")
@@ -555,7 +624,7 @@ def _encode_field(field: Field) -> bytes:
 # -- fixed 64-byte records (0x10, G50) ----------------------------------------
 
 FIXED_RECORD_SIZE = 64
-_FIXED_RECORD = struct.Struct("<BIIiiHBhHBBBIH5hb3h8sH2x")
+_FIXED_RECORD = struct.Struct("<BIIiiHBhHBBBIH5Hb3h8sH2x")
 
 
 def fletcher8(data: bytes) -> bytes:
@@ -594,14 +663,38 @@ def _pack_fixed_time(seconds: int) -> int:
     )
 
 
+#: The G50's int8 temperature when it has none (the only value ever seen,
+#: and int8's maximum): never converted into analogue 3.
+FIXED_TEMPERATURE_UNAVAILABLE = 127
+
+
+def _fixed_standard_analogues(
+    analogues: tuple[int, int, int, int, int], temperature: int
+) -> Analogues:
+    """
+    The G50 values that have DM's analogue meaning and unit, converted:
+    1 battery mV as is, 2 supply mV to DM's 10 mV (rounded half up) and the
+    temperature °C to analogue 3's 0.01 °C.  G50 analogues 3-5 have no known
+    meaning, so they stay in FixedRecordExtras only.
+    """
+    battery_mv, supply_mv = analogues[0], analogues[1]
+    values = [(1, battery_mv), (2, (supply_mv + 5) // 10)]
+    if temperature != FIXED_TEMPERATURE_UNAVAILABLE:
+        values.append((SIGNED_ANALOGUE, temperature * 100))
+    return Analogues(6, tuple(values))
+
+
 def parse_fixed_records(payload: bytes) -> list[Record]:
     """
     Decode the 64-byte records of a 0x10 message into the common record model.
 
-    The G50 record becomes a GPS fix (PDOP rounded to OEM's tenths),
-    digital data (it carries no status word: ``DevStat`` 0), analogues 1-5 and
-    a FixedRecordExtras with the rest, including whether the checksum matched.
-    A mismatch does not reject the record: the caller logs it.
+    A G50 record becomes the analogues whose DM unit is established (see
+    _fixed_standard_analogues) and a FixedRecordExtras with every value in
+    G50 units, including whether the checksum matched.  Its fix is not a
+    GpsFix: the G50's 16-bit position accuracy has no known unit and it has
+    no status word, so DM's GPS and digital fields cannot be filled without
+    inventing values.  A checksum mismatch does not reject the record: the
+    caller logs it.
 
     :raises ProtocolError: if the payload is not a whole number of records.
     """
@@ -618,25 +711,19 @@ def parse_fixed_records(payload: bytes) -> list[Record]:
             inputs, outputs, a1, a2, a3, a4, a5, temperature, ax, ay, az,
             device_id, pdop_hundredths,
         ) = _FIXED_RECORD.unpack_from(chunk)
-        time = _unpack_fixed_time(packed_time)
+        analogues = (a1, a2, a3, a4, a5)
         records.append(
             Record(
                 index,
-                time,
+                _unpack_fixed_time(packed_time),
                 event,
                 (
-                    GpsFix(
-                        time, latitude, longitude, altitude, speed, speed_accuracy,
-                        heading, min(255, (pdop_hundredths + 5) // 10),
-                        position_accuracy, gps_status,
-                    ),
-                    Digital(inputs, outputs, 0),
-                    Analogues(6, ((1, a1), (2, a2), (3, a3), (4, a4), (5, a5))),
+                    _fixed_standard_analogues(analogues, temperature),
                     FixedRecordExtras(
-                        temperature,
-                        (ax, ay, az),
-                        device_id,
-                        pdop_hundredths,
+                        latitude, longitude, altitude, speed, heading,
+                        position_accuracy, speed_accuracy, gps_status,
+                        inputs, outputs, analogues, temperature,
+                        (ax, ay, az), device_id, pdop_hundredths,
                         fletcher8(chunk[:62]) == chunk[62:64],
                     ),
                 ),
@@ -670,8 +757,8 @@ def encode_fixed_record(
     body = _FIXED_RECORD.pack(
         0x0E, index, _pack_fixed_time(time), longitude, latitude, speed, heading,
         altitude, position_accuracy, speed_accuracy, event, gps_status,
-        inputs, outputs, *analogues, temperature, *acceleration,
-        device_id, pdop_hundredths,
+        inputs, outputs, *(a & 0xFFFF for a in analogues), temperature,
+        *acceleration, device_id, pdop_hundredths,
     )
     return body[:62] + fletcher8(body[:62])
 

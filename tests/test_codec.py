@@ -32,6 +32,7 @@ from oemrelay.codec import (
     OdometerRunHours,
     ProtocolError,
     RawField,
+    ShortField,
     Record,
     TripSummary,
     decode_field,
@@ -571,7 +572,7 @@ class DataRecordsTests(SynchronousTestCase):
                     DebugText(7, b"\x00\xffhello"),
                     Digital(2**32 - 1, 65535, 0xFF),
                     DriverId(2, bytes.fromhex("000009b6e139")),
-                    Analogues(6, ((4, -32768), (1, 32767))),
+                    Analogues(6, ((4, 65535), (1, 32767), (3, -32768))),
                     Analogues(7, ((11, -(2**31)), (20, 2**31 - 1))),
                     TripSummary(1234, 5678),
                     OdometerRunHours(2**32 - 1, 0),
@@ -616,25 +617,23 @@ class DataRecordsTests(SynchronousTestCase):
         (record,) = parse_data_records(record_bytes(1, 0, 11, body))
         self.assertEqual(record.fields, (RawField(200, b"\xaa" * 5), Digital(1, 2, 3)))
 
-    def test_known_field_wrong_length(self) -> None:
-        """A known field id whose length does not fit is kept as a RawField."""
+    def test_known_field_too_short(self) -> None:
+        """A known field id shorter than its layout is a ShortField, bytes kept."""
         cases = [
             (0, bytes(20)),
-            (0, bytes(22)),
             (1, b"\x01"),
             (2, bytes(7)),
-            (2, bytes(9)),
             (3, b""),
-            (6, bytes(4)),
-            (7, bytes(3)),
-            (7, bytes(6)),
+            (6, bytes(2)),
+            (7, bytes(4)),
             (26, bytes(7)),
-            (27, bytes(9)),
+            (27, bytes(7)),
         ]
         for field_id, data in cases:
             encoded = record_bytes(1, 0, 0, field_bytes(field_id, data))
             (record,) = parse_data_records(encoded)
-            self.assertEqual(record.fields, (RawField(field_id, data),), field_id)
+            self.assertEqual(record.fields, (ShortField(field_id, data),), field_id)
+            self.assertEqual(record.short_fields, record.fields, field_id)
             self.assertEqual(encode_data_records([record]), encoded, field_id)
 
     def test_decode_field_types(self) -> None:
@@ -741,6 +740,74 @@ class DataRecordsTests(SynchronousTestCase):
                     self.assertRaises(ProtocolError, parse_data_records, data[:cut])
 
 
+class FieldLengthTests(SynchronousTestCase):
+    """Fields longer than their layout decode from their first bytes and keep the rest."""
+
+    def test_gps_one_byte_longer(self) -> None:
+        """A 22-byte GPS field decodes the 21-byte layout and keeps the 22nd byte."""
+        layout = struct.pack("<IiihHBBBBB", 5, -10, 20, 30, 40, 1, 2, 3, 4, 7)
+        field = decode_field(0, layout + b"\x99")
+        self.assertEqual(field, GpsFix(5, -10, 20, 30, 40, 1, 2, 3, 4, 7, extra=b"\x99"))
+        self.assertEqual(decode_field(0, layout).extra, b"")
+
+    def test_longer_packed_fields(self) -> None:
+        """Digital, trip and odometer fields decode their layout with extra bytes."""
+        self.assertEqual(decode_field(2, struct.pack("<IHH", 1, 2, 3) + b"\x01\x02"),
+                         Digital(1, 2, 3, extra=b"\x01\x02"))
+        self.assertEqual(decode_field(26, struct.pack("<II", 10, 20) + b"\x00"),
+                         TripSummary(10, 20, extra=b"\x00"))
+        self.assertEqual(decode_field(27, struct.pack("<II", 30, 40) + b"\xff"),
+                         OdometerRunHours(30, 40, extra=b"\xff"))
+
+    def test_analogue_part_item(self) -> None:
+        """A trailing part of an analogue item is kept as extra, whole items decoded."""
+        self.assertEqual(decode_field(6, b"\x01\x10\x10\x02\x05"),
+                         Analogues(6, ((1, 0x1010),), extra=b"\x02\x05"))
+        self.assertEqual(decode_field(7, b"\x0b\x01\x00\x00\x00\x0c"),
+                         Analogues(7, ((11, 1),), extra=b"\x0c"))
+        self.assertEqual(decode_field(6, b"\x01\x10\x10").extra, b"")
+
+    def test_longer_fields_round_trip(self) -> None:
+        """Encoding a longer field gives back every byte the device sent."""
+        cases = [(0, bytes(range(22))), (2, bytes(9)), (6, bytes(4)), (7, bytes(6)),
+                 (26, bytes(12)), (27, bytes(9))]
+        for field_id, data in cases:
+            encoded = record_bytes(1, 0, 0, field_bytes(field_id, data))
+            (record,) = parse_data_records(encoded)
+            self.assertNotIsInstance(record.fields[0], RawField)
+            self.assertEqual(record.short_fields, (), field_id)
+            self.assertEqual(encode_data_records([record]), encoded, field_id)
+
+    def test_short_field_is_not_raw_unknown(self) -> None:
+        """A short known field differs from an unknown id's RawField of the same bytes."""
+        self.assertNotEqual(decode_field(0, bytes(20)), RawField(0, bytes(20)))
+        self.assertEqual(decode_field(99, bytes(20)), RawField(99, bytes(20)))
+
+
+class AnalogueSignTests(SynchronousTestCase):
+    """16-bit analogue 3 (temperature) is signed; every other 16-bit analogue is unsigned."""
+
+    def test_temperature_signed(self) -> None:
+        """Analogue 3 at 0x8000 and 0xffff reads -32768 and -1; 0x7fff stays positive."""
+        self.assertEqual(decode_field(6, b"\x03\x00\x80\x03\xff\xff\x03\xff\x7f").values,
+                         ((3, -32768), (3, -1), (3, 32767)))
+
+    def test_others_unsigned(self) -> None:
+        """Analogues 1, 2, 4, 5, 6 and 9 at 0x8000 or 0xffff read as unsigned."""
+        data = b"".join(struct.pack("<BH", n, 0x8000 if n % 2 else 0xFFFF) for n in (1, 2, 4, 5, 6, 9))
+        self.assertEqual(decode_field(6, data).values,
+                         ((1, 32768), (2, 65535), (4, 65535), (5, 32768), (6, 65535), (9, 32768)))
+
+    def test_round_trip_both_ways(self) -> None:
+        """Signed analogue 3 and unsigned others encode back to the same bytes."""
+        data = b"\x03\x00\x80\x01\xff\xff\x02\x00\x80"
+        self.assertEqual(decode_field(6, data).to_bytes(), data)
+
+    def test_32_bit_signed(self) -> None:
+        """32-bit analogues stay signed (no public source says otherwise)."""
+        self.assertEqual(decode_field(7, b"\x0b\x00\x00\x00\x80").values, ((11, -(2**31)),))
+
+
 class FixedRecordsTests(SynchronousTestCase):
     """parse_fixed_records decodes G50 64-byte records to the common model."""
 
@@ -755,10 +822,12 @@ class FixedRecordsTests(SynchronousTestCase):
                 time,
                 3,
                 (
-                    GpsFix(time, -294937869, 312025029, 66, 0, 9, 126, 24, 2449, 7),
-                    Digital(1, 0, 0),
-                    Analogues(6, ((1, 4235), (2, 13925), (3, 0), (4, 0), (5, 0))),
-                    FixedRecordExtras(127, (468, -828, -270), b"\xff" * 8, 238, True),
+                    Analogues(6, ((1, 4235), (2, 1393))),
+                    FixedRecordExtras(
+                        -294937869, 312025029, 66, 0, 126, 2449, 9, 7, 1, 0,
+                        (4235, 13925, 0, 0, 0), 127, (468, -828, -270),
+                        b"\xff" * 8, 238, True,
+                    ),
                 ),
             ),
         )
@@ -770,15 +839,13 @@ class FixedRecordsTests(SynchronousTestCase):
         self.assertEqual([r.seq for r in records], [894125, 894126])
         self.assertEqual([r.reason for r in records], [9, 2])
         self.assertEqual([r.time for r in records], [time, time])
-        self.assertEqual([r.fields[1] for r in records], [Digital(0, 0, 0)] * 2)
-        self.assertEqual([r.fields[3].checksum_ok for r in records], [True, True])
-        self.assertEqual([r.fields[3].device_id for r in records], [b"\xff" * 8, bytes(8)])
-        self.assertEqual([r.fields[3].pdop_hundredths for r in records], [229, 229])
-        self.assertEqual([r.fields[0].pdop for r in records], [23, 23])
+        self.assertEqual([r.fields[1].inputs for r in records], [0, 0])
+        self.assertEqual([r.fields[1].checksum_ok for r in records], [True, True])
+        self.assertEqual([r.fields[1].device_id for r in records], [b"\xff" * 8, bytes(8)])
+        self.assertEqual([r.fields[1].pdop_hundredths for r in records], [229, 229])
         for record in records:
-            self.assertEqual(record.fields[0].latitude, -294937869)
-            self.assertEqual(record.fields[0].longitude, 312025029)
-            self.assertEqual(record.fields[0].fix_time, time)
+            self.assertEqual(record.fields[1].latitude, -294937869)
+            self.assertEqual(record.fields[1].longitude, 312025029)
 
     def test_checksums_in_captures(self) -> None:
         """The last two bytes of every captured record are its Fletcher-8 sum."""
@@ -796,22 +863,22 @@ class FixedRecordsTests(SynchronousTestCase):
         data = bytearray(payload("fixed64-0x10-1-record-G50"))
         data[17] ^= 0x01  # speed low byte
         (record,) = parse_fixed_records(bytes(data))
-        self.assertFalse(record.fields[3].checksum_ok)
+        self.assertFalse(record.fields[1].checksum_ok)
         self.assertEqual(record.seq, 894124)
-        self.assertEqual(record.fields[0].speed, 1)
+        self.assertEqual(record.fields[1].speed, 1)
 
     def test_corrupted_checksum(self) -> None:
         """A wrong checksum byte clears checksum_ok."""
         data = bytearray(payload("fixed64-0x10-1-record-G50"))
         data[63] ^= 0xFF
-        self.assertFalse(parse_fixed_records(bytes(data))[0].fields[3].checksum_ok)
+        self.assertFalse(parse_fixed_records(bytes(data))[0].fields[1].checksum_ok)
 
     def test_corruption_only_affects_its_record(self) -> None:
         """In a two-record payload only the corrupted record fails its checksum."""
         data = bytearray(payload("fixed64-0x10-2-records-G50"))
         data[64 + 30] ^= 0x10
         records = parse_fixed_records(bytes(data))
-        self.assertEqual([r.fields[3].checksum_ok for r in records], [True, False])
+        self.assertEqual([r.fields[1].checksum_ok for r in records], [True, False])
 
     def test_not_multiple_of_64(self) -> None:
         """A payload that is not a whole number of records raises."""
@@ -865,10 +932,12 @@ class FixedRecordsTests(SynchronousTestCase):
                     time,
                     44,
                     (
-                        GpsFix(time, -899999999, 1799999999, -100, 65535, 255, 179, 10, 65535, 1),
-                        Digital(2**32 - 1, 65535, 0),
-                        Analogues(6, ((1, -32768), (2, 32767), (3, 1), (4, -1), (5, 0))),
-                        FixedRecordExtras(-128, (-32768, 0, 32767), b"12345678", 99, True),
+                        Analogues(6, ((1, 32768), (2, 3277), (3, -12800))),
+                        FixedRecordExtras(
+                            -899999999, 1799999999, -100, 65535, 179, 65535, 255, 1,
+                            2**32 - 1, 65535, (32768, 32767, 1, 65535, 0), -128,
+                            (-32768, 0, 32767), b"12345678", 99, True,
+                        ),
                     ),
                 )
             ],
@@ -885,19 +954,49 @@ class FixedRecordsTests(SynchronousTestCase):
         data[5:9] = b"\x00\x00\x00\x00"
         data[62:64] = fletcher8(bytes(data[:62]))
         (record,) = parse_fixed_records(bytes(data))
-        self.assertEqual((record.time, record.fields[0].fix_time), (0, 0))
-        self.assertTrue(record.fields[3].checksum_ok)
+        self.assertEqual(record.time, 0)
+        self.assertTrue(record.fields[1].checksum_ok)
 
-    def test_pdop_rounding(self) -> None:
-        """PDOP hundredths round half up to tenths, clamped to one byte."""
-        pdops = {}
-        for hundredths in (0, 4, 5, 238, 235, 2549, 2550, 65535):
+    def test_pdop_kept_in_hundredths(self) -> None:
+        """PDOP stays in the G50's hundredths, never squeezed into a byte."""
+        for hundredths in (0, 238, 2550, 65535):
             (record,) = parse_fixed_records(encode_fixed_record(1, 0, 0, 0, 0, pdop_hundredths=hundredths))
-            pdops[hundredths] = record.fields[0].pdop
-            self.assertEqual(record.fields[3].pdop_hundredths, hundredths)
-        self.assertEqual(
-            pdops, {0: 0, 4: 0, 5: 1, 238: 24, 235: 24, 2549: 255, 2550: 255, 65535: 255}
-        )
+            self.assertEqual(record.fields[-1].pdop_hundredths, hundredths)
+
+
+class FixedRecordMappingTests(SynchronousTestCase):
+    """Only G50 values whose DM meaning and unit are established reach DM's fields."""
+
+    def standard(self, **values) -> tuple:
+        (record,) = parse_fixed_records(encode_fixed_record(1, 0, 0, 0, 0, **values))
+        return record.fields[0].values
+
+    def test_no_gps_or_digital_field(self) -> None:
+        """A G50 record has no GpsFix (accuracy unit unknown) nor Digital (no status word)."""
+        (record,) = parse_fixed_records(payload("fixed64-0x10-1-record-G50"))
+        self.assertEqual([type(f) for f in record.fields], [Analogues, FixedRecordExtras])
+
+    def test_supply_millivolts_to_tens(self) -> None:
+        """Analogue 2 goes from the G50's mV to DM's 10 mV, rounded half up."""
+        for millivolts, tens in ((13925, 1393), (13924, 1392), (13915, 1392), (4, 0), (5, 1), (65535, 6554)):
+            self.assertEqual(self.standard(analogues=(0, millivolts, 0, 0, 0))[1], (2, tens), millivolts)
+
+    def test_battery_millivolts_as_is(self) -> None:
+        """Analogue 1 is battery mV in both, so it passes unchanged and unsigned."""
+        self.assertEqual(self.standard(analogues=(4235, 0, 0, 0, 0))[0], (1, 4235))
+        self.assertEqual(self.standard(analogues=(0x8000, 0, 0, 0, 0))[0], (1, 0x8000))
+
+    def test_unknown_analogues_not_standard(self) -> None:
+        """G50 analogues 3-5 (meaning unknown) never appear as DM analogues."""
+        numbers = [n for n, _ in self.standard(analogues=(1, 2, 3, 4, 5), temperature=127)]
+        self.assertEqual(numbers, [1, 2])
+
+    def test_temperature_to_analogue_3(self) -> None:
+        """Temperature °C becomes analogue 3 in 0.01 °C; 127 (none) and only 127 is left out."""
+        self.assertEqual(self.standard(temperature=126)[2], (3, 12600))
+        self.assertEqual(self.standard(temperature=-128)[2], (3, -12800))
+        self.assertEqual(self.standard(temperature=0)[2], (3, 0))
+        self.assertEqual(len(self.standard(temperature=127)), 2)
 
 
 class Fletcher8Tests(SynchronousTestCase):

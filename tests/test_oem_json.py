@@ -7,6 +7,7 @@ against the real OEM sample and the hand-decoded capture values of
 from __future__ import annotations
 
 import json
+import struct
 from base64 import b64decode
 
 from twisted.trial.unittest import SynchronousTestCase
@@ -22,14 +23,17 @@ from oemrelay.codec import (
     OdometerRunHours,
     RawField,
     Record,
+    ShortField,
     TripSummary,
     decode_field,
+    fletcher8,
     parse_data_records,
     parse_fixed_records,
     parse_hello,
 )
 from oemrelay.oem_json import (
     FIXED_EXTRAS_FTYPE,
+    SHORT_FIELD_FTYPE,
     degrees,
     device_time,
     field_json,
@@ -222,10 +226,10 @@ class FieldJsonTests(SynchronousTestCase):
         )
 
     def test_analogues_keep_device_order(self) -> None:
-        """Analogue keys are strings in the device's order, values signed."""
+        """Analogue keys are strings in the device's order, values as decoded."""
         self.assertEqual(
-            field_json(Analogues(6, ((4, 26), (1, -5), (2, 1248)))),
-            '{"AnalogueData":{"4":26,"1":-5,"2":1248},"FType":6}',
+            field_json(Analogues(6, ((4, 26), (3, -5), (2, 1248)))),
+            '{"AnalogueData":{"4":26,"3":-5,"2":1248},"FType":6}',
         )
         self.assertEqual(
             field_json(Analogues(7, ((17, 65793), (18, -(2**31))))),
@@ -271,24 +275,37 @@ class FieldJsonTests(SynchronousTestCase):
         self.assertEqual(field_json(RawField(24, data)), '{"Raw":"AQsCygoUAP8=","FType":24}')
         self.assertEqual(b64decode(strict(field_json(RawField(24, data)))["Raw"]), data)
 
-    def test_known_id_wrong_length_raw(self) -> None:
-        """A known id that did not fit its layout is written raw under that id."""
+    def test_known_id_too_short_not_standard(self) -> None:
+        """A known id too short for its layout is raw under FType 257, never its own."""
         field = decode_field(0, bytes(range(20)))
         self.assertEqual(
-            strict(field_json(field)), {"Raw": "AAECAwQFBgcICQoLDA0ODxAREhM=", "FType": 0}
+            ordered(field_json(field)),
+            [("Raw", "AAECAwQFBgcICQoLDA0ODxAREhM="), ("ShortOf", 0), ("FType", 257)],
         )
+        self.assertEqual(SHORT_FIELD_FTYPE, 257)
 
     def test_empty_raw(self) -> None:
         """An empty unknown field has an empty Raw string."""
         self.assertEqual(field_json(RawField(200, b"")), '{"Raw":"","FType":200}')
 
     def test_fixed_extras(self) -> None:
-        """G50 extras use FType 256 and their own keys."""
+        """G50 values use FType 256 and their own keys, in G50 units."""
         self.assertEqual(FIXED_EXTRAS_FTYPE, 256)
         (record,) = parse_fixed_records(payload("fixed64-0x10-1-record-G50"))
         self.assertEqual(
-            ordered(field_json(record.fields[3])),
+            ordered(field_json(record.fields[-1])),
             [
+                ("Lat", -29.4937869),
+                ("Long", 31.2025029),
+                ("Alt", 66),
+                ("Spd", 0),
+                ("Head", 126),
+                ("PosAccRaw", 2449),
+                ("SpdAccRaw", 9),
+                ("GpsStat", 7),
+                ("DIn", 1),
+                ("DOut", 0),
+                ("Analogues", [4235, 13925, 0, 0, 0]),
                 ("Temp", 127),
                 ("AccX", 468),
                 ("AccY", -828),
@@ -302,7 +319,7 @@ class FieldJsonTests(SynchronousTestCase):
 
     def test_fixed_extras_bad_checksum(self) -> None:
         """A failed checksum is written as false."""
-        extras = FixedRecordExtras(-5, (0, 0, 0), bytes(8), 0, False)
+        extras = FixedRecordExtras(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, (0,) * 5, -5, (0, 0, 0), bytes(8), 0, False)
         self.assertIs(strict(field_json(extras))["ChecksumOk"], False)
 
     def test_ftype_last_everywhere(self) -> None:
@@ -317,7 +334,9 @@ class FieldJsonTests(SynchronousTestCase):
             TripSummary(0, 0),
             OdometerRunHours(0, 0),
             RawField(99, b"\x00"),
-            FixedRecordExtras(0, (0, 0, 0), bytes(8), 0, True),
+            ShortField(0, b"\x00"),
+            FixedRecordExtras(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, (0,) * 5, 0, (0, 0, 0), bytes(8), 0, True),
+            GpsFix(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, extra=b"\x01"),
         ]
         ftypes = []
         for field in fields:
@@ -325,7 +344,55 @@ class FieldJsonTests(SynchronousTestCase):
             self.assertEqual(pairs[-1][0], "FType", field)
             self.assertEqual(keys(pairs).count("FType"), 1, field)
             ftypes.append(pairs[-1][1])
-        self.assertEqual(ftypes, [0, 1, 2, 3, 6, 7, 26, 27, 99, 256])
+        self.assertEqual(ftypes, [0, 1, 2, 3, 6, 7, 26, 27, 99, 257, 256, 0])
+
+
+class LongFieldJsonTests(SynchronousTestCase):
+    """A field longer than its layout keeps its standard keys, then ExtraRaw, then FType."""
+
+    def test_gps_22_bytes(self) -> None:
+        """A 22-byte GPS field gives every standard GPS key and the extra byte as ExtraRaw."""
+        layout = struct.pack("<IiihHBBBBB", 0, 10, 20, 1, 2, 3, 4, 5, 6, 7)
+        pairs = ordered(field_json(decode_field(0, layout + b"\xfe")))
+        self.assertEqual(
+            keys(pairs),
+            ["GpsUTC", "Lat", "Long", "Alt", "Spd", "SpdAcc", "Head", "PDOP", "PosAcc",
+             "GpsStat", "ExtraRaw", "FType"],
+        )
+        self.assertEqual(dict(pairs)["ExtraRaw"], "/g==")
+        self.assertEqual(dict(pairs)["FType"], 0)
+
+    def test_no_extra_key_when_exact(self) -> None:
+        """A field of exactly its layout's length has no ExtraRaw key."""
+        for field in (GpsFix(0, 0, 0, 0, 0, 0, 0, 0, 0, 0), Digital(1, 2, 3),
+                      Analogues(6, ((1, 2),)), TripSummary(1, 2), OdometerRunHours(1, 2)):
+            self.assertNotIn("ExtraRaw", strict(field_json(field)))
+
+    def test_every_packed_field_extra(self) -> None:
+        """Digital, analogue, trip and odometer fields write their extra bytes before FType."""
+        cases = [
+            (Digital(1, 2, 3, extra=b"\x01"), ["DIn", "DOut", "DevStat", "ExtraRaw", "FType"]),
+            (Analogues(6, ((1, 2),), extra=b"\x01"), ["AnalogueData", "ExtraRaw", "FType"]),
+            (TripSummary(1, 2, extra=b"\x01"), ["TripDist", "TripDur", "ExtraRaw", "FType"]),
+            (OdometerRunHours(1, 2, extra=b"\x01"), ["Odo", "RunHrs", "ExtraRaw", "FType"]),
+        ]
+        for field, expected in cases:
+            pairs = ordered(field_json(field))
+            self.assertEqual(keys(pairs), expected)
+            self.assertEqual(b64decode(dict(pairs)["ExtraRaw"]), b"\x01")
+
+    def test_consumer_accepts_long_gps(self) -> None:
+        """A consumer reading FType 0 gets the fix from a 22-byte GPS field."""
+        gps = struct.pack("<IiihHBBBBB", 5, 557000000, 99000000, 30, 2330, 1, 148, 12, 7, 3) + b"\x00"
+        body = record_bytes_for([(0, gps), (2, struct.pack("<IHH", 1, 0, 3))])
+        (position,) = OemConsumer().read(oem_document(DART, parse_data_records(body)))
+        self.assertEqual((position["lat"], position["lon"], position["course"]), (55.7, 9.9, 296))
+
+
+def record_bytes_for(fields: list[tuple[int, bytes]]) -> bytes:
+    """One 0x04 record (seq 1, time 0, reason 3) holding ``fields``."""
+    body = b"".join(bytes([field_id, len(data)]) + data for field_id, data in fields)
+    return struct.pack("<HIIB", 11 + len(body), 1, 0, 3) + body
 
 
 class OemSampleTests(SynchronousTestCase):
@@ -470,7 +537,7 @@ class OemDocumentTests(SynchronousTestCase):
         self.assertEqual(by_seq[15]["Fields"][0]["Lat"], 0)
 
     def test_fixed_records(self) -> None:
-        """G50 fixed records give GPS, digital, analogues and FType 256 extras."""
+        """G50 fixed records give DM-unit analogues and every G50 value under FType 256."""
         hello = parse_hello(payload("hello-51-byte-G50"))
         document = strict(oem_document(hello, parse_fixed_records(payload("fixed64-0x10-1-record-G50"))))
         self.assertEqual(document["SerNo"], 6912)
@@ -478,19 +545,10 @@ class OemDocumentTests(SynchronousTestCase):
         self.assertEqual(
             (record["SeqNo"], record["Reason"], record["DateUTC"]), (894124, 3, "2018-03-14 11:46:24")
         )
-        gps, digital, analogues, extras = record["Fields"]
-        self.assertEqual(
-            gps,
-            {
-                "GpsUTC": "2018-03-14 11:46:24", "Lat": -29.4937869, "Long": 31.2025029,
-                "Alt": 66, "Spd": 0, "SpdAcc": 9, "Head": 126, "PDOP": 24, "PosAcc": 2449,
-                "GpsStat": 7, "FType": 0,
-            },
-        )
-        self.assertEqual(digital, {"DIn": 1, "DOut": 0, "DevStat": 0, "FType": 2})
-        self.assertEqual(
-            analogues, {"AnalogueData": {"1": 4235, "2": 13925, "3": 0, "4": 0, "5": 0}, "FType": 6}
-        )
+        analogues, extras = record["Fields"]
+        self.assertEqual(analogues, {"AnalogueData": {"1": 4235, "2": 1393}, "FType": 6})
+        self.assertEqual((extras["Lat"], extras["Long"]), (-29.4937869, 31.2025029))
+        self.assertEqual(extras["PosAccRaw"], 2449)
         self.assertEqual(extras["FType"], 256)
         self.assertIs(extras["ChecksumOk"], True)
 
@@ -511,10 +569,12 @@ class OemDocumentTests(SynchronousTestCase):
         self.assertEqual(oem_document(DART, iter(records)), oem_document(DART, records))
 
     def test_unknown_fields_in_document(self) -> None:
-        """Unknown and misfit fields appear in the document as Raw base64."""
+        """Unknown fields appear as Raw base64 under their id, short ones under FType 257."""
         record = Record(1, 0, 46, (RawField(24, b"\x0b\x01"), decode_field(2, b"\x01")))
         fields = strict(oem_document(DART, [record]))["Records"][0]["Fields"]
-        self.assertEqual(fields, [{"Raw": "CwE=", "FType": 24}, {"Raw": "AQ==", "FType": 2}])
+        self.assertEqual(
+            fields, [{"Raw": "CwE=", "FType": 24}, {"Raw": "AQ==", "ShortOf": 2, "FType": 257}]
+        )
 
     def test_odd_identity_characters(self) -> None:
         """Quotes, backslashes, control and non-ASCII characters still give valid JSON."""
@@ -539,6 +599,110 @@ class OemDocumentTests(SynchronousTestCase):
         record = Record(1, 0, 21, (DebugText(0x13, text),))
         parsed = strict(oem_document(DART, [record]))
         self.assertEqual(parsed["Records"][0]["Fields"][0]["Text"], text.decode("latin-1"))
+
+
+class PayloadDocReader:
+    """
+    A reader written from docs/payload.rst alone (not from the encoder): it
+    turns each record of a body back into the device's bytes, a 0x04 record or
+    a G50 64-byte record, so a round trip shows no value was lost or changed.
+    """
+
+    TIME = "%Y-%m-%d %H:%M:%S"
+
+    def since_2013(self, text: str) -> int:
+        return since_2013(text)
+
+    def degrees_raw(self, number: float) -> int:
+        from decimal import Decimal
+
+        return int(Decimal(repr(number)).scaleb(7))
+
+    def field_bytes(self, field: dict) -> bytes:
+        ftype = field["FType"]
+        extra = b64decode(field.get("ExtraRaw", ""))
+        if ftype == 0:
+            data = struct.pack(
+                "<IiihHBBBBB", self.since_2013(field["GpsUTC"]), self.degrees_raw(field["Lat"]),
+                self.degrees_raw(field["Long"]), field["Alt"], field["Spd"], field["SpdAcc"],
+                field["Head"], field["PDOP"], field["PosAcc"], field["GpsStat"],
+            )
+        elif ftype == 1:
+            data = struct.pack("<H", field["Code"]) + field["Text"].encode("latin-1")
+        elif ftype == 2:
+            data = struct.pack("<IHH", field["DIn"], field["DOut"], field["DevStat"])
+        elif ftype == 3:
+            data = bytes([field["DType"]]) + b64decode(field["Data"])
+        elif ftype in (6, 7):
+            item = "<BH" if ftype == 6 else "<Bi"
+            data = b"".join(
+                struct.pack(item, int(number), value & 0xFFFF if ftype == 6 else value)
+                for number, value in field["AnalogueData"].items()
+            )
+        elif ftype == 26:
+            data = struct.pack("<II", field["TripDist"], field["TripDur"])
+        elif ftype == 27:
+            data = struct.pack("<II", field["Odo"], field["RunHrs"])
+        elif ftype == 257:
+            ftype, data = field["ShortOf"], b64decode(field["Raw"])
+        else:
+            data = b64decode(field["Raw"])
+        data += extra
+        return bytes([ftype, len(data)]) + data
+
+    def data_records(self, body: bytes) -> bytes:
+        """The 0x04 payload the body's records came from."""
+        out = []
+        for record in json.loads(body)["Records"]:
+            fields = b"".join(self.field_bytes(f) for f in record["Fields"])
+            out.append(struct.pack("<HIIB", 11 + len(fields), record["SeqNo"],
+                                   self.since_2013(record["DateUTC"]), record["Reason"]) + fields)
+        return b"".join(out)
+
+    def fixed_records(self, body: bytes) -> bytes:
+        """The 0x10 payload the body's G50 records came from (type 0x0E, checksum redone)."""
+        from datetime import datetime
+
+        out = []
+        for record in json.loads(body)["Records"]:
+            (g50,) = [f for f in record["Fields"] if f["FType"] == 256]
+            t = datetime.strptime(record["DateUTC"], self.TIME)
+            packed = (t.year - 2000) | t.month << 6 | t.day << 10 | t.hour << 15 | t.minute << 20 | t.second << 26
+            chunk = struct.pack(
+                "<BIIiiHBhHBBBIH5Hb3h8sH2x", 0x0E, record["SeqNo"], packed,
+                self.degrees_raw(g50["Long"]), self.degrees_raw(g50["Lat"]), g50["Spd"], g50["Head"],
+                g50["Alt"], g50["PosAccRaw"], g50["SpdAccRaw"], record["Reason"], g50["GpsStat"],
+                g50["DIn"], g50["DOut"], *g50["Analogues"], g50["Temp"], g50["AccX"], g50["AccY"],
+                g50["AccZ"], bytes.fromhex(g50["DevId"]), g50["PDOP100"],
+            )
+            out.append(chunk + fletcher8(chunk))
+        return b"".join(out)
+
+
+class PayloadRoundTripTests(SynchronousTestCase):
+    """Every capture, through OEM JSON and the payload doc's reader, gives back its bytes."""
+
+    def test_data_captures(self) -> None:
+        """Each 0x04 capture's records come back byte for byte."""
+        for name in DATA_CAPTURES:
+            body = oem_document(DART, parse_data_records(payload(name)))
+            self.assertEqual(PayloadDocReader().data_records(body), payload(name), name)
+
+    def test_fixed_captures(self) -> None:
+        """Each G50 0x10 capture comes back byte for byte from FType 256 alone."""
+        for name in FIXED_CAPTURES:
+            body = oem_document(DART, parse_fixed_records(payload(name)))
+            self.assertEqual(PayloadDocReader().fixed_records(body), payload(name), name)
+
+    def test_odd_fields(self) -> None:
+        """Long, short, unknown and signed-analogue fields come back byte for byte."""
+        gps = struct.pack("<IiihHBBBBB", 1, -2, 3, -4, 5, 6, 7, 8, 9, 10) + b"\x01\x02"
+        records = record_bytes_for([
+            (0, gps), (2, bytes(7)), (6, b"\x03\x00\x80\x01\xff\xff\x02"), (15, b"\x02\x2c\x01"),
+            (27, bytes(9)), (24, b""),
+        ])
+        body = oem_document(DART, parse_data_records(records))
+        self.assertEqual(PayloadDocReader().data_records(body), records)
 
 
 class OemConsumer:
