@@ -35,6 +35,7 @@ from oemrelay.codec import (
     Hello,
     OdometerRunHours,
     ProtocolError,
+    SIGNED_ANALOGUE,
     RawField,
     Record,
     TripSummary,
@@ -74,7 +75,15 @@ fields = st.one_of(
     st.builds(DebugText, u16, small_bytes),
     st.builds(Digital, u32, u16, u16),
     st.builds(DriverId, u8, small_bytes),
-    st.builds(Analogues, st.just(6), st.lists(st.tuples(u8, i16), max_size=8).map(tuple)),
+    # 16-bit analogues: number 3 (temperature) is signed, every other unsigned.
+    st.builds(
+        Analogues,
+        st.just(6),
+        st.lists(
+            st.one_of(st.tuples(st.just(SIGNED_ANALOGUE), i16), st.tuples(u8.filter(lambda n: n != SIGNED_ANALOGUE), u16)),
+            max_size=8,
+        ).map(tuple),
+    ),
     st.builds(Analogues, st.just(7), st.lists(st.tuples(u8, i32), max_size=8).map(tuple)),
     st.builds(TripSummary, u32, u32),
     st.builds(OdometerRunHours, u32, u32),
@@ -183,8 +192,8 @@ class MessagePropertyTests(SynchronousTestCase):
     @given(
         u32,
         # Seconds since 2013 the G50's 6-bit year (2000-2063) can hold.
-        st.integers(0, 1_609_459_199),
-        i32, i32, u8, st.tuples(i16, i16, i16, i16, i16), st.binary(min_size=8, max_size=8), u16,
+        st.integers(0, 1_609_372_799),  # 2063-12-31 23:59:59
+        i32, i32, u8, st.tuples(u16, u16, u16, u16, u16), st.binary(min_size=8, max_size=8), u16,
     )
     def test_fixed_record_round_trip(self, index, time, latitude, longitude, event, analogues, device_id, pdop) -> None:
         """An encoded 64-byte record parses back with its values and a matching checksum."""
@@ -193,10 +202,10 @@ class MessagePropertyTests(SynchronousTestCase):
             analogues=analogues, device_id=device_id, pdop_hundredths=pdop,
         )
         (record,) = parse_fixed_records(payload)
-        gps, _digital, analogue_field, extras = record.fields
+        _standard_analogues, extras = record.fields
         self.assertEqual((record.seq, record.time, record.reason), (index, time, event))
-        self.assertEqual((gps.latitude, gps.longitude), (latitude, longitude))
-        self.assertEqual(tuple(v for _, v in analogue_field.values), analogues)
+        self.assertEqual((extras.latitude, extras.longitude), (latitude, longitude))
+        self.assertEqual(extras.analogues, analogues)
         self.assertEqual((extras.device_id, extras.pdop_hundredths), (device_id, pdop))
         self.assertTrue(extras.checksum_ok)
 
