@@ -44,6 +44,7 @@ from twisted.web.resource import IResource, Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
 from . import __version__
+from .oneline import one_line
 from .commands import COMMAND_TYPES, CommandError, iso8601, parse_command
 from .registry import COMMAND_STATES, DEVICE_SETTINGS, Command, DeviceRecord
 from .registry.devices import (
@@ -53,6 +54,7 @@ from .registry.devices import (
     device_json,
     device_schema,
     field_schema,
+    unstorable_text,
 )
 
 log = Logger(namespace="oemrelay.api")
@@ -66,7 +68,7 @@ DEFAULT_LIMIT = 100
 MAX_LIMIT = 1000
 
 _SERIAL_TEXT = re.compile(r"[0-9]{1,10}")
-_SERIAL_PROBLEM = "serial must be a decimal number from 0 to 4294967295"
+_SERIAL_PROBLEM = f"serial must be a decimal number from 0 to {MAX_SERIAL}"
 _CUSTOM_KEYS = ("custom1", "custom2", "custom3")
 _PROFILE_KEYS = DEVICE_SETTINGS
 _PENDING_STATES = frozenset({"queued", "sent"})
@@ -335,7 +337,7 @@ class _ApiResource(Resource):
         except ValueError as error:
             # Rows are checked here first, so only the database itself can
             # refuse one now; the registry names it by index ("row 3: ...").
-            message = " ".join(str(error).split())
+            message = one_line(error)
             numbered = re.fullmatch(r"row ([0-9]+): (.*)", message)
             if numbered and int(numbered[1]) < len(lines):
                 message = f"line {lines[int(numbered[1])]}: {numbered[2]}"
@@ -388,7 +390,7 @@ class _ApiResource(Resource):
                 "registry {call} failed: {error_type}: {error}",
                 call=getattr(method, "__name__", "call"),
                 error_type=type(error).__name__,
-                error=" ".join(str(error).split())[:500],
+                error=one_line(error)[:500],
             )
             raise _ApiError(500, "registry unavailable") from None
 
@@ -500,15 +502,9 @@ def _serial(text: bytes, name: str = "serial") -> int:
 
 
 def _custom(key: str, value: str) -> str:
-    # PostgreSQL text cannot hold NUL; refuse it the same way for every database.
-    if "\x00" in value:
-        raise _ApiError(400, f"{key} must not contain NUL characters")
-    if not value.isascii():
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError:
-            # A JSON "\ud800" escape: valid JSON, but not storable text.
-            raise _ApiError(400, f"{key} must not contain lone surrogates") from None
+    problem = unstorable_text(key, value)
+    if problem:
+        raise _ApiError(400, problem)
     return value
 
 

@@ -34,6 +34,7 @@ from .codec import (
     MessageType,
     ProtocolError,
     Record,
+    UINT32_MAX,
     parse_data_records,
     parse_fixed_records,
     parse_hello,
@@ -79,7 +80,7 @@ def _whole_number(low: int, high: int | None, what: str) -> Callable[[str], int]
 
 
 _positive_int = _whole_number(1, None, "whole number")
-_serial = _whole_number(0, 0xFFFFFFFF, "serial number")
+_serial = _whole_number(0, UINT32_MAX, "serial number")
 
 
 def _positive_float(text: str) -> float:

@@ -3,7 +3,8 @@ Digital Matter device protocol: frames, messages and records, with no I/O.
 
 Everything here is a pure function or a small value type, so the codec can be
 tested and fuzzed without a reactor.  The byte layouts follow
-``docs/dm-protocol.md`` (sections 1-3); all integers are little-endian.
+``docs/protocol.rst`` ("Framing", "Data records (0x04)", "Field types",
+"Fixed 64-byte records (0x10)"); all integers are little-endian.
 
 A frame is ``02 55 <type> <uint16 length> <payload>``.  Because the header is
 fully determined by type and payload, ``encode_frame(frame.type,
@@ -24,6 +25,8 @@ from typing import ClassVar
 SYNC = b"\x02\x55"
 HEADER_SIZE = 5
 MAX_PAYLOAD = 0xFFFF
+#: The largest uint32 (serials, sequence numbers, device times, message ids).
+UINT32_MAX = 0xFFFFFFFF
 
 #: Unix time of 2013-01-01 00:00:00 UTC, the epoch of every device time.
 EPOCH_2013 = 1356998400
@@ -144,7 +147,7 @@ class FrameDecoder:
 
 def seconds_since_2013(unix_time: float) -> int:
     """Device time (uint32 seconds since 2013-01-01 UTC) for a Unix time."""
-    return max(0, int(unix_time) - EPOCH_2013) & 0xFFFFFFFF
+    return max(0, int(unix_time) - EPOCH_2013) & UINT32_MAX
 
 
 # -- hello ------------------------------------------------------------------
@@ -766,7 +769,7 @@ def encode_fixed_record(
 # -- async messages (0x20 / 0x21) ----------------------------------------------
 
 #: The CAN address of the device itself (rather than a module on its CAN bus).
-CAN_ADDRESS_SELF = 0xFFFFFFFF
+CAN_ADDRESS_SELF = UINT32_MAX
 
 _ASYNC_MESSAGE_HEADER = struct.Struct("<IIHB")
 _ASYNC_RESPONSE = struct.Struct("<IB")

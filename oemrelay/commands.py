@@ -6,7 +6,7 @@ Each command type is declared once, in ``_COMMANDS``: its async message type,
 its parameters and how they become bytes.  ``parse_command`` checks a body
 against that table and ``COMMAND_TYPES`` publishes it as one JSON Schema per
 type for the API's OpenAPI document.  Payload layouts follow
-``docs/dm-protocol.md`` section 2.9; all integers are little-endian.
+``docs/protocol.rst`` ("Async message types"); all integers are little-endian.
 
 Decisions where DM's public material leaves a choice:
 
@@ -38,10 +38,9 @@ from datetime import datetime, timedelta, timezone
 from types import MappingProxyType
 from typing import Any
 
-from oemrelay.codec import EPOCH_2013, MAX_PAYLOAD
+from oemrelay.codec import EPOCH_2013, MAX_PAYLOAD, UINT32_MAX
 
 UINT16_MAX = 0xFFFF
-UINT32_MAX = 0xFFFFFFFF
 
 #: The most data one async message can carry: a frame payload less the
 #: 11-byte header (message id, CAN address, async type, flags).

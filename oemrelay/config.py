@@ -22,13 +22,14 @@ from hyperlink import EncodedURL
 from OpenSSL import SSL
 from twisted.internet.endpoints import clientFromString, serverFromString
 from twisted.internet.interfaces import IReactorPluggableNameResolver
-from twisted.internet.ssl import PrivateCertificate
 from zope.interface import implementer
 
 from .codec import MAX_PAYLOAD
 from .iothub import SAS_PREFIX, decode_sas_key, default_sas_resource, iothub_url
+from .oneline import one_line
 from .registry_url import check_postgresql_url
 from .templates import has_placeholders
+from .tls import load_client_certificate
 
 
 class ConfigError(Exception):
@@ -496,7 +497,7 @@ def config_from_string(text: str, source: str = "<string>") -> Config:
         where = ", ".join(f"line {n}" for n in lines)
         raise ConfigError(f"{source}: {where}: {problem}") from None
     except configparser.Error as error:
-        raise ConfigError(f"{source}: {' '.join(str(error).split())}") from None
+        raise ConfigError(f"{source}: {one_line(error)}") from None
 
     def fail(section: str, key: str | None, problem: str) -> ConfigError:
         where = f"[{section}] {key}" if key else f"[{section}]"
@@ -680,12 +681,7 @@ def _check_client_certificate(cert_file: str, key_file: str) -> None:
     if not cert_file:
         return
     try:
-        with open(cert_file, "rb") as f:
-            pem = f.read()
-        if key_file:
-            with open(key_file, "rb") as f:
-                pem += b"\n" + f.read()
-        PrivateCertificate.loadPEM(pem)
+        load_client_certificate(cert_file, key_file)
     except Exception as error:
         raise _KeyProblem(
             "client_cert",

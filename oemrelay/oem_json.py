@@ -3,7 +3,7 @@ The OEM Server "traditional" JSON document for an upload.
 
 The shape is DM's, to the key order (``FType`` last) and the units: raw
 integers, ``Lat``/``Long`` in degrees with at most seven decimals and no float
-noise, times as ``YYYY-MM-DD HH:MM:SS`` UTC (``docs/dm-protocol.md`` section 5,
+noise, times as ``YYYY-MM-DD HH:MM:SS`` UTC (``docs/payload.rst``,
 ``tests/data/oem-http-sample.json``).  The document is written directly as
 text: it is on the hot path, and the exact number formatting matters.
 

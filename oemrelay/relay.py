@@ -25,6 +25,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from .oneline import one_line
 from .codec import Frame, Hello, Record
 
 log = Logger(namespace="oemrelay.relay")
@@ -319,7 +320,7 @@ class DeviceRoute:
             raise
         except Exception as error:
             raise DeliveryFailed(
-                f"device registry unavailable: {' '.join(str(error).split())}"
+                f"device registry unavailable: {one_line(error)}"
             ) from None
         if self._closed:
             # Closed while the profile was looked up: open no new link.
@@ -388,4 +389,4 @@ def describe_failure(failure: Failure) -> str:
     if failure.check(DeliveryFailed):
         return str(failure.value)
     text = str(failure.value) or failure.type.__name__
-    return " ".join(text.split())
+    return one_line(text)

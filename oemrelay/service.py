@@ -33,6 +33,7 @@ from .api import build_api
 from .config import Config
 from .connectors import build_connector
 from .registry import Registry
+from .oneline import one_line
 from .relay import Relay
 from .session import DeviceFactory
 
@@ -88,7 +89,7 @@ class RegistryService(Service):
             log.critical(
                 "cannot open registry {url}: {reason}; stopping",
                 url=self.registry.url_for_logs,
-                reason=" ".join(str(error).split()),
+                reason=one_line(error),
             )
             self._on_start_failure()
             return

@@ -54,6 +54,7 @@ from .codec import (
     parse_hello,
     time_response,
 )
+from .oneline import one_line
 from .relay import DeliveryFailed, DeviceRoute, Relay, Upload, describe_failure
 
 log = Logger(namespace="oemrelay.session")
@@ -490,7 +491,7 @@ class DeviceSession:
             log.warn(
                 "device {serial}: no commands sent, registry unavailable: {reason}",
                 serial=self.serial,
-                reason=" ".join(str(error).split()),
+                reason=one_line(error),
             )
             commands = []
         route = self._route  # still there to record results once closed
@@ -509,7 +510,7 @@ class DeviceSession:
                     " {reason}; ending the async session",
                     serial=self.serial,
                     id=command.id,
-                    reason=" ".join(str(error).split()),
+                    reason=one_line(error),
                 )
                 return
             if sent is None:

@@ -29,6 +29,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import Factory, Protocol
 from twisted.python.failure import Failure
 
+from .oneline import one_line
 from .codec import (
     COMMIT_REQUEST,
     Analogues,
@@ -46,7 +47,7 @@ from .codec import (
     seconds_since_2013,
 )
 
-#: Devices keep each 0x04 message near 1 KiB (docs/dm-protocol.md 1.2).
+#: Devices keep each 0x04 message near 1 KiB (docs/protocol.rst, "Data records (0x04)").
 MAX_RECORDS_PAYLOAD = 1000
 
 #: Seconds between two records a simulated device logs.
@@ -55,7 +56,7 @@ LOG_INTERVAL = 30
 #: Every this many records, one is a debug trace (reason 21) instead of a fix.
 DEBUG_EVERY = 50
 
-#: Log reasons used (docs/dm-protocol.md section 4).
+#: Log reasons used (docs/protocol.rst, "Log reasons").
 REASON_PERIODIC = 11
 REASON_DEBUG = 21
 
@@ -398,7 +399,7 @@ class SimulatedDevice:
 def _reason(failure: Failure) -> str:
     """One line for a connection failure, without Twisted's class prefix."""
     value = failure.value
-    text = " ".join(str(value).split())
+    text = one_line(value)
     return text or type(value).__name__
 
 

@@ -39,8 +39,10 @@ from treq.client import HTTPClient
 from ..auth import AuthError, AzureSas, OAuth2ClientCredentials, iothub_message_id
 from ..codec import Hello
 from ..config import HttpConnectorConfig
+from ..oneline import one_line
 from ..oem_json import oem_document
 from ..relay import DeliveryFailed, DeviceProfile, StatelessLink, Upload
+from ..tls import load_client_certificate
 from ..templates import device_fields, expand, expand_url
 
 log = Logger(namespace="oemrelay.connectors.http")
@@ -77,16 +79,6 @@ class ClientCertificatePolicy:
         )
 
 
-def load_client_certificate(cert_file: str, key_file: str = "") -> PrivateCertificate:
-    """The certificate and private key in ``cert_file`` (and ``key_file``)."""
-    with open(cert_file, "rb") as f:
-        pem = f.read()
-    if key_file:
-        with open(key_file, "rb") as f:
-            pem += b"\n" + f.read()
-    return PrivateCertificate.loadPEM(pem)
-
-
 def build_http_client(reactor, config: HttpConnectorConfig) -> tuple[HTTPClient, HTTPConnectionPool]:
     """A treq client with its own connection pool; HTTPS is always verified."""
     pool = HTTPConnectionPool(reactor, persistent=True)
@@ -112,17 +104,13 @@ def _timed_out(result: object, timeout: float) -> None:
     raise TimeoutError(f"no answer within {timeout}s")
 
 
-def _one_line(text: str) -> str:
-    return " ".join(text.split())
-
-
 def _describe_error(error: BaseException) -> str:
     if isinstance(error, ResponseFailed):
         return "; ".join(
-            _one_line(str(reason.value) or reason.type.__name__)
+            one_line(str(reason.value) or reason.type.__name__)
             for reason in error.reasons
         )
-    return _one_line(str(error)) or type(error).__name__
+    return one_line(str(error)) or type(error).__name__
 
 
 class HttpConnector(Service):
@@ -234,7 +222,7 @@ class HttpConnector(Service):
                     break
                 self._oauth.invalidate(token)
         if not 200 <= response.code < 300:
-            quoted = _one_line(answer[:_QUOTED_BODY].decode("utf-8", "replace"))
+            quoted = one_line(answer[:_QUOTED_BODY].decode("utf-8", "replace"))
             raise DeliveryFailed(
                 f"connector {self.name}: {self._target} answered {response.code}"
                 + (f": {quoted}" if quoted else "")

@@ -17,12 +17,12 @@ from typing import Any
 
 from twisted.enterprise import adbapi
 
-from ..codec import Hello
+from ..codec import UINT32_MAX, Hello
 from ..commands import iso8601
 from ..relay import DeviceProfile
 from .database import Database, returns_deferred
 
-MAX_SERIAL = 0xFFFFFFFF
+MAX_SERIAL = UINT32_MAX
 
 #: The JSON Schema of each kind of field value (nullability aside).
 FIELD_KINDS: Mapping[str, Mapping[str, Any]] = {
@@ -191,6 +191,23 @@ def check_count(name: str, value: object) -> int:
     return value
 
 
+def unstorable_text(key: str, value: str) -> str | None:
+    """
+    Why ``value`` cannot be stored as the text setting ``key``, or None.
+
+    PostgreSQL text cannot hold NUL and no database can hold a lone surrogate
+    (a JSON ``"\ud800"`` escape): both are refused on every database alike.
+    """
+    if "\x00" in value:
+        return f"{key} must not contain NUL characters"
+    if not value.isascii():
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return f"{key} must not contain lone surrogates"
+    return None
+
+
 def _check_settings(
     changes: object, allowed: Iterable[str] = DEVICE_SETTINGS
 ) -> dict[str, str | None]:
@@ -211,9 +228,9 @@ def _check_settings(
             continue
         if not isinstance(value, str):
             raise ValueError(f"{key} must be a string, not {type(value).__name__}")
-        if "\x00" in value:
-            # PostgreSQL cannot store it, SQLite can: refuse it on both.
-            raise ValueError(f"{key} contains a NUL character")
+        problem = unstorable_text(key, value)
+        if problem:
+            raise ValueError(problem)
         checked[key] = (value or None) if key == "connector" else value
     return checked
 
