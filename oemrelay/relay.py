@@ -25,8 +25,9 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from .oneline import one_line
 from .codec import Frame, Hello, Record
+from .events import Observers
+from .oneline import one_line
 
 log = Logger(namespace="oemrelay.relay")
 
@@ -67,7 +68,15 @@ class DeviceProfile:
 
 
 class DeliveryFailed(Exception):
-    """The end server did not accept an upload.  The message is one line."""
+    """
+    The end server did not accept an upload.  The message is one line;
+    ``kind`` is a short fixed word for counting why (see
+    :meth:`oemrelay.events.RelayObserver.commit_withheld`).
+    """
+
+    def __init__(self, message: str, kind: str = "refused") -> None:
+        super().__init__(message)
+        self.kind = kind
 
 
 class Link(Protocol):
@@ -166,6 +175,7 @@ class Relay:
         node: str = "",
         clock: IReactorTime | None = None,
         max_held_frames: int = MAX_HELD_FRAMES,
+        observers: Observers | None = None,
     ) -> None:
         if default_connector not in connectors:
             raise ValueError(f"no connector named {default_connector!r}")
@@ -175,6 +185,8 @@ class Relay:
         self.node = node
         self._clock = clock
         self.max_held_frames = max_held_frames
+        #: Told of what every device connection does (metrics, live view).
+        self.observers = observers or Observers()
         self.presence = _Presence(self)
 
     def now(self) -> float:
@@ -320,14 +332,16 @@ class DeviceRoute:
             raise
         except Exception as error:
             raise DeliveryFailed(
-                f"device registry unavailable: {one_line(error)}"
+                f"device registry unavailable: {one_line(error)}", "registry"
             ) from None
         if self._closed:
             # Closed while the profile was looked up: open no new link.
-            raise DeliveryFailed("device connection closed before delivery")
+            raise DeliveryFailed("device connection closed before delivery", "closed")
         name = profile.connector or self._relay.default_connector
         if name not in self._relay.connectors:
-            raise DeliveryFailed(f"device's connector {name!r} is not configured")
+            raise DeliveryFailed(
+                f"device's connector {name!r} is not configured", "configuration"
+            )
         await self.link_for(name).deliver(upload, profile)
 
     def committed(self, upload: Upload) -> None:

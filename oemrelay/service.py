@@ -32,8 +32,9 @@ from zope.interface import implementer
 from .api import build_api
 from .config import Config
 from .connectors import build_connector
-from .registry import Registry
+from .events import Observers
 from .oneline import one_line
+from .registry import Registry
 from .relay import Relay
 from .session import DeviceFactory
 
@@ -169,9 +170,12 @@ def build_service(config: Config, reactor) -> MultiService:
     on_start_failure = stop_after_failed_start(reactor)
     registry = Registry.from_url(config.relay.registry, reactor)
     RegistryService(registry, config.relay.node, on_start_failure).setServiceParent(top)
+    observers = Observers()
     connectors = {}
     for name, connector_config in config.connectors.items():
-        connector = build_connector(connector_config, reactor, config.relay.max_message)
+        connector = build_connector(
+            connector_config, reactor, config.relay.max_message, observers
+        )
         if IService.providedBy(connector):
             connector.setServiceParent(top)
         connectors[name] = connector
@@ -181,6 +185,7 @@ def build_service(config: Config, reactor) -> MultiService:
         registry,
         node=config.relay.node,
         clock=reactor,
+        observers=observers,
     )
     devices = DeviceFactory(
         relay,

@@ -203,11 +203,11 @@ class DeviceSession:
         (State.ASYNC_SESSION, Input.ASYNC_DONE,     State.IDLE,          ("_complete_async", "_replay_waiting")),
         (State.COMMITTING,    Input.DRAIN,          State.DRAINING,      ()),
         (State.DRAINING,      FRAMES + (Input.DRAIN,), State.DRAINING,   ()),
-        (State.DRAINING,      Input.DELIVERED,      State.CLOSED,        ("_commit", "_close")),
+        (State.DRAINING,      Input.DELIVERED,      State.CLOSED,        ("_commit", "_note_drained", "_close")),
         (State.DRAINING,      Input.NOT_DELIVERED,  State.CLOSED,        ("_withhold", "_close")),
-        (_NOT_COMMITTING,     Input.DRAIN,          State.CLOSED,        ("_close",)),
-        (_OPEN,               Input.END_SERVER_LOST, State.CLOSED,       ("_warn_closing", "_close")),
-        (_OPEN,               Input.PROTOCOL_ERROR, State.CLOSED,        ("_warn_closing", "_close")),
+        (_NOT_COMMITTING,     Input.DRAIN,          State.CLOSED,        ("_note_drained", "_close")),
+        (_OPEN,               Input.END_SERVER_LOST, State.CLOSED,       ("_warn_closing", "_note_end_server_lost", "_close")),
+        (_OPEN,               Input.PROTOCOL_ERROR, State.CLOSED,        ("_warn_closing", "_note_protocol_error", "_close")),
         (_OPEN,               Input.CONNECTION_LOST, State.CLOSED,       ("_log_disconnect", "_discard")),
         # Closed: frames and late failures are dropped; late results tidy up.
         (State.CLOSED,        Input.DELIVERED,      State.CLOSED,        ("_log_late_delivery",)),
@@ -249,6 +249,9 @@ class DeviceSession:
         self._waiting: deque[Frame] = deque()
         # The command id and the Deferred awaiting its 0x21, in an async session.
         self._awaited_response: tuple[int, Deferred[int]] | None = None
+        self._observers = relay.observers
+        #: How the connection ended, for observers; set when the relay closes it.
+        self.outcome = "device"
 
     @property
     def state(self) -> State:
@@ -289,6 +292,8 @@ class DeviceSession:
             self._input(event, frame)
         except ProtocolError as error:
             self._input(Input.PROTOCOL_ERROR, str(error))
+        if self.hello is not None:
+            self._observers.frame_received(self.hello, frame)
 
     def protocol_error(self, reason: str) -> None:
         """The device broke the protocol: log it, drop its records, hang up."""
@@ -308,6 +313,12 @@ class DeviceSession:
     def _end_server_lost(self, reason: str) -> None:
         self._input(Input.END_SERVER_LOST, f"end server link lost: {reason}")
 
+    def _note_end_server_lost(self, _: object) -> None:
+        self.outcome = "end_server_lost"
+
+    def _note_drained(self, _: object) -> None:
+        self.outcome = "drained"
+
     # -- hello -----------------------------------------------------------------
 
     def _take_hello(self, frame: Frame) -> None:
@@ -319,6 +330,7 @@ class DeviceSession:
             imei=hello.imei,
             fw=hello.firmware,
         )
+        self._observers.device_connected(hello, self.peer)
 
     def _open_route(self, _: object) -> None:
         # A link failing while it opens feeds END_SERVER_LOST first.
@@ -407,6 +419,7 @@ class DeviceSession:
         )
         # The byte budget is per upload: a long-lived connection starts afresh.
         self._frames, self._records, self._pending_bytes = [], [], 0
+        self._observers.upload_received(upload)
         delivery = Deferred.fromCoroutine(self._route.deliver(upload))
         delivery.addTimeout(self._commit_timeout, self._clock, _commit_timed_out)
         delivery.addCallbacks(
@@ -421,15 +434,18 @@ class DeviceSession:
 
     def _not_delivered(self, failure: Failure, upload: Upload) -> None:
         if failure.check(TimeoutError, CancelledError):
+            kind = "timeout"
             reason = f"not confirmed within commit_timeout {self._commit_timeout:g}s"
         elif failure.check(DeliveryFailed):
+            kind = failure.value.kind
             reason = describe_failure(failure)
         else:
             log.failure(
                 "bug delivering for device {serial}", failure, serial=self.serial
             )
+            kind = "internal"
             reason = describe_failure(failure)
-        self._input(Input.NOT_DELIVERED, (upload, reason))
+        self._input(Input.NOT_DELIVERED, (upload, kind, reason))
 
     def _answer_commit(self, _: object) -> None:
         self._channel.send(COMMIT_SUCCESS)
@@ -440,10 +456,13 @@ class DeviceSession:
         # No log line per commit: twistd logs every level, and commits are
         # the hot path; the registry counts them.
         self._route.committed(upload)
+        self._observers.upload_committed(upload, self._clock.seconds() - upload.received_at)
 
-    def _withhold(self, upload_and_reason: tuple[Upload, str]) -> None:
-        upload, reason = upload_and_reason
+    def _withhold(self, withheld: tuple[Upload, str, str]) -> None:
+        upload, kind, reason = withheld
+        self.outcome = "withheld"
         self._route.withheld(upload, reason)
+        self._observers.commit_withheld(upload, kind, reason)
         log.warn(
             "device {serial} from {peer}: commit of {count} records withheld,"
             " closing so the device resends: {reason}",
@@ -562,6 +581,7 @@ class DeviceSession:
                 expected=expected,
             )
             return
+        self._observers.command_answered(self.hello, message_id, status)
         answer.callback(status)
 
     def _complete_async(self, _: object) -> None:
@@ -577,6 +597,10 @@ class DeviceSession:
 
     # -- teardown ------------------------------------------------------------
 
+    def _note_protocol_error(self, reason: str) -> None:
+        self.outcome = "protocol_error"
+        self._observers.protocol_error(self.hello, self.peer, reason)
+
     def _warn_closing(self, reason: str) -> None:
         log.warn(
             "device {serial} from {peer}: closing: {reason}",
@@ -586,6 +610,7 @@ class DeviceSession:
         )
 
     def _log_disconnect(self, _: object) -> None:
+        self._observers.connection_closed(self.hello, self.peer, self.outcome)
         if self.hello is not None:
             log.info(
                 "device {serial} from {peer} disconnected"
@@ -652,6 +677,7 @@ class DeviceProtocol(Protocol, TimeoutMixin):
             max_waiting_frames=self._factory.max_waiting_frames,
         )
         self.setTimeout(self._factory.idle_timeout)
+        self._factory.relay.observers.connection_opened(self.session.peer)
 
     def _peer_text(self) -> str:
         peer = self.transport.getPeer()
@@ -683,6 +709,7 @@ class DeviceProtocol(Protocol, TimeoutMixin):
             peer=self.session.peer,
             seconds=self._factory.idle_timeout,
         )
+        self.session.outcome = "idle"
         self.transport.abortConnection()
 
     def connectionLost(self, reason: Failure = None) -> None:
@@ -707,6 +734,9 @@ class DeviceProtocol(Protocol, TimeoutMixin):
 
 class DeviceFactory(Factory):
     """Makes a :class:`DeviceProtocol` per device connection."""
+
+    # No "Starting factory <object at 0x...>" lines: start-up says what runs.
+    noisy = False
 
     def __init__(
         self,

@@ -16,17 +16,23 @@ from ..config import (
     HttpConnectorConfig,
     TcpConnectorConfig,
 )
+from ..events import RelayObserver
 from ..relay import Connector
 from .file import FileConnector
 from .http import HttpConnector, build_http_client
 from .tcp import TcpConnector
 
 
-def build_connector(config: ConnectorConfig, reactor, max_message: int) -> Connector:
-    """The connector for one configured section, using ``reactor``."""
+def build_connector(
+    config: ConnectorConfig,
+    reactor,
+    max_message: int,
+    observers: RelayObserver | None = None,
+) -> Connector:
+    """The connector for one configured section, using ``reactor``, telling ``observers``."""
     if isinstance(config, HttpConnectorConfig):
         client, pool = build_http_client(reactor, config)
-        return HttpConnector(config, client, reactor, pool)
+        return HttpConnector(config, client, reactor, pool, observers)
     if isinstance(config, TcpConnectorConfig):
         return TcpConnector.from_config(config, reactor, max_message)
     if isinstance(config, FileConnectorConfig):

@@ -117,7 +117,7 @@ class FileConnector(Service):
     def deliver(self, upload: Upload, profile: DeviceProfile) -> Deferred[None]:
         if self._stopping:
             # The writer thread is going; the device keeps its records.
-            return fail(DeliveryFailed(f"connector {self.name}: shutting down"))
+            return fail(DeliveryFailed(f"connector {self.name}: shutting down", "stopping"))
         done: Deferred[None] = Deferred()
         self._queued.append((oem_document(upload.hello, upload.records) + b"\n", done))
         if not self._writing:
@@ -138,7 +138,8 @@ class FileConnector(Service):
         if isinstance(result, Failure):
             error = DeliveryFailed(
                 f"connector {self.name}: cannot write {self.path}:"
-                f" {result.getErrorMessage()}"
+                f" {result.getErrorMessage()}",
+                "storage",
             )
             for _, done in batch:
                 done.errback(error)

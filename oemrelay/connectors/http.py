@@ -39,6 +39,7 @@ from treq.client import HTTPClient
 from ..auth import AuthError, AzureSas, OAuth2ClientCredentials, iothub_message_id
 from ..codec import Hello
 from ..config import HttpConnectorConfig
+from ..events import RelayObserver
 from ..oneline import one_line
 from ..oem_json import oem_document
 from ..relay import DeliveryFailed, DeviceProfile, StatelessLink, Upload
@@ -122,12 +123,14 @@ class HttpConnector(Service):
         http_client: HTTPClient,
         clock: IReactorTime,
         pool: HTTPConnectionPool | None = None,
+        observers: RelayObserver | None = None,
     ) -> None:
         self.name = config.name
         self._config = config
         self._client = http_client
         self._clock = clock
         self._pool = pool
+        self._observers = observers or RelayObserver()
         self._link = StatelessLink(self.deliver)
         # The host is safe to log; path and query may hold per-device secrets.
         self._target = urlsplit(config.url).netloc.split("@")[-1]
@@ -187,7 +190,7 @@ class HttpConnector(Service):
                 authorization = self._sas.authorization(fields)
             except ValueError as error:
                 raise DeliveryFailed(
-                    f"connector {self.name}: device {hello.serial}: {error}"
+                    f"connector {self.name}: device {hello.serial}: {error}", "auth"
                 ) from None
             headers[b"Authorization"] = [self._header_value("Authorization", authorization)]
         return headers
@@ -196,7 +199,8 @@ class HttpConnector(Service):
         if "\r" in value or "\n" in value:
             raise DeliveryFailed(
                 f"connector {self.name}: header {name} would contain CR or LF"
-                " after substitution; not sent"
+                " after substitution; not sent",
+                "request",
             )
         return value.encode("utf-8")
 
@@ -232,10 +236,11 @@ class HttpConnector(Service):
         try:
             return await self._oauth.token()
         except AuthError as error:
-            raise DeliveryFailed(f"connector {self.name}: {error}") from None
+            raise DeliveryFailed(f"connector {self.name}: {error}", "auth") from None
 
     async def _send(self, url: str, headers: dict, body: bytes) -> tuple[object, bytes]:
         """One POST: the response and its whole body."""
+        started = self._clock.seconds()
         try:
             # A redirect is a refusal: following it would re-send the upload
             # as a GET (303) or put the request URL into the reason (301).
@@ -245,19 +250,30 @@ class HttpConnector(Service):
             response = await request.addTimeout(
                 self._config.timeout, self._clock, _timed_out
             )
-            return response, await self._client_content(response)
+            answer = await self._client_content(response)
         except TimeoutError:
+            self._attempted("timeout", started)
             raise DeliveryFailed(
                 f"connector {self.name}: {self._target} did not answer within"
-                f" {self._config.timeout:g}s"
+                f" {self._config.timeout:g}s",
+                "timeout",
             ) from None
         except CancelledError:
             raise
         except Exception as error:
+            self._attempted("error", started)
             raise DeliveryFailed(
                 f"connector {self.name}: POST to {self._target} failed:"
-                f" {_describe_error(error)}"
+                f" {_describe_error(error)}",
+                "unreachable",
             ) from None
+        self._attempted(f"{response.code // 100}xx", started)
+        return response, answer
+
+    def _attempted(self, outcome: str, started: float) -> None:
+        self._observers.delivery_attempted(
+            self.name, outcome, self._clock.seconds() - started
+        )
 
     def _client_content(self, response) -> Deferred[bytes]:
         # Read the whole answer so the connection can go back to the pool.

@@ -345,7 +345,9 @@ class TcpLink:
         self._on_lost(f"connector {self._connector.name}: {reason}")
 
     def _failed(self, reason: str) -> Failure:
-        return Failure(DeliveryFailed(f"connector {self._connector.name}: {reason}"))
+        return Failure(
+            DeliveryFailed(f"connector {self._connector.name}: {reason}", "end_server")
+        )
 
     def _other_frame(self, frame: Frame) -> None:
         log.info(
