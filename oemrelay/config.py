@@ -202,6 +202,16 @@ def _auth_scheme(value: str) -> str:
     return value
 
 
+#: How an http connector's POST carries the OEM JSON document.
+BODY_FORMATS = ("json", "form")
+
+
+def _body_format(value: str) -> str:
+    if value not in BODY_FORMATS:
+        raise ValueError(f"must be json or form, got {value!r}")
+    return value
+
+
 _MAX_TOKEN_TTL = 10 * 365 * 24 * 3600
 
 
@@ -338,6 +348,13 @@ class HttpConnectorConfig:
     )
     timeout: float = _setting(
         _positive_number, "10", "Seconds for the end server to answer one POST."
+    )
+    body: str = _setting(
+        _body_format,
+        "json",
+        "json: the OEM JSON document as the body (application/json); form: an"
+        " application/x-www-form-urlencoded body DeviceData=<the same JSON>,"
+        " as older OEM Servers posted it.",
     )
     ca_file: str = _setting(_ca_file, "", "PEM file of a private CA to trust as well.")
     client_cert: str = _setting(

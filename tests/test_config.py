@@ -1319,3 +1319,30 @@ class SchemaTests(SynchronousTestCase):
             [sys.executable, "-c", probe], capture_output=True, text=True, check=True
         ).stdout
         self.assertEqual(output.strip(), "[]")
+
+
+class HttpBodyConfigTests(ConfigErrorAssertions, SynchronousTestCase):
+    """``body`` of an http connector: json (the default) or form."""
+
+    SECTION = "[connector:main]\ntype = http\nurl = http://end.example/in\n"
+
+    def test_default_json(self) -> None:
+        """Without the key the body is JSON."""
+        self.assertEqual(config_from_string(self.SECTION).connectors["main"].body, "json")
+
+    def test_form(self) -> None:
+        """body = form is taken."""
+        config = config_from_string(self.SECTION + "body = form\n")
+        self.assertEqual(config.connectors["main"].body, "form")
+
+    def test_other_value_refused(self) -> None:
+        """Any other body format is one line naming the section and key."""
+        self.assert_error(self.SECTION + "body = xml\n", "[connector:main]", "body", "json or form")
+
+    def test_not_for_iothub(self) -> None:
+        """An azure-iothub connector always posts JSON: body is an unknown key there."""
+        self.assert_error(
+            "[connector:hub]\ntype = azure-iothub\nhub = myhub\nbody = form\n",
+            "[connector:hub]",
+            "body",
+        )

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 from base64 import b64encode
+from urllib.parse import parse_qs
 
 import twisted
 from cryptography import x509
@@ -42,6 +43,7 @@ from oemrelay.connectors.http import (
     HttpConnector,
     PlatformTrustPlusCA,
     build_http_client,
+    form_body,
 )
 from oemrelay.oem_json import oem_document
 from oemrelay.relay import DeliveryFailed, DeviceProfile, StatelessLink, Upload
@@ -156,6 +158,24 @@ class HttpConnectorTests(SynchronousTestCase):
         self.assertEqual(document["SerNo"], 129336)
         self.assertEqual(document["IMEI"], "353323081669730")
         self.assertEqual([r["SeqNo"] for r in document["Records"]], [565, 566])
+
+    def test_form_body(self) -> None:
+        """body = form posts DeviceData=<the OEM JSON> form-encoded, which a form parser reads back exactly."""
+        self.successResultOf(self.deliver(body="form"))
+        request = self.only_request()
+        self.assertEqual(
+            request["headers"][b"content-type"], [b"application/x-www-form-urlencoded"]
+        )
+        fields = parse_qs(request["body"].decode("ascii"), strict_parsing=True)
+        self.assertEqual(list(fields), ["DeviceData"])
+        self.assertEqual(
+            fields["DeviceData"], [oem_document(UPLOAD.hello, UPLOAD.records).decode("utf-8")]
+        )
+
+    def test_form_body_escapes_what_a_form_would_misread(self) -> None:
+        """In a form body '&', '=', '+' and spaces of the JSON are percent-encoded (a space as '+')."""
+        encoded = form_body(b'{"Text": "a&b=c+d e"}')
+        self.assertEqual(encoded, b"DeviceData=%7B%22Text%22%3A+%22a%26b%3Dc%2Bd+e%22%7D")
 
     def test_one_post_per_upload(self) -> None:
         """Each upload is its own POST."""

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from base64 import b64encode
 from http.cookiejar import CookieJar, DefaultCookiePolicy
-from urllib.parse import urlsplit
+from urllib.parse import quote_plus, urlsplit
 
 from twisted.application.service import Service
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError
@@ -47,6 +47,15 @@ from ..tls import load_client_certificate
 from ..templates import device_fields, expand, expand_url
 
 log = Logger(namespace="oemrelay.connectors.http")
+
+#: The Content-Type of each body format (a configured header may override it).
+_CONTENT_TYPES = {"json": b"application/json", "form": b"application/x-www-form-urlencoded"}
+
+
+def form_body(document: bytes) -> bytes:
+    """``DeviceData=<document>`` form-encoded, as older OEM Servers posted it."""
+    return b"DeviceData=" + quote_plus(document).encode("ascii")
+
 
 #: How much of a refusing end server's answer is quoted in the log.
 _QUOTED_BODY = 200
@@ -172,7 +181,7 @@ class HttpConnector(Service):
             or the device's SAS key is missing or unusable.
         """
         fields = device_fields(hello, profile)
-        headers = {b"Content-Type": [b"application/json"]}
+        headers = {b"Content-Type": [_CONTENT_TYPES[self._config.body]]}
         for name, template in self._config.headers:
             value = self._header_value(name, expand(template, fields))
             if name.lower() == "content-type":
@@ -214,6 +223,8 @@ class HttpConnector(Service):
             message_id = iothub_message_id(upload.hello.serial, upload.first_seq)
             headers[b"iothub-messageid"] = [message_id.encode("ascii")]
         body = oem_document(upload.hello, upload.records)
+        if self._config.body == "form":
+            body = form_body(body)
         if self._oauth is None:
             response, answer = await self._send(url, headers, body)
         else:
