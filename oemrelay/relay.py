@@ -31,6 +31,10 @@ from .oneline import one_line
 
 log = Logger(namespace="oemrelay.relay")
 
+#: (serial, what) pairs remembered for log-once warnings; then forgotten, so
+#: a fleet of odd devices cannot grow the set without bound.
+MAX_REPORTED = 10_000
+
 #: Frames outside uploads held for a link not yet open; more are dropped.
 MAX_HELD_FRAMES = 64
 
@@ -176,6 +180,7 @@ class Relay:
         clock: IReactorTime | None = None,
         max_held_frames: int = MAX_HELD_FRAMES,
         observers: Observers | None = None,
+        max_reported: int = MAX_REPORTED,
     ) -> None:
         if default_connector not in connectors:
             raise ValueError(f"no connector named {default_connector!r}")
@@ -188,10 +193,25 @@ class Relay:
         #: Told of what every device connection does (metrics, live view).
         self.observers = observers or Observers()
         self.presence = _Presence(self)
+        self._reported: set[tuple[int, object]] = set()
+        self._max_reported = max_reported
 
     def now(self) -> float:
         """The time registry entries are stamped with."""
         return self._clock.seconds() if self._clock is not None else time.time()
+
+    def first_report(self, serial: int, what: object) -> bool:
+        """
+        True the first time ``what`` is reported for device ``serial`` (for
+        warnings logged once per device, across its connections).
+        """
+        key = (serial, what)
+        if key in self._reported:
+            return False
+        if len(self._reported) >= self._max_reported:
+            self._reported.clear()
+        self._reported.add(key)
+        return True
 
     def open_route(self, hello: Hello, on_lost: Callable[[str], None]) -> DeviceRoute:
         """

@@ -383,6 +383,7 @@ class DeviceSession:
             self._check_fixed_checksums(records)
         else:
             records = parse_data_records(frame.payload)
+            self._report_short_fields(records)
         self._pending_bytes += len(frame.payload)
         if self._pending_bytes > self._max_uncommitted_bytes:
             raise ProtocolError(
@@ -392,6 +393,20 @@ class DeviceSession:
         self._frames.append(frame)
         self._records.extend(records)
         self._unconfirmed_records += len(records)
+
+    def _report_short_fields(self, records: list[Record]) -> None:
+        for record in records:
+            for short in record.short_fields:
+                if self._relay.first_report(self.hello.serial, short.field_id):
+                    log.warn(
+                        "device {serial} from {peer}: field {field_id} has {size}"
+                        " bytes, fewer than its layout; forwarded as FType 257"
+                        " (ShortOf {field_id}); logged once per device and field",
+                        serial=self.serial,
+                        peer=self.peer,
+                        field_id=short.field_id,
+                        size=len(short.data),
+                    )
 
     def _check_fixed_checksums(self, records: list[Record]) -> None:
         for record in records:

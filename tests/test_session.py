@@ -24,6 +24,9 @@ from twisted.trial.unittest import SynchronousTestCase
 from oemrelay import session as session_module
 from oemrelay.session import FRAMES, Input, State
 from oemrelay.codec import (
+    RawField,
+    Record,
+    encode_data_records,
     EPOCH_2013,
     MAX_PAYLOAD,
     Frame,
@@ -1533,3 +1536,47 @@ class RegistryEventTests(RegistryTestMixin, SynchronousTestCase):
         self.send(DATA_2, COMMIT)
         self.assertEqual(link.deliveries[0][1], DeviceProfile(custom1="fleet 7"))
         self.assertIs(self.registry.named("profile_for")[0][0], self.protocol.session.hello)
+
+
+def short_gps_frame(seq: int) -> bytes:
+    """A 0x04 frame with one record whose GPS field (id 0) has 10 bytes, fewer than its 21."""
+    record = Record(seq, 0, 11, (RawField(0, bytes(10)),))
+    return encode_frame(MessageType.DATA_RECORDS, encode_data_records([record]))
+
+
+class ShortFieldTests(SessionTestMixin, SynchronousTestCase):
+    """A known field shorter than its layout is warned about once per device and field."""
+
+    def short_field_warnings(self) -> list[str]:
+        return [text for text in self.warnings() if "fewer than its layout" in text]
+
+    def test_warned_once_across_uploads_and_connections(self) -> None:
+        """Two uploads on one connection, then a reconnect: one warning naming serial, peer, field and size."""
+        self.greet()
+        self.send(short_gps_frame(1), short_gps_frame(2), COMMIT)
+        self.link.answer().callback(None)
+        self.send(short_gps_frame(3), COMMIT)
+        self.link.answer().callback(None)
+        self.transport.loseConnection()
+        self.protocol, self.transport = self.connect()
+        self.greet()
+        self.send(short_gps_frame(4))
+        (warning,) = self.short_field_warnings()
+        for fragment in ("129336", PEER_TEXT, "field 0 has 10 bytes", "FType 257"):
+            self.assertIn(fragment, warning)
+
+    def test_records_still_delivered(self) -> None:
+        """The record with the short field is part of the upload, not dropped."""
+        self.greet()
+        self.send(short_gps_frame(7), COMMIT)
+        self.assertEqual([r.seq for r in self.link.uploads[0].records], [7])
+
+    def test_remembered_reports_bounded(self) -> None:
+        """At max_reported remembered pairs the memory is cleared, so the next pair is reported anew."""
+        relay = Relay({"main": self.connector}, "main", max_reported=2)
+        self.assertTrue(relay.first_report(1, 0))
+        self.assertFalse(relay.first_report(1, 0))
+        self.assertTrue(relay.first_report(2, 0))
+        self.assertFalse(relay.first_report(2, 0))
+        self.assertTrue(relay.first_report(3, 0))  # cleared at two remembered
+        self.assertTrue(relay.first_report(1, 0))
