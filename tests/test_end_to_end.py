@@ -37,13 +37,13 @@ from oemrelay.codec import (
     EPOCH_2013,
     Frame,
     FrameDecoder,
-    Hello,
     MessageType,
     ProtocolError,
     encode_frame,
     hello_response,
     parse_hello,
 )
+from oemrelay.simulator import simulated_hello
 
 from .vectors import capture
 
@@ -116,16 +116,9 @@ def seq_numbers(body: bytes) -> list[int]:
 
 
 def device_hello(serial: int) -> bytes:
-    """A 49-byte hello for another device, like the Dart's."""
-    return Hello(
-        serial,
-        imei=f"35332308{serial:07d}",
-        iccid=f"8961018500{serial:010d}",
-        product_id=34,
-        hardware_rev=2,
-        firmware_major=1,
-        firmware_minor=9,
-    ).to_frame()
+    """A 49-byte hello for another device: the simulator's Dart."""
+    return simulated_hello(serial).to_frame()
+
 
 class _Daemon(ProcessProtocol):
     """The twistd child: its output, the port it listens on, how it ended."""
@@ -679,7 +672,7 @@ class HttpRelayEndToEndTests(_RelayTestCase):
         self.assertEqual(sorted(json.loads(p.body)["SerNo"] for p in server.requests), serials)
         self.assertEqual(
             sorted(p.uri for p in server.requests),
-            [f"/dm/{serial}?imei=35332308{serial:07d}" for serial in serials],
+            [f"/dm/{serial}?imei={simulated_hello(serial).imei}" for serial in serials],
         )
         self.assertTrue(all(seq_numbers(p.body) == DENMARK_SEQ for p in server.requests))
 
@@ -840,25 +833,34 @@ class FileRelayEndToEndTests(_RelayTestCase):
 class DaemonCommandTests(_RelayTestCase):
     """The ``twistd oemrelay`` command itself."""
 
-    async def test_bad_config_is_one_line_and_status_1(self) -> None:
-        """An unknown key makes twistd exit 1 with one line naming file, section and key."""
-        path = self.write_config(
-            f"[relay]\nlisten = {LISTEN}\n\n"
-            "[connector:main]\ntype = file\npath = uploads.jsonl\ncolour = blue\n"
-        )
+    async def exit_output(self, config_text: str) -> tuple[str, str]:
+        """
+        Start twistd on ``config_text`` and wait for it to exit with status 1
+        (so systemd sees the start fail) and no traceback.
+
+        :return: the configuration's path and the daemon's output.
+        """
+        path = self.write_config(config_text)
         daemon, _ = self.spawn_twistd(path)
         self.daemon = daemon
         await self.wait_until(lambda: daemon.ended, "twistd to exit", START_TIMEOUT)
-
         self.assertEqual(daemon.exit_code, 1)
         output = daemon.output.decode("utf-8", "replace")
+        self.assertNotIn("Traceback", output)
+        return path, output
+
+    async def test_bad_config_is_one_line_and_status_1(self) -> None:
+        """An unknown key makes twistd exit 1 with one line naming file, section and key."""
+        path, output = await self.exit_output(
+            f"[relay]\nlisten = {LISTEN}\n\n"
+            "[connector:main]\ntype = file\npath = uploads.jsonl\ncolour = blue\n"
+        )
         lines = [line for line in output.splitlines() if line.strip()]
         self.assertEqual(len(lines), 1, output)
         self.assertIn(path, lines[0])
         self.assertIn("[connector:main]", lines[0])
         self.assertIn("colour", lines[0])
-        self.assertNotIn("Traceback", output)
-        self.assertEqual(daemon.port, None)
+        self.assertEqual(self.daemon.port, None)
 
     async def test_port_in_use_is_one_line_and_status_1(self) -> None:
         """A listen port already taken makes twistd exit 1, naming [relay] listen, with no traceback."""
@@ -867,18 +869,24 @@ class DaemonCommandTests(_RelayTestCase):
         taken.bind((LOOPBACK, 0))
         taken.listen()
         busy = taken.getsockname()[1]
-        path = self.write_config(
+        _, output = await self.exit_output(
             f"[relay]\nlisten = tcp:{busy}:interface={LOOPBACK}\n\n"
             "[connector:main]\ntype = file\npath = uploads.jsonl\n"
         )
-        daemon, _ = self.spawn_twistd(path)
-        self.daemon = daemon
-        await self.wait_until(lambda: daemon.ended, "twistd to exit", START_TIMEOUT)
-
-        self.assertEqual(daemon.exit_code, 1)
-        output = daemon.output.decode("utf-8", "replace")
         self.assertIn(f"[relay] listen: tcp:{busy}:interface={LOOPBACK}: cannot listen", output)
-        self.assertNotIn("Traceback", output)
+
+    async def test_registry_cannot_open(self) -> None:
+        """A PostgreSQL registry on a closed loopback port: one critical line without the password, status 1."""
+        port = unused_port()
+        _, output = await self.exit_output(
+            f"[relay]\nlisten = {LISTEN}\n"
+            f"registry = postgresql://relay:hunter2@127.0.0.1:{port}/oemrelay?connect_timeout=2\n\n"
+            "[connector:main]\ntype = file\npath = uploads.jsonl\n"
+        )
+        lines = [line for line in output.splitlines() if "cannot open registry" in line]
+        self.assertEqual(len(lines), 1, output)
+        self.assertIn(f"127.0.0.1:{port}", lines[0])
+        self.assertNotIn("hunter2", output)
 
     async def test_sigterm_stops_cleanly(self) -> None:
         """SIGTERM shuts the daemon down cleanly: connections and port closed, no error logged."""
