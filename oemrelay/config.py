@@ -248,7 +248,9 @@ class Key:
     :ivar parse: turns the key's text into its value, or raises
         :class:`ValueError` with a one-line reason.
     :ivar default: the text used when the key is absent; ``None``: required.
-    :ivar doc: one line saying what the key means, for the reference table.
+    :ivar doc: one paragraph for an operator saying what the key means and
+        does (reStructuredText inline markup): ``docs/configuration.rst`` is
+        generated from it by :mod:`oemrelay.config_reference`.
     """
 
     parse: Callable[[str], object]
@@ -286,31 +288,66 @@ class RelayConfig:
     """``[relay]``: where devices connect and how long the relay waits."""
 
     listen: tuple[str, ...] = _setting(
-        _server_endpoints, "tcp:20500", "Twisted server endpoint strings, space separated."
+        _server_endpoints,
+        "tcp:20500",
+        "Where devices connect: one or more Twisted server endpoint strings,"
+        " space separated (this key alone may continue on indented lines)."
+        " ``tcp:20500:interface=::`` listens on every IPv6 and IPv4 address,"
+        " ``ssl:20501:privateKey=key.pem:certKey=cert.pem`` takes TLS,"
+        " ``systemd:domain=INET:index=0`` adopts a socket systemd opened"
+        " (docs/deployment.rst), ``haproxy:tcp:20510`` expects the PROXY"
+        " protocol from a load balancer in front.",
     )
     connector: str = _setting(
-        _text, "", "The [connector:NAME] devices use; empty: the only connector section."
+        _text,
+        "",
+        "The NAME of the ``[connector:NAME]`` section devices' uploads go to;"
+        " may be left empty when there is only one connector section."
+        " A device's registry entry may name another (the API's ``connector``"
+        " field), which takes effect on its next upload.",
     )
     commit_timeout: float = _setting(
-        _positive_number, "20", "Seconds for the connector to accept an upload."
+        _positive_number,
+        "20",
+        "Seconds the connector has to accept an upload (a 2xx from the HTTP"
+        " end server, ``0x06 01`` from a TCP end server, the line on disk)."
+        " If it does not in time, the relay withholds the commit and closes"
+        " the connection: the device keeps its records and sends them again."
+        " Also how long a device has to answer a command.",
     )
     idle_timeout: float = _setting(
         _positive_number,
         "600",
-        "Seconds of silence before a device is closed; more than commit_timeout.",
+        "Seconds a device connection may stay silent before the relay closes"
+        " it; must be longer than ``commit_timeout``.  Devices close their own"
+        " connection after an upload; this frees the connections of devices"
+        " that vanished (lost coverage, lost power) without closing.",
     )
     max_message: int = _setting(
-        _message_size, str(MAX_PAYLOAD), "Largest accepted payload, in bytes."
+        _message_size,
+        str(MAX_PAYLOAD),
+        "The largest message payload accepted from a device, in bytes, from 1"
+        " to 65535 (the protocol's limit).  A device that declares a longer"
+        " message is disconnected with a warning; nothing is lost, since"
+        " nothing of that upload was committed.",
     )
     #: Secret: a PostgreSQL URL may hold a password.
     registry: str = _setting(
         _registry_url,
         "sqlite:oemrelay.sqlite",
-        "sqlite:PATH (its directory must be writable) or postgresql://user@host/db.",
+        "The device registry: ``sqlite:PATH`` for one relay (relative to the"
+        " working directory; its directory must be writable), or"
+        " ``postgresql://user:password@host:5432/database`` for several relays"
+        " sharing devices and commands.  Its schema is created, or migrated,"
+        " when the relay starts.  The password is never logged.",
         secret=True,
     )
     node: str = _setting(
-        _node_name, "", "This relay's name in the registry; empty: the host name."
+        _node_name,
+        "",
+        "This relay's name in the registry, shown as a connected device's"
+        " ``node``; empty: the host name.  Give each relay sharing a"
+        " PostgreSQL registry its own.",
     )
 
 
@@ -319,16 +356,32 @@ class ApiConfig:
     """``[api]``: the management HTTP API, off unless ``listen`` is set."""
 
     listen: tuple[str, ...] = _setting(
-        _optional_server_endpoints, "", "Twisted server endpoint strings; empty: no API."
+        _optional_server_endpoints,
+        "",
+        "Where the management HTTP API listens: Twisted server endpoint"
+        " strings such as ``tcp:8080:interface=127.0.0.1``; empty: no API."
+        " Keep it on loopback or a private interface (docs/api.rst).",
     )
     token: str = _setting(
-        _text, "", "The bearer token every request must carry.", secret=True
+        _text,
+        "",
+        "The bearer token every API request must carry"
+        " (``Authorization: Bearer TOKEN``); with ``listen``, this or"
+        " ``token_file`` is required.  Make it long and random, e.g."
+        " ``python3 -c 'import secrets; print(secrets.token_urlsafe(32))'``.",
+        secret=True,
     )
 
 
 #: ``[api]`` keys read into other fields.
 _API_FILE_KEYS = {
-    "token_file": Key(_readable_file, "", "A file holding the token (instead of token)."),
+    "token_file": Key(
+        _readable_file,
+        "",
+        "A file holding the API token (surrounding white space ignored),"
+        " instead of ``token``: relay.ini can then be readable by people who"
+        " must not hold the token.",
+    ),
 }
 
 
@@ -339,52 +392,113 @@ class HttpConnectorConfig:
     name: str
     #: Secret: the path and query may hold a key (``?code=...``).
     url: str = _setting(
-        _http_url, None, "http:// or https:// URL; a template.", secret=True
+        _http_url,
+        None,
+        "The end server's ``http://`` or ``https://`` URL; one POST per upload."
+        " A template: placeholders in the path or query are replaced per"
+        " device, percent-encoded.  The host must be a name or an IPv4"
+        " address, without placeholders or ``user:password@`` (use"
+        " ``username`` and ``password``).  Never logged beyond its host.",
+        secret=True,
     )
     headers: tuple[tuple[str, str], ...] = field(default=(), repr=False)
-    username: str = _setting(_text, "", "HTTP Basic user name (a template).")
+    username: str = _setting(_text,
+        "",
+        "HTTP Basic user name, a template; setting it (or ``password``) makes"
+        " ``auth`` default to ``basic``.",
+    )
     password: str = _setting(
-        _text, "", "HTTP Basic password (a template).", secret=True
+        _text, "", "HTTP Basic password, a template.  Never logged.", secret=True
     )
     timeout: float = _setting(
-        _positive_number, "10", "Seconds for the end server to answer one POST."
+        _positive_number,
+        "10",
+        "Seconds the end server has to answer one POST; no answer in time"
+        " fails that delivery and the commit is withheld.",
+    )
+    ca_file: str = _setting(
+        _ca_file,
+        "",
+        "A PEM file of private CA certificates to trust besides the system's"
+        " (read at start).  Certificates and host names are always verified.",
     )
     body: str = _setting(
         _body_format,
         "json",
-        "json: the OEM JSON document as the body (application/json); form: an"
-        " application/x-www-form-urlencoded body DeviceData=<the same JSON>,"
-        " as older OEM Servers posted it.",
+        "``json``: the OEM JSON document is the body (``application/json``);"
+        " ``form``: an ``application/x-www-form-urlencoded`` body"
+        " ``DeviceData=<the same JSON>``, as older OEM Servers posted it, for"
+        " end servers built for those.",
     )
-    ca_file: str = _setting(_ca_file, "", "PEM file of a private CA to trust as well.")
     client_cert: str = _setting(
-        _readable_file, "", "PEM client certificate (mutual TLS), with its key."
+        _readable_file,
+        "",
+        "Mutual TLS: a PEM file with the relay's client certificate and, unless"
+        " ``client_key`` is set, its private key (both checked at start).",
     )
     client_key: str = _setting(
-        _readable_file, "", "PEM private key, if not in client_cert."
+        _readable_file, "", "The client certificate's PEM private key, if not in ``client_cert``."
     )
     #: ``none``, ``basic``, ``azure-sas`` or ``oauth2``; empty: basic when
     #: there are credentials, else none (see :attr:`auth_scheme`).
     auth: str = _setting(
-        _auth_scheme, "", "none, basic, azure-sas or oauth2; empty: basic with credentials."
+        _auth_scheme,
+        "",
+        "How the relay proves itself to the end server: ``none``, ``basic``"
+        " (``username``, ``password``), ``azure-sas`` (an Azure SAS token per"
+        " device) or ``oauth2`` (client credentials); empty: ``basic`` when"
+        " ``username`` or ``password`` is set, else ``none``.",
     )
     sas_key: str = _setting(
-        _text, "[CUSTOM3]", "Template: the device's base64 SAS key.", secret=True
+        _text,
+        "[CUSTOM3]",
+        "With ``auth = azure-sas``: a template for the base64 key tokens are"
+        " signed with, by default the device's custom field 3 (where OEM"
+        " Server keeps IoT Hub keys); with ``sas_policy``, that policy's key."
+        " A complete ``SharedAccessSignature ...`` value is sent as it is.",
+        secret=True,
     )
-    sas_policy: str = _setting(_text, "", "Shared access policy name (adds skn=).")
+    sas_policy: str = _setting(
+        _text,
+        "",
+        "With ``auth = azure-sas``: a shared access policy name; tokens then"
+        " end with ``&skn=NAME`` and ``sas_key`` is the policy's key.  Empty:"
+        " per-device keys.",
+    )
     sas_resource: str = _setting(
-        _text, "", "Template; empty: the URL's host and path up to /messages."
+        _text,
+        "",
+        "With ``auth = azure-sas``: the resource tokens are signed for, a"
+        " template such as ``myhub.azure-devices.net/devices/[CUSTOM1]``;"
+        " empty: the URL's host and path up to ``/messages``.",
     )
     token_ttl: int = _setting(
-        _whole_seconds, "3600", "SAS token lifetime in seconds, at most ten years."
+        _whole_seconds,
+        "3600",
+        "With ``auth = azure-sas``: a token's lifetime in seconds, from 1 to"
+        " 315360000 (ten years).  Tokens are cached per device and renewed"
+        " before they expire.",
     )
     #: Secret: the query may hold a key.
     token_url: str = _setting(
-        _optional_http_url, "", "OAuth2 token endpoint.", secret=True
+        _optional_http_url,
+        "",
+        "With ``auth = oauth2``: the token endpoint (client-credentials"
+        " grant).  One bearer token serves every device; it is cached until"
+        " shortly before it expires, and fetched again once when the end"
+        " server answers 401.",
+        secret=True,
     )
-    client_id: str = _setting(_text, "", "OAuth2 client id.")
-    client_secret: str = _setting(_text, "", "OAuth2 client secret.", secret=True)
-    scope: str = _setting(_text, "", "OAuth2 scope (optional).")
+    client_id: str = _setting(
+        _text,
+        "",
+        "With ``auth = oauth2``: the client id, sent with ``client_secret`` as"
+        " HTTP Basic to ``token_url``.",
+    )
+    client_secret: str = _setting(_text, "", "With ``auth = oauth2``: the client secret.  Never logged.", secret=True)
+    scope: str = _setting(
+        _text, "", "With ``auth = oauth2``: the scope to ask for; empty: none."
+    )
     #: Azure IoT Hub: add ``iothub-messageid`` to each request.
     iothub: bool = False
 
@@ -402,7 +516,12 @@ class TcpConnectorConfig:
 
     name: str
     endpoint: str = _setting(
-        _client_endpoint, None, "Twisted client endpoint string of the end server."
+        _client_endpoint,
+        None,
+        "The end server, as a Twisted client endpoint string:"
+        " ``tcp:host=10.0.0.5:port=5027``, or ``tls:host=example.com:port=5028``"
+        " (certificate verified).  The relay opens one connection there per"
+        " device connection and plays the device.",
     )
 
 
@@ -412,7 +531,11 @@ class FileConnectorConfig:
 
     name: str
     path: str = _setting(
-        _appendable_path, None, "JSON-lines file; its directory must be writable."
+        _appendable_path,
+        None,
+        "The file each upload is appended to as one line of OEM JSON, fsync'd"
+        " before the commit; relative to the working directory.  Its directory"
+        " must exist and be writable when the relay starts.",
     )
 
 
@@ -433,7 +556,14 @@ _Schema = Mapping[str, Key]
 
 #: The http connector keys read into ``headers``.
 _HEADER_KEYS: _Schema = {
-    f"header{n}": Key(_header, "", "'Name: value' extra header; the value is a template.")
+    f"header{n}": Key(
+        _header,
+        "",
+        "``Name: value``: an extra request header, like OEM Server's three"
+        " custom headers; the value is a template.  A substituted value"
+        " holding CR or LF is refused: that upload is not sent and its commit"
+        " is withheld.",
+    )
     for n in (1, 2, 3)
 }
 
@@ -457,9 +587,25 @@ SCHEMA: Mapping[str, _Schema] = MappingProxyType(
         "api": {**_keys_of(ApiConfig), **_API_FILE_KEYS},
         "http": {**_keys_of(HttpConnectorConfig), **_HEADER_KEYS},
         "azure-iothub": {
-            "hub": Key(_required, None, "The hub's name (myhub) or full host name."),
-            "device_id": Key(_required, "[CUSTOM1]", "The IoT Hub device id (a template)."),
-            "url": Key(_optional_http_url, "", "Override the hub's URL (a test double)."),
+            "hub": Key(
+                _required,
+                None,
+                "The IoT Hub's name (``myhub``, meaning"
+                " ``myhub.azure-devices.net``) or its full host name.",
+            ),
+            "device_id": Key(
+                _required,
+                "[CUSTOM1]",
+                "The IoT Hub device id, a template; by default the device's"
+                " custom field 1.",
+            ),
+            "url": Key(
+                _optional_http_url,
+                "",
+                "Replaces the URL made from ``hub`` and ``device_id`` (a test"
+                " double, say); empty:"
+                " ``https://HUB/devices/DEVICE_ID/messages/events?api-version=2021-04-12``.",
+            ),
             **_HEADER_KEYS,
             **_keys_of(HttpConnectorConfig, _IOTHUB_SHARED),
         },

@@ -152,13 +152,13 @@ class CheckConfigTests(_FileMixin, SynchronousTestCase):
     """``oemrelay check-config``."""
 
     def test_sample_config(self) -> None:
-        """The sample configuration passes, naming its listener, file connector and registry."""
+        """The sample configuration passes, naming its listener, file connector, registry and API."""
         status, out, err = command("check-config", str(PROJECT / "etc" / "relay.ini"))
         self.assertEqual((status, err), (0, ""))
         self.assertIn("devices listen on tcp:20500", out)
         self.assertIn("connector main: file uploads.jsonl (used by devices)", out)
         self.assertIn("registry sqlite:", out)
-        self.assertIn("API off", out)
+        self.assertIn("API listens on tcp:8080:interface=127.0.0.1", out)
 
     def test_no_secrets(self) -> None:
         """Passwords, tokens, header values and URL paths and queries never appear."""

@@ -267,6 +267,12 @@ class SampleFileTests(SynchronousTestCase):
             ),
         )
 
+    def test_api_on_loopback(self) -> None:
+        """The sample's API listens on 127.0.0.1 only, with a token."""
+        api = load_config(str(SAMPLE_INI)).api
+        self.assertEqual(api.listen, ("tcp:8080:interface=127.0.0.1",))
+        self.assertTrue(api.token)
+
     def test_returns_config(self) -> None:
         """load_config returns a Config."""
         self.assertIsInstance(load_config(str(SAMPLE_INI)), Config)

@@ -811,9 +811,10 @@ class FileRelayEndToEndTests(_RelayTestCase):
         """With etc/relay.ini and a temporary path, a commit appends one valid OEM JSON line."""
         uploads = os.path.abspath(self.mktemp()) + ".jsonl"
         sample = (PROJECT / "etc" / "relay.ini").read_text(encoding="utf-8")
+        # [relay] listen and [api] listen, both on free loopback ports.
         config, listens = re.subn(r"(?m)^listen\s*=\s*\S+", f"listen = {LISTEN}", sample)
         config, paths = re.subn(r"(?m)^path\s*=\s*\S+", f"path = {uploads}", config)
-        self.assertEqual((listens, paths), (1, 1))
+        self.assertEqual((listens, paths), (2, 1))
         port = await self.start_daemon(config)
         device = await self.connect_device(port)
 

@@ -35,7 +35,7 @@ from oemrelay.registry.devices import device_fields_table, device_json, device_s
 
 from .postgres import fresh_schema_url
 
-README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.rst")
+API_DOC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "api.rst")
 
 NOW = 1_700_000_000  # an int on purpose: times must come back as floats
 #: A step in time small next to a second, exact in a double near NOW.
@@ -605,10 +605,10 @@ class PostgreSQLRegistryTests(RegistryScenariosMixin, TestCase):
 class DeviceFieldsTests(SynchronousTestCase):
     """What is derived from DeviceRecord's fields."""
 
-    def test_readme_table(self) -> None:
-        """README.rst's device field table is the one the fields give."""
-        with open(README, encoding="utf-8") as readme:
-            text = readme.read()
+    def test_api_doc_table(self) -> None:
+        """docs/api.rst's device field table is the one the fields give."""
+        with open(API_DOC, encoding="utf-8") as page:
+            text = page.read()
         self.assertIn(device_fields_table(), text)
 
     def test_table_lists_every_field(self) -> None:

@@ -7,7 +7,7 @@ the service's exposure at 2.0 or better; ``systemd-socket-activate`` hands the
 relay a socket the way ``oemrelay.socket`` does.  Where those tools are not
 installed (``apt-get install systemd``; ``.ci/run`` installs it) those tests
 are skipped with a message saying so.  The units' own consistency (the
-socket matches the README's ``systemd:`` listen example, the state directory
+socket matches the documented ``systemd:`` listen example, the state directory
 is the working directory) is checked everywhere.
 """
 
@@ -45,8 +45,8 @@ MAX_EXPOSURE = 2.0
 #: Seconds any systemd tool may take.
 TOOL_TIMEOUT = 60
 
-#: The README's socket-activated listen example, which oemrelay.socket serves.
-README_SYSTEMD_LISTEN = "systemd:domain=INET:index=0"
+#: The socket-activated listen example of docs/configuration.rst, which oemrelay.socket serves.
+DOCS_SYSTEMD_LISTEN = "systemd:domain=INET:index=0"
 
 _EXPOSURE = re.compile(r"Overall exposure level for \S+: (\d+(?:\.\d+)?)")
 
@@ -154,11 +154,11 @@ class SystemdAnalyzeTests(SynchronousTestCase):
 
 
 class UnitConsistencyTests(SynchronousTestCase):
-    """The units agree with each other, the README and twistd."""
+    """The units agree with each other, the docs and twistd."""
 
-    def test_socket_serves_the_readme_listen_example(self) -> None:
-        """The README's listen example is systemd:domain=INET:index=0 and the socket opens exactly one IPv4 stream."""
-        self.assertIn(README_SYSTEMD_LISTEN, (PROJECT / "README.rst").read_text(encoding="utf-8"))
+    def test_socket_serves_the_documented_listen_example(self) -> None:
+        """The documented listen example is systemd:domain=INET:index=0 and the socket opens exactly one IPv4 stream."""
+        self.assertIn(DOCS_SYSTEMD_LISTEN, (PROJECT / "docs" / "configuration.rst").read_text(encoding="utf-8"))
         listens = [(k, v) for s, k, v in unit_settings(SOCKET) if s == "Socket" and k.startswith("Listen")]
         self.assertEqual(len(listens), 1, listens)  # index=0 is the only descriptor
         key, address = listens[0]
@@ -198,7 +198,7 @@ class SocketActivationEndToEndTests(_RelayTestCase):
         activate = systemd_tool("systemd-socket-activate")
         port = unused_port()
         config = self.write_config(
-            f"[relay]\nlisten = {README_SYSTEMD_LISTEN}\n\n"
+            f"[relay]\nlisten = {DOCS_SYSTEMD_LISTEN}\n\n"
             "[connector:main]\ntype = file\npath = uploads.jsonl\n"
         )
         self.daemon = _Daemon()
