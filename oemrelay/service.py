@@ -183,6 +183,13 @@ class ApiSite(Site):
         pass
 
 
+#: The start-up line; :func:`startup_fields` fills it.
+STARTUP_FORMAT = (
+    "oemrelay {version} running: devices on {listen}; connector {connector}: {target};"
+    " registry {registry}; API {api}; workers {workers}"
+)
+
+
 class StartupSummary(Service):
     """Logs, once every listener has been started, the one line saying what runs."""
 
@@ -192,12 +199,12 @@ class StartupSummary(Service):
 
     def startService(self) -> None:
         super().startService()
-        log.info("{summary}", summary=startup_summary(self._config, self._registry_url))
+        log.info(STARTUP_FORMAT, **startup_fields(self._config, self._registry_url))
 
 
-def startup_summary(config: Config, registry_url: str) -> str:
+def startup_fields(config: Config, registry_url: str) -> dict[str, object]:
     """
-    What is in force, on one line, with no secret.
+    What is in force, as the start-up line's fields, with no secret.
 
     :param registry_url: the registry's URL without its password.
     """
@@ -205,15 +212,16 @@ def startup_summary(config: Config, registry_url: str) -> str:
 
     relay = config.relay
     name = relay.connector or next(iter(config.connectors))
-    api = " ".join(config.api.listen) if config.api.listen else "off"
-    # [relay] workers arrives with the worker processes; until then there is one.
-    workers = getattr(relay, "workers", 1)
-    return (
-        f"oemrelay {__version__} running: devices on {' '.join(relay.listen)};"
-        f" connector {name}: {connector_target(config.connectors[name])};"
-        f" registry {registry_url}; API {api};"
-        f" workers {workers}"
-    )
+    return {
+        "version": __version__,
+        "listen": " ".join(relay.listen),
+        "connector": name,
+        "target": connector_target(config.connectors[name]),
+        "registry": registry_url,
+        "api": " ".join(config.api.listen) if config.api.listen else "off",
+        # [relay] workers arrives with the worker processes; until then there is one.
+        "workers": getattr(relay, "workers", 1),
+    }
 
 
 def ready_checks(registry: Registry, listeners: list[Listener]) -> list[tuple[str, Callable]]:

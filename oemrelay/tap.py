@@ -12,6 +12,7 @@ import sys
 from twisted.python import usage
 
 from .config import ConfigError, load_config
+from . import logformat
 
 
 class Options(usage.Options):
@@ -31,6 +32,22 @@ class Options(usage.Options):
             # a configuration mistake deserves just the one line.
             sys.stderr.write(f"oemrelay: {error}\n")
             raise SystemExit(1) from None
+        self._choose_log_format()
+
+    def _choose_log_format(self) -> None:
+        # twistd makes its log observer after parsing options, from its own
+        # --logger option: setting that option is how a plugin chooses the
+        # format.  An explicit --logger on the command line still wins.
+        server_options = self.parent
+        if self["relay_config"].relay.log_format != "json" or server_options is None:
+            return
+        if server_options.get("logger"):
+            return
+        path = server_options.get("logfile") or "-"
+        if path == "-" and not server_options.get("nodaemon", True) and not server_options.get("logfile"):
+            path = "twistd.log"  # where twistd itself logs a daemon
+        logformat.destination = path
+        server_options["logger"] = f"{logformat.__name__}.{logformat.twistd_json_observer.__name__}"
 
 
 def makeService(options: Options):
