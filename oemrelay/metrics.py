@@ -25,7 +25,6 @@ from collections.abc import Iterable
 from typing import Protocol
 
 from prometheus_client import (
-    CONTENT_TYPE_LATEST,
     CollectorRegistry,
     Counter,
     Gauge,
@@ -39,8 +38,9 @@ from . import __version__
 from .codec import Hello
 from .events import RelayObserver
 
-#: The Content-Type of :meth:`RelayMetrics.exposition`'s text.
-CONTENT_TYPE = CONTENT_TYPE_LATEST
+#: The Content-Type of :meth:`RelayMetrics.exposition`'s text: the classic
+#: text format every Prometheus version scrapes (no UTF-8 metric names here).
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 #: Distinct protocol error reasons counted by name; later ones count as ``other``.
 MAX_ERROR_REASONS = 32
