@@ -25,6 +25,7 @@ from twisted.internet.interfaces import IStreamServerEndpoint
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
+from twisted.protocols.haproxy._wrapper import HAProxyWrappingFactory
 from twisted.python.failure import Failure
 from twisted.web.server import Site
 from zope.interface import implementer
@@ -129,6 +130,21 @@ class _ReportingEndpoint:
         self._on_failure(f"{self._where}: cannot listen: {reason}")
 
 
+class _QuietHAProxyFactory(HAProxyWrappingFactory):
+    """The PROXY protocol wrapper without its "Starting factory <... at 0x...>" line."""
+
+    noisy = False
+
+
+def _quiet_wrappers(endpoint):
+    """``endpoint``, its ``haproxy:`` wrapper (if any) made quiet."""
+    # haproxy: endpoints wrap the factory at listen time with the class held
+    # here; Twisted offers no other way to choose it.
+    if getattr(endpoint, "_wrapperFactory", None) is HAProxyWrappingFactory:
+        endpoint._wrapperFactory = _QuietHAProxyFactory
+    return endpoint
+
+
 class Listener(StreamServerEndpointService):
     """
     A listening endpoint.  One that cannot be opened is one line on stderr
@@ -141,7 +157,9 @@ class Listener(StreamServerEndpointService):
         on_start_failure: Callable[[], None],
     ) -> None:
         where = f"[{section}] listen: {description}"
-        endpoint = _ReportingEndpoint(serverFromString(reactor, description), where, self._failed)
+        endpoint = _ReportingEndpoint(
+            _quiet_wrappers(serverFromString(reactor, description)), where, self._failed
+        )
         super().__init__(endpoint, factory)
         self.description = description
         self._on_start_failure = on_start_failure
