@@ -32,7 +32,7 @@ import hmac
 import io
 import json
 import re
-from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qs
@@ -81,8 +81,8 @@ _REALM = 'Bearer realm="oemrelay"'
 #: Seconds a readiness check may take before ``/readyz`` calls it failed.
 READY_CHECK_TIMEOUT = 5.0
 
-#: A readiness check: passes unless it raises (or its result fails).
-ReadyCheck = Callable[[], "Awaitable[object] | object"]
+#: A readiness check: passes unless it raises or the Deferred it returns fails.
+ReadyCheck = Callable[[], object]
 
 
 def build_api(

@@ -6,6 +6,10 @@ marked connected after a crash set free); connectors that hold resources are
 child services, so their pools close on shutdown; each ``[relay] listen``
 endpoint serves devices and each ``[api] listen`` endpoint the management API.
 
+The relay's events feed one :class:`~oemrelay.metrics.RelayMetrics`, served
+with ``/healthz`` and ``/readyz`` on the API listeners; once every listener
+has started, one line says what runs.
+
 A failure at start-up (a port in use, a registry that cannot be opened) is
 one line, and the process exits with status 1, so a supervisor such as
 systemd sees a failed start rather than a clean stop.

@@ -2,7 +2,8 @@
 The ``twistd oemrelay`` command line: options and the service maker.
 
 A bad configuration is reported as one line naming file, section and key,
-with exit status 1, before the daemon starts.
+with exit status 1, before the daemon starts.  ``[relay] log_format = json``
+is applied here, by choosing twistd's ``--logger``.
 """
 
 from __future__ import annotations
@@ -43,10 +44,11 @@ class Options(usage.Options):
             return
         if server_options.get("logger"):
             return
-        path = server_options.get("logfile") or "-"
-        if path == "-" and not server_options.get("nodaemon", True) and not server_options.get("logfile"):
-            path = "twistd.log"  # where twistd itself logs a daemon
-        logformat.destination = path
+        # Where twistd itself would write: --logfile, else stdout in the
+        # foreground and twistd.log for a daemon.
+        logformat.destination = server_options.get("logfile") or (
+            "-" if server_options.get("nodaemon") else "twistd.log"
+        )
         server_options["logger"] = f"{logformat.__name__}.{logformat.twistd_json_observer.__name__}"
 
 
