@@ -32,18 +32,21 @@ import hmac
 import io
 import json
 import re
-from collections.abc import Callable, Coroutine, Iterable, Mapping
+from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qs
 
-from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
+from twisted.internet.defer import TimeoutError as CheckTimeout
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
 from . import __version__
+from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .oneline import one_line
 from .commands import COMMAND_TYPES, CommandError, iso8601, parse_command
 from .registry import COMMAND_STATES, DEVICE_SETTINGS, Command, DeviceRecord
@@ -75,24 +78,48 @@ _PENDING_STATES = frozenset({"queued", "sent"})
 _MUTATING = frozenset({b"POST", b"PUT", b"PATCH", b"DELETE"})
 _REALM = 'Bearer realm="oemrelay"'
 
+#: Seconds a readiness check may take before ``/readyz`` calls it failed.
+READY_CHECK_TIMEOUT = 5.0
+
+#: A readiness check: passes unless it raises or the Deferred it returns fails.
+ReadyCheck = Callable[[], object]
+
 
 def build_api(
-    registry, token: str, connector_names: Iterable[str], clock: IReactorTime
+    registry,
+    token: str,
+    connector_names: Iterable[str],
+    clock: IReactorTime,
+    *,
+    metrics: Callable[[], bytes] | None = None,
+    metrics_public: bool = False,
+    ready_checks: Sequence[tuple[str, ReadyCheck]] = (),
 ) -> IResource:
     """
-    The API's root resource.
+    The API's root resource: ``/api/...``, and ``/healthz``, ``/readyz``
+    and ``/metrics`` for the operator's tools.
 
     :param registry: a :class:`oemrelay.registry.Registry` (or anything with
         its methods).
     :param token: the bearer token every request must carry; not empty.
     :param connector_names: the configured ``[connector:NAME]`` names a
         device's ``connector`` override may name.
-    :param clock: gives "now" for commands.
+    :param clock: gives "now" for commands and bounds each readiness check.
+    :param metrics: the Prometheus text ``GET /metrics`` answers; None: no
+        ``/metrics`` (a 404).
+    :param metrics_public: ``GET /metrics`` needs no token.
+    :param ready_checks: ``(name, check)`` pairs ``GET /readyz`` runs; a check
+        returns (or fires with) anything when it passes and raises when not.
     :raises ValueError: if ``token`` is empty.
     """
     if not token:
         raise ValueError("the API token must not be empty")
-    return _ApiResource(registry, token, frozenset(connector_names), clock)
+    api = _ApiResource(registry, token, frozenset(connector_names), clock)
+    api.ops_paths[b"/healthz"] = _Healthz()
+    api.ops_paths[b"/readyz"] = _Readyz(tuple(ready_checks), clock)
+    if metrics is not None:
+        api.ops_paths[b"/metrics"] = _Metrics(api, metrics, metrics_public)
+    return api
 
 
 class _ApiError(Exception):
@@ -165,6 +192,9 @@ class _ApiResource(Resource):
         self._openapi = json.dumps(
             openapi_document(connector_names), indent=1
         ).encode("utf-8")
+        #: The operator's paths outside /api/, each answered by its own
+        #: resource before authentication (``/metrics`` checks the token itself).
+        self.ops_paths: dict[bytes, Resource] = {}
         #: Every operation, in the order the 405 ``Allow`` header lists methods.
         self.routes = (
             Route(b"GET", "/api/openapi.json", self._get_openapi),
@@ -179,6 +209,9 @@ class _ApiResource(Resource):
     # -- twisted.web ---------------------------------------------------------
 
     def render(self, request: Request) -> int:
+        ops = self.ops_paths.get(request.path)
+        if ops is not None:
+            return ops.render(request)
         gone: list[bool] = []
         request.notifyFinish().addErrback(lambda _: gone.append(True))
 
@@ -572,6 +605,99 @@ def _json_body(request: Request) -> Any:
         raise _ApiError(400, "the body is not valid JSON: nested too deeply") from None
 
 
+# -- the operator's paths: /healthz, /readyz, /metrics ----------------------------
+
+
+_PLAIN = b"text/plain; charset=utf-8"
+
+
+def _plain(request: Request, status: int, body: bytes, content_type: bytes = _PLAIN) -> bytes:
+    """``body`` with ``status``, never cached: the headers set, the body returned."""
+    request.setResponseCode(status)
+    request.setHeader(b"content-type", content_type)
+    request.setHeader(b"cache-control", b"no-store")
+    return body
+
+
+class _Healthz(Resource):
+    """``GET /healthz``: 200 ``ok`` while the process answers at all."""
+
+    isLeaf = True
+
+    def render_GET(self, request: Request) -> bytes:
+        return _plain(request, 200, b"ok\n")
+
+
+class _Readyz(Resource):
+    """
+    ``GET /readyz``: 200 ``ok`` when every check passes, else 503 naming
+    each failing check and its reason, one a line.
+    """
+
+    isLeaf = True
+
+    def __init__(self, checks: tuple[tuple[str, ReadyCheck], ...], clock: IReactorTime) -> None:
+        super().__init__()
+        self._checks = checks
+        self._clock = clock
+
+    def render_GET(self, request: Request) -> int:
+        gone: list[bool] = []
+        request.notifyFinish().addErrback(lambda _: gone.append(True))
+        runs = [
+            maybeDeferred(check).addTimeout(READY_CHECK_TIMEOUT, self._clock)
+            for _, check in self._checks
+        ]
+
+        def answer(results: list[tuple[bool, Any]]) -> None:
+            failing = [
+                f"{name}: {_check_failure(result)}"
+                for (name, _), (passed, result) in zip(self._checks, results)
+                if not passed
+            ]
+            if gone:
+                return
+            if failing:
+                text = "".join(f"not ready: {line}\n" for line in failing)
+                body = _plain(request, 503, text.encode("utf-8"))
+            else:
+                body = _plain(request, 200, b"ok\n")
+            request.write(body)
+            request.finish()
+
+        DeferredList(runs, consumeErrors=True).addCallback(answer).addErrback(
+            lambda failure: log.failure("bug answering /readyz", failure)
+        )
+        return NOT_DONE_YET
+
+
+def _check_failure(failure: Failure) -> str:
+    if failure.check(CheckTimeout):
+        return f"no answer within {READY_CHECK_TIMEOUT:g}s"
+    return one_line(failure.value)
+
+
+class _Metrics(Resource):
+    """``GET /metrics``: Prometheus' text format; the API token unless public."""
+
+    isLeaf = True
+
+    def __init__(self, api: _ApiResource, exposition: Callable[[], bytes], public: bool) -> None:
+        super().__init__()
+        self._api = api
+        self._exposition = exposition
+        self._public = public
+
+    def render_GET(self, request: Request) -> bytes | int:
+        if not self._public:
+            try:
+                self._api._authenticate(request)
+            except _ApiError as error:
+                self._api._write(request, error.status, {"error": error.message}, error.headers)
+                return NOT_DONE_YET
+        return _plain(request, 200, self._exposition(), METRICS_CONTENT_TYPE.encode("ascii"))
+
+
 # -- responses -----------------------------------------------------------------
 
 
@@ -698,6 +824,56 @@ def _device_schemas(connector_names: list[str]) -> dict[str, Any]:
             "type": "object",
             "additionalProperties": False,
             "properties": changes,
+        },
+    }
+
+
+def _plain_response(description: str, example: str) -> dict[str, Any]:
+    return {
+        "description": description,
+        "content": {"text/plain": {"schema": {"type": "string"}, "example": example}},
+    }
+
+
+def _ops_paths() -> dict[str, Any]:
+    """/healthz, /readyz and /metrics: outside /api/, plain text."""
+    return {
+        "/healthz": {
+            "get": {
+                "summary": "Whether the process answers; no token.",
+                "operationId": "getHealth",
+                "security": [],
+                "responses": {"200": _plain_response("The relay runs.", "ok\n")},
+            }
+        },
+        "/readyz": {
+            "get": {
+                "summary": "Whether the relay can take devices; no token.",
+                "operationId": "getReadiness",
+                "security": [],
+                "description": "Checks that every listener is bound, the registry answers"
+                " a query and the spool is writable, each within"
+                f" {READY_CHECK_TIMEOUT:g} seconds.",
+                "responses": {
+                    "200": _plain_response("Every check passed.", "ok\n"),
+                    "503": _plain_response(
+                        "A line per failing check, naming it.",
+                        "not ready: registry: no answer within 5s\n",
+                    ),
+                },
+            }
+        },
+        "/metrics": {
+            "get": {
+                "summary": "Prometheus metrics (text format 0.0.4).",
+                "operationId": "getMetrics",
+                "description": "Needs the bearer token unless [api] metrics_public = true."
+                " 404 when the relay serves no metrics.",
+                "responses": {
+                    "200": _plain_response("Every metric.", "oemrelay_records_committed_total 12.0\n"),
+                    "401": _error_response("Missing or wrong bearer token."),
+                },
+            }
         },
     }
 
@@ -837,6 +1013,7 @@ def openapi_document(connector_names: Iterable[str] = ()) -> dict[str, Any]:
                 "post": add_command,
             },
             "/api/openapi.json": {"get": get_openapi},
+            **_ops_paths(),
         },
         "components": {
             "securitySchemes": {"bearerAuth": {"type": "http", "scheme": "bearer"}},

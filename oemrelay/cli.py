@@ -267,11 +267,23 @@ def _origin(url: str) -> str:
     return f"{parts.scheme}://{host}{port}"
 
 
+def connector_target(connector) -> str:
+    """A connector's type and where it delivers, with no secret (no URL path, query or user)."""
+    from .config import FileConnectorConfig, HttpConnectorConfig, TcpConnectorConfig
+
+    if isinstance(connector, HttpConnectorConfig):
+        return f"http to {_origin(connector.url)}, auth {connector.auth_scheme}"
+    if isinstance(connector, TcpConnectorConfig):
+        return f"tcp to {connector.endpoint}"
+    if isinstance(connector, FileConnectorConfig):
+        return f"file {connector.path}"
+    return type(connector).__name__
+
+
 def config_summary(config) -> list[str]:
     """What a loaded configuration would run, one line each, with no secret."""
     from twisted.internet.testing import MemoryReactor
 
-    from .config import FileConnectorConfig, HttpConnectorConfig, TcpConnectorConfig
     from .registry import Registry
 
     relay = config.relay
@@ -279,15 +291,7 @@ def config_summary(config) -> list[str]:
     lines += [f"devices listen on {description}" for description in relay.listen]
     for name, connector in config.connectors.items():
         default = " (used by devices)" if name == relay.connector else ""
-        if isinstance(connector, HttpConnectorConfig):
-            target = f"http to {_origin(connector.url)}, auth {connector.auth_scheme}"
-        elif isinstance(connector, TcpConnectorConfig):
-            target = f"tcp to {connector.endpoint}"
-        elif isinstance(connector, FileConnectorConfig):
-            target = f"file {connector.path}"
-        else:
-            target = type(connector).__name__
-        lines.append(f"connector {name}: {target}{default}")
+        lines.append(f"connector {name}: {connector_target(connector)}{default}")
     # Nothing is opened: the registry only redacts its URL.
     url = Registry.from_url(relay.registry, MemoryReactor()).url_for_logs
     lines.append(f"registry {url}")

@@ -233,6 +233,25 @@ def _node_name(value: str) -> str:
     return value or socket.gethostname()
 
 
+_LOG_FORMATS = ("text", "json")
+
+
+def _log_format(value: str) -> str:
+    if value not in _LOG_FORMATS:
+        raise ValueError(f"must be {' or '.join(_LOG_FORMATS)}, got {value!r}")
+    return value
+
+
+_BOOLEANS = {"true": True, "yes": True, "on": True, "false": False, "no": False, "off": False}
+
+
+def _boolean(value: str) -> bool:
+    try:
+        return _BOOLEANS[value.lower()]
+    except KeyError:
+        raise ValueError(f"must be true or false, got {value!r}") from None
+
+
 def _optional_server_endpoints(value: str) -> tuple[str, ...]:
     return _server_endpoints(value) if value else ()
 
@@ -349,6 +368,12 @@ class RelayConfig:
         " ``node``; empty: the host name.  Give each relay sharing a"
         " PostgreSQL registry its own.",
     )
+    log_format: str = _setting(
+        _log_format,
+        "text",
+        "text: twistd's lines; json: one JSON object a line (time, level, namespace,"
+        " message and the event's fields) for log shippers.",
+    )
 
 
 @dataclass(frozen=True)
@@ -370,6 +395,9 @@ class ApiConfig:
         " ``token_file`` is required.  Make it long and random, e.g."
         " ``python3 -c 'import secrets; print(secrets.token_urlsafe(32))'``.",
         secret=True,
+    )
+    metrics_public: bool = _setting(
+        _boolean, "false", "true: GET /metrics needs no token (for a scraper on a private network)."
     )
 
 
@@ -627,7 +655,8 @@ def load_config(path: str) -> Config:
     :raises ConfigError: with one line naming the file, section and key.
     """
     try:
-        with open(path, encoding="utf-8") as f:
+        # utf-8-sig: Windows Notepad starts the file with a byte-order mark.
+        with open(path, encoding="utf-8-sig") as f:
             text = f.read()
     except OSError as error:
         raise ConfigError(f"{path}: cannot read: {error.strerror}") from None
@@ -773,7 +802,7 @@ def _api_config(values: dict) -> ApiConfig:
             raise _KeyProblem("token_file", f"{values['token_file']} is empty")
     if not token:
         raise _KeyProblem("token", "missing; the API never runs without a bearer token")
-    return ApiConfig(values["listen"], token)
+    return ApiConfig(values["listen"], token, values["metrics_public"])
 
 
 _OAUTH2_KEYS = ("token_url", "client_id", "client_secret", "scope")

@@ -69,6 +69,12 @@ class RelayObserver:
     def protocol_error(self, hello: Hello | None, peer: str, reason: str) -> None:
         """A device broke the protocol (the connection closes); ``reason`` is one line."""
 
+    def registry_called(self, call: str, seconds: float) -> None:
+        """
+        One registry call (``call`` names its transaction function, as
+        ``txn_profile_for``) took ``seconds``, waiting for a pool thread included.
+        """
+
 
 _EVENTS = tuple(
     name for name, value in vars(RelayObserver).items()

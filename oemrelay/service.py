@@ -6,6 +6,10 @@ marked connected after a crash set free); connectors that hold resources are
 child services, so their pools close on shutdown; each ``[relay] listen``
 endpoint serves devices and each ``[api] listen`` endpoint the management API.
 
+The relay's events feed one :class:`~oemrelay.metrics.RelayMetrics`, served
+with ``/healthz`` and ``/readyz`` on the API listeners; once every listener
+has started, one line says what runs.
+
 A failure at start-up (a port in use, a registry that cannot be opened) is
 one line, and the process exits with status 1, so a supervisor such as
 systemd sees a failed start rather than a clean stop.
@@ -25,14 +29,17 @@ from twisted.internet.interfaces import IStreamServerEndpoint
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
+from twisted.protocols.haproxy._wrapper import HAProxyWrappingFactory
 from twisted.python.failure import Failure
 from twisted.web.server import Site
 from zope.interface import implementer
 
+from . import __version__
 from .api import build_api
 from .config import Config
 from .connectors import build_connector
 from .events import Observers
+from .metrics import RelayMetrics
 from .oneline import one_line
 from .registry import Registry
 from .relay import Relay
@@ -127,6 +134,21 @@ class _ReportingEndpoint:
         self._on_failure(f"{self._where}: cannot listen: {reason}")
 
 
+class _QuietHAProxyFactory(HAProxyWrappingFactory):
+    """The PROXY protocol wrapper without its "Starting factory <... at 0x...>" line."""
+
+    noisy = False
+
+
+def _quiet_wrappers(endpoint):
+    """``endpoint``, its ``haproxy:`` wrapper (if any) made quiet."""
+    # haproxy: endpoints wrap the factory at listen time with the class held
+    # here; Twisted offers no other way to choose it.
+    if getattr(endpoint, "_wrapperFactory", None) is HAProxyWrappingFactory:
+        endpoint._wrapperFactory = _QuietHAProxyFactory
+    return endpoint
+
+
 class Listener(StreamServerEndpointService):
     """
     A listening endpoint.  One that cannot be opened is one line on stderr
@@ -139,11 +161,16 @@ class Listener(StreamServerEndpointService):
         on_start_failure: Callable[[], None],
     ) -> None:
         where = f"[{section}] listen: {description}"
-        endpoint = _ReportingEndpoint(serverFromString(reactor, description), where, self._failed)
+        endpoint = _ReportingEndpoint(
+            _quiet_wrappers(serverFromString(reactor, description)), where, self._failed
+        )
         super().__init__(endpoint, factory)
+        self.description = description
         self._on_start_failure = on_start_failure
         self._starting = False
         self._failure_now: str | None = None
+        #: The listening port once the endpoint is bound (for /readyz).
+        self.port = None
 
     def privilegedStartService(self) -> None:
         self._starting = True
@@ -151,9 +178,14 @@ class Listener(StreamServerEndpointService):
             super().privilegedStartService()
         finally:
             self._starting = False
+        self._waitingForPort.addCallback(self._bound)
         if self._failure_now is not None:
             sys.stderr.write(f"oemrelay: {self._failure_now}\n")
             raise SystemExit(START_FAILED)
+
+    def _bound(self, port):
+        self.port = port
+        return port
 
     def _failed(self, line: str) -> None:
         if self._starting:
@@ -164,6 +196,70 @@ class Listener(StreamServerEndpointService):
         self._on_start_failure()
 
 
+class ApiSite(Site):
+    """The API's Site: no line per factory start or per request (the API logs changes itself)."""
+
+    noisy = False
+
+    def log(self, request) -> None:
+        pass
+
+
+#: The start-up line; :func:`startup_fields` fills it.
+STARTUP_FORMAT = (
+    "oemrelay {version} running: devices on {listen}; connector {connector}: {target};"
+    " registry {registry}; API {api}; workers {workers}"
+)
+
+
+class StartupSummary(Service):
+    """Logs, once every listener has been started, the one line saying what runs."""
+
+    def __init__(self, config: Config, registry_url: str) -> None:
+        self._config = config
+        self._registry_url = registry_url
+
+    def startService(self) -> None:
+        super().startService()
+        log.info(STARTUP_FORMAT, **startup_fields(self._config, self._registry_url))
+
+
+def startup_fields(config: Config, registry_url: str) -> dict[str, object]:
+    """
+    What is in force, as the start-up line's fields, with no secret.
+
+    :param registry_url: the registry's URL without its password.
+    """
+    from .cli import connector_target
+
+    relay = config.relay
+    name = relay.connector or next(iter(config.connectors))
+    return {
+        "version": __version__,
+        "listen": " ".join(relay.listen),
+        "connector": name,
+        "target": connector_target(config.connectors[name]),
+        "registry": registry_url,
+        "api": " ".join(config.api.listen) if config.api.listen else "off",
+        # [relay] workers arrives with the worker processes; until then there is one.
+        "workers": getattr(relay, "workers", 1),
+    }
+
+
+def ready_checks(registry: Registry, listeners: list[Listener]) -> list[tuple[str, Callable]]:
+    """What ``GET /readyz`` checks: every listener bound, the registry answering a query."""
+
+    def listening() -> None:
+        unbound = [listener.description for listener in listeners if listener.port is None]
+        if unbound:
+            raise RuntimeError(f"not bound: {' '.join(unbound)}")
+
+    return [
+        ("listeners", listening),
+        ("registry", lambda: registry.database.query_one("SELECT 1")),
+    ]
+
+
 def build_service(config: Config, reactor) -> MultiService:
     """Everything the relay runs, ready for ``twistd`` to start."""
     top = MultiService()
@@ -171,6 +267,9 @@ def build_service(config: Config, reactor) -> MultiService:
     registry = Registry.from_url(config.relay.registry, reactor)
     RegistryService(registry, config.relay.node, on_start_failure).setServiceParent(top)
     observers = Observers()
+    metrics = RelayMetrics()
+    observers.subscribe(metrics)
+    registry.database.call_observer = observers
     connectors = {}
     for name, connector_config in config.connectors.items():
         connector = build_connector(
@@ -194,10 +293,27 @@ def build_service(config: Config, reactor) -> MultiService:
         idle_timeout=config.relay.idle_timeout,
         max_message=config.relay.max_message,
     )
+    listeners = []
     for description in config.relay.listen:
-        Listener("relay", description, devices, reactor, on_start_failure).setServiceParent(top)
+        listener = Listener("relay", description, devices, reactor, on_start_failure)
+        listener.setServiceParent(top)
+        listeners.append(listener)
     if config.api.listen:
-        api = Site(build_api(registry, config.api.token, set(connectors), reactor))
+        api = ApiSite(
+            build_api(
+                registry,
+                config.api.token,
+                set(connectors),
+                reactor,
+                metrics=metrics.exposition,
+                metrics_public=config.api.metrics_public,
+                # Read at each check: the API's own listeners are added below.
+                ready_checks=ready_checks(registry, listeners),
+            )
+        )
         for description in config.api.listen:
-            Listener("api", description, api, reactor, on_start_failure).setServiceParent(top)
+            listener = Listener("api", description, api, reactor, on_start_failure)
+            listener.setServiceParent(top)
+            listeners.append(listener)
+    StartupSummary(config, registry.url_for_logs).setServiceParent(top)
     return top

@@ -2,7 +2,8 @@
 The ``twistd oemrelay`` command line: options and the service maker.
 
 A bad configuration is reported as one line naming file, section and key,
-with exit status 1, before the daemon starts.
+with exit status 1, before the daemon starts.  ``[relay] log_format = json``
+is applied here, by choosing twistd's ``--logger``.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import sys
 from twisted.python import usage
 
 from .config import ConfigError, load_config
+from . import logformat
 
 
 class Options(usage.Options):
@@ -31,6 +33,23 @@ class Options(usage.Options):
             # a configuration mistake deserves just the one line.
             sys.stderr.write(f"oemrelay: {error}\n")
             raise SystemExit(1) from None
+        self._choose_log_format()
+
+    def _choose_log_format(self) -> None:
+        # twistd makes its log observer after parsing options, from its own
+        # --logger option: setting that option is how a plugin chooses the
+        # format.  An explicit --logger on the command line still wins.
+        server_options = self.parent
+        if self["relay_config"].relay.log_format != "json" or server_options is None:
+            return
+        if server_options.get("logger"):
+            return
+        # Where twistd itself would write: --logfile, else stdout in the
+        # foreground and twistd.log for a daemon.
+        logformat.destination = server_options.get("logfile") or (
+            "-" if server_options.get("nodaemon") else "twistd.log"
+        )
+        server_options["logger"] = f"{logformat.__name__}.{logformat.twistd_json_observer.__name__}"
 
 
 def makeService(options: Options):

@@ -30,6 +30,7 @@ from twisted.web.client import (
     BrowserLikePolicyForHTTPS,
     HTTPConnectionPool,
     ResponseFailed,
+    _HTTP11ClientFactory,
 )
 from twisted.web.iweb import IPolicyForHTTPS
 from zope.interface import implementer
@@ -89,9 +90,17 @@ class ClientCertificatePolicy:
         )
 
 
+class _QuietClientFactory(_HTTP11ClientFactory):
+    """The pool's per-connection factory, without a "Starting factory" line per connection."""
+
+    noisy = False
+
+
 def build_http_client(reactor, config: HttpConnectorConfig) -> tuple[HTTPClient, HTTPConnectionPool]:
     """A treq client with its own connection pool; HTTPS is always verified."""
     pool = HTTPConnectionPool(reactor, persistent=True)
+    # The pool's documented factory hook (HTTPConnectionPool._factory).
+    pool._factory = _QuietClientFactory
     pool.maxPersistentPerHost = 32
     trust = PlatformTrustPlusCA(config.ca_file) if config.ca_file else None
     if config.client_cert:

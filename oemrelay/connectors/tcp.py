@@ -25,9 +25,9 @@ from collections.abc import Callable
 
 from automat import MethodicalMachine
 from twisted.internet.defer import Deferred
-from twisted.internet.endpoints import clientFromString, connectProtocol
+from twisted.internet.endpoints import clientFromString
 from twisted.internet.interfaces import IStreamClientEndpoint
-from twisted.internet.protocol import Protocol
+from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -41,6 +41,21 @@ log = Logger(namespace="oemrelay.connectors.tcp")
 #: to; a device sending more is flooding, and is disconnected.
 MAX_UNSENT_FRAMES = 64
 
+
+
+class _OneConnection(Factory):
+    """
+    What connectProtocol does, quietly: the one protocol for one connection,
+    without a "Starting factory <... at 0x...>" line per device.
+    """
+
+    noisy = False
+
+    def __init__(self, protocol) -> None:
+        self._protocol = protocol
+
+    def buildProtocol(self, addr):
+        return self._protocol
 
 class _EndServerProtocol(Protocol):
     """The relay's connection to the end server for one device: feeds its link."""
@@ -95,8 +110,8 @@ class TcpLink:
         self._answer: Deferred[None] | None = None
         # Commit responses of the read being processed, fired once it is done.
         self._answered: list[tuple[Deferred[None], bytes]] = []
-        self._connecting = connectProtocol(
-            connector.endpoint, _EndServerProtocol(self, connector.max_message)
+        self._connecting = connector.endpoint.connect(
+            _OneConnection(_EndServerProtocol(self, connector.max_message))
         )
         self._connecting.addCallbacks(self._connected, self._not_connected)
 

@@ -193,6 +193,9 @@ class Database:
         self._url_for_logs = url_for_logs
         self._reactor = reactor
         self._closed = False
+        #: Told how long each :meth:`interaction` took (a RelayObserver's
+        #: ``registry_called``); None: nobody times the calls.
+        self.call_observer: Any = None
         # Calls made before start() finished wait here; None once it has.
         self._not_started: list[Deferred[None]] | None = []
         if pool.dbapi.paramstyle in ("format", "pyformat"):
@@ -285,10 +288,19 @@ class Database:
         relay starts waits for the schema and the release of stale connections.
         """
         if self._not_started is None:
-            return self.pool.runInteraction(function, *args)
-        started: Deferred[None] = Deferred()
-        self._not_started.append(started)
-        return started.addCallback(lambda _: self.pool.runInteraction(function, *args))
+            called = self.pool.runInteraction(function, *args)
+        else:
+            started: Deferred[None] = Deferred()
+            self._not_started.append(started)
+            called = started.addCallback(lambda _: self.pool.runInteraction(function, *args))
+        if self.call_observer is not None:
+            called.addBoth(self._timed, function, self._reactor.seconds())
+        return called
+
+    def _timed(self, result: _T, function: Callable[..., Any], began: float) -> _T:
+        name = getattr(function, "__name__", "call")
+        self.call_observer.registry_called(name, self._reactor.seconds() - began)
+        return result
 
     def query_one(self, sql: str, *params: Any) -> Deferred[Any]:
         """The first row of one statement, or None."""
