@@ -20,7 +20,7 @@ from collections.abc import Callable
 
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import IService, MultiService, Service
-from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.defer import CancelledError, Deferred, maybeDeferred
 from twisted.internet.interfaces import IStreamServerEndpoint
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import CannotListenError
@@ -36,6 +36,7 @@ from .events import Observers
 from .oneline import one_line
 from .registry import Registry
 from .relay import Relay
+from .retry import RetryPolicy
 from .session import DeviceFactory
 
 log = Logger(namespace="oemrelay.service")
@@ -164,9 +165,60 @@ class Listener(StreamServerEndpointService):
         self._on_start_failure()
 
 
+class StopInOrder(MultiService):
+    """
+    Stops its children one after the other, the last added first, each once
+    the one before has finished: devices drain before the connectors, the
+    spool and the registry they need are closed.
+    """
+
+    def stopService(self) -> Deferred:
+        Service.stopService(self)
+        return Deferred.fromCoroutine(self._stop_each())
+
+    async def _stop_each(self) -> None:
+        for service in reversed(list(self)):
+            try:
+                await maybeDeferred(service.stopService)
+            except Exception:
+                log.failure("stopping a service failed")
+
+
+class DeviceService(MultiService):
+    """
+    The device listeners and the connections they accepted.  Stopping it
+    stops listening first, then lets deliveries in flight finish for up to
+    ``shutdown_grace`` and answers their commits, closes every device, and
+    lets the spool flush (its ``close``, if it has one).
+    """
+
+    def __init__(self, devices: DeviceFactory, relay: Relay, shutdown_grace: float) -> None:
+        super().__init__()
+        self._devices = devices
+        self._relay = relay
+        self._grace = shutdown_grace
+
+    def stopService(self) -> Deferred:
+        listeners = super().stopService()
+        return Deferred.fromCoroutine(self._drain(listeners))
+
+    async def _drain(self, listeners: Deferred) -> None:
+        await listeners
+        if self._devices.connections:
+            log.info(
+                "stopping: {count} device connections to finish, for up to {grace:g}s",
+                count=len(self._devices.connections),
+                grace=self._grace,
+            )
+        await self._devices.drain(self._grace)
+        close = getattr(self._relay.spool, "close", None)
+        if close is not None:
+            await maybeDeferred(close)
+
+
 def build_service(config: Config, reactor) -> MultiService:
     """Everything the relay runs, ready for ``twistd`` to start."""
-    top = MultiService()
+    top = StopInOrder()
     on_start_failure = stop_after_failed_start(reactor)
     registry = Registry.from_url(config.relay.registry, reactor)
     RegistryService(registry, config.relay.node, on_start_failure).setServiceParent(top)
@@ -179,6 +231,9 @@ def build_service(config: Config, reactor) -> MultiService:
         if IService.providedBy(connector):
             connector.setServiceParent(top)
         connectors[name] = connector
+    # The spool engineer's wiring opens [relay] spool here (a child service
+    # added before the devices, so it stops after they drained).
+    spool = None
     relay = Relay(
         connectors,
         config.relay.connector,
@@ -186,6 +241,11 @@ def build_service(config: Config, reactor) -> MultiService:
         node=config.relay.node,
         clock=reactor,
         observers=observers,
+        retry=RetryPolicy(reactor, config.relay.retry_initial, config.relay.retry_max),
+        commit_timeout=config.relay.commit_timeout,
+        roles=config.roles,
+        commit_policy=config.relay.commit_policy,
+        spool=spool,
     )
     devices = DeviceFactory(
         relay,
@@ -194,8 +254,12 @@ def build_service(config: Config, reactor) -> MultiService:
         idle_timeout=config.relay.idle_timeout,
         max_message=config.relay.max_message,
     )
+    device_service = DeviceService(devices, relay, config.relay.drain_seconds)
+    device_service.setServiceParent(top)
     for description in config.relay.listen:
-        Listener("relay", description, devices, reactor, on_start_failure).setServiceParent(top)
+        Listener(
+            "relay", description, devices, reactor, on_start_failure
+        ).setServiceParent(device_service)
     if config.api.listen:
         api = Site(build_api(registry, config.api.token, set(connectors), reactor))
         for description in config.api.listen:

@@ -1296,7 +1296,7 @@ class SchemaTests(SynchronousTestCase):
             set(SCHEMA["azure-iothub"]),
             {"hub", "device_id", "url", "header1", "header2", "header3", "timeout",
              "ca_file", "client_cert", "client_key", "sas_key", "sas_policy",
-             "sas_resource", "token_ttl"},
+             "sas_resource", "token_ttl", "role"},
         )
 
     def test_tls_client_endpoint_without_warning(self) -> None:
