@@ -515,7 +515,9 @@ class _RelayTestCase(TestCase):
         self.assertEqual(flags, 0)
 
 
-def http_config(server: _HttpEndServer, commit_timeout: float = 10, timeout: float = 10) -> str:
+def http_config(
+    server: _HttpEndServer, commit_timeout: float = 10, timeout: float = 10, retry_max: float = 5
+) -> str:
     """A relay posting to ``server``, with a templated URL and headers."""
     return f"""\
 [relay]
@@ -523,6 +525,7 @@ listen = {LISTEN}
 connector = platform
 commit_timeout = {commit_timeout}
 idle_timeout = 30
+retry_max = {retry_max:g}
 
 [connector:platform]
 type = http
@@ -603,8 +606,8 @@ class HttpRelayEndToEndTests(_RelayTestCase):
         self.assertFalse(device.closed)
 
     async def test_refusing_end_server_means_no_commit(self) -> None:
-        """A 500 from the end server: the device gets no 0x06 and is disconnected."""
-        server = self.start_http_server(status=500)
+        """A 400 from the end server: one POST, the device gets no 0x06 and is disconnected."""
+        server = self.start_http_server(status=400)
         port = await self.start_daemon(http_config(server))
         device = await self.connect_device(port)
 
@@ -626,7 +629,7 @@ class HttpRelayEndToEndTests(_RelayTestCase):
     async def test_connector_timeout_means_no_commit(self) -> None:
         """An end server slower than the connector's timeout: no 0x06, disconnected, the timeout logged."""
         await self.assert_slow_server_not_committed(
-            {"commit_timeout": 10, "timeout": 1},
+            {"commit_timeout": 10, "timeout": 1, "retry_max": 0},
             "connector platform: {server} did not answer within 1s",
         )
 
