@@ -479,7 +479,10 @@ class _RelayTestCase(TestCase):
 
     def start_http_server(self, status: int = 200, delay: float = 0.0) -> _HttpEndServer:
         """An HTTP end server on a loopback port."""
-        server = _HttpEndServer(self.reactor, self.events, status, delay)
+        return self.serve_http(_HttpEndServer(self.reactor, self.events, status, delay))
+
+    def serve_http(self, server):
+        """Serve the resource ``server`` on a loopback port (its ``port``); its answers dropped in cleanup."""
         site = Site(server)
         site.noisy = False
         server.port = self._listen(site)
@@ -516,7 +519,11 @@ class _RelayTestCase(TestCase):
 
 
 def http_config(
-    server: _HttpEndServer, commit_timeout: float = 10, timeout: float = 10, retry_max: float = 5
+    server: _HttpEndServer,
+    commit_timeout: float = 10,
+    timeout: float = 10,
+    retry_max: float = 5,
+    retry_initial: float = 0.5,
 ) -> str:
     """A relay posting to ``server``, with a templated URL and headers."""
     return f"""\
@@ -525,6 +532,7 @@ listen = {LISTEN}
 connector = platform
 commit_timeout = {commit_timeout}
 idle_timeout = 30
+retry_initial = {retry_initial:g}
 retry_max = {retry_max:g}
 
 [connector:platform]

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 from twisted.internet.task import deferLater
 from twisted.web.resource import Resource
-from twisted.web.server import NOT_DONE_YET, Site
+from twisted.web.server import NOT_DONE_YET
 
 from oemrelay.codec import MessageType
 
@@ -27,9 +27,8 @@ from .test_end_to_end import (
     DART_HELLO,
     DENMARK,
     DENMARK_SEQ,
-    LISTEN,
-    LOOPBACK,
     _RelayTestCase,
+    http_config,
     seq_numbers,
     unused_port,
 )
@@ -123,22 +122,16 @@ class ScriptedEndServer(Resource):
                 call.cancel()
 
 
-def faults_config(port: int, commit_timeout: float = 5, timeout: float = 1, extra: str = "") -> str:
-    """A relay posting to 127.0.0.1:``port`` with quick retries."""
-    return f"""\
-[relay]
-listen = {LISTEN}
-connector = platform
-commit_timeout = {commit_timeout}
-idle_timeout = 30
-retry_initial = 0.2
-retry_max = 1
-{extra}
-[connector:platform]
-type = http
-url = http://{LOOPBACK}:{port}/dm
-timeout = {timeout}
-"""
+def faults_config(server, commit_timeout: float = 5, timeout: float = 1) -> str:
+    """A relay posting to ``server`` (anything with a ``port``) with quick retries."""
+    return http_config(server, commit_timeout, timeout, retry_max=1, retry_initial=0.2)
+
+
+@dataclass(frozen=True)
+class Unreachable:
+    """An end server that is down: a port nothing listens on."""
+
+    port: int
 
 
 class _FaultTestCase(_RelayTestCase):
@@ -149,12 +142,7 @@ class _FaultTestCase(_RelayTestCase):
         self.tally = Tally()
 
     def end_server(self, script: list[Answer], then: Answer = Answer()) -> ScriptedEndServer:
-        server = ScriptedEndServer(self.reactor, self.tally, script, then)
-        site = Site(server)
-        site.noisy = False
-        server.port = self._listen(site)
-        self.addCleanup(server.cancel_pending)
-        return server
+        return self.serve_http(ScriptedEndServer(self.reactor, self.tally, script, then))
 
     async def upload(self, port: int, name: str = "device"):
         """Connect, send DENMARK and a commit request; the device, once answered or closed."""
@@ -189,7 +177,7 @@ class RetriedFaultsTests(_FaultTestCase):
 
     async def assert_committed_after(self, script: list[Answer], **config) -> ScriptedEndServer:
         server = self.end_server(script)
-        port = await self.start_daemon(faults_config(server.port, **config))
+        port = await self.start_daemon(faults_config(server, **config))
         device = await self.upload(port)
         self.assertTrue(device.got(MessageType.COMMIT_RESPONSE), self.events)
         self.assertFalse(device.closed)
@@ -230,7 +218,7 @@ class WithheldFaultsTests(_FaultTestCase):
 
     async def assert_withheld(self, script: list[Answer], then: Answer, most_seconds: float) -> ScriptedEndServer:
         server = self.end_server(script, then)
-        port = await self.start_daemon(faults_config(server.port))
+        port = await self.start_daemon(faults_config(server))
         started = time.monotonic()
         device = await self.upload(port)
         self.assertTrue(device.closed)
@@ -256,7 +244,7 @@ class WithheldFaultsTests(_FaultTestCase):
 
     async def test_end_server_down(self) -> None:
         """Nothing listening: retried, then withheld within commit_timeout."""
-        port = await self.start_daemon(faults_config(unused_port()))
+        port = await self.start_daemon(faults_config(Unreachable(unused_port())))
         device = await self.upload(port)
         self.assertTrue(device.closed)
         self.assertEqual(self.tally.committed, [])
@@ -269,7 +257,7 @@ class StopFaultsTests(_FaultTestCase):
     async def test_sigterm_drains_uploads_in_flight(self) -> None:
         """SIGTERM with 5 uploads in flight: all 5 are committed, then the relay stops cleanly within grace."""
         server = self.end_server([], Answer(delay=1.5))
-        port = await self.start_daemon(faults_config(server.port, commit_timeout=5, timeout=3))
+        port = await self.start_daemon(faults_config(server, commit_timeout=5, timeout=3))
         devices = []
         for n in range(5):
             device = await self.connect_device(port, f"device{n}")
@@ -293,7 +281,7 @@ class StopFaultsTests(_FaultTestCase):
     async def test_sigkill_mid_upload_then_restart(self) -> None:
         """Killed while an upload is in flight: not committed; after restart the resend is committed; nothing lost."""
         server = self.end_server([Answer(delay=2.0)])
-        config = faults_config(server.port, commit_timeout=5, timeout=3)
+        config = faults_config(server, commit_timeout=5, timeout=3)
         port = await self.start_daemon(config)
         device = await self.connect_device(port)
         device.send(DART_HELLO, DENMARK, COMMIT_REQUEST)
