@@ -278,7 +278,7 @@ def config_summary(config) -> list[str]:
     lines = [f"{config.source}: OK"]
     lines += [f"devices listen on {description}" for description in relay.listen]
     for name, connector in config.connectors.items():
-        default = " (used by devices)" if name == relay.connector else ""
+        default = " (used by devices)" if name in relay.connector.split() else ""
         if isinstance(connector, HttpConnectorConfig):
             target = f"http to {_origin(connector.url)}, auth {connector.auth_scheme}"
         elif isinstance(connector, TcpConnectorConfig):
