@@ -61,6 +61,56 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def write_relay_config(
+    workdir: str, relay_port: int, end_port: int, relay_keys: str = "", connector_keys: str = ""
+) -> str:
+    """A relay.ini in ``workdir`` posting to 127.0.0.1:``end_port``; its path."""
+    config = os.path.join(workdir, "relay.ini")
+    with open(config, "w") as f:
+        f.write(
+            f"[relay]\nlisten = tcp:{relay_port}:interface=127.0.0.1\n"
+            f"registry = sqlite:{workdir}/registry.sqlite\n{relay_keys}"
+            f"[connector:main]\ntype = http\n{connector_keys}"
+            f"url = http://127.0.0.1:{end_port}/dm/[SERIAL]\n"
+        )
+    return config
+
+
+def spawn_relay(config: str, workdir: str, twistd_options: list[str] = ()) -> subprocess.Popen:
+    """``twistd -n oemrelay -c config`` of this tree, logging to workdir/relay.log."""
+    return subprocess.Popen(
+        [sys.executable, "-c", "from twisted.scripts.twistd import run; run()",
+         "-n", "--pidfile=", "--logfile", os.path.join(workdir, "relay.log"),
+         *twistd_options, "oemrelay", "-c", config],
+        cwd=workdir,
+        # The plugin and package of this tree, wherever it runs from.
+        env=dict(os.environ, PYTHONPATH=os.path.join(HERE, "..")),
+    )
+
+
+async def wait_for_relay(port: int) -> None:
+    """Wait until the relay accepts connections on ``port`` (15 s at most)."""
+    deadline = time.monotonic() + 15
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise SystemExit("the relay did not start; see relay.log")
+            await task.deferLater(reactor, 0.2, lambda: None)
+
+
+def loopback_fleet(relay_port: int, devices: int, settings: DeviceSettings) -> Fleet:
+    """``devices`` simulated devices connecting to 127.0.0.1:``relay_port``."""
+    return Fleet(
+        reactor,
+        endpoint_connect(lambda: TCP4ClientEndpoint(reactor, "127.0.0.1", relay_port)),
+        devices,
+        settings,
+    )
+
+
 def cpu_seconds(pid: int) -> float:
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
@@ -73,38 +123,17 @@ async def run(devices: int, seconds: float, records: int, workdir: str) -> None:
     )
     sink_port = int(sink.stdout.readline())
     relay_port = free_port()
-    config = os.path.join(workdir, "relay.ini")
-    with open(config, "w") as f:
-        f.write(
-            f"[relay]\nlisten = tcp:{relay_port}:interface=127.0.0.1\n"
-            f"registry = sqlite:{workdir}/registry.sqlite\n"
-            f"[connector:main]\ntype = http\n"
-            f"url = http://127.0.0.1:{sink_port}/dm/[SERIAL]\n"
-        )
-    relay = subprocess.Popen(
-        [sys.executable, "-c", "from twisted.scripts.twistd import run; run()",
-         "-n", "--pidfile=", "--logfile", os.path.join(workdir, "relay.log"),
-         *(["--profile", os.environ["RELAY_PROFILE"], "--profiler", "cprofile", "--savestats"]
-           if os.environ.get("RELAY_PROFILE") else []),
-         "oemrelay", "-c", config],
-        cwd=workdir,
+    config = write_relay_config(workdir, relay_port, sink_port)
+    relay = spawn_relay(
+        config,
+        workdir,
+        ["--profile", os.environ["RELAY_PROFILE"], "--profiler", "cprofile", "--savestats"]
+        if os.environ.get("RELAY_PROFILE") else [],
     )
     try:
-        deadline = time.monotonic() + 15
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", relay_port), timeout=1).close()
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise SystemExit("the relay did not start; see relay.log")
-                await task.deferLater(reactor, 0.2, lambda: None)
-
-        fleet = Fleet(
-            reactor,
-            endpoint_connect(lambda: TCP4ClientEndpoint(reactor, "127.0.0.1", relay_port)),
-            devices,
-            DeviceSettings(records=records, uploads=0, reply_timeout=30),
+        await wait_for_relay(relay_port)
+        fleet = loopback_fleet(
+            relay_port, devices, DeviceSettings(records=records, uploads=0, reply_timeout=30)
         )
         running = defer.Deferred.fromCoroutine(fleet.run())
         await task.deferLater(reactor, 2, lambda: None)  # warm up

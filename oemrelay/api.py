@@ -48,6 +48,7 @@ from twisted.web.server import NOT_DONE_YET, Request
 from . import __version__
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .oneline import one_line
+from .relay import connector_names
 from .commands import COMMAND_TYPES, CommandError, iso8601, parse_command
 from .registry import COMMAND_STATES, DEVICE_SETTINGS, Command, DeviceRecord
 from .registry.devices import (
@@ -444,13 +445,15 @@ class _ApiResource(Resource):
         return body
 
     def _connector(self, value: str | None) -> str | None:
-        """A connector override: a configured name, or None to clear it."""
-        if value is None or value == "":
+        """A connector override: configured names, space separated, or None to clear it."""
+        names = connector_names(value or "")
+        if not names:
             return None
-        if value not in self._connector_names:
-            known = ", ".join(sorted(self._connector_names)) or "none configured"
-            raise _ApiError(400, f"unknown connector {value!r} (known: {known})")
-        return value
+        for name in names:
+            if name not in self._connector_names:
+                known = ", ".join(sorted(self._connector_names)) or "none configured"
+                raise _ApiError(400, f"unknown connector {name!r} (known: {known})")
+        return " ".join(names)
 
     def _csv_rows(self, data: bytes) -> tuple[list[dict[str, Any]], list[int]]:
         """
@@ -799,11 +802,12 @@ def _device_schemas(connector_names: list[str]) -> dict[str, Any]:
     connector_schema: dict[str, Any] = {
         "type": "string",
         "nullable": True,
-        "description": "A configured connector name; null or \"\" clears the"
-        " override (the relay's default connector is used).",
+        "description": "Configured connector names, space separated; null or \"\""
+        " clears the override (the relay's default connectors are used).",
     }
     if connector_names:
-        connector_schema["enum"] = [*connector_names, "", None]
+        one = "(?:" + "|".join(re.escape(name) for name in connector_names) + ")"
+        connector_schema["pattern"] = f"^$|^{one}(?: {one})*$"
     changes = {name: field_schema(doc) for name, doc in device_fields() if doc.writable}
     # Unlike the other settings, its allowed values depend on the configuration.
     changes["connector"] = connector_schema

@@ -22,7 +22,6 @@ import string
 import sys
 from collections.abc import Callable, Sequence
 from typing import IO
-from urllib.parse import urlsplit
 
 from twisted.internet.defer import Deferred
 
@@ -39,7 +38,10 @@ from .codec import (
     parse_fixed_records,
     parse_hello,
 )
+from .config import ConfigError, connector_target, load_config
 from .oem_json import oem_document
+from .registry_url import url_without_password
+from .relay import connector_names
 
 #: Descriptors one simulator process needs beside one per device.
 SPARE_FDS = 64
@@ -257,44 +259,16 @@ def _decode(args, stdout: IO[str], stdin: IO[bytes]) -> int:
 # -- check-config ----------------------------------------------------------------------
 
 
-def _origin(url: str) -> str:
-    """``scheme://host[:port]`` of ``url``: no user, password, path or query."""
-    parts = urlsplit(url)
-    port = f":{parts.port}" if parts.port else ""
-    host = parts.hostname or ""
-    if ":" in host:
-        host = f"[{host}]"
-    return f"{parts.scheme}://{host}{port}"
-
-
-def connector_target(connector) -> str:
-    """A connector's type and where it delivers, with no secret (no URL path, query or user)."""
-    from .config import FileConnectorConfig, HttpConnectorConfig, TcpConnectorConfig
-
-    if isinstance(connector, HttpConnectorConfig):
-        return f"http to {_origin(connector.url)}, auth {connector.auth_scheme}"
-    if isinstance(connector, TcpConnectorConfig):
-        return f"tcp to {connector.endpoint}"
-    if isinstance(connector, FileConnectorConfig):
-        return f"file {connector.path}"
-    return type(connector).__name__
-
-
 def config_summary(config) -> list[str]:
     """What a loaded configuration would run, one line each, with no secret."""
-    from twisted.internet.testing import MemoryReactor
-
-    from .registry import Registry
-
     relay = config.relay
     lines = [f"{config.source}: OK"]
     lines += [f"devices listen on {description}" for description in relay.listen]
+    used = connector_names(relay.connector) or tuple(config.connectors)[:1]
     for name, connector in config.connectors.items():
-        default = " (used by devices)" if name == relay.connector else ""
+        default = " (used by devices)" if name in used else ""
         lines.append(f"connector {name}: {connector_target(connector)}{default}")
-    # Nothing is opened: the registry only redacts its URL.
-    url = Registry.from_url(relay.registry, MemoryReactor()).url_for_logs
-    lines.append(f"registry {url}")
+    lines.append(f"registry {url_without_password(relay.registry)}")
     if config.api.listen:
         lines += [f"API listens on {description}" for description in config.api.listen]
     else:
@@ -303,8 +277,6 @@ def config_summary(config) -> list[str]:
 
 
 def _check_config(args, stdout: IO[str]) -> int:
-    from .config import ConfigError, load_config
-
     try:
         config = load_config(args.config)
     except ConfigError as error:

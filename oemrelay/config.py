@@ -28,6 +28,7 @@ from .codec import MAX_PAYLOAD
 from .iothub import SAS_PREFIX, decode_sas_key, default_sas_resource, iothub_url
 from .oneline import one_line
 from .registry_url import check_postgresql_url
+from .relay import BEST_EFFORT, COMMIT_DELIVERED, COMMIT_SPOOLED, REQUIRED, connector_names
 from .templates import has_placeholders
 from .tls import load_client_certificate
 
@@ -58,6 +59,25 @@ def _positive_number(value: str) -> float:
     if not number > 0 or number == float("inf"):
         raise ValueError(f"must be a positive number of seconds, got {value!r}")
     return number
+
+
+def _non_negative_number(value: str) -> float:
+    if value in ("0", "0.0"):
+        return 0.0
+    return _positive_number(value)
+
+
+def _optional_positive_number(value: str) -> float | None:
+    return _positive_number(value) if value else None
+
+
+def _one_of(*choices: str) -> Callable[[str], str]:
+    def parse(value: str) -> str:
+        if value not in choices:
+            raise ValueError(f"must be one of {', '.join(choices)}, got {value!r}")
+        return value
+
+    return parse
 
 
 def _message_size(value: str) -> int:
@@ -320,10 +340,11 @@ class RelayConfig:
     connector: str = _setting(
         _text,
         "",
-        "The NAME of the ``[connector:NAME]`` section devices' uploads go to;"
-        " may be left empty when there is only one connector section."
-        " A device's registry entry may name another (the API's ``connector``"
-        " field), which takes effect on its next upload.",
+        "The NAME of the ``[connector:NAME]`` section devices' uploads go to,"
+        " or several names, space separated (see ``role``); may be left empty"
+        " when there is only one connector section.  A device's registry entry"
+        " may name others (the API's ``connector`` field), which takes effect"
+        " on its next upload.",
     )
     commit_timeout: float = _setting(
         _positive_number,
@@ -374,6 +395,33 @@ class RelayConfig:
         "text: twistd's lines; json: one JSON object a line (time, level, namespace,"
         " message and the event's fields) for log shippers.",
     )
+    commit_policy: str = _setting(
+        _one_of(COMMIT_DELIVERED, COMMIT_SPOOLED),
+        COMMIT_DELIVERED,
+        "delivered: commit once every required connector answered 2xx;"
+        " spooled: commit once the upload is durably in the spool.",
+    )
+    retry_initial: float = _setting(
+        _positive_number,
+        "0.5",
+        "Seconds before the first retry of a failed delivery inside commit_timeout;"
+        " doubled per retry, jittered.",
+    )
+    retry_max: float = _setting(
+        _non_negative_number,
+        "5",
+        "Longest wait between retries, in seconds; 0: no retries.",
+    )
+    shutdown_grace: float | None = _setting(
+        _optional_positive_number,
+        "",
+        "Seconds a stopping relay lets deliveries in flight finish; empty: commit_timeout.",
+    )
+
+    @property
+    def drain_seconds(self) -> float:
+        """How long a stopping relay waits for deliveries in flight."""
+        return self.shutdown_grace if self.shutdown_grace is not None else self.commit_timeout
 
 
 @dataclass(frozen=True)
@@ -567,6 +615,18 @@ class FileConnectorConfig:
     )
 
 
+@dataclass(frozen=True)
+class ConnectorRoleConfig:
+    """The keys of every ``[connector:NAME]``, whatever its type."""
+
+    role: str = _setting(
+        _one_of(REQUIRED, BEST_EFFORT),
+        REQUIRED,
+        "required: the commit waits for it; best_effort: a copy goes through the"
+        " spool and never holds a device back.",
+    )
+
+
 ConnectorConfig = HttpConnectorConfig | TcpConnectorConfig | FileConnectorConfig
 
 
@@ -578,6 +638,8 @@ class Config:
     connectors: Mapping[str, ConnectorConfig]
     source: str = "<string>"
     api: ApiConfig = field(default_factory=ApiConfig)
+    #: Each connector's ``role``; a connector not listed is required.
+    roles: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
 
 
 _Schema = Mapping[str, Key]
@@ -594,6 +656,9 @@ _HEADER_KEYS: _Schema = {
     )
     for n in (1, 2, 3)
 }
+
+#: The keys every connector section takes besides its type's.
+_ROLE_KEYS: _Schema = _keys_of(ConnectorRoleConfig)
 
 #: The keys an azure-iothub section shares with http, after its own.
 _IOTHUB_SHARED = (
@@ -613,7 +678,7 @@ SCHEMA: Mapping[str, _Schema] = MappingProxyType(
     {
         "relay": _keys_of(RelayConfig),
         "api": {**_keys_of(ApiConfig), **_API_FILE_KEYS},
-        "http": {**_keys_of(HttpConnectorConfig), **_HEADER_KEYS},
+        "http": {**_keys_of(HttpConnectorConfig), **_HEADER_KEYS, **_ROLE_KEYS},
         "azure-iothub": {
             "hub": Key(
                 _required,
@@ -636,9 +701,10 @@ SCHEMA: Mapping[str, _Schema] = MappingProxyType(
             ),
             **_HEADER_KEYS,
             **_keys_of(HttpConnectorConfig, _IOTHUB_SHARED),
+            **_ROLE_KEYS,
         },
-        "tcp": _keys_of(TcpConnectorConfig),
-        "file": _keys_of(FileConnectorConfig),
+        "tcp": {**_keys_of(TcpConnectorConfig), **_ROLE_KEYS},
+        "file": {**_keys_of(FileConnectorConfig), **_ROLE_KEYS},
     }
 )
 
@@ -646,6 +712,27 @@ _CONNECTOR_TYPES = tuple(kind for kind in SCHEMA if kind not in ("relay", "api")
 
 
 CONNECTOR_PREFIX = "connector:"
+
+
+def _origin(url: str) -> str:
+    """``scheme://host[:port]`` of ``url``: no user, password, path or query."""
+    parts = urlsplit(url)
+    port = f":{parts.port}" if parts.port else ""
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    return f"{parts.scheme}://{host}{port}"
+
+
+def connector_target(connector: ConnectorConfig) -> str:
+    """A connector's type and where it delivers, with no secret (no URL path, query or user)."""
+    if isinstance(connector, HttpConnectorConfig):
+        return f"http to {_origin(connector.url)}, auth {connector.auth_scheme}"
+    if isinstance(connector, TcpConnectorConfig):
+        return f"tcp to {connector.endpoint}"
+    if isinstance(connector, FileConnectorConfig):
+        return f"file {connector.path}"
+    return type(connector).__name__
 
 
 def load_config(path: str) -> Config:
@@ -715,6 +802,7 @@ def config_from_string(text: str, source: str = "<string>") -> Config:
         return parsed
 
     connectors: dict[str, ConnectorConfig] = {}
+    roles: dict[str, str] = {}
     for section in parser.sections():
         if section in ("relay", "api"):
             continue
@@ -733,6 +821,7 @@ def config_from_string(text: str, source: str = "<string>") -> Config:
         parser.remove_option(section, "type")
         given = frozenset(key for key, value in parser[section].items() if value)
         values = read(section, SCHEMA[connector_type])
+        roles[name] = values.pop("role")
         try:
             connectors[name] = _connector_config(name, connector_type, values, given)
         except _KeyProblem as problem:
@@ -747,12 +836,11 @@ def config_from_string(text: str, source: str = "<string>") -> Config:
                 "missing; name the [connector:NAME] section devices use",
             )
         relay_values["connector"] = next(iter(connectors))
-    if relay_values["connector"] not in connectors:
-        raise fail(
-            "relay",
-            "connector",
-            f"no section [{CONNECTOR_PREFIX}{relay_values['connector']}]",
-        )
+    for name in connector_names(relay_values["connector"]):
+        if name not in connectors:
+            raise fail("relay", "connector", f"no section [{CONNECTOR_PREFIX}{name}]")
+    if relay_values["retry_max"] and relay_values["retry_initial"] > relay_values["retry_max"]:
+        raise fail("relay", "retry_initial", "must not be longer than retry_max")
     if relay_values["idle_timeout"] <= relay_values["commit_timeout"]:
         raise fail(
             "relay",
@@ -765,7 +853,11 @@ def config_from_string(text: str, source: str = "<string>") -> Config:
     except _KeyProblem as problem:
         raise fail("api", problem.key, problem.message) from None
     return Config(
-        RelayConfig(**relay_values), MappingProxyType(connectors), source, api
+        RelayConfig(**relay_values),
+        MappingProxyType(connectors),
+        source,
+        api,
+        MappingProxyType(roles),
     )
 
 

@@ -56,6 +56,12 @@ class RelayObserver:
     def delivery_retried(self, connector: str) -> None:
         """A failed try is about to be repeated inside the commit window."""
 
+    def copy_not_spooled(self, upload, connectors: tuple[str, ...], reason: str) -> None:
+        """
+        ``upload``'s best-effort copy for ``connectors`` could not be spooled
+        (the commit went ahead: every required connector had accepted it).
+        """
+
     def command_answered(self, hello: Hello, command_id: int, status: int) -> None:
         """A device answered a command (0x21) with ``status``."""
 

@@ -20,7 +20,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, FirstError, gatherResults, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -28,6 +28,7 @@ from twisted.python.failure import Failure
 from .codec import Frame, Hello, Record
 from .events import Observers
 from .oneline import one_line
+from .retry import RetryPolicy, deliver_with_retries
 
 log = Logger(namespace="oemrelay.relay")
 
@@ -76,11 +77,61 @@ class DeliveryFailed(Exception):
     The end server did not accept an upload.  The message is one line;
     ``kind`` is a short fixed word for counting why (see
     :meth:`oemrelay.events.RelayObserver.commit_withheld`).
+
+    ``retryable`` says a later try may succeed (a connection error, a
+    timeout, 408, 429, 5xx); ``retry_after`` is the end server's own
+    ``Retry-After`` in seconds, if it gave one.
     """
 
-    def __init__(self, message: str, kind: str = "refused") -> None:
+    def __init__(
+        self,
+        message: str,
+        kind: str = "refused",
+        *,
+        retryable: bool = False,
+        retry_after: float | None = None,
+    ) -> None:
         super().__init__(message)
         self.kind = kind
+        self.retryable = retryable
+        self.retry_after = retry_after
+
+    def after_attempts(self, attempts: int) -> DeliveryFailed:
+        """The same failure, its reason saying it was the last of ``attempts``."""
+        return DeliveryFailed(f"{self} (after {attempts} attempts)", self.kind)
+
+
+class SpoolFull(Exception):
+    """
+    The spool holds ``spool_max_records`` already; nothing more is spooled
+    (the spool raises this, or a subclass, from ``put``).
+    """
+
+
+class UploadSpool(Protocol):
+    """
+    Where uploads wait, durably, for background delivery (the spool in
+    :mod:`oemrelay.spool` provides it).
+    """
+
+    def put(self, upload: Upload, connectors: tuple[str, ...]) -> Deferred[None]:
+        """
+        Keep ``upload`` for later delivery to each of ``connectors``; fire once
+        it is durable; fail with :class:`SpoolFull` when the spool is full.
+        """
+
+
+#: ``[relay] commit_policy`` values.
+COMMIT_DELIVERED = "delivered"
+COMMIT_SPOOLED = "spooled"
+#: ``[connector:NAME] role`` values.
+REQUIRED = "required"
+BEST_EFFORT = "best_effort"
+
+
+def connector_names(text: str) -> tuple[str, ...]:
+    """The connector names in a space-separated list (config, registry override)."""
+    return tuple(text.split())
 
 
 class Link(Protocol):
@@ -181,11 +232,28 @@ class Relay:
         max_held_frames: int = MAX_HELD_FRAMES,
         observers: Observers | None = None,
         max_reported: int = MAX_REPORTED,
+        retry: RetryPolicy | None = None,
+        commit_timeout: float = 0.0,
+        roles: Mapping[str, str] | None = None,
+        commit_policy: str = COMMIT_DELIVERED,
+        spool: UploadSpool | None = None,
     ) -> None:
-        if default_connector not in connectors:
-            raise ValueError(f"no connector named {default_connector!r}")
+        for name in connector_names(default_connector) or ("",):
+            if name not in connectors:
+                raise ValueError(f"no connector named {name!r}")
         self.connectors = dict(connectors)
+        #: The connector names devices without an override use, space separated.
         self.default_connector = default_connector
+        #: Retries inside the commit window; None: one attempt per connector.
+        self.retry = retry
+        #: The session's commit_timeout: no retry starts after it ran out.
+        self.commit_timeout = commit_timeout
+        self.roles = dict(roles or {})
+        self.commit_policy = commit_policy
+        self.spool = spool
+        needs_spool = commit_policy == COMMIT_SPOOLED or BEST_EFFORT in self.roles.values()
+        if needs_spool and spool is None:
+            raise ValueError("best_effort connectors and commit_policy = spooled need a spool")
         self.registry = registry or NoRegistry()
         self.node = node
         self._clock = clock
@@ -314,22 +382,25 @@ class DeviceRoute:
         relay.presence.opened(hello)
 
     def open_ahead(self) -> None:
-        """Open the link the device's next upload will use, once its profile is known."""
+        """Open the links the device's next upload will use, once its profile is known."""
 
-        def open_link(profile: DeviceProfile) -> None:
-            name = profile.connector or self._relay.default_connector
-            if not self._closed and name in self._relay.connectors:
-                self.link_for(name)
+        def open_links(profile: DeviceProfile) -> None:
+            for name in self._connectors_of(profile):
+                if not self._closed and name in self._relay.connectors:
+                    self.link_for(name)
 
         def opened(_: object) -> None:
-            # Frames the device sent meanwhile reach the link, in order.
+            # Frames the device sent meanwhile reach the links, in order.
             held, self._held = self._held, None
             for frame in held:
                 self.forward(frame)
 
         # A failed lookup is retried, and reported, by the upload's own.
         lookup = self._registry.profile_for(self._hello)
-        lookup.addCallbacks(open_link, lambda _: None).addCallback(opened)
+        lookup.addCallbacks(open_links, lambda _: None).addCallback(opened)
+
+    def _connectors_of(self, profile: DeviceProfile) -> tuple[str, ...]:
+        return connector_names(profile.connector or self._relay.default_connector)
 
     def link_for(self, connector_name: str) -> Link:
         """This connection's link to ``connector_name``, opened on first use."""
@@ -342,9 +413,12 @@ class DeviceRoute:
 
     async def deliver(self, upload: Upload) -> None:
         """
-        Deliver ``upload`` to the device's connector.
+        Deliver ``upload`` as the commit policy says: to every required
+        connector of the device (concurrently, each with its own retries),
+        its best-effort copies handed to the spool once those accepted; or,
+        with ``commit_policy = spooled``, into the spool for all of them.
 
-        :raises DeliveryFailed: if it was not accepted.
+        :raises DeliveryFailed: if it was not accepted (or not spooled).
         """
         try:
             profile = await self._registry.profile_for(self._hello)
@@ -357,12 +431,66 @@ class DeviceRoute:
         if self._closed:
             # Closed while the profile was looked up: open no new link.
             raise DeliveryFailed("device connection closed before delivery", "closed")
-        name = profile.connector or self._relay.default_connector
-        if name not in self._relay.connectors:
-            raise DeliveryFailed(
-                f"device's connector {name!r} is not configured", "configuration"
+        names = self._connectors_of(profile)
+        for name in names:
+            if name not in self._relay.connectors:
+                raise DeliveryFailed(
+                    f"device's connector {name!r} is not configured", "configuration"
+                )
+        if self._relay.commit_policy == COMMIT_SPOOLED:
+            await self._spool(upload, names)
+            return
+        roles = self._relay.roles
+        required = [name for name in names if roles.get(name, REQUIRED) == REQUIRED]
+        best_effort = tuple(name for name in names if name not in required)
+        deliveries = [
+            Deferred.fromCoroutine(self._deliver_to(name, upload, profile))
+            for name in required
+        ]
+        try:
+            await gatherResults(deliveries, consumeErrors=True)
+        except FirstError as error:
+            error.subFailure.raiseException()
+        if best_effort:
+            self._copy_to_spool(upload, best_effort)
+
+    async def _deliver_to(self, name: str, upload: Upload, profile: DeviceProfile) -> None:
+        link = self.link_for(name)
+        retry = self._relay.retry
+        if retry is None:
+            await link.deliver(upload, profile)
+            return
+        await deliver_with_retries(
+            lambda: link.deliver(upload, profile),
+            retry,
+            upload.received_at + self._relay.commit_timeout,
+            connector=name,
+            serial=self._hello.serial,
+            observers=self._relay.observers,
+        )
+
+    async def _spool(self, upload: Upload, names: tuple[str, ...]) -> None:
+        try:
+            await self._relay.spool.put(upload, names)
+        except SpoolFull:
+            raise DeliveryFailed("spool full; not committed", "spool_full") from None
+        except Exception as error:
+            raise DeliveryFailed(f"spool: {one_line(error)}", "spool") from None
+
+    def _copy_to_spool(self, upload: Upload, names: tuple[str, ...]) -> None:
+        # Never awaited: a best-effort copy does not hold the device back.
+        def not_spooled(failure: Failure) -> None:
+            reason = describe_failure(failure)
+            self._relay.observers.copy_not_spooled(upload, names, reason)
+            log.warn(
+                "device {serial}: best-effort copy for {connectors} not spooled"
+                " (required connectors accepted; committed anyway): {reason}",
+                serial=self._hello.serial,
+                connectors=" ".join(names),
+                reason=reason,
             )
-        await self.link_for(name).deliver(upload, profile)
+
+        Deferred.fromCoroutine(self._spool(upload, names)).addErrback(not_spooled)
 
     def committed(self, upload: Upload) -> None:
         """The device was told to delete ``upload``'s records."""

@@ -24,7 +24,7 @@ from collections.abc import Callable
 
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import IService, MultiService, Service
-from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.defer import CancelledError, Deferred, maybeDeferred
 from twisted.internet.interfaces import IStreamServerEndpoint
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import CannotListenError
@@ -36,13 +36,14 @@ from zope.interface import implementer
 
 from . import __version__
 from .api import build_api
-from .config import Config
+from .config import Config, connector_target
 from .connectors import build_connector
 from .events import Observers
 from .metrics import RelayMetrics
 from .oneline import one_line
 from .registry import Registry
-from .relay import Relay
+from .relay import Relay, connector_names
+from .retry import RetryPolicy
 from .session import DeviceFactory
 
 log = Logger(namespace="oemrelay.service")
@@ -207,7 +208,7 @@ class ApiSite(Site):
 
 #: The start-up line; :func:`startup_fields` fills it.
 STARTUP_FORMAT = (
-    "oemrelay {version} running: devices on {listen}; connector {connector}: {target};"
+    "oemrelay {version} running: devices on {listen}; {connectors};"
     " registry {registry}; API {api}; workers {workers}"
 )
 
@@ -230,15 +231,15 @@ def startup_fields(config: Config, registry_url: str) -> dict[str, object]:
 
     :param registry_url: the registry's URL without its password.
     """
-    from .cli import connector_target
-
     relay = config.relay
-    name = relay.connector or next(iter(config.connectors))
+    names = connector_names(relay.connector) or (next(iter(config.connectors)),)
     return {
         "version": __version__,
         "listen": " ".join(relay.listen),
-        "connector": name,
-        "target": connector_target(config.connectors[name]),
+        "connectors": "; ".join(
+            f"connector {name}: {connector_target(config.connectors[name])}"
+            for name in names
+        ),
         "registry": registry_url,
         "api": " ".join(config.api.listen) if config.api.listen else "off",
         # [relay] workers arrives with the worker processes; until then there is one.
@@ -258,11 +259,60 @@ def ready_checks(registry: Registry, listeners: list[Listener]) -> list[tuple[st
         ("listeners", listening),
         ("registry", lambda: registry.database.query_one("SELECT 1")),
     ]
+class StopInOrder(MultiService):
+    """
+    Stops its children one after the other, the last added first, each once
+    the one before has finished: devices drain before the connectors, the
+    spool and the registry they need are closed.
+    """
+
+    def stopService(self) -> Deferred:
+        Service.stopService(self)
+        return Deferred.fromCoroutine(self._stop_each())
+
+    async def _stop_each(self) -> None:
+        for service in reversed(list(self)):
+            try:
+                await maybeDeferred(service.stopService)
+            except Exception:
+                log.failure("stopping a service failed")
+
+
+class DeviceService(MultiService):
+    """
+    The device listeners and the connections they accepted.  Stopping it
+    stops listening first, then lets deliveries in flight finish for up to
+    ``shutdown_grace`` and answers their commits, closes every device, and
+    lets the spool flush (its ``close``, if it has one).
+    """
+
+    def __init__(self, devices: DeviceFactory, relay: Relay, shutdown_grace: float) -> None:
+        super().__init__()
+        self._devices = devices
+        self._relay = relay
+        self._grace = shutdown_grace
+
+    def stopService(self) -> Deferred:
+        listeners = super().stopService()
+        return Deferred.fromCoroutine(self._drain(listeners))
+
+    async def _drain(self, listeners: Deferred) -> None:
+        await listeners
+        if self._devices.connections:
+            log.info(
+                "stopping: {count} device connections to finish, for up to {grace:g}s",
+                count=len(self._devices.connections),
+                grace=self._grace,
+            )
+        await self._devices.drain(self._grace)
+        close = getattr(self._relay.spool, "close", None)
+        if close is not None:
+            await maybeDeferred(close)
 
 
 def build_service(config: Config, reactor) -> MultiService:
     """Everything the relay runs, ready for ``twistd`` to start."""
-    top = MultiService()
+    top = StopInOrder()
     on_start_failure = stop_after_failed_start(reactor)
     registry = Registry.from_url(config.relay.registry, reactor)
     RegistryService(registry, config.relay.node, on_start_failure).setServiceParent(top)
@@ -278,6 +328,9 @@ def build_service(config: Config, reactor) -> MultiService:
         if IService.providedBy(connector):
             connector.setServiceParent(top)
         connectors[name] = connector
+    # The spool engineer's wiring opens [relay] spool here (a child service
+    # added before the devices, so it stops after they drained).
+    spool = None
     relay = Relay(
         connectors,
         config.relay.connector,
@@ -285,6 +338,11 @@ def build_service(config: Config, reactor) -> MultiService:
         node=config.relay.node,
         clock=reactor,
         observers=observers,
+        retry=RetryPolicy(reactor, config.relay.retry_initial, config.relay.retry_max),
+        commit_timeout=config.relay.commit_timeout,
+        roles=config.roles,
+        commit_policy=config.relay.commit_policy,
+        spool=spool,
     )
     devices = DeviceFactory(
         relay,
@@ -293,10 +351,12 @@ def build_service(config: Config, reactor) -> MultiService:
         idle_timeout=config.relay.idle_timeout,
         max_message=config.relay.max_message,
     )
+    device_service = DeviceService(devices, relay, config.relay.drain_seconds)
+    device_service.setServiceParent(top)
     listeners = []
     for description in config.relay.listen:
         listener = Listener("relay", description, devices, reactor, on_start_failure)
-        listener.setServiceParent(top)
+        listener.setServiceParent(device_service)
         listeners.append(listener)
     if config.api.listen:
         api = ApiSite(

@@ -693,6 +693,7 @@ class DeviceProtocol(Protocol, TimeoutMixin):
         )
         self.setTimeout(self._factory.idle_timeout)
         self._factory.relay.observers.connection_opened(self.session.peer)
+        self._factory.connections.add(self)
 
     def _peer_text(self) -> str:
         peer = self.transport.getPeer()
@@ -730,6 +731,7 @@ class DeviceProtocol(Protocol, TimeoutMixin):
     def connectionLost(self, reason: Failure = None) -> None:
         self.setTimeout(None)
         self.session.connection_lost()
+        self._factory.connection_ended(self)
 
     # DeviceChannel
 
@@ -771,6 +773,51 @@ class DeviceFactory(Factory):
         self.max_message = max_message
         self.max_uncommitted_bytes = max_uncommitted_bytes
         self.max_waiting_frames = max_waiting_frames
+        #: Device connections open now.
+        self.connections: set[DeviceProtocol] = set()
+        self._all_closed: list[Deferred[None]] = []
 
     def buildProtocol(self, addr: object) -> DeviceProtocol:
         return DeviceProtocol(self)
+
+    def connection_ended(self, protocol: DeviceProtocol) -> None:
+        """``protocol``'s connection is gone."""
+        self.connections.discard(protocol)
+        if not self.connections:
+            waiting, self._all_closed = self._all_closed, []
+            for closed in waiting:
+                closed.callback(None)
+
+    def drain(self, grace: float) -> Deferred[None]:
+        """
+        Ask every device connection to finish (a commit under way is answered
+        or withheld first, see :meth:`DeviceSession.drain`); fire once all
+        are closed.  Those still open after ``grace`` seconds are aborted:
+        their uploads stay uncommitted, for the device to send again.
+        """
+        closed: Deferred[None] = Deferred()
+        if not self.connections:
+            closed.callback(None)
+            return closed
+        self._all_closed.append(closed)
+        for protocol in list(self.connections):
+            protocol.session.drain()
+        late = self.clock.callLater(grace, self._abort_remaining, grace)
+        return closed.addBoth(_cancel_timer, late)
+
+    def _abort_remaining(self, grace: float) -> None:
+        if self.connections:
+            log.warn(
+                "{count} device connections still delivering after shutdown_grace"
+                " {grace:g}s; closing them without a commit",
+                count=len(self.connections),
+                grace=grace,
+            )
+        for protocol in list(self.connections):
+            protocol.transport.abortConnection()
+
+
+def _cancel_timer(result: object, timer) -> object:
+    if timer.active():
+        timer.cancel()
+    return result

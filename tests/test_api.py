@@ -6,6 +6,7 @@ registry, plus (when the real registry exists) end-to-end over a real socket.
 from __future__ import annotations
 
 import json
+import re
 import os
 from dataclasses import replace
 from typing import Any
@@ -531,6 +532,22 @@ class PutDeviceTests(_ApiTestCase):
         """An empty object registers the device without changing anything."""
         self.assertEqual(self.call("PUT", "/api/devices/3", json_body={})[0], 201)
         self.assertIn(3, self.registry.devices)
+
+    def test_several_connectors(self) -> None:
+        """An override may list several configured connectors, stored space separated."""
+        self.assertEqual(
+            self.call("PUT", "/api/devices/12", json_body={"connector": " primary  backup "})[0], 201
+        )
+        self.assertEqual(self.registry.devices[12].connector, "primary backup")
+
+    def test_one_unknown_among_several(self) -> None:
+        """One unknown name in a list is a 400 naming it, and nothing changes."""
+        self.assertError(
+            self.call("PUT", "/api/devices/12", json_body={"connector": "primary nope"}),
+            400,
+            "unknown connector 'nope'",
+        )
+        self.assertEqual(self.registry.calls, [])
 
     def test_unknown_connector(self) -> None:
         """A connector name that is not configured is a 400 and nothing changes."""
@@ -1151,11 +1168,13 @@ class OpenApiTests(_ApiTestCase):
         self.assertEqual(list(schema["properties"]), ["custom1", "custom2", "custom3", "connector"])
 
     def test_connector_names(self) -> None:
-        """The configured connector names are the override's allowed values."""
+        """The override's pattern allows configured names, space separated, or empty; nothing else."""
         schema = self.document()["components"]["schemas"]["DeviceChanges"]
-        self.assertEqual(
-            schema["properties"]["connector"]["enum"], ["backup", "primary", "", None]
-        )
+        pattern = re.compile(schema["properties"]["connector"]["pattern"])
+        for allowed in ("backup", "primary", "backup primary", ""):
+            self.assertTrue(pattern.match(allowed), allowed)
+        for refused in ("nope", "backup nope", "backupprimary", "backup  primary"):
+            self.assertFalse(pattern.match(refused), refused)
 
 
 class _TrackingSite(Site):

@@ -1310,7 +1310,7 @@ class SchemaTests(SynchronousTestCase):
             set(SCHEMA["azure-iothub"]),
             {"hub", "device_id", "url", "header1", "header2", "header3", "timeout",
              "ca_file", "client_cert", "client_key", "sas_key", "sas_policy",
-             "sas_resource", "token_ttl"},
+             "sas_resource", "token_ttl", "role"},
         )
 
     def test_tls_client_endpoint_without_warning(self) -> None:
@@ -1360,3 +1360,77 @@ class HttpBodyConfigTests(ConfigErrorAssertions, SynchronousTestCase):
             "[connector:hub]",
             "body",
         )
+
+
+TWO_CONNECTORS = FILE_CONNECTOR + "[connector:copy]\ntype = file\npath = copy.jsonl\n"
+
+
+class DeliveryKeysTests(SynchronousTestCase):
+    """[relay] connector lists, roles, commit_policy, retries and shutdown_grace."""
+
+    def load(self, relay: str = "", connectors: str = TWO_CONNECTORS):
+        return config_from_string(connectors + "[relay]\n" + relay, "relay.ini")
+
+    def refused(self, relay: str, connectors: str = TWO_CONNECTORS) -> str:
+        with self.assertRaises(ConfigError) as raised:
+            self.load(relay, connectors)
+        return str(raised.exception)
+
+    def test_several_connectors(self) -> None:
+        """connector = main copy names both sections."""
+        self.assertEqual(self.load("connector = main copy\n").relay.connector, "main copy")
+
+    def test_unknown_connector_in_list(self) -> None:
+        """An unknown name anywhere in the list is refused, naming it."""
+        self.assertEqual(
+            self.refused("connector = main nope\n"),
+            "relay.ini: [relay] connector: no section [connector:nope]",
+        )
+
+    def test_role_default_required(self) -> None:
+        """A connector without role is required."""
+        self.assertEqual(dict(self.load("connector = main\n").roles), {"main": "required", "copy": "required"})
+
+    def test_role_best_effort(self) -> None:
+        """role = best_effort is read per connector and is not passed to the connector's own config."""
+        config = self.load("connector = main copy\n", TWO_CONNECTORS + "role = best_effort\n")
+        self.assertEqual(config.roles["copy"], "best_effort")
+        self.assertEqual(config.connectors["copy"].path, "copy.jsonl")
+
+    def test_bad_role(self) -> None:
+        """An unknown role names file, section and key."""
+        message = self.refused("connector = main\n", TWO_CONNECTORS + "role = maybe\n")
+        self.assertEqual(
+            message,
+            "relay.ini: [connector:copy] role: must be one of required, best_effort, got 'maybe'",
+        )
+
+    def test_commit_policy(self) -> None:
+        """commit_policy defaults to delivered, takes spooled, refuses anything else."""
+        self.assertEqual(self.load("connector = main\n").relay.commit_policy, "delivered")
+        self.assertEqual(self.load("connector = main\ncommit_policy = spooled\n").relay.commit_policy, "spooled")
+        self.assertIn("[relay] commit_policy: must be one of", self.refused("connector = main\ncommit_policy = later\n"))
+
+    def test_retry_defaults(self) -> None:
+        """retry_initial defaults to 0.5 s and retry_max to 5 s."""
+        relay = self.load("connector = main\n").relay
+        self.assertEqual((relay.retry_initial, relay.retry_max), (0.5, 5.0))
+
+    def test_retry_initial_up_to_max(self) -> None:
+        """retry_initial equal to retry_max is accepted; a bit longer is refused."""
+        self.assertEqual(self.load("connector = main\nretry_initial = 2\nretry_max = 2\n").relay.retry_initial, 2.0)
+        self.assertEqual(
+            self.refused("connector = main\nretry_initial = 2.01\nretry_max = 2\n"),
+            "relay.ini: [relay] retry_initial: must not be longer than retry_max",
+        )
+
+    def test_retry_max_zero_turns_retries_off(self) -> None:
+        """retry_max = 0 is accepted (no retries) whatever retry_initial; a negative one is refused."""
+        self.assertEqual(self.load("connector = main\nretry_max = 0\n").relay.retry_max, 0.0)
+        self.assertIn("[relay] retry_max: must be a positive", self.refused("connector = main\nretry_max = -1\n"))
+
+    def test_shutdown_grace_defaults_to_commit_timeout(self) -> None:
+        """Without shutdown_grace a stopping relay waits commit_timeout; with it, that many seconds."""
+        self.assertEqual(self.load("connector = main\ncommit_timeout = 12\n").relay.drain_seconds, 12.0)
+        self.assertEqual(self.load("connector = main\nshutdown_grace = 3\n").relay.drain_seconds, 3.0)
+        self.assertIn("[relay] shutdown_grace:", self.refused("connector = main\nshutdown_grace = 0\n"))

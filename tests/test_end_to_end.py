@@ -472,7 +472,10 @@ class _RelayTestCase(TestCase):
 
     def start_http_server(self, status: int = 200, delay: float = 0.0) -> _HttpEndServer:
         """An HTTP end server on a loopback port."""
-        server = _HttpEndServer(self.reactor, self.events, status, delay)
+        return self.serve_http(_HttpEndServer(self.reactor, self.events, status, delay))
+
+    def serve_http(self, server):
+        """Serve the resource ``server`` on a loopback port (its ``port``); its answers dropped in cleanup."""
         site = Site(server)
         site.noisy = False
         server.port = self._listen(site)
@@ -508,7 +511,13 @@ class _RelayTestCase(TestCase):
         self.assertEqual(flags, 0)
 
 
-def http_config(server: _HttpEndServer, commit_timeout: float = 10, timeout: float = 10) -> str:
+def http_config(
+    server: _HttpEndServer,
+    commit_timeout: float = 10,
+    timeout: float = 10,
+    retry_max: float = 5,
+    retry_initial: float = 0.5,
+) -> str:
     """A relay posting to ``server``, with a templated URL and headers."""
     return f"""\
 [relay]
@@ -516,6 +525,8 @@ listen = {LISTEN}
 connector = platform
 commit_timeout = {commit_timeout}
 idle_timeout = 30
+retry_initial = {retry_initial:g}
+retry_max = {retry_max:g}
 
 [connector:platform]
 type = http
@@ -596,8 +607,8 @@ class HttpRelayEndToEndTests(_RelayTestCase):
         self.assertFalse(device.closed)
 
     async def test_refusing_end_server_means_no_commit(self) -> None:
-        """A 500 from the end server: the device gets no 0x06 and is disconnected."""
-        server = self.start_http_server(status=500)
+        """A 400 from the end server: one POST, the device gets no 0x06 and is disconnected."""
+        server = self.start_http_server(status=400)
         port = await self.start_daemon(http_config(server))
         device = await self.connect_device(port)
 
@@ -619,7 +630,7 @@ class HttpRelayEndToEndTests(_RelayTestCase):
     async def test_connector_timeout_means_no_commit(self) -> None:
         """An end server slower than the connector's timeout: no 0x06, disconnected, the timeout logged."""
         await self.assert_slow_server_not_committed(
-            {"commit_timeout": 10, "timeout": 1},
+            {"commit_timeout": 10, "timeout": 1, "retry_max": 0},
             "connector platform: {server} did not answer within 1s",
         )
 

@@ -10,6 +10,7 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import EventLoggingObserver
 from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
+from twisted.web.http_headers import Headers
 
 from oemrelay.codec import parse_hello
 from oemrelay.config import config_from_string
@@ -200,6 +201,7 @@ class HttpAttemptEventTests(SynchronousTestCase):
 
         class Response:
             code = answer_code
+            headers = Headers()
 
             def content(self):
                 clock.advance(0.25)

@@ -254,6 +254,17 @@ class StartupLineTests(SynchronousTestCase):
         self.assertIn("API tcp:8080;", line)
         self.assertTrue(line.endswith("workers 1"), line)
 
+    def test_every_connector_devices_use(self) -> None:
+        """With connector = a b, both are named with their targets, in the configured order."""
+        line = self.line(
+            "[relay]\nconnector = b a\n"
+            "[connector:a]\ntype = file\npath = a.jsonl\n"
+            "[connector:b]\ntype = file\npath = b.jsonl\n"
+            "[connector:unused]\ntype = file\npath = c.jsonl\n"
+        )
+        self.assertIn("; connector b: file b.jsonl; connector a: file a.jsonl;", line)
+        self.assertNotIn("unused", line)
+
     def test_no_secrets(self) -> None:
         """No URL path or query, password, token, or registry password."""
         line = self.line(_SECRET_CONFIG, "postgresql://relay@db.example:5432/oemrelay")

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 from base64 import b64encode
+from email.utils import formatdate
 from urllib.parse import parse_qs
 
 import twisted
@@ -34,7 +35,7 @@ from twisted.web.server import NOT_DONE_YET
 from zope.interface import implementer
 
 from oemrelay.auth import sas_token
-from oemrelay.codec import FrameDecoder, Hello, parse_data_records, parse_hello
+from oemrelay.codec import Frame, FrameDecoder, Hello, MessageType, parse_data_records, parse_hello
 from oemrelay.config import HttpConnectorConfig, config_from_string
 from oemrelay.connectors import build_connector
 from oemrelay.connectors import http as http_module
@@ -968,3 +969,143 @@ class ClientCertificateTests(SynchronousTestCase):
         """Without client_cert no client certificate policy is made."""
         build_http_client(self.reactor, HttpConnectorConfig("h", "https://h/"))
         self.assertEqual(self.policies, [])
+
+
+def http_date(seconds: float) -> bytes:
+    """An HTTP date (IMF-fixdate) for ``seconds`` since the epoch."""
+    return formatdate(seconds, usegmt=True).encode("ascii")
+
+
+class RetryAfterServer(EndServer):
+    """An end server that also sends a Retry-After header with its answer."""
+
+    def __init__(self, code: int, retry_after: bytes | None) -> None:
+        super().__init__(code)
+        self.retry_after = retry_after
+
+    def render(self, request):
+        if self.retry_after is not None:
+            request.setHeader(b"Retry-After", self.retry_after)
+        return super().render(request)
+
+
+class RetryableFailureTests(SynchronousTestCase):
+    """Which failures the connector marks retryable, and the Retry-After it passes on."""
+
+    def refusal(self, code: int, retry_after: bytes | None = None) -> DeliveryFailed:
+        clock = task.Clock()
+        clock.advance(NOW)
+        connector = connector_for(StubTreq(RetryAfterServer(code, retry_after)), clock)
+        return self.failureResultOf(connector.deliver(UPLOAD, PROFILE), DeliveryFailed).value
+
+    def test_transient_statuses_retryable(self) -> None:
+        """408, 429, 500, 502, 503 and 599 are retryable."""
+        for code in (408, 429, 500, 502, 503, 599):
+            self.assertTrue(self.refusal(code).retryable, code)
+
+    def test_other_4xx_not_retryable(self) -> None:
+        """400, 401, 403, 404, 409, 413 and 428 are final refusals."""
+        for code in (400, 401, 403, 404, 409, 413, 428):
+            self.assertFalse(self.refusal(code).retryable, code)
+
+    def test_retry_after_seconds(self) -> None:
+        """Retry-After: 7 is passed on as 7 seconds."""
+        self.assertEqual(self.refusal(503, b"7").retry_after, 7.0)
+
+    def test_retry_after_http_date(self) -> None:
+        """Retry-After as an HTTP date is the seconds from now until then."""
+        when = http_date(NOW + 12)
+        self.assertEqual(self.refusal(429, when).retry_after, 12.0)
+
+    def test_retry_after_past_date_is_zero(self) -> None:
+        """An HTTP date already past means retry now, not a negative wait."""
+        when = http_date(NOW - 30)
+        self.assertEqual(self.refusal(503, when).retry_after, 0.0)
+
+    def test_retry_after_unreadable_ignored(self) -> None:
+        """An unreadable Retry-After (or none) leaves the backoff to decide."""
+        self.assertIsNone(self.refusal(503, b"soon").retry_after)
+        self.assertIsNone(self.refusal(503, b"-5").retry_after)
+        self.assertIsNone(self.refusal(503).retry_after)
+
+    def test_retry_after_of_final_refusal_ignored(self) -> None:
+        """A 400 carrying Retry-After is still not retried."""
+        refusal = self.refusal(400, b"1")
+        self.assertFalse(refusal.retryable)
+        self.assertIsNone(refusal.retry_after)
+
+    def test_timeout_retryable(self) -> None:
+        """A POST that is not answered in time is retryable."""
+        clock = task.Clock()
+        server = EndServer(hold=True)
+        done = connector_for(StubTreq(server), clock, timeout=1.0).deliver(UPLOAD, PROFILE)
+        clock.advance(1.1)
+        self.assertTrue(self.failureResultOf(done, DeliveryFailed).value.retryable)
+
+
+class RetryableConnectionErrorTests(HttpConnectionErrorTests):
+    """Connection errors are retryable (the scenarios of HttpConnectionErrorTests)."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.retryable: list[bool] = []
+
+        def note(failure: Failure) -> Failure:
+            self.retryable.append(failure.value.retryable)
+            return failure
+
+        self.done.addErrback(note)
+
+    def assert_failed(self) -> str:
+        message = super().assert_failed()
+        self.assertEqual(self.retryable, [True])
+        return message
+
+
+def frames_of(*record_groups: list[bytes]) -> tuple:
+    """0x04 frames, one per group of raw records."""
+    return tuple(Frame(MessageType.DATA_RECORDS, b"".join(group)) for group in record_groups)
+
+
+class IdempotencyKeyTests(SynchronousTestCase):
+    """Every POST carries an Idempotency-Key derived from the serial and the records."""
+
+    def setUp(self) -> None:
+        records = parse_data_records(_DATA.payload)
+        self.assertEqual(len(records), 2)
+        # The capture's two records, as the raw bytes the device sent.
+        length = int.from_bytes(_DATA.payload[:2], "little")
+        self.raw = [_DATA.payload[:length], _DATA.payload[length:]]
+        self.records = tuple(records)
+
+    def key(self, frames: tuple, hello: Hello = HELLO) -> str:
+        return http_module.idempotency_key(Upload(hello, frames, self.records, 0.0))
+
+    def test_sent_with_every_post(self) -> None:
+        """The POST's Idempotency-Key header is the upload's key."""
+        server = EndServer()
+        self.successResultOf(connector_for(StubTreq(server), task.Clock()).deliver(UPLOAD, PROFILE))
+        [request] = server.requests
+        self.assertEqual(
+            request["headers"][b"idempotency-key"], [http_module.idempotency_key(UPLOAD).encode()]
+        )
+
+    def test_same_records_other_boundaries_same_key(self) -> None:
+        """The same records in one 0x04 frame or split across two give the same key."""
+        self.assertEqual(self.key(frames_of(self.raw)), self.key(frames_of([self.raw[0]], [self.raw[1]])))
+
+    def test_one_record_different_other_key(self) -> None:
+        """Changing one byte of one record gives another key."""
+        changed = bytearray(self.raw[1])
+        changed[-1] ^= 1
+        self.assertNotEqual(self.key(frames_of(self.raw)), self.key(frames_of([self.raw[0], bytes(changed)])))
+
+    def test_other_serial_other_key(self) -> None:
+        """The same records from another device give another key."""
+        other = parse_hello(capture("hello-51-byte-G50")[5:])
+        self.assertNotEqual(self.key(frames_of(self.raw)), self.key(frames_of(self.raw), other))
+
+    def test_key_is_header_safe(self) -> None:
+        """The key is 32 lowercase hex characters."""
+        key = self.key(frames_of(self.raw))
+        self.assertRegex(key, r"^[0-9a-f]{32}$")

@@ -13,7 +13,9 @@ credentials) is written to logs or to failure reasons.
 
 from __future__ import annotations
 
+import hashlib
 from base64 import b64encode
+from email.utils import parsedate_to_datetime
 from http.cookiejar import CookieJar, DefaultCookiePolicy
 from urllib.parse import quote_plus, urlsplit
 
@@ -60,6 +62,48 @@ def form_body(document: bytes) -> bytes:
 
 #: How much of a refusing end server's answer is quoted in the log.
 _QUOTED_BODY = 200
+
+
+#: Refusals worth trying again besides 5xx: Request Timeout, Too Many Requests.
+_RETRYABLE_STATUSES = frozenset({408, 429})
+
+
+def idempotency_key(upload: Upload) -> str:
+    """
+    The ``Idempotency-Key`` of an upload: a hash of the serial and the
+    records' bytes as the device sent them, so a retry, and a resend after a
+    withheld commit, carry the same key however the device split the records
+    into messages.
+    """
+    digest = hashlib.sha256(b"oemrelay-upload\0%d\0" % upload.hello.serial)
+    previous_type = None
+    for frame in upload.frames:
+        if frame.type != previous_type:
+            # Records of another message type are laid out differently.
+            digest.update(b"\0type%d\0" % frame.type)
+            previous_type = frame.type
+        digest.update(frame.payload)
+    return digest.hexdigest()[:32]
+
+
+def retry_after_seconds(headers, now: float) -> float | None:
+    """
+    An answer's ``Retry-After`` in seconds from ``now`` (delay-seconds or an
+    HTTP date; a date in the past is 0), or None if absent or unreadable.
+    """
+    value = headers.getRawHeaders(b"Retry-After", [None])[0]
+    if value is None:
+        return None
+    text = value.decode("latin-1").strip()
+    if text.isdigit():
+        return float(text)
+    try:
+        when = parsedate_to_datetime(text)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        return None  # not an HTTP date, which is always GMT
+    return max(0.0, when.timestamp() - now)
 
 
 @implementer(IOpenSSLTrustRoot)
@@ -231,6 +275,7 @@ class HttpConnector(Service):
         if self._config.iothub:
             message_id = iothub_message_id(upload.hello.serial, upload.first_seq)
             headers[b"iothub-messageid"] = [message_id.encode("ascii")]
+        headers[b"Idempotency-Key"] = [idempotency_key(upload).encode("ascii")]
         body = oem_document(upload.hello, upload.records)
         if self._config.body == "form":
             body = form_body(body)
@@ -247,9 +292,16 @@ class HttpConnector(Service):
                 self._oauth.invalidate(token)
         if not 200 <= response.code < 300:
             quoted = one_line(answer[:_QUOTED_BODY].decode("utf-8", "replace"))
+            retryable = response.code in _RETRYABLE_STATUSES or response.code >= 500
             raise DeliveryFailed(
                 f"connector {self.name}: {self._target} answered {response.code}"
-                + (f": {quoted}" if quoted else "")
+                + (f": {quoted}" if quoted else ""),
+                retryable=retryable,
+                retry_after=(
+                    retry_after_seconds(response.headers, self._clock.seconds())
+                    if retryable
+                    else None
+                ),
             )
 
     async def _bearer_token(self) -> str:
@@ -277,6 +329,7 @@ class HttpConnector(Service):
                 f"connector {self.name}: {self._target} did not answer within"
                 f" {self._config.timeout:g}s",
                 "timeout",
+                retryable=True,
             ) from None
         except CancelledError:
             raise
@@ -286,6 +339,7 @@ class HttpConnector(Service):
                 f"connector {self.name}: POST to {self._target} failed:"
                 f" {_describe_error(error)}",
                 "unreachable",
+                retryable=True,
             ) from None
         self._attempted(f"{response.code // 100}xx", started)
         return response, answer
