@@ -182,7 +182,7 @@ class JsonLogEndToEndTests(_OpsTestCase):
             )
         (summary,) = [record for record in records if _SUMMARY in record["message"]]
         self.assertEqual(summary["namespace"], "oemrelay.service")
-        self.assertEqual(summary["connector"], "platform")
+        self.assertTrue(summary["connectors"].startswith("connector platform: http to "), summary)
         self.assertEqual(summary["workers"], 1)
         closing = [record for record in records if "closing" in record["message"]]
         self.assertTrue(closing, records)
