@@ -28,6 +28,13 @@ from .codec import MAX_PAYLOAD
 from .iothub import SAS_PREFIX, decode_sas_key, default_sas_resource, iothub_url
 from .oneline import one_line
 from .registry_url import check_postgresql_url
+from .session import (
+    FRAME_TIMEOUT,
+    HELLO_TIMEOUT,
+    MAX_CONNECTIONS,
+    MAX_RECORDS_PER_UPLOAD,
+    MAX_UPLOAD_MEMORY,
+)
 from .templates import has_placeholders
 from .tls import load_client_certificate
 
@@ -223,6 +230,23 @@ def _node_name(value: str) -> str:
     return value or socket.gethostname()
 
 
+def _limit(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        raise ValueError(f"must be a whole number, got {value!r}") from None
+    if number < 0:
+        raise ValueError(f"must be 0 (no limit) or more, got {number}")
+    return number
+
+
+def _positive_whole(value: str) -> int:
+    number = _limit(value)
+    if number == 0:
+        raise ValueError("must be 1 or more")
+    return number
+
+
 def _optional_server_endpoints(value: str) -> tuple[str, ...]:
     return _server_endpoints(value) if value else ()
 
@@ -301,6 +325,29 @@ class RelayConfig:
     )
     node: str = _setting(
         _node_name, "", "This relay's name in the registry; empty: the host name."
+    )
+    hello_timeout: float = _setting(
+        _positive_number, f"{HELLO_TIMEOUT:g}", "Seconds a new connection has to send its hello."
+    )
+    frame_timeout: float = _setting(
+        _positive_number, f"{FRAME_TIMEOUT:g}", "Seconds a device has to finish a frame it started."
+    )
+    max_connections: int = _setting(
+        _limit,
+        str(MAX_CONNECTIONS),
+        "Device connections at once (keep below the file limit); at it, the oldest"
+        " without a hello is shed; 0: no limit.",
+    )
+    max_connections_per_ip: int = _setting(
+        _limit, "0", "Device connections from one address (behind haproxy: the real one); 0: no limit."
+    )
+    max_records_per_upload: int = _setting(
+        _positive_whole, str(MAX_RECORDS_PER_UPLOAD), "Records a device may send before a commit request."
+    )
+    max_upload_memory: int = _setting(
+        _positive_whole,
+        str(MAX_UPLOAD_MEMORY),
+        "Bytes one upload's decoded records may take (estimated); past it the device is closed.",
     )
 
 

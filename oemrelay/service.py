@@ -193,6 +193,12 @@ def build_service(config: Config, reactor) -> MultiService:
         commit_timeout=config.relay.commit_timeout,
         idle_timeout=config.relay.idle_timeout,
         max_message=config.relay.max_message,
+        max_records_per_upload=config.relay.max_records_per_upload,
+        max_upload_memory=config.relay.max_upload_memory,
+        hello_timeout=config.relay.hello_timeout,
+        frame_timeout=config.relay.frame_timeout,
+        max_connections=config.relay.max_connections,
+        max_connections_per_ip=config.relay.max_connections_per_ip,
     )
     for description in config.relay.listen:
         Listener("relay", description, devices, reactor, on_start_failure).setServiceParent(top)
