@@ -26,10 +26,9 @@ from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.server import Site
 from zope.interface import implementer
 
-from .api import build_api
+from .api import build_api_site
 from .config import Config
 from .connectors import build_connector
 from .events import Observers
@@ -203,7 +202,7 @@ def build_service(config: Config, reactor) -> MultiService:
     for description in config.relay.listen:
         Listener("relay", description, devices, reactor, on_start_failure).setServiceParent(top)
     if config.api.listen:
-        api = Site(build_api(registry, config.api.token, set(connectors), reactor))
+        api = build_api_site(registry, config.api.token, set(connectors), reactor)
         for description in config.api.listen:
             Listener("api", description, api, reactor, on_start_failure).setServiceParent(top)
     return top
