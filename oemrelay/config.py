@@ -13,6 +13,7 @@ import functools
 import os
 import re
 import socket
+import stat
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from types import MappingProxyType
@@ -502,6 +503,45 @@ _CONNECTOR_TYPES = tuple(kind for kind in SCHEMA if kind not in ("relay", "api")
 
 
 CONNECTOR_PREFIX = "connector:"
+
+
+def holds_secrets(config: Config) -> bool:
+    """Whether ``config`` sets any value declared secret (a token, a password, a key)."""
+    sections = [config.relay, config.api, *config.connectors.values()]
+    for section in sections:
+        for f in fields(section):
+            value = getattr(section, f.name)
+            key = f.metadata.get("key")
+            if f.repr or (key is not None and value == key.default):
+                continue  # not secret, or left as shipped ([CUSTOM3], sqlite:...)
+            if _SECRET_WHEN.get(f.name, bool)(value):
+                return True
+    return False
+
+
+#: Secret fields whose usual values hold no secret: when one does.
+_SECRET_WHEN: Mapping[str, Callable[[object], bool]] = {
+    "registry": lambda url: urlsplit(url).password is not None,
+    "url": lambda url: bool(urlsplit(url).query),
+    "token_url": lambda url: bool(urlsplit(url).query),
+}
+
+
+def exposed_secrets_warning(config: Config) -> str | None:
+    """
+    One line if ``config`` was read from a file that users other than its
+    owner and group may read and that holds secrets; else ``None``.
+    """
+    try:
+        mode = os.stat(config.source).st_mode
+    except OSError:
+        return None  # read from a string, or gone since
+    if not mode & stat.S_IROTH or not holds_secrets(config):
+        return None
+    return (
+        f"{config.source} holds secrets and every user may read it;"
+        f" chmod o-r {config.source}"
+    )
 
 
 def load_config(path: str) -> Config:

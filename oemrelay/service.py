@@ -29,7 +29,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from .api import build_api_site
-from .config import Config
+from .config import Config, exposed_secrets_warning
 from .connectors import build_connector
 from .events import Observers
 from .oneline import one_line
@@ -166,6 +166,9 @@ class Listener(StreamServerEndpointService):
 def build_service(config: Config, reactor) -> MultiService:
     """Everything the relay runs, ready for ``twistd`` to start."""
     top = MultiService()
+    exposed = exposed_secrets_warning(config)
+    if exposed is not None:
+        log.warn("{warning}", warning=exposed)
     on_start_failure = stop_after_failed_start(reactor)
     registry = Registry.from_url(config.relay.registry, reactor)
     RegistryService(registry, config.relay.node, on_start_failure).setServiceParent(top)
