@@ -37,7 +37,7 @@ from .session import (
     MAX_UPLOAD_MEMORY,
 )
 from .templates import has_placeholders
-from .tls import load_client_certificate
+from .tls import MIN_VERSIONS, load_client_certificate, server_tls_options
 
 
 class ConfigError(Exception):
@@ -248,6 +248,12 @@ def _positive_whole(value: str) -> int:
     return number
 
 
+def _tls_version(value: str) -> str:
+    if value not in MIN_VERSIONS:
+        raise ValueError(f"must be one of {', '.join(MIN_VERSIONS)}, got {value!r}")
+    return value
+
+
 def _optional_server_endpoints(value: str) -> tuple[str, ...]:
     return _server_endpoints(value) if value else ()
 
@@ -326,6 +332,29 @@ class RelayConfig:
     )
     node: str = _setting(
         _node_name, "", "This relay's name in the registry; empty: the host name."
+    )
+    tls_listen: tuple[str, ...] = _setting(
+        _optional_server_endpoints,
+        "",
+        "Endpoint strings (tcp:20501, haproxy:tcp:20501) served with TLS by the relay,"
+        " under tls_cert and the TLS policy below.",
+    )
+    tls_cert: str = _setting(
+        _readable_file, "", "PEM certificate of tls_listen, with its private key unless tls_key."
+    )
+    tls_key: str = _setting(_readable_file, "", "PEM private key, if not in tls_cert.")
+    tls_min_version: str = _setting(
+        _tls_version, "1.2", "Lowest TLS version tls_listen accepts: 1.2 or 1.3."
+    )
+    tls_ciphers: str = _setting(
+        _text,
+        "",
+        "OpenSSL suites joined by ':' (TLS_* for TLS 1.3); empty: Twisted's defaults.",
+    )
+    client_ca: str = _setting(
+        _ca_file,
+        "",
+        "PEM CA for device certificates on tls_listen: required, and naming the hello's serial.",
     )
     hello_timeout: float = _setting(
         _positive_number, f"{HELLO_TIMEOUT:g}", "Seconds a new connection has to send its hello."
@@ -656,6 +685,10 @@ def config_from_string(text: str, source: str = "<string>") -> Config:
             " server would close devices",
         )
     try:
+        _check_tls(relay_values)
+    except _KeyProblem as problem:
+        raise fail("relay", problem.key, problem.message) from None
+    try:
         api = _api_config(read("api", SCHEMA["api"]))
     except _KeyProblem as problem:
         raise fail("api", problem.key, problem.message) from None
@@ -754,6 +787,38 @@ def _connector_config(
     return HttpConnectorConfig(
         name, headers=tuple(h for h in headers.values() if h is not None), **values
     )
+
+
+_TLS_POLICY_KEYS = ("tls_cert", "tls_key", "tls_ciphers", "client_ca")
+
+
+def _check_tls(values: dict) -> None:
+    """tls_listen has what it needs, and OpenSSL takes it, before the relay starts."""
+    if not values["tls_listen"]:
+        for key in _TLS_POLICY_KEYS:
+            if values[key]:
+                raise _KeyProblem(key, "needs tls_listen")
+        return
+    if not values["tls_cert"]:
+        raise _KeyProblem("tls_cert", "missing; tls_listen needs a certificate")
+    try:
+        load_client_certificate(values["tls_cert"], values["tls_key"])
+    except Exception as error:
+        raise _KeyProblem(
+            "tls_cert",
+            "not a PEM certificate with its private key"
+            f" ({type(error).__name__}); set tls_key if the key is in another file",
+        ) from None
+    try:
+        server_tls_options(
+            values["tls_cert"],
+            values["tls_key"],
+            min_version=values["tls_min_version"],
+            ciphers=values["tls_ciphers"],
+            client_ca=values["client_ca"],
+        )
+    except ValueError as error:
+        raise _KeyProblem("tls_ciphers", str(error)) from None
 
 
 def _refuse_given(given: frozenset[str], keys: tuple[str, ...], context: str) -> None:

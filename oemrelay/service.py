@@ -25,17 +25,19 @@ from twisted.internet.interfaces import IStreamServerEndpoint
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
+from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from .api import build_api_site
-from .config import Config, exposed_secrets_warning
+from .config import Config, RelayConfig, exposed_secrets_warning
 from .connectors import build_connector
 from .events import Observers
 from .oneline import one_line
 from .registry import Registry
 from .relay import Relay
 from .session import DeviceFactory
+from .tls import server_tls_options
 
 log = Logger(namespace="oemrelay.service")
 
@@ -163,6 +165,17 @@ class Listener(StreamServerEndpointService):
         self._on_start_failure()
 
 
+def device_tls_options(relay: RelayConfig):
+    """The TLS policy of ``[relay] tls_listen``, from its keys."""
+    return server_tls_options(
+        relay.tls_cert,
+        relay.tls_key,
+        min_version=relay.tls_min_version,
+        ciphers=relay.tls_ciphers,
+        client_ca=relay.client_ca,
+    )
+
+
 def build_service(config: Config, reactor) -> MultiService:
     """Everything the relay runs, ready for ``twistd`` to start."""
     top = MultiService()
@@ -201,9 +214,17 @@ def build_service(config: Config, reactor) -> MultiService:
         frame_timeout=config.relay.frame_timeout,
         max_connections=config.relay.max_connections,
         max_connections_per_ip=config.relay.max_connections_per_ip,
+        device_certificates=bool(config.relay.client_ca),
     )
     for description in config.relay.listen:
         Listener("relay", description, devices, reactor, on_start_failure).setServiceParent(top)
+    if config.relay.tls_listen:
+        tls_devices = TLSMemoryBIOFactory(device_tls_options(config.relay), False, devices)
+        tls_devices.noisy = False
+        for description in config.relay.tls_listen:
+            Listener(
+                "relay", description, tls_devices, reactor, on_start_failure
+            ).setServiceParent(top)
     if config.api.listen:
         api = build_api_site(registry, config.api.token, set(connectors), reactor)
         for description in config.api.listen:

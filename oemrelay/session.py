@@ -27,7 +27,7 @@ from enum import Enum
 from typing import Protocol as TypingProtocol
 
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError
-from twisted.internet.interfaces import IPushProducer, IReactorTime
+from twisted.internet.interfaces import IPushProducer, IReactorTime, ISSLTransport
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.protocols.policies import TimeoutMixin
@@ -58,6 +58,7 @@ from .codec import (
 )
 from .oneline import one_line
 from .relay import DeliveryFailed, DeviceRoute, Relay, Upload, describe_failure
+from .tls import certificate_names
 
 log = Logger(namespace="oemrelay.session")
 
@@ -208,7 +209,7 @@ class DeviceSession:
     # bounds every delivery.
     _TABLE: tuple[_Row, ...] = (
         # state               input(s)              next state           outputs
-        (State.AWAITING_HELLO, Input.HELLO,         State.OPENING,       ("_take_hello", "_open_route")),
+        (State.AWAITING_HELLO, Input.HELLO,         State.OPENING,       ("_take_hello", "_check_identity", "_open_route")),
         (State.AWAITING_HELLO, _NOT_HELLO,          State.AWAITING_HELLO, ("_refuse_before_hello",)),
         (State.AWAITING_HELLO, Input.HELLO_TIMEOUT, State.CLOSED,        ("_note_hello_timeout", "_close")),
         (State.OPENING,       Input.ROUTE_OPENED,   State.IDLE,          ("_keep_route", "_answer_hello")),
@@ -258,6 +259,7 @@ class DeviceSession:
         max_upload_memory: int = MAX_UPLOAD_MEMORY,
         hello_timeout: float = HELLO_TIMEOUT,
         notices: PeerNotices | None = None,
+        certificate_names: Callable[[], frozenset[str]] | None = None,
     ) -> None:
         self.peer = peer
         self.hello: Hello | None = None
@@ -273,6 +275,8 @@ class DeviceSession:
         self._hello_timeout = hello_timeout
         self._notices = notices if notices is not None else PeerNotices(clock)
         self._upload_memory = 0
+        # Mutual TLS: the names in the device's certificate, one to be its serial.
+        self._certificate_names = certificate_names
         # Cancelled by the hello; a connection that never says hello is shed.
         self._hello_deadline = clock.callLater(
             hello_timeout, self._input, Input.HELLO_TIMEOUT
@@ -379,6 +383,17 @@ class DeviceSession:
             fw=hello.firmware,
         )
         self._observers.device_connected(hello, self.peer)
+
+    def _check_identity(self, _: object) -> None:
+        if self._certificate_names is None:
+            return
+        names = self._certificate_names()
+        if str(self.hello.serial) not in names:
+            # Raised before the route opens: nothing of this device is accepted.
+            shown = ", ".join(sorted(names)) or "no name"
+            raise ProtocolError(
+                f"device certificate names {shown}, not the hello's serial {self.hello.serial}"
+            )
 
     def _open_route(self, _: object) -> None:
         # A link failing while it opens feeds END_SERVER_LOST first.
@@ -811,11 +826,24 @@ class DeviceProtocol(Protocol, TimeoutMixin):
             max_upload_memory=self._factory.max_upload_memory,
             hello_timeout=self._factory.hello_timeout,
             notices=self._factory.notices,
+            certificate_names=(
+                self._certificate_names
+                if self._factory.device_certificates
+                and ISSLTransport.providedBy(self.transport)
+                else None
+            ),
         )
         self.transport.registerProducer(self, True)
         self.setTimeout(self._factory.idle_timeout)
         self._factory.connection_made(self)
         self._factory.relay.observers.connection_opened(self.session.peer)
+
+    def _certificate_names(self) -> frozenset[str]:
+        # Mutual TLS made the handshake require a certificate the CA signed.
+        certificate = self.transport.getPeerCertificate()
+        if certificate is None:
+            return frozenset()
+        return certificate_names(certificate.to_cryptography())
 
     def _peer_text(self) -> str:
         peer = self.transport.getPeer()
@@ -970,6 +998,7 @@ class DeviceFactory(Factory):
         frame_timeout: float = FRAME_TIMEOUT,
         max_connections: int = MAX_CONNECTIONS,
         max_connections_per_ip: int = 0,
+        device_certificates: bool = False,
     ) -> None:
         self.relay = relay
         self.clock = clock
@@ -984,6 +1013,8 @@ class DeviceFactory(Factory):
         self.frame_timeout = frame_timeout
         self.max_connections = max_connections
         self.max_connections_per_ip = max_connections_per_ip
+        #: Whether each TLS device's certificate must name its serial (mutual TLS).
+        self.device_certificates = device_certificates
         self.notices = PeerNotices(clock)
         # Open connections, oldest first.
         self._open: dict[DeviceProtocol, None] = {}
