@@ -892,24 +892,22 @@ class DeviceProtocol(Protocol, TimeoutMixin):
             # The relay is not reading: the device is not to blame.
             self._watch_partial_frame(restart=True)
             return
-        log.info(
-            "device {serial} from {peer}: frame not completed within"
-            " frame_timeout {seconds:g}s, closing",
-            serial=self.session.serial,
-            peer=self.session.peer,
-            seconds=self._factory.frame_timeout,
+        self._abort(
+            "frame_timeout", "frame not completed within frame_timeout", self._factory.frame_timeout
         )
-        self.session.outcome = "frame_timeout"
-        self.transport.abortConnection()
 
     def timeoutConnection(self) -> None:
+        self._abort("idle", "silent for", self._factory.idle_timeout)
+
+    def _abort(self, outcome: str, what: str, seconds: float) -> None:
         log.info(
-            "device {serial} from {peer}: silent for {seconds:g}s, closing",
+            "device {serial} from {peer}: {what} {seconds:g}s, closing",
             serial=self.session.serial,
             peer=self.session.peer,
-            seconds=self._factory.idle_timeout,
+            what=what,
+            seconds=seconds,
         )
-        self.session.outcome = "idle"
+        self.session.outcome = outcome
         self.transport.abortConnection()
 
     def shed(self) -> None:

@@ -241,33 +241,30 @@ class TlsConfigTests(SynchronousTestCase):
     def relay(self, lines: str) -> str:
         return f"[relay]\n{lines}[connector:f]\ntype = file\npath = out.jsonl\n"
 
+    def refusal(self, lines: str) -> str:
+        """The one-line error for a [relay] section of ``lines``."""
+        with self.assertRaises(ConfigError) as raised:
+            config_from_string(self.relay(lines))
+        return str(raised.exception)
+
     def test_keys_need_tls_listen(self) -> None:
         """tls_cert without tls_listen is an error naming the key."""
         path = write_temp(self, pem(*issue("x")))
-        with self.assertRaises(ConfigError) as raised:
-            config_from_string(self.relay(f"tls_cert = {path}\n"))
-        self.assertIn("[relay] tls_cert: needs tls_listen", str(raised.exception))
+        self.assertIn("[relay] tls_cert: needs tls_listen", self.refusal(f"tls_cert = {path}\n"))
 
     def test_tls_listen_needs_a_certificate(self) -> None:
         """tls_listen without tls_cert is an error naming tls_cert."""
-        with self.assertRaises(ConfigError) as raised:
-            config_from_string(self.relay("tls_listen = tcp:20501\n"))
-        self.assertIn("[relay] tls_cert: missing", str(raised.exception))
+        self.assertIn("[relay] tls_cert: missing", self.refusal("tls_listen = tcp:20501\n"))
 
     def test_unknown_ciphers_refused(self) -> None:
         """A cipher list OpenSSL does not know is an error naming tls_ciphers."""
         path = write_temp(self, pem(*issue("x")))
-        with self.assertRaises(ConfigError) as raised:
-            config_from_string(
-                self.relay(f"tls_listen = tcp:20501\ntls_cert = {path}\ntls_ciphers = NOPE-CIPHER\n")
-            )
-        self.assertIn("[relay] tls_ciphers", str(raised.exception))
+        lines = f"tls_listen = tcp:20501\ntls_cert = {path}\ntls_ciphers = NOPE-CIPHER\n"
+        self.assertIn("[relay] tls_ciphers", self.refusal(lines))
 
     def test_old_versions_refused(self) -> None:
         """tls_min_version 1.1 is refused: only 1.2 and 1.3 exist here."""
-        with self.assertRaises(ConfigError) as raised:
-            config_from_string(self.relay("tls_min_version = 1.1\n"))
-        self.assertIn("[relay] tls_min_version", str(raised.exception))
+        self.assertIn("[relay] tls_min_version", self.refusal("tls_min_version = 1.1\n"))
 
     def test_full_tls_settings(self) -> None:
         """tls_listen with a certificate, 1.3, AES-256 suites and a client CA parses."""
