@@ -20,9 +20,13 @@ Decisions:
   device.  ``GET /api/devices/{serial}`` has it.
 * Custom fields may hold keys: request bodies and custom values are never
   logged.  Mutating requests log one line each (method, path, status).
-* Twisted reads a whole request body (spooling large ones to a temporary
-  file) before the resource sees it; bodies over :data:`MAX_CSV_BODY` (CSV)
-  or :data:`MAX_JSON_BODY` (JSON) are then refused with 413.
+* The token and the declared length are checked as soon as the headers
+  arrive (:class:`ApiRequest`, the :func:`build_api_site` request factory):
+  a request without the token is answered 401, and one declaring more than
+  :data:`MAX_CSV_BODY` 413, before any of its body is read, and the
+  connection is closed; a chunked body is cut off with 413 once it passes
+  :data:`MAX_CSV_BODY`.  The resource then refuses bodies over
+  :data:`MAX_CSV_BODY` (CSV) or :data:`MAX_JSON_BODY` (JSON) with 413.
 """
 
 from __future__ import annotations
@@ -43,7 +47,8 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.resource import IResource, Resource
-from twisted.web.server import NOT_DONE_YET, Request
+from twisted.web.http import RESPONSES
+from twisted.web.server import NOT_DONE_YET, Request, Site
 
 from . import __version__
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
@@ -121,6 +126,109 @@ def build_api(
     if metrics is not None:
         api.ops_paths[b"/metrics"] = _Metrics(api, metrics, metrics_public)
     return api
+
+
+class ApiSite(Site):
+    """
+    The API's Site: requests judged at their headers (:class:`ApiRequest`);
+    no line per factory start or per request (the API logs changes itself).
+    """
+
+    noisy = False
+
+    def __init__(self, resource: IResource, token: str, open_paths: Iterable[bytes]) -> None:
+        super().__init__(resource, requestFactory=ApiRequest)
+        self.api_token = token.encode("utf-8")
+        #: Paths answered without the token (health checks, public metrics).
+        self.open_paths = frozenset(open_paths)
+
+    def log(self, request) -> None:
+        pass
+
+
+def build_api_site(
+    registry,
+    token: str,
+    connector_names: Iterable[str],
+    clock: IReactorTime,
+    *,
+    metrics: Callable[[], bytes] | None = None,
+    metrics_public: bool = False,
+    ready_checks: Sequence[tuple[str, ReadyCheck]] = (),
+) -> Site:
+    """
+    The API (:func:`build_api`, same arguments) as a ``Site`` whose requests
+    are refused from their headers (:class:`ApiRequest`) when they lack the
+    token or declare too large a body.
+    """
+    resource = build_api(
+        registry,
+        token,
+        connector_names,
+        clock,
+        metrics=metrics,
+        metrics_public=metrics_public,
+        ready_checks=ready_checks,
+    )
+    open_paths = [b"/healthz", b"/readyz"] + ([b"/metrics"] if metrics_public else [])
+    return ApiSite(resource, token, open_paths)
+
+
+class ApiRequest(Request):
+    """
+    A request checked when its headers arrive, not after its body: without
+    the bearer token it is answered 401, declaring a body over
+    :data:`MAX_CSV_BODY` 413, and a chunked body is answered 413 once it
+    passes that; then the connection closes and no more of the body is read.
+    """
+
+    #: The answer already sent from the headers; the body is not read.
+    refused: _ApiError | None = None
+    _received = 0
+
+    def gotLength(self, length: int | None) -> None:  # noqa: N802 - Twisted's name
+        site = self.channel.site
+        # The request line's path, before requestReceived sets self.path: the
+        # channel's private attribute is the only place it is known this early.
+        path = self.channel._path.split(b"?", 1)[0]
+        try:
+            if path not in site.open_paths:
+                _check_bearer(self.requestHeaders, site.api_token)
+            if length is not None and length > MAX_CSV_BODY:
+                raise _ApiError(413, f"the body is larger than {MAX_CSV_BODY} bytes")
+        except _ApiError as error:
+            self._refuse(error)
+            length = 0
+        super().gotLength(length)
+
+    def handleContentChunk(self, data: bytes) -> None:  # noqa: N802 - Twisted's name
+        if self.refused is not None:
+            return
+        self._received += len(data)
+        if self._received > MAX_CSV_BODY:
+            # Chunked bodies declare no length: count them as they come.
+            self._refuse(_ApiError(413, f"the body is larger than {MAX_CSV_BODY} bytes"))
+            return
+        super().handleContentChunk(data)
+
+    def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:  # noqa: N802
+        if self.refused is None:
+            super().requestReceived(command, path, version)
+
+    def _refuse(self, error: _ApiError) -> None:
+        self.refused = error
+        body = json.dumps({"error": error.message}).encode("utf-8")
+        head = [
+            b"HTTP/1.1 %d %s" % (error.status, RESPONSES[error.status]),
+            b"Content-Type: application/json",
+            b"Cache-Control: no-store",
+            b"Connection: close",
+            b"Content-Length: %d" % len(body),
+        ]
+        head += [name + b": " + value for name, value in error.headers.items()]
+        self.channel.transport.write(b"\r\n".join(head) + b"\r\n\r\n" + body)
+        # Stops reading: the rest of the body is never taken in.
+        self.channel.loseConnection()
 
 
 class _ApiError(Exception):
@@ -289,23 +397,7 @@ class _ApiResource(Resource):
         return await route.endpoint(request, *arguments)
 
     def _authenticate(self, request: Request) -> None:
-        values = request.requestHeaders.getRawHeaders(b"authorization") or []
-        if not values:
-            raise _ApiError(
-                401, "missing bearer token", {b"www-authenticate": _REALM.encode()}
-            )
-        scheme, _, given = values[0].strip().partition(b" ")
-        # compare_digest on bytes: its time does not depend on where they differ.
-        if (
-            len(values) != 1
-            or scheme.lower() != b"bearer"
-            or not hmac.compare_digest(given.strip(), self._token)
-        ):
-            raise _ApiError(
-                401,
-                "invalid bearer token",
-                {b"www-authenticate": (_REALM + ', error="invalid_token"').encode()},
-            )
+        _check_bearer(request.requestHeaders, self._token)
 
     # -- endpoints -----------------------------------------------------------
 
@@ -568,6 +660,30 @@ def _query(request: Request, known: tuple[str, ...]) -> dict[str, str]:
             raise _ApiError(400, f"query parameter {name!r} given more than once")
         query[name] = values[0]
     return query
+
+
+def _check_bearer(headers, token: bytes) -> None:
+    """
+    :raises _ApiError: 401 unless ``headers`` carry exactly one
+        ``Authorization: Bearer <token>``.
+    """
+    values = headers.getRawHeaders(b"authorization") or []
+    if not values:
+        raise _ApiError(
+            401, "missing bearer token", {b"www-authenticate": _REALM.encode()}
+        )
+    scheme, _, given = values[0].strip().partition(b" ")
+    # compare_digest on bytes: its time does not depend on where they differ.
+    if (
+        len(values) != 1
+        or scheme.lower() != b"bearer"
+        or not hmac.compare_digest(given.strip(), token)
+    ):
+        raise _ApiError(
+            401,
+            "invalid bearer token",
+            {b"www-authenticate": (_REALM + ', error="invalid_token"').encode()},
+        )
 
 
 def _body(request: Request, limit: int) -> bytes:

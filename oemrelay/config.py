@@ -13,6 +13,7 @@ import functools
 import os
 import re
 import socket
+import stat
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from types import MappingProxyType
@@ -28,14 +29,44 @@ from .codec import MAX_PAYLOAD
 from .iothub import SAS_PREFIX, decode_sas_key, default_sas_resource, iothub_url
 from .oneline import one_line
 from .registry_url import check_postgresql_url
-from .relay import BEST_EFFORT, COMMIT_DELIVERED, COMMIT_SPOOLED, REQUIRED, connector_names
 from .templates import has_placeholders
-from .tls import load_client_certificate
+from .tls import MIN_VERSIONS, load_client_certificate, server_tls_options
+
+
+#: ``[relay] commit_policy`` values.
+COMMIT_DELIVERED = "delivered"
+COMMIT_SPOOLED = "spooled"
+#: ``[connector:NAME] role`` values.
+REQUIRED = "required"
+BEST_EFFORT = "best_effort"
+
+
+def connector_names(text: str) -> tuple[str, ...]:
+    """The connector names in a space-separated list (config, registry override)."""
+    return tuple(text.split())
+
+
+#: The most records one upload may hold (its JSON body is about 400 bytes a record).
+MAX_RECORDS_PER_UPLOAD = 5000
+
+#: The most memory, as estimated by :func:`~oemrelay.codec.decoded_cost`, one
+#: upload's decoded records may take: 5000 typical records fit.
+MAX_UPLOAD_MEMORY = 8 * 1024 * 1024
+
+#: Seconds a new connection has to send its hello.
+HELLO_TIMEOUT = 30.0
+
+#: Seconds a device has to finish a frame once its first byte arrived: a
+#: 65,535-byte frame at 2G speeds (about 1.5 KB/s) takes most of a minute.
+FRAME_TIMEOUT = 60.0
+
+#: Device connections the relay serves at once; beyond, the oldest that has
+#: not said hello is shed, or the new one refused if every one has.
+MAX_CONNECTIONS = 1000
 
 
 class ConfigError(Exception):
     """The configuration is unusable; the message is one line for the user."""
-
 
 
 # -- value parsers: each takes the text and returns the value or raises ValueError
@@ -272,6 +303,30 @@ def _boolean(value: str) -> bool:
         raise ValueError(f"must be true or false, got {value!r}") from None
 
 
+
+def _limit(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        raise ValueError(f"must be a whole number, got {value!r}") from None
+    if number < 0:
+        raise ValueError(f"must be 0 (no limit) or more, got {number}")
+    return number
+
+
+def _positive_whole(value: str) -> int:
+    number = _limit(value)
+    if number == 0:
+        raise ValueError("must be 1 or more")
+    return number
+
+
+def _tls_version(value: str) -> str:
+    if value not in MIN_VERSIONS:
+        raise ValueError(f"must be one of {', '.join(MIN_VERSIONS)}, got {value!r}")
+    return value
+
+
 def _optional_server_endpoints(value: str) -> tuple[str, ...]:
     return _server_endpoints(value) if value else ()
 
@@ -422,6 +477,52 @@ class RelayConfig:
     def drain_seconds(self) -> float:
         """How long a stopping relay waits for deliveries in flight."""
         return self.shutdown_grace if self.shutdown_grace is not None else self.commit_timeout
+    tls_listen: tuple[str, ...] = _setting(
+        _optional_server_endpoints,
+        "",
+        "Endpoint strings (tcp:20501, haproxy:tcp:20501) served with TLS by the relay,"
+        " under tls_cert and the TLS policy below.",
+    )
+    tls_cert: str = _setting(
+        _readable_file, "", "PEM certificate of tls_listen, with its private key unless tls_key."
+    )
+    tls_key: str = _setting(_readable_file, "", "PEM private key, if not in tls_cert.")
+    tls_min_version: str = _setting(
+        _tls_version, "1.2", "Lowest TLS version tls_listen accepts: 1.2 or 1.3."
+    )
+    tls_ciphers: str = _setting(
+        _text,
+        "",
+        "OpenSSL suites joined by ':' (TLS_* for TLS 1.3); empty: Twisted's defaults.",
+    )
+    client_ca: str = _setting(
+        _ca_file,
+        "",
+        "PEM CA for device certificates on tls_listen: required, and naming the hello's serial.",
+    )
+    hello_timeout: float = _setting(
+        _positive_number, f"{HELLO_TIMEOUT:g}", "Seconds a new connection has to send its hello."
+    )
+    frame_timeout: float = _setting(
+        _positive_number, f"{FRAME_TIMEOUT:g}", "Seconds a device has to finish a frame it started."
+    )
+    max_connections: int = _setting(
+        _limit,
+        str(MAX_CONNECTIONS),
+        "Device connections at once (keep below the file limit); at it, the oldest"
+        " without a hello is shed; 0: no limit.",
+    )
+    max_connections_per_ip: int = _setting(
+        _limit, "0", "Device connections from one address (behind haproxy: the real one); 0: no limit."
+    )
+    max_records_per_upload: int = _setting(
+        _positive_whole, str(MAX_RECORDS_PER_UPLOAD), "Records a device may send before a commit request."
+    )
+    max_upload_memory: int = _setting(
+        _positive_whole,
+        str(MAX_UPLOAD_MEMORY),
+        "Bytes one upload's decoded records may take (estimated); past it the device is closed.",
+    )
 
 
 @dataclass(frozen=True)
@@ -735,6 +836,45 @@ def connector_target(connector: ConnectorConfig) -> str:
     return type(connector).__name__
 
 
+def holds_secrets(config: Config) -> bool:
+    """Whether ``config`` sets any value declared secret (a token, a password, a key)."""
+    sections = [config.relay, config.api, *config.connectors.values()]
+    for section in sections:
+        for f in fields(section):
+            value = getattr(section, f.name)
+            key = f.metadata.get("key")
+            if f.repr or (key is not None and value == key.default):
+                continue  # not secret, or left as shipped ([CUSTOM3], sqlite:...)
+            if _SECRET_WHEN.get(f.name, bool)(value):
+                return True
+    return False
+
+
+#: Secret fields whose usual values hold no secret: when one does.
+_SECRET_WHEN: Mapping[str, Callable[[object], bool]] = {
+    "registry": lambda url: urlsplit(url).password is not None,
+    "url": lambda url: bool(urlsplit(url).query),
+    "token_url": lambda url: bool(urlsplit(url).query),
+}
+
+
+def exposed_secrets_warning(config: Config) -> str | None:
+    """
+    One line if ``config`` was read from a file that users other than its
+    owner and group may read and that holds secrets; else ``None``.
+    """
+    try:
+        mode = os.stat(config.source).st_mode
+    except OSError:
+        return None  # read from a string, or gone since
+    if not mode & stat.S_IROTH or not holds_secrets(config):
+        return None
+    return (
+        f"{config.source} holds secrets and every user may read it;"
+        f" chmod o-r {config.source}"
+    )
+
+
 def load_config(path: str) -> Config:
     """
     Read and check the file at ``path``.
@@ -849,6 +989,10 @@ def config_from_string(text: str, source: str = "<string>") -> Config:
             " server would close devices",
         )
     try:
+        _check_tls(relay_values)
+    except _KeyProblem as problem:
+        raise fail("relay", problem.key, problem.message) from None
+    try:
         api = _api_config(read("api", SCHEMA["api"]))
     except _KeyProblem as problem:
         raise fail("api", problem.key, problem.message) from None
@@ -951,6 +1095,38 @@ def _connector_config(
     return HttpConnectorConfig(
         name, headers=tuple(h for h in headers.values() if h is not None), **values
     )
+
+
+_TLS_POLICY_KEYS = ("tls_cert", "tls_key", "tls_ciphers", "client_ca")
+
+
+def _check_tls(values: dict) -> None:
+    """tls_listen has what it needs, and OpenSSL takes it, before the relay starts."""
+    if not values["tls_listen"]:
+        for key in _TLS_POLICY_KEYS:
+            if values[key]:
+                raise _KeyProblem(key, "needs tls_listen")
+        return
+    if not values["tls_cert"]:
+        raise _KeyProblem("tls_cert", "missing; tls_listen needs a certificate")
+    try:
+        load_client_certificate(values["tls_cert"], values["tls_key"])
+    except Exception as error:
+        raise _KeyProblem(
+            "tls_cert",
+            "not a PEM certificate with its private key"
+            f" ({type(error).__name__}); set tls_key if the key is in another file",
+        ) from None
+    try:
+        server_tls_options(
+            values["tls_cert"],
+            values["tls_key"],
+            min_version=values["tls_min_version"],
+            ciphers=values["tls_ciphers"],
+            client_ca=values["client_ca"],
+        )
+    except ValueError as error:
+        raise _KeyProblem("tls_ciphers", str(error)) from None
 
 
 def _refuse_given(given: frozenset[str], keys: tuple[str, ...], context: str) -> None:

@@ -69,7 +69,15 @@ class RelayObserver:
         """
         A device connection ended.  ``outcome``: ``device`` (the device or
         the network closed it), ``protocol_error``, ``withheld``,
-        ``end_server_lost``, ``idle``, ``drained``.
+        ``end_server_lost``, ``idle``, ``drained``, ``hello_timeout``,
+        ``frame_timeout``, ``shed`` (closed before its hello to make room at
+        max_connections), ``refused`` (over max_connections_per_ip).
+        """
+
+    def connection_refused(self, peer: str, reason: str) -> None:
+        """
+        A connection was refused at a limit before it was read; ``reason``
+        is the limit's key: ``max_connections`` or ``max_connections_per_ip``.
         """
 
     def protocol_error(self, hello: Hello | None, peer: str, reason: str) -> None:

@@ -26,6 +26,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from .codec import Frame, Hello, Record
+from .config import BEST_EFFORT, COMMIT_DELIVERED, COMMIT_SPOOLED, REQUIRED, connector_names
 from .events import Observers
 from .oneline import one_line
 from .retry import RetryPolicy, deliver_with_retries
@@ -119,19 +120,6 @@ class UploadSpool(Protocol):
         Keep ``upload`` for later delivery to each of ``connectors``; fire once
         it is durable; fail with :class:`SpoolFull` when the spool is full.
         """
-
-
-#: ``[relay] commit_policy`` values.
-COMMIT_DELIVERED = "delivered"
-COMMIT_SPOOLED = "spooled"
-#: ``[connector:NAME] role`` values.
-REQUIRED = "required"
-BEST_EFFORT = "best_effort"
-
-
-def connector_names(text: str) -> tuple[str, ...]:
-    """The connector names in a space-separated list (config, registry override)."""
-    return tuple(text.split())
 
 
 class Link(Protocol):

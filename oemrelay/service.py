@@ -30,13 +30,13 @@ from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 from twisted.protocols.haproxy._wrapper import HAProxyWrappingFactory
+from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
-from twisted.web.server import Site
 from zope.interface import implementer
 
 from . import __version__
-from .api import build_api
-from .config import Config, connector_target
+from .api import build_api_site
+from .config import Config, RelayConfig, connector_target, exposed_secrets_warning
 from .connectors import build_connector
 from .events import Observers
 from .metrics import RelayMetrics
@@ -45,6 +45,7 @@ from .registry import Registry
 from .relay import Relay, connector_names
 from .retry import RetryPolicy
 from .session import DeviceFactory
+from .tls import server_tls_options
 
 log = Logger(namespace="oemrelay.service")
 
@@ -197,15 +198,6 @@ class Listener(StreamServerEndpointService):
         self._on_start_failure()
 
 
-class ApiSite(Site):
-    """The API's Site: no line per factory start or per request (the API logs changes itself)."""
-
-    noisy = False
-
-    def log(self, request) -> None:
-        pass
-
-
 #: The start-up line; :func:`startup_fields` fills it.
 STARTUP_FORMAT = (
     "oemrelay {version} running: devices on {listen}; {connectors};"
@@ -235,7 +227,9 @@ def startup_fields(config: Config, registry_url: str) -> dict[str, object]:
     names = connector_names(relay.connector) or (next(iter(config.connectors)),)
     return {
         "version": __version__,
-        "listen": " ".join(relay.listen),
+        "listen": " ".join(
+            [*relay.listen, *(f"{description} (TLS)" for description in relay.tls_listen)]
+        ),
         "connectors": "; ".join(
             f"connector {name}: {connector_target(config.connectors[name])}"
             for name in names
@@ -301,7 +295,7 @@ class DeviceService(MultiService):
         if self._devices.connections:
             log.info(
                 "stopping: {count} device connections to finish, for up to {grace:g}s",
-                count=len(self._devices.connections),
+                count=self._devices.connections,
                 grace=self._grace,
             )
         await self._devices.drain(self._grace)
@@ -310,9 +304,23 @@ class DeviceService(MultiService):
             await maybeDeferred(close)
 
 
+def device_tls_options(relay: RelayConfig):
+    """The TLS policy of ``[relay] tls_listen``, from its keys."""
+    return server_tls_options(
+        relay.tls_cert,
+        relay.tls_key,
+        min_version=relay.tls_min_version,
+        ciphers=relay.tls_ciphers,
+        client_ca=relay.client_ca,
+    )
+
+
 def build_service(config: Config, reactor) -> MultiService:
     """Everything the relay runs, ready for ``twistd`` to start."""
     top = StopInOrder()
+    exposed = exposed_secrets_warning(config)
+    if exposed is not None:
+        log.warn("{warning}", warning=exposed)
     on_start_failure = stop_after_failed_start(reactor)
     registry = Registry.from_url(config.relay.registry, reactor)
     RegistryService(registry, config.relay.node, on_start_failure).setServiceParent(top)
@@ -350,6 +358,13 @@ def build_service(config: Config, reactor) -> MultiService:
         commit_timeout=config.relay.commit_timeout,
         idle_timeout=config.relay.idle_timeout,
         max_message=config.relay.max_message,
+        max_records_per_upload=config.relay.max_records_per_upload,
+        max_upload_memory=config.relay.max_upload_memory,
+        hello_timeout=config.relay.hello_timeout,
+        frame_timeout=config.relay.frame_timeout,
+        max_connections=config.relay.max_connections,
+        max_connections_per_ip=config.relay.max_connections_per_ip,
+        device_certificates=bool(config.relay.client_ca),
     )
     device_service = DeviceService(devices, relay, config.relay.drain_seconds)
     device_service.setServiceParent(top)
@@ -358,18 +373,23 @@ def build_service(config: Config, reactor) -> MultiService:
         listener = Listener("relay", description, devices, reactor, on_start_failure)
         listener.setServiceParent(device_service)
         listeners.append(listener)
+    if config.relay.tls_listen:
+        tls_devices = TLSMemoryBIOFactory(device_tls_options(config.relay), False, devices)
+        tls_devices.noisy = False
+        for description in config.relay.tls_listen:
+            listener = Listener("relay", description, tls_devices, reactor, on_start_failure)
+            listener.setServiceParent(device_service)
+            listeners.append(listener)
     if config.api.listen:
-        api = ApiSite(
-            build_api(
-                registry,
-                config.api.token,
-                set(connectors),
-                reactor,
-                metrics=metrics.exposition,
-                metrics_public=config.api.metrics_public,
-                # Read at each check: the API's own listeners are added below.
-                ready_checks=ready_checks(registry, listeners),
-            )
+        api = build_api_site(
+            registry,
+            config.api.token,
+            set(connectors),
+            reactor,
+            metrics=metrics.exposition,
+            metrics_public=config.api.metrics_public,
+            # Read at each check: the API's own listeners are added below.
+            ready_checks=ready_checks(registry, listeners),
         )
         for description in config.api.listen:
             listener = Listener("api", description, api, reactor, on_start_failure)

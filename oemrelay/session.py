@@ -27,11 +27,12 @@ from enum import Enum
 from typing import Protocol as TypingProtocol
 
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IPushProducer, IReactorTime, ISSLTransport
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from .codec import (
     ASYNC_SESSION_COMPLETE,
@@ -46,6 +47,7 @@ from .codec import (
     ProtocolError,
     Record,
     FixedRecordExtras,
+    decoded_cost,
     encode_async_message,
     hello_response,
     parse_async_response,
@@ -55,7 +57,16 @@ from .codec import (
     time_response,
 )
 from .oneline import one_line
+# The limits' defaults are the configuration's (one source for each).
+from .config import (
+    FRAME_TIMEOUT,
+    HELLO_TIMEOUT,
+    MAX_CONNECTIONS,
+    MAX_RECORDS_PER_UPLOAD,
+    MAX_UPLOAD_MEMORY,
+)
 from .relay import DeliveryFailed, DeviceRoute, Relay, Upload, describe_failure
+from .tls import certificate_names
 
 log = Logger(namespace="oemrelay.session")
 
@@ -66,6 +77,9 @@ MAX_WAITING_FRAMES = 32
 #: The most record data one upload may hold.  Devices send about 1 KiB per
 #: message; a flash backlog of tens of thousands of records still fits.
 MAX_UNCOMMITTED_BYTES = 4 * 1024 * 1024
+
+#: Seconds during which a peer's refusals after the first are only counted.
+NOTICE_INTERVAL = 60.0
 
 
 class State(Enum):
@@ -106,6 +120,7 @@ class Input(Enum):
     PROTOCOL_ERROR = "protocol error"
     CONNECTION_LOST = "connection lost"
     DRAIN = "drain"
+    HELLO_TIMEOUT = "no hello in time"
 
 
 #: Every input a device frame becomes.
@@ -184,8 +199,9 @@ class DeviceSession:
     # bounds every delivery.
     _TABLE: tuple[_Row, ...] = (
         # state               input(s)              next state           outputs
-        (State.AWAITING_HELLO, Input.HELLO,         State.OPENING,       ("_take_hello", "_open_route")),
+        (State.AWAITING_HELLO, Input.HELLO,         State.OPENING,       ("_take_hello", "_check_identity", "_open_route")),
         (State.AWAITING_HELLO, _NOT_HELLO,          State.AWAITING_HELLO, ("_refuse_before_hello",)),
+        (State.AWAITING_HELLO, Input.HELLO_TIMEOUT, State.CLOSED,        ("_note_hello_timeout", "_close")),
         (State.OPENING,       Input.ROUTE_OPENED,   State.IDLE,          ("_keep_route", "_answer_hello")),
         (State.IDLE,          Input.HELLO,          State.IDLE,          ("_hello_again",)),
         (State.IDLE,          Input.DATA,           State.IDLE,          ("_keep",)),
@@ -229,6 +245,11 @@ class DeviceSession:
         *,
         max_uncommitted_bytes: int = MAX_UNCOMMITTED_BYTES,
         max_waiting_frames: int = MAX_WAITING_FRAMES,
+        max_records_per_upload: int = MAX_RECORDS_PER_UPLOAD,
+        max_upload_memory: int = MAX_UPLOAD_MEMORY,
+        hello_timeout: float = HELLO_TIMEOUT,
+        notices: PeerNotices | None = None,
+        certificate_names: Callable[[], frozenset[str]] | None = None,
     ) -> None:
         self.peer = peer
         self.hello: Hello | None = None
@@ -239,6 +260,17 @@ class DeviceSession:
         self._commit_timeout = commit_timeout
         self._max_uncommitted_bytes = max_uncommitted_bytes
         self._max_waiting_frames = max_waiting_frames
+        self._max_records_per_upload = max_records_per_upload
+        self._max_upload_memory = max_upload_memory
+        self._hello_timeout = hello_timeout
+        self._notices = notices if notices is not None else PeerNotices(clock)
+        self._upload_memory = 0
+        # Mutual TLS: the names in the device's certificate, one to be its serial.
+        self._certificate_names = certificate_names
+        # Cancelled by the hello; a connection that never says hello is shed.
+        self._hello_deadline = clock.callLater(
+            hello_timeout, self._input, Input.HELLO_TIMEOUT
+        )
         self._route: DeviceRoute | None = None
         # The upload being gathered: frames since the last commit request.
         self._frames: list[Frame] = []
@@ -319,9 +351,19 @@ class DeviceSession:
     def _note_drained(self, _: object) -> None:
         self.outcome = "drained"
 
+    def _note_hello_timeout(self, _: object) -> None:
+        self.outcome = "hello_timeout"
+        # A flood of bare connections must not become a flood of log lines.
+        self._notices.tell(
+            self.peer,
+            "closing connection from {peer}: no hello within {seconds:g}s",
+            seconds=self._hello_timeout,
+        )
+
     # -- hello -----------------------------------------------------------------
 
     def _take_hello(self, frame: Frame) -> None:
+        self._hello_deadline.cancel()
         self.hello = hello = parse_hello(frame.payload)
         log.info(
             "device {serial} connected from {peer} (IMEI {imei}, FW {fw})",
@@ -331,6 +373,17 @@ class DeviceSession:
             fw=hello.firmware,
         )
         self._observers.device_connected(hello, self.peer)
+
+    def _check_identity(self, _: object) -> None:
+        if self._certificate_names is None:
+            return
+        names = self._certificate_names()
+        if str(self.hello.serial) not in names:
+            # Raised before the route opens: nothing of this device is accepted.
+            shown = ", ".join(sorted(names)) or "no name"
+            raise ProtocolError(
+                f"device certificate names {shown}, not the hello's serial {self.hello.serial}"
+            )
 
     def _open_route(self, _: object) -> None:
         # A link failing while it opens feeds END_SERVER_LOST first.
@@ -390,6 +443,19 @@ class DeviceSession:
                 f"more than {self._max_uncommitted_bytes} bytes of records without"
                 " a commit request"
             )
+        if len(self._records) + len(records) > self._max_records_per_upload:
+            raise ProtocolError(
+                f"more than max_records_per_upload {self._max_records_per_upload}"
+                " records without a commit request"
+            )
+        # Decoded records cost many times their wire size (an empty field is
+        # 2 bytes on the wire, an object here): the budget counts the cost.
+        self._upload_memory += decoded_cost(records, len(frame.payload))
+        if self._upload_memory > self._max_upload_memory:
+            raise ProtocolError(
+                f"records decoding to more than max_upload_memory"
+                f" {self._max_upload_memory} bytes without a commit request"
+            )
         self._frames.append(frame)
         self._records.extend(records)
         self._unconfirmed_records += len(records)
@@ -434,6 +500,7 @@ class DeviceSession:
         )
         # The byte budget is per upload: a long-lived connection starts afresh.
         self._frames, self._records, self._pending_bytes = [], [], 0
+        self._upload_memory = 0
         self._observers.upload_received(upload)
         delivery = Deferred.fromCoroutine(self._route.deliver(upload))
         delivery.addTimeout(self._commit_timeout, self._clock, _commit_timed_out)
@@ -640,7 +707,10 @@ class DeviceSession:
         self._channel.close()
 
     def _discard(self, _: object) -> None:
+        if self._hello_deadline.active():
+            self._hello_deadline.cancel()
         self._frames, self._records, self._pending_bytes = [], [], 0
+        self._upload_memory = 0
         self._waiting.clear()
         if self._awaited_response is not None:
             self._awaited_response[1].cancel()
@@ -671,14 +741,81 @@ def _compile(
 DeviceSession._transitions = _compile(DeviceSession._TABLE, DeviceSession)
 
 
+class PeerNotices:
+    """
+    Log lines about a peer, at most one per address per minute: the rest are
+    counted and the count is told with the next line, so a flood of hostile
+    connections costs a line a minute, not a line an attempt.
+    """
+
+    #: Addresses remembered before those quiet for a minute are forgotten.
+    _REMEMBERED = 4096
+
+    def __init__(self, clock: IReactorTime, interval: float = NOTICE_INTERVAL) -> None:
+        self._clock = clock
+        self._interval = interval
+        # address -> (when last logged, lines held back since)
+        self._last: dict[str, tuple[float, int]] = {}
+
+    def tell(self, peer: str, format: str, **fields: object) -> None:
+        """Log ``format`` (with ``peer`` and ``fields``) unless this address was told of lately."""
+        address = _address_of(peer)
+        now = self._clock.seconds()
+        last, held_back = self._last.get(address, (None, 0))
+        if last is not None and now - last < self._interval:
+            self._last[address] = (last, held_back + 1)
+            return
+        if len(self._last) >= self._REMEMBERED:
+            self._forget_quiet(now)
+        self._last[address] = (now, 0)
+        if held_back:
+            format += " ({held_back} more like it from this address since the last line)"
+        log.warn(format, peer=peer, held_back=held_back, **fields)
+
+    def _forget_quiet(self, now: float) -> None:
+        self._last = {
+            address: told
+            for address, told in self._last.items()
+            if now - told[0] < self._interval
+        }
+
+
+def _address_of(peer: str) -> str:
+    """The host part of a ``host:port`` peer text (IPv6 hosts hold colons too)."""
+    host, colon, _port = peer.rpartition(":")
+    return host if colon else peer
+
+
+class _Refused(Protocol):
+    """A connection over the limit: closed at once, before it is read."""
+
+    def connectionMade(self) -> None:
+        self.transport.abortConnection()
+
+
+@implementer(IPushProducer)
 class DeviceProtocol(Protocol, TimeoutMixin):
-    """Feeds a device's bytes to its session; the session's channel to it."""
+    """
+    Feeds a device's bytes to its session; the session's channel to it.
+
+    It is its transport's producer: once more than Twisted's write-buffer
+    mark (64 KiB) waits to be sent to a device that does not read, the
+    transport pauses it and it stops reading that device until the answers
+    are gone, so a device sending requests without reading the replies
+    cannot make the relay queue them without end.
+    """
 
     def __init__(self, factory: DeviceFactory) -> None:
         self._factory = factory
         self._decoder = FrameDecoder(factory.max_message)
         self.session: DeviceSession | None = None
         self.callLater = factory.clock.callLater
+        # Why reading is paused: "session" (a commit or async session under
+        # way), "writes" (answers queued for the device beyond the mark).
+        self._paused_by: set[str] = set()
+        self._frame_deadline = None
+        #: The peer's address, once final (at the first bytes): per-IP limits.
+        self.address: str | None = None
 
     def connectionMade(self) -> None:
         self._peer_final = False
@@ -690,10 +827,28 @@ class DeviceProtocol(Protocol, TimeoutMixin):
             self._factory.commit_timeout,
             max_uncommitted_bytes=self._factory.max_uncommitted_bytes,
             max_waiting_frames=self._factory.max_waiting_frames,
+            max_records_per_upload=self._factory.max_records_per_upload,
+            max_upload_memory=self._factory.max_upload_memory,
+            hello_timeout=self._factory.hello_timeout,
+            notices=self._factory.notices,
+            certificate_names=(
+                self._certificate_names
+                if self._factory.device_certificates
+                and ISSLTransport.providedBy(self.transport)
+                else None
+            ),
         )
+        self.transport.registerProducer(self, True)
         self.setTimeout(self._factory.idle_timeout)
+        self._factory.connection_made(self)
         self._factory.relay.observers.connection_opened(self.session.peer)
-        self._factory.connections.add(self)
+
+    def _certificate_names(self) -> frozenset[str]:
+        # Mutual TLS made the handshake require a certificate the CA signed.
+        certificate = self.transport.getPeerCertificate()
+        if certificate is None:
+            return frozenset()
+        return certificate_names(certificate.to_cryptography())
 
     def _peer_text(self) -> str:
         peer = self.transport.getPeer()
@@ -707,6 +862,8 @@ class DeviceProtocol(Protocol, TimeoutMixin):
             # bytes reach us, so only now does getPeer() give the device.
             self.session.peer = self._peer_text()
             self._peer_final = True
+            if not self._factory.admit(self, _address_of(self.session.peer)):
+                return
         self.resetTimeout()
         try:
             frames = self._decoder.feed(data)
@@ -717,21 +874,81 @@ class DeviceProtocol(Protocol, TimeoutMixin):
             return
         for frame in frames:
             self.session.frame_received(frame)
+        self._watch_partial_frame(restart=bool(frames))
+
+    def _watch_partial_frame(self, restart: bool) -> None:
+        # Every byte resets idle_timeout; this deadline, from a frame's first
+        # byte, is what stops a device trickling one frame out for ever.
+        armed = self._frame_deadline is not None and self._frame_deadline.active()
+        if armed and (restart or not self._decoder.buffered):
+            self._frame_deadline.cancel()
+            armed = False
+        if (
+            not armed
+            and self._decoder.buffered
+            and self.session.state is not State.CLOSED
+        ):
+            self._frame_deadline = self.callLater(
+                self._factory.frame_timeout, self._frame_timed_out
+            )
+
+    def _frame_timed_out(self) -> None:
+        if self._paused_by:
+            # The relay is not reading: the device is not to blame.
+            self._watch_partial_frame(restart=True)
+            return
+        self._abort(
+            "frame_timeout", "frame not completed within frame_timeout", self._factory.frame_timeout
+        )
 
     def timeoutConnection(self) -> None:
+        self._abort("idle", "silent for", self._factory.idle_timeout)
+
+    def _abort(self, outcome: str, what: str, seconds: float) -> None:
         log.info(
-            "device {serial} from {peer}: silent for {seconds:g}s, closing",
+            "device {serial} from {peer}: {what} {seconds:g}s, closing",
             serial=self.session.serial,
             peer=self.session.peer,
-            seconds=self._factory.idle_timeout,
+            what=what,
+            seconds=seconds,
         )
-        self.session.outcome = "idle"
+        self.session.outcome = outcome
+        self.transport.abortConnection()
+
+    def shed(self) -> None:
+        """Close this connection (no hello yet) to make room for another."""
+        self.session.outcome = "shed"
         self.transport.abortConnection()
 
     def connectionLost(self, reason: Failure = None) -> None:
         self.setTimeout(None)
+        if self._frame_deadline is not None and self._frame_deadline.active():
+            self._frame_deadline.cancel()
         self.session.connection_lost()
-        self._factory.connection_ended(self)
+        self._factory.connection_lost(self)
+
+    # IPushProducer: the transport's write buffer
+
+    def pauseProducing(self) -> None:
+        self._pause_reading("writes")
+
+    def resumeProducing(self) -> None:
+        self._resume_reading("writes")
+
+    def stopProducing(self) -> None:
+        pass  # the connection is closing; connectionLost follows
+
+    def _pause_reading(self, why: str) -> None:
+        if not self._paused_by:
+            self.transport.pauseProducing()
+        self._paused_by.add(why)
+
+    def _resume_reading(self, why: str) -> None:
+        if why not in self._paused_by:
+            return
+        self._paused_by.discard(why)
+        if not self._paused_by:
+            self.transport.resumeProducing()
 
     # DeviceChannel
 
@@ -740,17 +957,30 @@ class DeviceProtocol(Protocol, TimeoutMixin):
 
     def close(self) -> None:
         self.setTimeout(None)
+        # A registered producer holds loseConnection open until it leaves.
+        self.transport.unregisterProducer()
         self.transport.loseConnection()
 
     def pause(self) -> None:
-        self.transport.pauseProducing()
+        self._pause_reading("session")
 
     def resume(self) -> None:
-        self.transport.resumeProducing()
+        self._resume_reading("session")
 
 
 class DeviceFactory(Factory):
-    """Makes a :class:`DeviceProtocol` per device connection."""
+    """
+    Makes a :class:`DeviceProtocol` per device connection, within the
+    connection limits.
+
+    At ``max_connections`` a new connection sheds the oldest one that has
+    not said hello yet (a device that did is never shed for a newcomer); only
+    when every connection has said hello is the new one refused.  A peer
+    address holding ``max_connections_per_ip`` is refused more, checked at
+    its first bytes, when the address behind a PROXY header is known.
+    Refusals are counted (``connection_refused``) and logged once per
+    address per minute.  0 for either limit: no limit.
+    """
 
     # No "Starting factory <object at 0x...>" lines: start-up says what runs.
     noisy = False
@@ -765,6 +995,13 @@ class DeviceFactory(Factory):
         max_message: int,
         max_uncommitted_bytes: int = MAX_UNCOMMITTED_BYTES,
         max_waiting_frames: int = MAX_WAITING_FRAMES,
+        max_records_per_upload: int = MAX_RECORDS_PER_UPLOAD,
+        max_upload_memory: int = MAX_UPLOAD_MEMORY,
+        hello_timeout: float = HELLO_TIMEOUT,
+        frame_timeout: float = FRAME_TIMEOUT,
+        max_connections: int = MAX_CONNECTIONS,
+        max_connections_per_ip: int = 0,
+        device_certificates: bool = False,
     ) -> None:
         self.relay = relay
         self.clock = clock
@@ -773,20 +1010,38 @@ class DeviceFactory(Factory):
         self.max_message = max_message
         self.max_uncommitted_bytes = max_uncommitted_bytes
         self.max_waiting_frames = max_waiting_frames
-        #: Device connections open now.
-        self.connections: set[DeviceProtocol] = set()
+        # Fired once every connection is closed (drain).
         self._all_closed: list[Deferred[None]] = []
+        self.max_records_per_upload = max_records_per_upload
+        self.max_upload_memory = max_upload_memory
+        self.hello_timeout = hello_timeout
+        self.frame_timeout = frame_timeout
+        self.max_connections = max_connections
+        self.max_connections_per_ip = max_connections_per_ip
+        #: Whether each TLS device's certificate must name its serial (mutual TLS).
+        self.device_certificates = device_certificates
+        self.notices = PeerNotices(clock)
+        # Open connections, oldest first.
+        self._open: dict[DeviceProtocol, None] = {}
+        self._per_address: dict[str, int] = {}
 
-    def buildProtocol(self, addr: object) -> DeviceProtocol:
+    @property
+    def connections(self) -> int:
+        """Device connections open now."""
+        return len(self._open)
+
+    def buildProtocol(self, addr: object) -> Protocol:
+        if self.max_connections and len(self._open) >= self.max_connections:
+            waiting = next(
+                (p for p in self._open if p.session.hello is None), None
+            )
+            if waiting is None:
+                host = getattr(addr, "host", str(addr))
+                self._refuse(host, "max_connections", f"max_connections {self.max_connections} reached")
+                return _Refused()
+            self._open.pop(waiting)
+            waiting.shed()
         return DeviceProtocol(self)
-
-    def connection_ended(self, protocol: DeviceProtocol) -> None:
-        """``protocol``'s connection is gone."""
-        self.connections.discard(protocol)
-        if not self.connections:
-            waiting, self._all_closed = self._all_closed, []
-            for closed in waiting:
-                closed.callback(None)
 
     def drain(self, grace: float) -> Deferred[None]:
         """
@@ -796,25 +1051,66 @@ class DeviceFactory(Factory):
         their uploads stay uncommitted, for the device to send again.
         """
         closed: Deferred[None] = Deferred()
-        if not self.connections:
+        if not self._open:
             closed.callback(None)
             return closed
         self._all_closed.append(closed)
-        for protocol in list(self.connections):
+        for protocol in list(self._open):
             protocol.session.drain()
         late = self.clock.callLater(grace, self._abort_remaining, grace)
         return closed.addBoth(_cancel_timer, late)
 
     def _abort_remaining(self, grace: float) -> None:
-        if self.connections:
+        if self._open:
             log.warn(
                 "{count} device connections still delivering after shutdown_grace"
                 " {grace:g}s; closing them without a commit",
-                count=len(self.connections),
+                count=len(self._open),
                 grace=grace,
             )
-        for protocol in list(self.connections):
+        for protocol in list(self._open):
             protocol.transport.abortConnection()
+
+
+    def connection_made(self, protocol: DeviceProtocol) -> None:
+        """``protocol`` is connected: count it."""
+        self._open[protocol] = None
+
+    def admit(self, protocol: DeviceProtocol, address: str) -> bool:
+        """
+        Whether ``protocol``, whose peer is now known to be ``address``, is
+        within the per-address limit; if not, it is closed.
+        """
+        held = self._per_address.get(address, 0)
+        if self.max_connections_per_ip and held >= self.max_connections_per_ip:
+            protocol.session.outcome = "refused"
+            self._refuse(
+                protocol.session.peer,
+                "max_connections_per_ip",
+                f"max_connections_per_ip {self.max_connections_per_ip} reached",
+            )
+            protocol.transport.abortConnection()
+            return False
+        self._per_address[address] = held + 1
+        protocol.address = address
+        return True
+
+    def connection_lost(self, protocol: DeviceProtocol) -> None:
+        """``protocol`` is gone: it no longer counts; a drain waiting for the last one ends."""
+        self._open.pop(protocol, None)
+        if protocol.address is not None:
+            left = self._per_address.pop(protocol.address) - 1
+            if left:
+                self._per_address[protocol.address] = left
+            protocol.address = None
+        if not self._open:
+            waiting, self._all_closed = self._all_closed, []
+            for closed in waiting:
+                closed.callback(None)
+
+    def _refuse(self, peer: str, kind: str, reason: str) -> None:
+        self.relay.observers.connection_refused(peer, kind)
+        self.notices.tell(peer, "refusing connection from {peer}: {reason}", reason=reason)
 
 
 def _cancel_timer(result: object, timer) -> object:

@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING
 from urllib.parse import quote
 
 from .codec import Hello
-from .relay import DeviceProfile
+
+if TYPE_CHECKING:  # the relay imports the configuration, which imports this
+    from .relay import DeviceProfile
 
 PLACEHOLDERS = ("SERIAL", "IMEI", "ICCID", "CUSTOM1", "CUSTOM2", "CUSTOM3")
 _PLACEHOLDER = re.compile(r"\[(" + "|".join(PLACEHOLDERS) + r")\]")

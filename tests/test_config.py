@@ -1434,3 +1434,55 @@ class DeliveryKeysTests(SynchronousTestCase):
         self.assertEqual(self.load("connector = main\ncommit_timeout = 12\n").relay.drain_seconds, 12.0)
         self.assertEqual(self.load("connector = main\nshutdown_grace = 3\n").relay.drain_seconds, 3.0)
         self.assertIn("[relay] shutdown_grace:", self.refused("connector = main\nshutdown_grace = 0\n"))
+
+
+class ExposedSecretsTests(SynchronousTestCase):
+    """A configuration file with secrets that every user may read draws one warning."""
+
+    SECRET = b"[relay]\n[api]\nlisten = tcp:8080\ntoken = t0ken\n[connector:f]\ntype = file\npath = out.jsonl\n"
+    PLAIN = b"[relay]\n[connector:f]\ntype = file\npath = out.jsonl\n"
+
+    def config_with_mode(self, data: bytes, mode: int):
+        from oemrelay.config import load_config
+
+        path = write_temp(self, data)
+        os.chmod(path, mode)
+        return load_config(path)
+
+    def test_world_readable_with_secrets_warned(self) -> None:
+        """Mode 0644 and an API token: a warning naming the file and the fix."""
+        from oemrelay.config import exposed_secrets_warning
+
+        config = self.config_with_mode(self.SECRET, 0o644)
+        warning = exposed_secrets_warning(config)
+        self.assertIn(config.source, warning)
+        self.assertIn("chmod o-r", warning)
+        self.assertNotIn("t0ken", warning)
+
+    def test_owner_and_group_only_not_warned(self) -> None:
+        """Mode 0640 with secrets: no warning."""
+        from oemrelay.config import exposed_secrets_warning
+
+        self.assertIsNone(exposed_secrets_warning(self.config_with_mode(self.SECRET, 0o640)))
+
+    def test_no_secrets_not_warned(self) -> None:
+        """A world-readable file without secrets (the default sqlite registry, a file connector): no warning."""
+        from oemrelay.config import exposed_secrets_warning
+
+        self.assertIsNone(exposed_secrets_warning(self.config_with_mode(self.PLAIN, 0o644)))
+
+    def test_what_counts_as_a_secret(self) -> None:
+        """A password, a PostgreSQL URL with a password, a URL query count; a plain URL does not."""
+        from oemrelay.config import holds_secrets
+
+        base = "[relay]\n{relay}[connector:h]\ntype = http\nurl = {url}\n{extra}"
+        cases = {
+            ("", "http://h.example/p", ""): False,
+            ("", "http://h.example/p?code=k", ""): True,
+            ("", "http://h.example/p", "username = u\npassword = p\n"): True,
+            ("registry = postgresql://u:pw@db/x\n", "http://h.example/p", ""): True,
+            ("registry = postgresql://u@db/x\n", "http://h.example/p", ""): False,
+        }
+        for (relay, url, extra), expected in cases.items():
+            config = config_from_string(base.format(relay=relay, url=url, extra=extra))
+            self.assertEqual(holds_secrets(config), expected, (relay, url, extra))

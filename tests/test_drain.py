@@ -26,7 +26,7 @@ class FactoryDrainTests(SessionTestMixin, SynchronousTestCase):
     def test_no_connections_fires_at_once(self) -> None:
         """A factory with no device connection drains at once."""
         self.transport.loseConnection()
-        self.assertEqual(self.factory.connections, set())
+        self.assertEqual(self.factory.connections, 0)
         self.successResultOf(self.factory.drain(5))
 
     def test_idle_device_closed(self) -> None:

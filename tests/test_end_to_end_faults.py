@@ -12,7 +12,6 @@ never crash and its memory stays bounded.
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass, field
 

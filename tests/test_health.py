@@ -11,10 +11,10 @@ from twisted.logger import formatEvent
 from twisted.trial.unittest import SynchronousTestCase
 from treq.testing import StubTreq
 
-from oemrelay.api import READY_CHECK_TIMEOUT, build_api
+from oemrelay.api import READY_CHECK_TIMEOUT, build_api, build_api_site
 from oemrelay.config import config_from_string
 from oemrelay.metrics import RelayMetrics
-from oemrelay.service import STARTUP_FORMAT, ApiSite, ready_checks, startup_fields
+from oemrelay.service import STARTUP_FORMAT, ready_checks, startup_fields
 
 from .test_api import AUTH, BASE, CONNECTORS, TOKEN, FakeRegistry
 
@@ -283,7 +283,7 @@ class ApiSiteTests(SynchronousTestCase):
 
     def test_quiet(self) -> None:
         """No "Starting factory" line and no access-log line per request."""
-        site = ApiSite(build_api(FakeRegistry(), TOKEN, CONNECTORS, Clock()))
+        site = build_api_site(FakeRegistry(), TOKEN, CONNECTORS, Clock())
         self.assertFalse(site.noisy)
         written: list = []
         site.logFile = type("File", (), {"write": written.append})()

@@ -14,10 +14,13 @@ credentials) is written to logs or to failure reasons.
 from __future__ import annotations
 
 import hashlib
-from base64 import b64encode
+import json
+import re
+from base64 import b64decode, b64encode
+from collections.abc import Iterable, Mapping
 from email.utils import parsedate_to_datetime
 from http.cookiejar import CookieJar, DefaultCookiePolicy
-from urllib.parse import quote_plus, urlsplit
+from urllib.parse import quote, quote_plus, unquote, urlsplit
 
 from twisted.application.service import Service
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError
@@ -62,6 +65,80 @@ def form_body(document: bytes) -> bytes:
 
 #: How much of a refusing end server's answer is quoted in the log.
 _QUOTED_BODY = 200
+
+#: What stands in a quoted answer for a secret the relay sent.
+REDACTED = "[redacted]"
+
+#: Headers whose values are not secret and help to read a refusal.
+_PLAIN_HEADERS = frozenset({b"content-type", b"iothub-messageid", b"idempotency-key"})
+
+
+def secrets_sent(
+    headers: Mapping[bytes, list[bytes]], url: str, fields: Mapping[str, str]
+) -> set[str]:
+    """
+    Every secret value one request carried, in each form an end server that
+    echoes the request may write it back: header values (the Basic
+    credentials, their base64, a bearer token, each part of a SAS token, raw
+    and percent-decoded), the URL's path and query, the custom fields.
+    """
+    found: set[str] = set()
+    for name, values in headers.items():
+        if name.lower() in _PLAIN_HEADERS:
+            continue
+        for value in values:
+            found |= _parts_of_header(value.decode("utf-8", "replace"))
+    parts = urlsplit(url)
+    found.add(parts.query)
+    if parts.path != "/":  # a bare / holds nothing, and is in every echo
+        found.add(parts.path)
+    for pair in parts.query.split("&"):
+        found.add(pair.partition("=")[2])
+    for name in ("CUSTOM1", "CUSTOM2", "CUSTOM3"):
+        found.add(fields.get(name, ""))
+    # Echoed in JSON, in a form, or percent-encoded.
+    found |= {unquote(value) for value in found}
+    found |= {quote(value, safe="") for value in found}
+    found |= {json.dumps(value)[1:-1] for value in found}
+    found.discard("")
+    return found
+
+
+def _parts_of_header(value: str) -> set[str]:
+    parts = {value}
+    scheme, _, credential = value.partition(" ")
+    if not credential:
+        return parts
+    parts.add(credential)
+    if scheme.lower() == "basic":
+        try:
+            user_password = b64decode(credential, validate=True).decode("utf-8")
+        except (ValueError, UnicodeDecodeError):
+            return parts
+        user, _, password = user_password.partition(":")
+        parts |= {user_password, user, password}
+    elif scheme == "SharedAccessSignature":
+        for pair in credential.split("&"):
+            parts.add(pair.partition("=")[2])
+    return parts
+
+
+def redact(text: str, secrets: Iterable[str]) -> str:
+    """``text`` with every occurrence of each of ``secrets`` replaced by :data:`REDACTED`."""
+    # Longest first, so a secret is hidden whole before any part of it is.
+    ordered = sorted(set(secrets) - {""}, key=len, reverse=True)
+    if not ordered:
+        return text
+    return re.sub("|".join(map(re.escape, ordered)), REDACTED, text)
+
+
+def quote_answer(answer: bytes, secrets: set[str]) -> str:
+    """The start of an end server's answer, for a log line, with ``secrets`` hidden."""
+    # Enough of the answer that a secret which starts in the quoted part is
+    # seen whole, and so redacted, before the cut.
+    longest = max(map(len, secrets), default=0)
+    window = answer[: 4 * (_QUOTED_BODY + longest)].decode("utf-8", "replace")
+    return one_line(redact(window[: _QUOTED_BODY + longest], secrets)[:_QUOTED_BODY])
 
 
 #: Refusals worth trying again besides 5xx: Request Timeout, Too Many Requests.
@@ -291,7 +368,9 @@ class HttpConnector(Service):
                     break
                 self._oauth.invalidate(token)
         if not 200 <= response.code < 300:
-            quoted = one_line(answer[:_QUOTED_BODY].decode("utf-8", "replace"))
+            # An end server echoing the request must not put its secrets in the log.
+            secrets = secrets_sent(headers, url, device_fields(upload.hello, profile))
+            quoted = quote_answer(answer, secrets)
             retryable = response.code in _RETRYABLE_STATUSES or response.code >= 500
             raise DeliveryFailed(
                 f"connector {self.name}: {self._target} answered {response.code}"
