@@ -29,10 +29,13 @@ from twisted.python.failure import Failure
 from twisted.web.server import Site
 from zope.interface import implementer
 
+from .activity import FleetActivity
 from .api import build_api
+from .console import SiteRoot
 from .config import Config
 from .connectors import build_connector
 from .events import Observers
+from .live import LiveHub
 from .oneline import one_line
 from .registry import Registry
 from .relay import Relay
@@ -197,7 +200,17 @@ def build_service(config: Config, reactor) -> MultiService:
     for description in config.relay.listen:
         Listener("relay", description, devices, reactor, on_start_failure).setServiceParent(top)
     if config.api.listen:
-        api = Site(build_api(registry, config.api.token, set(connectors), reactor))
+        live, activity = LiveHub(reactor), FleetActivity(reactor)
+        observers.subscribe(live)
+        observers.subscribe(activity)
+        api = Site(
+            SiteRoot(
+                build_api(
+                    registry, config.api.token, set(connectors), reactor,
+                    live=live, activity=activity,
+                )
+            )
+        )
         for description in config.api.listen:
             Listener("api", description, api, reactor, on_start_failure).setServiceParent(top)
     return top

@@ -1071,7 +1071,12 @@ class OpenApiTests(_ApiTestCase):
                 "/api/devices/import": ["post"],
                 "/api/devices/{serial}": ["get", "put"],
                 "/api/devices/{serial}/commands": ["get", "post"],
+                "/api/devices/{serial}/live": ["get"],
+                "/api/devices/{serial}/recordings": ["post"],
+                "/api/fleet": ["get"],
                 "/api/openapi.json": ["get"],
+                "/api/recordings": ["get"],
+                "/api/recordings/{id}": ["get"],
             },
         )
 
