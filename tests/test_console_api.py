@@ -403,3 +403,17 @@ class ConsoleFilesTests(SynchronousTestCase):
         response, content = self.get("/api/devices", AUTH)
         self.assertEqual((response.code, json.loads(content)), (200, {"devices": [], "next": None}))
         self.assertEqual(self.get("/api/devices")[0].code, 401)
+
+
+class ConsolePackagingTests(SynchronousTestCase):
+    """The console ships in the wheel (no build step at install)."""
+
+    def test_console_files_in_wheel(self) -> None:
+        """index.html, app.js and app.css are package data of oemrelay.console."""
+        from oemrelay.console import FILES
+
+        from .test_packaging import _built_wheel
+
+        names = _built_wheel().names
+        for filename, _ in FILES.values():
+            self.assertIn(f"oemrelay/console/{filename}", names)

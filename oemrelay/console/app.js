@@ -100,8 +100,10 @@ async function signIn(event) {
 // -- fleet ------------------------------------------------------------------
 
 function figure(label, value, id) {
+  // A count is big; a sentence (no spool, an error) is shown as a note.
+  const kind = typeof value === "number" || /^[0-9+]+$/.test(String(value)) ? "figure" : "figure note";
   return el("div", { class: "card" }, el("div", { class: "muted" }, label),
-    el("div", { class: "figure", id }, value));
+    el("div", { class: kind, id }, value));
 }
 
 function counts(object) {
@@ -435,7 +437,7 @@ async function devicePage(serial) {
     await deadLetterTable(new URLSearchParams({ serial: String(serial) }), loadDead));
   const live = liveView(serial);
   show(el("h2", {}, "Device ", String(device.serial)),
-    el("div", { class: "grid" },
+    el("div", { class: "grid wide" },
       el("div", { class: "card" }, el("h3", {}, "Identity and state"),
         table(["", ""], identity.map(([k, v]) => el("tr", {}, el("th", {}, k), el("td", {}, v))), { id: "identity" })),
       el("div", { class: "card" }, el("h3", {}, "Custom fields and connector"),
