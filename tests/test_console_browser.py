@@ -68,6 +68,13 @@ class _BrowserTestCase(SynchronousTestCase):
             lambda message: message.type == "error" and self.console_errors.append(message.text),
         )
         self.addCleanup(self.assert_token_not_logged)
+        self.addCleanup(self.assert_no_policy_violation)
+
+    def assert_no_policy_violation(self) -> None:
+        """The page did nothing its Content-Security-Policy refused."""
+        self.assertEqual(
+            [text for text in self.console_errors if "Content Security Policy" in text], []
+        )
 
     def mktemp_dir(self) -> str:
         path = os.path.abspath(self.mktemp())
@@ -234,4 +241,58 @@ class LargeFleetTests(_BrowserTestCase):
         wait_until(
             lambda: self.page.text_content("#devices tbody tr:first-child td:first-child") == "1099999",
             "the last-seen sort",
+        )
+
+
+class DeadLetterTests(_BrowserTestCase):
+    """The dead letters page, against the documented spool API (answered by the test)."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.letters = [
+            {"id": f"dl-{n}", "serial": SERIAL, "connector": "main", "records": 3,
+             "first_seq": 100 * n, "reason": HOSTILE_TRACE if n == 1 else "end server answered 500",
+             "attempts": n, "created": "2026-12-01T10:00:00Z", "last_attempt": "2026-12-01T10:05:00Z"}
+            for n in (1, 2, 3)
+        ]
+        self.actions: list[tuple[str, str, str | None]] = []
+        self.page.route("**/api/deadletters**", self.spool)
+        sign_in(self.page, self.relay)
+        self.page.wait_for_selector("#fleet-connected")
+
+    def spool(self, route) -> None:
+        request = route.request
+        path = request.url.split("/api/deadletters", 1)[1]
+        self.actions.append((request.method, path, request.headers.get("authorization")))
+        if request.method == "GET":
+            route.fulfill(json={"deadletters": self.letters, "next": None})
+            return
+        letter_id = path.strip("/").split("/")[0]
+        self.letters = [letter for letter in self.letters if letter["id"] != letter_id]
+        route.fulfill(json={}, status=200)
+
+    def test_retry_discard_and_bulk(self) -> None:
+        """One retry, then a bulk discard, reach the spool API with the token; reasons are text."""
+        self.page.click("nav a[href='#deadletters']")
+        self.page.wait_for_selector("#deadletters tbody tr")
+        self.assertIn(HOSTILE_TRACE, self.page.text_content("#deadletters"))
+        self.assertEqual(self.page.locator("#deadletters img").count(), 0)
+        self.page.click("#deadletters tbody tr:first-child button:has-text('Retry')")
+        self.page.wait_for_selector("#deadletters-status:has-text('1 done')")
+        for letter_id in ("dl-2", "dl-3"):
+            self.page.check(f"#deadletters input[data-id='{letter_id}']")
+        self.page.click("button:has-text('Discard selected')")
+        self.page.wait_for_selector("#deadletters-none:has-text('no dead letters')")
+        changes = [(method, path) for method, path, _ in self.actions if method != "GET"]
+        self.assertEqual(
+            changes, [("POST", "/dl-1/retry"), ("DELETE", "/dl-2"), ("DELETE", "/dl-3")]
+        )
+        self.assertEqual({auth for _, _, auth in self.actions}, {f"Bearer {TOKEN}"})
+
+    def test_without_spool(self) -> None:
+        """When the spool API answers 404 the page says the spool is not configured."""
+        self.page.unroute("**/api/deadletters**")
+        self.page.click("nav a[href='#deadletters']")
+        self.page.wait_for_selector(
+            "#deadletters-none:has-text('no dead letters (spool not configured)')"
         )
