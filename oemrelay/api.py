@@ -20,6 +20,12 @@ Decisions:
   device.  ``GET /api/devices/{serial}`` has it.
 * Custom fields may hold keys: request bodies and custom values are never
   logged.  Mutating requests log one line each (method, path, status).
+* The console's paths (``/api/fleet``, ``/api/devices/{serial}/live``,
+  recordings) answer from the :class:`~oemrelay.live.LiveHub` and
+  :class:`~oemrelay.activity.FleetActivity` given to :func:`build_api`; the
+  live stream is the one answer that is not JSON: server-sent events, with
+  the client registered as the transport's producer, so one that falls
+  behind drops events instead of growing the relay's buffers.
 * Twisted reads a whole request body (spooling large ones to a temporary
   file) before the resource sees it; bodies over :data:`MAX_CSV_BODY` (CSV)
   or :data:`MAX_JSON_BODY` (JSON) are then refused with 413.
