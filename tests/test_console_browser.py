@@ -296,3 +296,20 @@ class DeadLetterTests(_BrowserTestCase):
         self.page.wait_for_selector(
             "#deadletters-none:has-text('no dead letters (spool not configured)')"
         )
+
+
+class UnavailableBrowserTests(SynchronousTestCase):
+    """What a missing browser does to these tests."""
+
+    def test_fails_under_ci(self) -> None:
+        """With CI set a missing browser is a failure, not a skip."""
+        self.patch(os, "environ", {**os.environ, "CI": "true"})
+        with self.assertRaises(AssertionError):
+            _unavailable("Chromium did not start")
+
+    def test_skips_locally(self) -> None:
+        """Without CI a missing browser skips, saying what to install."""
+        self.patch(os, "environ", {k: v for k, v in os.environ.items() if k != "CI"})
+        with self.assertRaises(SkipTest) as caught:
+            _unavailable("Playwright is not installed")
+        self.assertIn("pip", str(caught.exception))
