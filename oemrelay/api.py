@@ -27,6 +27,12 @@ Decisions:
   connection is closed; a chunked body is cut off with 413 once it passes
   :data:`MAX_CSV_BODY`.  The resource then refuses bodies over
   :data:`MAX_CSV_BODY` (CSV) or :data:`MAX_JSON_BODY` (JSON) with 413.
+* The console's paths (``/api/fleet``, ``/api/devices/{serial}/live``,
+  recordings) answer from the :class:`~oemrelay.live.LiveHub` and
+  :class:`~oemrelay.activity.FleetActivity` given to :func:`build_api`; the
+  live stream is the one answer that is not JSON: server-sent events, with
+  the client registered as the transport's producer, so one that falls
+  behind drops events instead of growing the relay's buffers.
 """
 
 from __future__ import annotations
@@ -51,13 +57,18 @@ from twisted.web.http import RESPONSES
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
 from . import __version__
+from .activity import WINDOW_MINUTES, FleetActivity
+from .commands import COMMAND_TYPES, CommandError, iso8601, parse_command
+from .console import SiteRoot
+from .live import MAX_RECORDING_MINUTES, LiveClient, LiveHub, TooManyWatchers
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .oneline import one_line
-from .relay import connector_names
-from .commands import COMMAND_TYPES, CommandError, iso8601, parse_command
 from .registry import COMMAND_STATES, DEVICE_SETTINGS, Command, DeviceRecord
+from .relay import connector_names
 from .registry.devices import (
+    DEVICE_SORTS,
     FIELD_KINDS,
+    DeviceQuery,
     MAX_SERIAL,
     device_fields,
     device_json,
@@ -75,6 +86,15 @@ MAX_CSV_BODY = 10 * 1024 * 1024
 #: Devices per page when the client names no ``limit``, and the most it may name.
 DEFAULT_LIMIT = 100
 MAX_LIMIT = 1000
+#: The furthest ``offset`` a sorted device listing may start at.
+MAX_OFFSET = 10_000_000
+#: The longest "silent for more than N hours" filter (a year).
+MAX_SILENT_HOURS = 24 * 366
+#: Events one live client may have waiting while its connection is backed up.
+LIVE_MAX_PENDING = 200
+_LIST_PARAMETERS = (
+    "limit", "after", "offset", "q", "connected", "failing", "silent_hours", "sort",
+)
 
 _SERIAL_TEXT = re.compile(r"[0-9]{1,10}")
 _SERIAL_PROBLEM = f"serial must be a decimal number from 0 to {MAX_SERIAL}"
@@ -100,6 +120,9 @@ def build_api(
     metrics: Callable[[], bytes] | None = None,
     metrics_public: bool = False,
     ready_checks: Sequence[tuple[str, ReadyCheck]] = (),
+    live: LiveHub | None = None,
+    activity: FleetActivity | None = None,
+    spool_stats: Callable[[], Any] | None = None,
 ) -> IResource:
     """
     The API's root resource: ``/api/...``, and ``/healthz``, ``/readyz``
@@ -116,11 +139,15 @@ def build_api(
     :param metrics_public: ``GET /metrics`` needs no token.
     :param ready_checks: ``(name, check)`` pairs ``GET /readyz`` runs; a check
         returns (or fires with) anything when it passes and raises when not.
+    :param live: the live view and recordings; without it their paths answer 404.
+    :param activity: the fleet's recent figures for ``GET /api/fleet``.
+    :param spool_stats: the spool's ``stats()``, shown in the fleet summary.
     :raises ValueError: if ``token`` is empty.
     """
     if not token:
         raise ValueError("the API token must not be empty")
     api = _ApiResource(registry, token, frozenset(connector_names), clock)
+    api.live, api.activity, api.spool_stats = live, activity, spool_stats
     api.ops_paths[b"/healthz"] = _Healthz()
     api.ops_paths[b"/readyz"] = _Readyz(tuple(ready_checks), clock)
     if metrics is not None:
@@ -142,6 +169,10 @@ class ApiSite(Site):
         #: Paths answered without the token (health checks, public metrics).
         self.open_paths = frozenset(open_paths)
 
+    def is_open(self, path: bytes) -> bool:
+        """Whether ``path`` is answered without the token: the console's static files are (the page asks for it)."""
+        return path in self.open_paths or path == b"/console" or path.startswith(b"/console/")
+
     def log(self, request) -> None:
         pass
 
@@ -155,11 +186,15 @@ def build_api_site(
     metrics: Callable[[], bytes] | None = None,
     metrics_public: bool = False,
     ready_checks: Sequence[tuple[str, ReadyCheck]] = (),
+    live: LiveHub | None = None,
+    activity: FleetActivity | None = None,
+    spool_stats: Callable[[], Any] | None = None,
 ) -> Site:
     """
-    The API (:func:`build_api`, same arguments) as a ``Site`` whose requests
-    are refused from their headers (:class:`ApiRequest`) when they lack the
-    token or declare too large a body.
+    The API (:func:`build_api`, same arguments) and the console under
+    ``/console/``, as a ``Site`` whose requests are refused from their
+    headers (:class:`ApiRequest`) when they lack the token or declare too
+    large a body.
     """
     resource = build_api(
         registry,
@@ -169,9 +204,12 @@ def build_api_site(
         metrics=metrics,
         metrics_public=metrics_public,
         ready_checks=ready_checks,
+        live=live,
+        activity=activity,
+        spool_stats=spool_stats,
     )
     open_paths = [b"/healthz", b"/readyz"] + ([b"/metrics"] if metrics_public else [])
-    return ApiSite(resource, token, open_paths)
+    return ApiSite(SiteRoot(resource), token, open_paths)
 
 
 class ApiRequest(Request):
@@ -192,7 +230,7 @@ class ApiRequest(Request):
         # channel's private attribute is the only place it is known this early.
         path = self.channel._path.split(b"?", 1)[0]
         try:
-            if path not in site.open_paths:
+            if not site.is_open(path):
                 _check_bearer(self.requestHeaders, site.api_token)
             if length is not None and length > MAX_CSV_BODY:
                 raise _ApiError(413, f"the body is larger than {MAX_CSV_BODY} bytes")
@@ -251,6 +289,13 @@ def _ok(body: Any, status: int = 200) -> _Answer:
     return status, body, {}
 
 
+@dataclass(frozen=True)
+class _Stream:
+    """An answer that is a stream: ``start(request)`` writes it and finishes it when done."""
+
+    start: Callable[[Request], None]
+
+
 _Endpoint = Callable[..., Coroutine[Any, Any, _Answer]]
 
 
@@ -260,7 +305,8 @@ class Route:
 
     method: bytes
     #: ``/api/...``; a ``{serial}`` segment matches a non-empty segment,
-    #: passed to ``endpoint`` as an int (a non-uint32 is a 400).
+    #: passed to ``endpoint`` as an int (a non-uint32 is a 400); so does an
+    #: ``{id}`` (anything but a decimal number is a 404).
     path: str
     endpoint: _Endpoint
 
@@ -298,6 +344,9 @@ class _ApiResource(Resource):
         self._token = token.encode("utf-8")
         self._connector_names = connector_names
         self._clock = clock
+        self.live: LiveHub | None = None
+        self.activity: FleetActivity | None = None
+        self.spool_stats: Callable[[], Any] | None = None
         self._openapi = json.dumps(
             openapi_document(connector_names), indent=1
         ).encode("utf-8")
@@ -313,6 +362,11 @@ class _ApiResource(Resource):
             Route(b"PUT", "/api/devices/{serial}", self._put_device),
             Route(b"GET", "/api/devices/{serial}/commands", self._list_commands),
             Route(b"POST", "/api/devices/{serial}/commands", self._add_command),
+            Route(b"GET", "/api/fleet", self._get_fleet),
+            Route(b"GET", "/api/devices/{serial}/live", self._live),
+            Route(b"POST", "/api/devices/{serial}/recordings", self._start_recording),
+            Route(b"GET", "/api/recordings", self._list_recordings),
+            Route(b"GET", "/api/recordings/{id}", self._get_recording),
         )
 
     # -- twisted.web ---------------------------------------------------------
@@ -358,6 +412,14 @@ class _ApiResource(Resource):
     def _write(
         request: Request, status: int, body: Any, headers: dict[bytes, bytes]
     ) -> None:
+        if isinstance(body, _Stream):
+            request.setResponseCode(status)
+            request.setHeader(b"cache-control", b"no-store")
+            request.setHeader(b"x-content-type-options", b"nosniff")
+            for name, value in headers.items():
+                request.setHeader(name, value)
+            body.start(request)
+            return
         data = body if isinstance(body, bytes) else json.dumps(body).encode("utf-8")
         request.setResponseCode(status)
         request.setHeader(b"content-type", b"application/json")
@@ -390,9 +452,9 @@ class _ApiResource(Resource):
             )
         (route,) = chosen
         arguments = [
-            _serial(segment.encode("latin-1"))
+            _serial(segment.encode("latin-1")) if pattern == "{serial}" else _id(segment)
             for segment, pattern in zip(segments, route.segments)
-            if pattern == "{serial}"
+            if pattern in ("{serial}", "{id}")
         ]
         return await route.endpoint(request, *arguments)
 
@@ -406,24 +468,130 @@ class _ApiResource(Resource):
         return _ok(self._openapi)
 
     async def _list_devices(self, request: Request) -> _Answer:
-        query = _query(request, ("limit", "after"))
+        query = _query(request, _LIST_PARAMETERS)
         limit = DEFAULT_LIMIT
         if "limit" in query:
-            text = query["limit"]
-            if not re.fullmatch(r"[0-9]{1,7}", text) or not 1 <= int(text) <= MAX_LIMIT:
-                raise _ApiError(400, f"limit must be a whole number from 1 to {MAX_LIMIT}")
-            limit = int(text)
+            limit = _whole(query["limit"], "limit", 1, MAX_LIMIT)
+        sort = query.get("sort", "serial")
+        if sort not in DEVICE_SORTS:
+            raise _ApiError(400, f"sort must be one of {', '.join(DEVICE_SORTS)}")
         after = None
         if "after" in query:
+            if sort != "serial":
+                raise _ApiError(400, "after pages in serial order; with sort=last_seen use offset")
             after = _serial(query["after"].encode("utf-8"), "after")
+        offset = 0
+        if "offset" in query:
+            if sort == "serial":
+                raise _ApiError(400, "offset pages with sort=last_seen; in serial order use after")
+            offset = _whole(query["offset"], "offset", 0, MAX_OFFSET)
+        silent_before = None
+        if "silent_hours" in query:
+            hours = _whole(query["silent_hours"], "silent_hours", 1, MAX_SILENT_HOURS)
+            silent_before = self._clock.seconds() - hours * 3600
+        search = query.get("q", "").strip()
+        problem = unstorable_text("q", search)
+        if problem:
+            raise _ApiError(400, problem)
+        filters = DeviceQuery(
+            limit=limit + 1,
+            offset=offset,
+            after=after,
+            search=search or None,
+            connected=_flag(query, "connected"),
+            failing=_flag(query, "failing"),
+            silent_before=silent_before,
+            sort=sort,
+        )
         # One more than asked for says whether there is a next page.
-        devices = await self._call(self._registry.list_devices, limit + 1, after)
+        if filters == DeviceQuery(limit=limit + 1, after=after):
+            devices = await self._call(self._registry.list_devices, limit + 1, after)
+        else:
+            devices = await self._call(self._registry.search_devices, filters)
         page = list(devices)[:limit]
-        return _ok(
+        more = len(devices) > limit
+        if sort == "serial":
+            following = page[-1].serial if more else None
+        else:
+            following = offset + limit if more else None
+        return _ok({"devices": [_device_json(device) for device in page], "next": following})
+
+    async def _get_fleet(self, request: Request) -> _Answer:
+        query = _query(request, ("minutes",))
+        minutes = _whole(query.get("minutes", "15"), "minutes", 1, WINDOW_MINUTES)
+        counts = await self._call(self._registry.fleet_counts)
+        body = {"registry": counts, "activity": None}
+        if self.activity is not None:
+            body["activity"] = self.activity.summary(minutes, self.spool_stats)
+        return _ok(body)
+
+    def _live_hub(self) -> LiveHub:
+        if self.live is None:
+            raise _ApiError(404, "the live view is not enabled")
+        return self.live
+
+    async def _live(self, request: Request, serial: int) -> _Answer:
+        _query(request, ())
+        hub = self._live_hub()
+        await self._known_device(serial)
+
+        def start(request: Request) -> None:
+            request.setHeader(b"content-type", b"text/event-stream")
+            client = LiveClient(request.write, LIVE_MAX_PENDING)
+            try:
+                stop = hub.watch(serial, client)
+            except TooManyWatchers as error:
+                request.setResponseCode(429)
+                request.setHeader(b"content-type", b"application/json")
+                request.write(json.dumps({"error": str(error)}).encode("utf-8"))
+                request.finish()
+                return
+            request.registerProducer(client, True)
+            # A comment line: the browser sees the stream open at once.
+            request.write(b": watching\n\n")
+            request.notifyFinish().addBoth(lambda _: stop())
+
+        return 200, _Stream(start), {}
+
+    async def _start_recording(self, request: Request, serial: int) -> _Answer:
+        _query(request, ())
+        hub = self._live_hub()
+        body = _json_body(request)
+        if not isinstance(body, dict) or set(body) - {"minutes"}:
+            raise _ApiError(400, 'the body must be {"minutes": N}')
+        minutes = body.get("minutes", 10)
+        if (
+            isinstance(minutes, bool)
+            or not isinstance(minutes, (int, float))
+            or not 0 < minutes <= MAX_RECORDING_MINUTES
+        ):
+            raise _ApiError(
+                400, f"minutes must be a number above 0 and at most {MAX_RECORDING_MINUTES}"
+            )
+        await self._known_device(serial)
+        recording = hub.start_recording(serial, minutes)
+        return _ok(recording.summary(self._clock.seconds()), 201)
+
+    async def _list_recordings(self, request: Request) -> _Answer:
+        _query(request, ())
+        now = self._clock.seconds()
+        return _ok({"recordings": [r.summary(now) for r in self._live_hub().recordings()]})
+
+    async def _get_recording(self, request: Request, recording_id: int | None) -> _Answer:
+        _query(request, ())
+        recording = None if recording_id is None else self._live_hub().recording(recording_id)
+        if recording is None:
+            raise _ApiError(404, "no such recording")
+        return (
+            200,
+            recording.capture().encode("ascii"),
             {
-                "devices": [_device_json(device) for device in page],
-                "next": page[-1].serial if len(devices) > limit else None,
-            }
+                b"content-type": b"text/plain; charset=us-ascii",
+                b"content-disposition": (
+                    f'attachment; filename="device-{recording.serial}'
+                    f'-recording-{recording.id}.txt"'
+                ).encode("ascii"),
+            },
         )
 
     async def _get_device(self, request: Request, serial: int) -> _Answer:
@@ -627,6 +795,26 @@ def _serial(text: bytes, name: str = "serial") -> int:
     if not _SERIAL_TEXT.fullmatch(_text(text)) or int(text) > MAX_SERIAL:
         raise _ApiError(400, _SERIAL_PROBLEM.replace("serial", name, 1))
     return int(text)
+
+
+def _whole(text: str, name: str, lowest: int, highest: int) -> int:
+    """A whole-number query parameter from ``lowest`` to ``highest``."""
+    if not re.fullmatch(r"[0-9]{1,10}", text) or not lowest <= int(text) <= highest:
+        raise _ApiError(400, f"{name} must be a whole number from {lowest} to {highest}")
+    return int(text)
+
+
+def _flag(query: dict[str, str], name: str) -> bool:
+    """A yes/no query parameter: ``true`` or ``false``, absent meaning false."""
+    value = query.get(name, "false")
+    if value not in ("true", "false"):
+        raise _ApiError(400, f"{name} must be true or false")
+    return value == "true"
+
+
+def _id(segment: str) -> int | None:
+    """An ``{id}`` path segment; None (a 404 to the endpoint) unless it is a decimal number."""
+    return int(segment) if re.fullmatch(r"[0-9]{1,10}", segment) else None
 
 
 def _custom(key: str, value: str) -> str:
@@ -1032,9 +1220,11 @@ def openapi_document(connector_names: Iterable[str] = ()) -> dict[str, Any]:
             {
                 "name": "after",
                 "in": "query",
-                "description": "Only devices with a greater serial (the previous page's next).",
+                "description": "Only devices with a greater serial (the previous page's next)."
+                " Only with sort=serial.",
                 "schema": _SERIAL_SCHEMA,
             },
+            *_SEARCH_PARAMETERS,
         ],
     )
     import_devices = _operation(
@@ -1134,6 +1324,7 @@ def openapi_document(connector_names: Iterable[str] = ()) -> dict[str, Any]:
             },
             "/api/openapi.json": {"get": get_openapi},
             **_ops_paths(),
+            **_console_paths(serial_parameter),
         },
         "components": {
             "securitySchemes": {"bearerAuth": {"type": "http", "scheme": "bearer"}},
@@ -1205,6 +1396,206 @@ def openapi_document(connector_names: Iterable[str] = ()) -> dict[str, Any]:
                     },
                 },
                 **command_types,
+                **_CONSOLE_SCHEMAS,
             },
+        },
+    }
+
+
+# -- the console's operations (fleet, device search, live view, recordings) -----
+
+_SEARCH_PARAMETERS = [
+    {
+        "name": "q",
+        "in": "query",
+        "description": "Devices whose serial is this number, or whose IMEI, ICCID,"
+        " custom1, custom2 or custom3 starts with this text (case-sensitive).",
+        "schema": {"type": "string"},
+    },
+    {
+        "name": "connected",
+        "in": "query",
+        "description": "true: only devices connected now.",
+        "schema": {"type": "boolean", "default": False},
+    },
+    {
+        "name": "failing",
+        "in": "query",
+        "description": "true: only devices whose last upload was not delivered"
+        " (last_error set; a delivery clears it).",
+        "schema": {"type": "boolean", "default": False},
+    },
+    {
+        "name": "silent_hours",
+        "in": "query",
+        "description": "Only devices last heard from more than this many hours ago"
+        " (never-seen devices are left out).",
+        "schema": {"type": "integer", "minimum": 1, "maximum": MAX_SILENT_HOURS},
+    },
+    {
+        "name": "sort",
+        "in": "query",
+        "description": "serial (pages with after) or last_seen (most recent first,"
+        " never-seen last; pages with offset).",
+        "schema": {"type": "string", "enum": list(DEVICE_SORTS), "default": "serial"},
+    },
+    {
+        "name": "offset",
+        "in": "query",
+        "description": "With sort=last_seen: devices to skip (the previous page's next).",
+        "schema": {"type": "integer", "minimum": 0, "maximum": MAX_OFFSET, "default": 0},
+    },
+]
+
+_COUNTS = {"type": "object", "additionalProperties": {"type": "integer", "minimum": 0}}
+
+_CONSOLE_SCHEMAS = {
+    "Fleet": {
+        "type": "object",
+        "required": ["registry", "activity"],
+        "properties": {
+            "registry": {
+                "type": "object",
+                "description": "From the registry, shared by every relay node.",
+                "properties": {
+                    "devices": {"type": "integer", "minimum": 0},
+                    "connected": {"type": "integer", "minimum": 0},
+                    "failing": {"type": "integer", "minimum": 0},
+                    "nodes": {**_COUNTS, "description": "Connected devices by relay node."},
+                },
+            },
+            "activity": _nullable({
+                "type": "object",
+                "description": "What this relay node did in the last minutes.",
+                "properties": {
+                    "minutes": {"type": "integer"},
+                    "connected_here": {"type": "integer", "minimum": 0},
+                    "uploads_committed": {"type": "integer", "minimum": 0},
+                    "records_committed": {"type": "integer", "minimum": 0},
+                    "withheld": {**_COUNTS, "description": "Commits withheld, by kind."},
+                    "end_server_errors": {
+                        **_COUNTS,
+                        "description": "Failed delivery tries (not 2xx), by connector.",
+                    },
+                    "spool": _nullable({
+                        "type": "object",
+                        "description": "The spool's stats(); null without a spool.",
+                    }),
+                },
+            }),
+        },
+    },
+    "Recording": {
+        "type": "object",
+        "properties": {
+            "id": {"type": "integer", "minimum": 1},
+            "serial": _SERIAL_SCHEMA,
+            "started": _TIME,
+            "ends": _TIME,
+            "recording": {"type": "boolean", "description": "Whether frames are still kept."},
+            "frames": {"type": "integer", "minimum": 0},
+            "bytes": {"type": "integer", "minimum": 0},
+            "truncated": {"type": "boolean", "description": "It stopped when full."},
+        },
+    },
+    "RecordingList": {
+        "type": "object",
+        "required": ["recordings"],
+        "properties": {"recordings": {"type": "array", "items": _ref("Recording")}},
+    },
+    "RecordingBody": {
+        "type": "object",
+        "additionalProperties": False,
+        "properties": {
+            "minutes": {
+                "type": "number",
+                "exclusiveMinimum": 0,
+                "maximum": MAX_RECORDING_MINUTES,
+                "default": 10,
+            }
+        },
+    },
+}
+
+
+def _console_paths(serial_parameter: dict[str, Any]) -> dict[str, Any]:
+    """The paths the console needs beyond the device API's."""
+    no_live = _error_response("The live view is not enabled.")
+    return {
+        "/api/fleet": {
+            "get": _operation(
+                "getFleet",
+                "The fleet at a glance: registry counts and this node's recent activity.",
+                {"200": _json_response("The summary.", "Fleet"),
+                 "400": _error_response("Bad minutes.")},
+                parameters=[{
+                    "name": "minutes",
+                    "in": "query",
+                    "description": "How many recent minutes the activity covers.",
+                    "schema": {"type": "integer", "minimum": 1,
+                               "maximum": WINDOW_MINUTES, "default": 15},
+                }],
+            )
+        },
+        "/api/devices/{serial}/live": {
+            "parameters": [serial_parameter],
+            "get": _operation(
+                "watchDevice",
+                "The device's traffic as it happens, as server-sent events.",
+                {
+                    "200": {
+                        "description": "A text/event-stream of events named connected,"
+                        " upload (records, first_seq and the OEM JSON), trace (a debug"
+                        " line: seq, code, text), commit, withheld (kind, reason), async,"
+                        " command_answered, protocol_error, closed, and dropped (count:"
+                        " events left out because the device was too chatty or this"
+                        " client fell behind). Each data line is one JSON object.",
+                        "content": {"text/event-stream": {"schema": {"type": "string"}}},
+                    },
+                    "400": _BAD_SERIAL,
+                    "404": _error_response("No such device, or the live view is not enabled."),
+                    "429": _error_response("The device has as many live clients as allowed."),
+                },
+                description="Send the bearer header (use fetch() and read the body;"
+                " EventSource cannot send headers).",
+            ),
+        },
+        "/api/devices/{serial}/recordings": {
+            "parameters": [serial_parameter],
+            "post": _operation(
+                "startRecording",
+                "Keep the device's raw frames for some minutes, as a capture file.",
+                {
+                    "201": _json_response("Recording.", "Recording"),
+                    "400": _error_response("Bad JSON or minutes."),
+                    "404": _error_response("No such device, or the live view is not enabled."),
+                },
+                requestBody=_json_body_of("RecordingBody"),
+            ),
+        },
+        "/api/recordings": {
+            "get": _operation(
+                "listRecordings",
+                "The recordings kept (the last 32, in memory), oldest first.",
+                {"200": _json_response("The recordings.", "RecordingList"), "404": no_live},
+            )
+        },
+        "/api/recordings/{id}": {
+            "parameters": [{
+                "name": "id", "in": "path", "required": True,
+                "schema": {"type": "integer", "minimum": 1},
+            }],
+            "get": _operation(
+                "getRecording",
+                "A recording's capture file: hex lines with # comments, as oemrelay"
+                " decode and oemrelay simulate --replay read.",
+                {
+                    "200": {
+                        "description": "The capture.",
+                        "content": {"text/plain": {"schema": {"type": "string"}}},
+                    },
+                    "404": _error_response("No such recording."),
+                },
+            ),
         },
     }

@@ -35,10 +35,12 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from . import __version__
+from .activity import FleetActivity
 from .api import build_api_site
 from .config import Config, RelayConfig, connector_target, exposed_secrets_warning
 from .connectors import build_connector
 from .events import Observers
+from .live import LiveHub
 from .metrics import RelayMetrics
 from .oneline import one_line
 from .registry import Registry
@@ -381,6 +383,9 @@ def build_service(config: Config, reactor) -> MultiService:
             listener.setServiceParent(device_service)
             listeners.append(listener)
     if config.api.listen:
+        live, activity = LiveHub(reactor), FleetActivity(reactor)
+        observers.subscribe(live)
+        observers.subscribe(activity)
         api = build_api_site(
             registry,
             config.api.token,
@@ -390,6 +395,8 @@ def build_service(config: Config, reactor) -> MultiService:
             metrics_public=config.api.metrics_public,
             # Read at each check: the API's own listeners are added below.
             ready_checks=ready_checks(registry, listeners),
+            live=live,
+            activity=activity,
         )
         for description in config.api.listen:
             listener = Listener("api", description, api, reactor, on_start_failure)

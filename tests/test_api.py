@@ -1089,10 +1089,15 @@ class OpenApiTests(_ApiTestCase):
                 "/api/devices/import": ["post"],
                 "/api/devices/{serial}": ["get", "put"],
                 "/api/devices/{serial}/commands": ["get", "post"],
+                "/api/devices/{serial}/live": ["get"],
+                "/api/devices/{serial}/recordings": ["post"],
+                "/api/fleet": ["get"],
                 "/api/openapi.json": ["get"],
                 "/healthz": ["get"],
                 "/metrics": ["get"],
                 "/readyz": ["get"],
+                "/api/recordings": ["get"],
+                "/api/recordings/{id}": ["get"],
             },
         )
 

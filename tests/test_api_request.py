@@ -156,3 +156,8 @@ class OpenPathTests(SynchronousTestCase):
     def test_api_never_open(self) -> None:
         """/api/devices without a token is 401 even with metrics_public."""
         self.assertEqual(self.answer_to("/api/devices", metrics_public=True), 401)
+
+    def test_console_files_without_token(self) -> None:
+        """The console's page loads without a token (it asks for it); a look-alike path does not."""
+        self.assertEqual(self.answer_to("/console/"), 200)
+        self.assertEqual(self.answer_to("/consoleX"), 401)

@@ -71,6 +71,8 @@ class Registry:
         self.command_result = commands.command_result
         # The API's.
         self.list_devices = devices.list_devices
+        self.search_devices = devices.search_devices
+        self.fleet_counts = devices.fleet_counts
         self.get_device = devices.get_device
         self.update_device = devices.update_device
         self.import_devices = devices.import_devices

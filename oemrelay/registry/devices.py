@@ -245,6 +245,77 @@ def _check_import_row(row: object) -> tuple[int, dict[str, str | None]]:
     return serial, settings
 
 
+# -- searching -------------------------------------------------------------------
+
+#: The text columns a search matches by prefix (the serial matches exactly).
+SEARCHED_COLUMNS = ("imei", "iccid", "custom1", "custom2", "custom3")
+#: Above every character a stored text may hold (the highest code point is
+#: U+10FFFF; lone surrogates are refused), so ``col >= q AND col < q + this``
+#: is "starts with q" written as an index range on both databases.
+_PREFIX_END = "\U0010ffff"
+#: ORDER BY clauses by :attr:`DeviceQuery.sort`; the serial makes each total.
+_ORDER = {
+    "serial": "serial",
+    # Never-seen devices last, on SQLite and PostgreSQL alike.
+    "last_seen": "CASE WHEN last_seen IS NULL THEN 1 ELSE 0 END, last_seen DESC, serial",
+}
+DEVICE_SORTS = tuple(_ORDER)
+
+
+@dataclass(frozen=True)
+class DeviceQuery:
+    """
+    Which devices :meth:`DeviceStore.search_devices` returns, and one page of them.
+
+    Every condition given must hold.  ``search`` matches a device whose serial
+    is that number, or whose IMEI, ICCID or a custom field starts with it
+    (case-sensitive: IMEIs and keys are exact).
+    """
+
+    limit: int
+    offset: int = 0
+    #: Only serials above this (the cheap way to page in serial order).
+    after: int | None = None
+    search: str | None = None
+    #: Only devices connected now.
+    connected: bool = False
+    #: Only devices whose last upload was not delivered (``last_error`` set:
+    #: a delivery clears it).
+    failing: bool = False
+    #: Only devices last heard from before this time (Unix seconds); never-seen
+    #: devices are not "silent", they have not started.
+    silent_before: float | None = None
+    #: A key of :data:`DEVICE_SORTS`.
+    sort: str = "serial"
+
+    def where(self) -> tuple[str, list[Any]]:
+        """The WHERE clause and its parameters; a ValueError for bad values."""
+        if self.sort not in _ORDER:
+            raise ValueError(f"sort must be one of {', '.join(DEVICE_SORTS)}, not {self.sort!r}")
+        clauses, params = ["1 = 1"], []
+        if self.after is not None:
+            clauses.append("serial > ?")
+            params.append(check_serial(self.after))
+        if self.search:
+            problem = unstorable_text("search", self.search)
+            if problem:
+                raise ValueError(problem)
+            matches = [f"({column} >= ? AND {column} < ?)" for column in SEARCHED_COLUMNS]
+            params += [self.search, self.search + _PREFIX_END] * len(SEARCHED_COLUMNS)
+            if self.search.isascii() and self.search.isdigit() and int(self.search) <= MAX_SERIAL:
+                matches.append("serial = ?")
+                params.append(int(self.search))
+            clauses.append("(" + " OR ".join(matches) + ")")
+        if self.connected:
+            clauses.append("connected")
+        if self.failing:
+            clauses.append("last_error IS NOT NULL")
+        if self.silent_before is not None:
+            clauses.append("last_seen < ?")
+            params.append(float(self.silent_before))
+        return " AND ".join(clauses), params
+
+
 # -- the store -------------------------------------------------------------------
 
 #: Marks disconnected the devices a node left marked connected.
@@ -396,6 +467,56 @@ class DeviceStore:
             limit,
         )
         return [device_from_row(row) for row in rows]
+
+    @returns_deferred
+    async def search_devices(self, query: DeviceQuery) -> list[DeviceRecord]:
+        """
+        The devices ``query`` selects, one page of them (see :class:`DeviceQuery`).
+
+        :raises ValueError: for a query that is not a :class:`DeviceQuery`.
+        """
+        if not isinstance(query, DeviceQuery):
+            raise ValueError(f"query must be a DeviceQuery, not {type(query).__name__}")
+        where, params = query.where()
+        rows = await self._database.query_all(
+            f"SELECT {DEVICE_SELECT} FROM devices WHERE {where}"
+            f" ORDER BY {_ORDER[query.sort]} LIMIT ? OFFSET ?",
+            *params,
+            check_count("limit", query.limit),
+            check_count("offset", query.offset),
+        )
+        return [device_from_row(row) for row in rows]
+
+    @returns_deferred
+    async def fleet_counts(self) -> dict[str, Any]:
+        """
+        The fleet view's registry part: devices known, connected, failing,
+        and the relay nodes holding connected devices (name: how many).
+        """
+        (known, connected, failing), nodes = await self._database.interaction(
+            self._txn_fleet_counts
+        )
+        return {
+            "devices": int(known),
+            "connected": int(connected or 0),
+            "failing": int(failing or 0),
+            "nodes": {node: int(count) for node, count in nodes},
+        }
+
+    def _txn_fleet_counts(self, txn: adbapi.Transaction) -> tuple[Any, list[Any]]:
+        database = self._database
+        totals = database.fetch_one(
+            txn,
+            "SELECT COUNT(*),"
+            " SUM(CASE WHEN connected THEN 1 ELSE 0 END),"
+            " SUM(CASE WHEN last_error IS NOT NULL THEN 1 ELSE 0 END) FROM devices",
+        )
+        nodes = database.fetch_all(
+            txn,
+            "SELECT node, COUNT(*) FROM devices WHERE connected AND node IS NOT NULL"
+            " GROUP BY node ORDER BY node",
+        )
+        return totals, nodes
 
     @returns_deferred
     async def get_device(self, serial: int) -> DeviceRecord | None:
