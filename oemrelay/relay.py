@@ -71,12 +71,15 @@ class DeliveryFailed(Exception):
     """
     The end server did not accept an upload.  The message is one line;
     ``kind`` is a short fixed word for counting why (see
-    :meth:`oemrelay.events.RelayObserver.commit_withheld`).
+    :meth:`oemrelay.events.RelayObserver.commit_withheld`).  ``retryable``
+    is False when the end server would refuse the same upload again (an HTTP
+    4xx but 408 and 429): the spool then dead-letters it at once.
     """
 
-    def __init__(self, message: str, kind: str = "refused") -> None:
+    def __init__(self, message: str, kind: str = "refused", *, retryable: bool = True) -> None:
         super().__init__(message)
         self.kind = kind
+        self.retryable = retryable
 
 
 class Link(Protocol):

@@ -229,7 +229,8 @@ class HttpConnector(Service):
             quoted = one_line(answer[:_QUOTED_BODY].decode("utf-8", "replace"))
             raise DeliveryFailed(
                 f"connector {self.name}: {self._target} answered {response.code}"
-                + (f": {quoted}" if quoted else "")
+                + (f": {quoted}" if quoted else ""),
+                retryable=response.code in (408, 429) or response.code >= 500,
             )
 
     async def _bearer_token(self) -> str:
