@@ -215,6 +215,24 @@ def _whole_seconds(value: str) -> int:
     return number
 
 
+def _whole_number(value: str, minimum: int) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        raise ValueError(f"must be a whole number, got {value!r}") from None
+    if number < minimum:
+        raise ValueError(f"must be {minimum} or more, got {number}")
+    return number
+
+
+def _record_count(value: str) -> int:
+    return _whole_number(value, 1)
+
+
+def _attempt_count(value: str) -> int:
+    return _whole_number(value, 0)
+
+
 def _optional_http_url(value: str) -> str:
     return _http_url(value) if value else ""
 
@@ -271,6 +289,15 @@ def _keys_of(cls: type, names: tuple[str, ...] | None = None) -> dict[str, Key]:
     return keys if names is None else {name: keys[name] for name in names}
 
 
+def _max_attempts():
+    """The per-connector ``max_attempts`` key, the same in every connector type."""
+    return _setting(
+        _attempt_count,
+        "0",
+        "Failed tries of a spooled upload before it moves to the dead letters; 0: no limit.",
+    )
+
+
 @dataclass(frozen=True)
 class RelayConfig:
     """``[relay]``: where devices connect and how long the relay waits."""
@@ -301,6 +328,25 @@ class RelayConfig:
     )
     node: str = _setting(
         _node_name, "", "This relay's name in the registry; empty: the host name."
+    )
+    #: Secret: a PostgreSQL URL may hold a password.
+    spool: str = _setting(
+        _registry_url,
+        "sqlite:oemrelay-spool.sqlite",
+        "Where uploads wait for background delivery: sqlite:PATH (fsync'd on"
+        " every put) or postgresql://user@host/db (shared by relays).",
+        secret=True,
+    )
+    spool_max_records: int = _setting(
+        _record_count,
+        "1000000",
+        "Device records the spool holds at most (dead letters not counted);"
+        " when reached, uploads needing the spool are not committed.",
+    )
+    spool_max_age: float = _setting(
+        _positive_number,
+        "604800",
+        "Seconds an upload waits in the spool before it moves to the dead letters.",
     )
 
 
@@ -368,6 +414,7 @@ class HttpConnectorConfig:
     client_id: str = _setting(_text, "", "OAuth2 client id.")
     client_secret: str = _setting(_text, "", "OAuth2 client secret.", secret=True)
     scope: str = _setting(_text, "", "OAuth2 scope (optional).")
+    max_attempts: int = _max_attempts()
     #: Azure IoT Hub: add ``iothub-messageid`` to each request.
     iothub: bool = False
 
@@ -387,6 +434,7 @@ class TcpConnectorConfig:
     endpoint: str = _setting(
         _client_endpoint, None, "Twisted client endpoint string of the end server."
     )
+    max_attempts: int = _max_attempts()
 
 
 @dataclass(frozen=True)
@@ -397,6 +445,7 @@ class FileConnectorConfig:
     path: str = _setting(
         _appendable_path, None, "JSON-lines file; its directory must be writable."
     )
+    max_attempts: int = _max_attempts()
 
 
 ConnectorConfig = HttpConnectorConfig | TcpConnectorConfig | FileConnectorConfig
@@ -430,6 +479,7 @@ _IOTHUB_SHARED = (
     "sas_policy",
     "sas_resource",
     "token_ttl",
+    "max_attempts",
 )
 
 #: Every section and key the relay reads: ``[relay]``, ``[api]``, and each
