@@ -1067,6 +1067,9 @@ class OpenApiTests(_ApiTestCase):
                 for path, item in document["paths"].items()
             },
             {
+                "/api/deadletters": ["get"],
+                "/api/deadletters/{id}": ["delete"],
+                "/api/deadletters/{id}/retry": ["post"],
                 "/api/devices": ["get"],
                 "/api/devices/import": ["post"],
                 "/api/devices/{serial}": ["get", "put"],

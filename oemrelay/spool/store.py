@@ -211,10 +211,13 @@ class DatabaseSpool:
     @classmethod
     def from_url(
         cls, url: str, reactor: Any, *, max_records: int, owner: str = "",
-        lease: float = DEFAULT_LEASE,
+        lease: float = DEFAULT_LEASE, clock: Any = None,
     ) -> DatabaseSpool:
         """
         A spool at ``sqlite:PATH`` or ``postgresql://...``; nothing is opened until :meth:`start`.
+
+        :param reactor: runs the pool's threads; also the clock unless ``clock`` is given.
+        :param owner: this relay's name, written on the rows it leases.
 
         :raises ValueError: for any other URL.
         """
@@ -238,7 +241,7 @@ class DatabaseSpool:
             module, *args, cp_reactor=reactor, cp_noisy=False, **dialect.pool_options, **kwargs
         )
         return cls(
-            pool, dialect, url_for_logs, reactor, max_records=max_records, owner=owner,
+            pool, dialect, url_for_logs, clock or reactor, max_records=max_records, owner=owner,
             lease=lease, prepare=prepare,
         )
 
