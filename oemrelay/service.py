@@ -2,7 +2,8 @@
 Service wiring: configuration in, one MultiService out.
 
 The registry starts first (schema created or migrated, devices this node left
-marked connected after a crash set free); connectors that hold resources are
+marked connected after a crash set free), then the spool (its schema created,
+background delivery started); connectors that hold resources are
 child services, so their pools close on shutdown; each ``[relay] listen``
 endpoint serves devices and each ``[api] listen`` endpoint the management API.
 
@@ -37,6 +38,9 @@ from .oneline import one_line
 from .registry import Registry
 from .relay import Relay
 from .session import DeviceFactory
+from .spool import BackgroundDelivery, DatabaseSpool, RetryPolicy
+from .spool.background import DEFAULT_RETRY_INITIAL, DEFAULT_RETRY_MAX, Deliver
+from .spool.store import DEFAULT_LEASE
 
 log = Logger(namespace="oemrelay.service")
 
@@ -105,6 +109,82 @@ class RegistryService(Service):
     def stopService(self) -> Deferred:
         super().stopService()
         return self._started.addBoth(lambda _: self.registry.close())
+
+
+class SpoolService(Service):
+    """Opens the spool at start-up, delivers from it in the background, closes it at shutdown."""
+
+    def __init__(
+        self,
+        spool: DatabaseSpool,
+        delivery: BackgroundDelivery,
+        on_start_failure: Callable[[], None],
+    ) -> None:
+        self.spool = spool
+        self._delivery = delivery
+        self._on_start_failure = on_start_failure
+
+    def startService(self) -> None:
+        super().startService()
+        self._started = Deferred.fromCoroutine(self._start())
+
+    async def _start(self) -> None:
+        try:
+            await self.spool.start()
+        except Exception as error:
+            # Without its spool the relay could lose what it promised to keep.
+            log.critical(
+                "cannot open spool {url}: {reason}; stopping",
+                url=self.spool.url_for_logs,
+                reason=one_line(error),
+            )
+            self._on_start_failure()
+            return
+        log.info("spool {url} ready", url=self.spool.url_for_logs)
+        self._delivery.start()
+
+    def stopService(self) -> Deferred:
+        super().stopService()
+        stopped = self._started.addBoth(lambda _: self._delivery.stop())
+        return stopped.addBoth(lambda _: self.spool.close())
+
+
+def _ignore_loss(reason: str) -> None:
+    # A spooled delivery learns of a lost end server from its own failure.
+    pass
+
+
+def spooled_delivery(connectors: dict, registry) -> Deliver:
+    """
+    How an upload leaving the spool reaches connector ``name``: a raw TCP
+    connector on a connection of its own, any other through its link with
+    the device's profile (for HTTP: its templates and credentials).
+    """
+
+    async def deliver(name: str, upload) -> None:
+        connector = connectors[name]
+        own_connection = getattr(connector, "deliver_on_own_connection", None)
+        if own_connection is not None:
+            await own_connection(upload)
+            return
+        profile = await registry.profile_for(upload.hello)
+        link = connector.open_link(upload.hello, _ignore_loss)
+        try:
+            await link.deliver(upload, profile)
+        finally:
+            link.close()
+
+    return lambda name, upload: Deferred.fromCoroutine(deliver(name, upload))
+
+
+def _retry_policy(connector_config) -> RetryPolicy:
+    # retry_initial and retry_max are the commit window's retry keys where
+    # a connector type has them; the spool's own defaults otherwise.
+    return RetryPolicy(
+        connector_config.max_attempts,
+        getattr(connector_config, "retry_initial", DEFAULT_RETRY_INITIAL),
+        getattr(connector_config, "retry_max", DEFAULT_RETRY_MAX),
+    )
 
 
 @implementer(IStreamServerEndpoint)
@@ -179,6 +259,22 @@ def build_service(config: Config, reactor) -> MultiService:
         if IService.providedBy(connector):
             connector.setServiceParent(top)
         connectors[name] = connector
+    spool = DatabaseSpool.from_url(
+        config.relay.spool,
+        reactor,
+        max_records=config.relay.spool_max_records,
+        owner=config.relay.node,
+        lease=DEFAULT_LEASE,
+    )
+    delivery = BackgroundDelivery(
+        spool,
+        spooled_delivery(connectors, registry),
+        reactor,
+        {name: _retry_policy(section) for name, section in config.connectors.items()},
+        max_age=config.relay.spool_max_age,
+        delivery_timeout=DEFAULT_LEASE / 2,
+    )
+    SpoolService(spool, delivery, on_start_failure).setServiceParent(top)
     relay = Relay(
         connectors,
         config.relay.connector,
@@ -197,7 +293,7 @@ def build_service(config: Config, reactor) -> MultiService:
     for description in config.relay.listen:
         Listener("relay", description, devices, reactor, on_start_failure).setServiceParent(top)
     if config.api.listen:
-        api = Site(build_api(registry, config.api.token, set(connectors), reactor))
+        api = Site(build_api(registry, config.api.token, set(connectors), reactor, spool))
         for description in config.api.listen:
             Listener("api", description, api, reactor, on_start_failure).setServiceParent(top)
     return top

@@ -88,7 +88,7 @@ class BackgroundDelivery:
         self._concurrency = concurrency
         self._delivery_timeout = delivery_timeout
         self._in_flight: dict[int, Deferred[None]] = {}
-        self._loop = LoopingCall(self._tick)
+        self._loop = LoopingCall(self.run_round)
         self._loop.clock = clock
         self._running: Deferred | None = None
 
@@ -103,7 +103,15 @@ class BackgroundDelivery:
         waiting = [self._running] if self._running is not None else []
         return DeferredList(waiting + list(self._in_flight.values()), consumeErrors=True)
 
-    def _tick(self) -> Deferred[None]:
+    def settled(self) -> Deferred:
+        """Fires once the deliveries under way now are done (for tests and stop)."""
+        return DeferredList(list(self._in_flight.values()), consumeErrors=True)
+
+    def run_round(self) -> Deferred[None]:
+        """
+        Dead-letter expired uploads and start delivering what is due; fires
+        once the deliveries are started, not finished.
+        """
         # A round's own failure (the spool unavailable) is logged; the next round runs.
         return Deferred.fromCoroutine(self._round()).addErrback(self._round_failed)
 
