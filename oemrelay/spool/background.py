@@ -132,7 +132,10 @@ class BackgroundDelivery:
             self._in_flight[item.id] = delivery
             delivery.addErrback(
                 lambda failure: log.failure("bug in spooled delivery", failure)
-            ).addBoth(lambda _, row_id=item.id: self._in_flight.pop(row_id, None))
+            ).addBoth(self._finished, item.id)
+
+    def _finished(self, _: object, row_id: int) -> None:
+        del self._in_flight[row_id]
 
     def _round_failed(self, failure: Failure) -> None:
         log.warn("spool: delivery round failed: {reason}", reason=describe_failure(failure))
