@@ -923,27 +923,27 @@ def openapi_document(connector_names: Iterable[str] = ()) -> dict[str, Any]:
              "description": "Only this device's dead letters."},
         ],
     )
-    retry_dead_letter = _operation(
+
+    def dead_letter_operation(operation_id: str, summary: str, done: str) -> dict:
+        return _operation(
+            operation_id,
+            summary,
+            {
+                "200": _json_response(done, "DeadLetterStatus"),
+                "400": _error_response("The id is not a whole number from 1."),
+                "404": no_dead_letter,
+                "503": no_spool,
+            },
+            description="The 500 says the spool is unavailable.",
+        )
+
+    retry_dead_letter = dead_letter_operation(
         "retryDeadLetter",
         "Put a dead letter back in the spool, its attempts and age starting again.",
-        {
-            "200": _json_response("Queued again.", "DeadLetterStatus"),
-            "400": _error_response("The id is not a whole number from 1."),
-            "404": no_dead_letter,
-            "503": no_spool,
-        },
-        description="The 500 says the spool is unavailable.",
+        "Queued again.",
     )
-    delete_dead_letter = _operation(
-        "deleteDeadLetter",
-        "Forget a dead letter.",
-        {
-            "200": _json_response("Deleted.", "DeadLetterStatus"),
-            "400": _error_response("The id is not a whole number from 1."),
-            "404": no_dead_letter,
-            "503": no_spool,
-        },
-        description="The 500 says the spool is unavailable.",
+    delete_dead_letter = dead_letter_operation(
+        "deleteDeadLetter", "Forget a dead letter.", "Deleted."
     )
     get_openapi = _operation(
         "getOpenApi",

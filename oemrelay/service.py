@@ -72,6 +72,27 @@ def stop_after_failed_start(reactor) -> Callable[[], None]:
     return stop
 
 
+#: What :func:`_open_or_stop` gives when the opening failed.
+_NOT_OPENED = object()
+
+
+async def _open_or_stop(
+    what: str, url_for_logs: str, opening: Deferred, on_start_failure: Callable[[], None]
+) -> object:
+    """What ``opening`` fires with; if it fails, one critical line and the relay stops."""
+    try:
+        return await opening
+    except Exception as error:
+        log.critical(
+            "cannot open {what} {url}: {reason}; stopping",
+            what=what,
+            url=url_for_logs,
+            reason=one_line(error),
+        )
+        on_start_failure()
+        return _NOT_OPENED
+
+
 class RegistryService(Service):
     """Opens the registry at start-up and closes it at shutdown."""
 
@@ -86,23 +107,19 @@ class RegistryService(Service):
         self._started = Deferred.fromCoroutine(self._start())
 
     async def _start(self) -> None:
-        try:
-            released = await self.registry.start(self._node)
-        except Exception as error:
-            # Without its registry the relay could not honour custom fields
-            # or overrides: stop, and let the supervisor retry.
-            log.critical(
-                "cannot open registry {url}: {reason}; stopping",
-                url=self.registry.url_for_logs,
-                reason=one_line(error),
-            )
-            self._on_start_failure()
+        # Without its registry the relay could not honour custom fields or
+        # overrides: stop, and let the supervisor retry.
+        opened = await _open_or_stop(
+            "registry", self.registry.url_for_logs,
+            self.registry.start(self._node), self._on_start_failure,
+        )
+        if opened is _NOT_OPENED:
             return
         log.info(
             "registry {url} ready; {released} devices left connected to node"
             " {node} marked disconnected",
             url=self.registry.url_for_logs,
-            released=released,
+            released=opened,
             node=self._node,
         )
 
@@ -129,16 +146,11 @@ class SpoolService(Service):
         self._started = Deferred.fromCoroutine(self._start())
 
     async def _start(self) -> None:
-        try:
-            await self.spool.start()
-        except Exception as error:
-            # Without its spool the relay could lose what it promised to keep.
-            log.critical(
-                "cannot open spool {url}: {reason}; stopping",
-                url=self.spool.url_for_logs,
-                reason=one_line(error),
-            )
-            self._on_start_failure()
+        # Without its spool the relay could lose what it promised to keep.
+        opened = await _open_or_stop(
+            "spool", self.spool.url_for_logs, self.spool.start(), self._on_start_failure
+        )
+        if opened is _NOT_OPENED:
             return
         log.info("spool {url} ready", url=self.spool.url_for_logs)
         self._delivery.start()
