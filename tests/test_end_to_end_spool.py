@@ -18,13 +18,16 @@ from twisted.internet import reactor
 from twisted.internet.task import deferLater
 from twisted.web.server import Site
 
+from oemrelay.codec import MessageType
 from oemrelay.spool import DatabaseSpool
 
 from .postgres import fresh_schema_url
 from .test_end_to_end import (
+    AUCKLAND as AUCKLAND_BYTES,
     AUCKLAND_SEQ,
     COMMIT_REQUEST,
     DART_HELLO,
+    DENMARK as DENMARK_BYTES,
     DENMARK_SEQ,
     FIXED_SEQ,
     LISTEN,
@@ -191,3 +194,59 @@ class SharedPostgreSQLSpoolTests(_SpoolTestCase):
             by_device.setdefault(serial, []).extend(records)
         self.assertEqual(sorted(by_device.values()), [DENMARK_SEQ + AUCKLAND_SEQ + FIXED_SEQ] * 2)
         await self.wait_empty(spool)
+
+
+class CommitPolicySpooledTests(_SpoolTestCase):
+    """
+    ``commit_policy = spooled``: devices commit once their upload is in the
+    spool.  (This class and the minimal commit_policy in relay.py stand in
+    for the delivery engineer's; drop both together at merge.)
+    """
+
+    timeout = 60
+
+    def config(self, path: str, port: int, extra: str = "") -> str:
+        return spool_config(f"sqlite:{path}", http_connector(port)).replace(
+            "[relay]\n", f"[relay]\ncommit_policy = spooled\n{extra}", 1
+        )
+
+    def commits(self, device) -> int:
+        return device.types().count(MessageType.COMMIT_RESPONSE)
+
+    async def test_committed_while_down_delivered_after_sigkill(self) -> None:
+        """End server down: the device is committed; after SIGKILL and restart every record arrives in order."""
+        path, port = os.path.abspath(self.mktemp()), unused_port()
+        relay_port = await self.start_daemon(self.config(path, port))
+        device = await self.connect_device(relay_port)
+        device.send(DART_HELLO, DENMARK_BYTES, COMMIT_REQUEST)
+        await self.wait_until(lambda: self.commits(device) == 1, "the first commit")
+        device.send(AUCKLAND_BYTES, COMMIT_REQUEST)
+        await self.wait_until(lambda: self.commits(device) == 2, "the second commit")
+        self.assertEqual([f.payload for f in device.frames if f.type == MessageType.COMMIT_RESPONSE], [b"\x01"] * 2)
+        self.daemon_process.signalProcess("KILL")
+        await self.wait_until(lambda: self.daemon.ended, "the relay to die")
+
+        server = self.http_server_on(port)
+        await self.start_daemon(self.config(path, port))
+        await self.wait_until(lambda: len(server.requests) == 2, "two POSTs", START_TIMEOUT)
+        self.assertEqual(
+            [seq for request in server.requests for seq in seq_numbers(request.body)],
+            DENMARK_SEQ + AUCKLAND_SEQ,
+        )
+
+    async def test_full_spool_withholds_commit(self) -> None:
+        """With spool_max_records reached the next upload is not committed, and nothing is lost."""
+        path, port = os.path.abspath(self.mktemp()), unused_port()
+        relay_port = await self.start_daemon(self.config(path, port, "spool_max_records = 2\n"))
+        device = await self.connect_device(relay_port)
+        device.send(DART_HELLO, DENMARK_BYTES, COMMIT_REQUEST)
+        await self.wait_until(lambda: self.commits(device) == 1, "the first commit")
+        device.send(AUCKLAND_BYTES, COMMIT_REQUEST)
+        await self.wait_until(lambda: device.closed, "the relay to close the device")
+        self.assertEqual(self.commits(device), 1)
+        self.assertIn(b"spool full", self.daemon.output)
+        spool = await self.spool_at(f"sqlite:{path}")
+        self.assertEqual((await spool.stats()).records, 2)
+        server = self.http_server_on(port)
+        await self.wait_until(lambda: len(server.requests) == 1, "the spooled POST", START_TIMEOUT)
+        self.assertEqual(seq_numbers(server.requests[0].body), DENMARK_SEQ)
