@@ -653,6 +653,16 @@ class BackgroundDeliveryTests(TestCase):
         self.clock.advance(50)
         self.assertEqual(len(self.calls), 2)
 
+    async def test_stop_releases(self) -> None:
+        """Stopping cancels a hung delivery: its upload is claimable at once, no try counted."""
+        await self.spool.put(upload_of(DART, DENMARK), ("main",))
+        delivery = self.delivery()
+        await self.round(delivery)
+        await delivery.stop()
+        self.assertEqual(len(self.calls), 1)
+        [item] = await self.spool.claim(10)
+        self.assertEqual(item.attempts, 0)
+
     async def wait_for_calls(self, count: int) -> None:
         from twisted.internet.task import deferLater
 
@@ -687,3 +697,4 @@ class RoundFailureTests(SynchronousTestCase):
         self.successResultOf(delivery.run_round())
         [event] = events
         self.assertIn("database is locked", event["reason"])
+

@@ -20,7 +20,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.defer import CancelledError, Deferred, DeferredList
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
@@ -88,6 +88,8 @@ class BackgroundDelivery:
         self._concurrency = concurrency
         self._delivery_timeout = delivery_timeout
         self._in_flight: dict[int, Deferred[None]] = {}
+        # The connector's own Deferred of each delivery, cancelled by stop().
+        self._tries: dict[int, Deferred[None]] = {}
         self._loop = LoopingCall(self.run_round)
         self._loop.clock = clock
         self._running: Deferred | None = None
@@ -97,9 +99,14 @@ class BackgroundDelivery:
         self._running = self._loop.start(self._interval, now=True)
 
     def stop(self) -> Deferred:
-        """Stop claiming; fires once the round and the deliveries under way are done."""
+        """
+        Stop claiming and cancel the deliveries under way (their uploads stay
+        spooled, no try counted); fires once the round and they are done.
+        """
         if self._loop.running:
             self._loop.stop()
+        for attempt in list(self._tries.values()):
+            attempt.cancel()
         waiting = [self._running] if self._running is not None else []
         return DeferredList(waiting + list(self._in_flight.values()), consumeErrors=True)
 
@@ -148,10 +155,14 @@ class BackgroundDelivery:
             await self._spool.give_up(item.id, reason, tried=False)
             self._dead(item, serial, reason)
             return
+        attempt = self._deliver(item.connector, item.upload)
+        self._tries[item.id] = attempt
         try:
-            await self._deliver(item.connector, item.upload).addTimeout(
-                self._delivery_timeout, self._clock
-            )
+            await attempt.addTimeout(self._delivery_timeout, self._clock)
+        except CancelledError:
+            # Stopped: released at once, so a restarted relay need not wait out the lease.
+            await self._spool.release(item.id)
+            return
         except Exception:
             failure = Failure()
             reason = describe_failure(failure)
@@ -176,6 +187,8 @@ class BackgroundDelivery:
                     delay=delay,
                 )
             return
+        finally:
+            del self._tries[item.id]
         await self._spool.delivered(item.id)
 
     def _dead(self, item: SpooledUpload, serial: int, reason: str) -> None:

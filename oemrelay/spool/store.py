@@ -368,6 +368,14 @@ class DatabaseSpool:
             (at, reason, row_id),
         )
 
+    def release(self, row_id: int) -> Deferred[int]:
+        """Give up the lease on ``row_id`` without counting a try (the relay is stopping)."""
+        return self._run(
+            self._changed,
+            "UPDATE spooled SET lease_until = NULL, lease_owner = NULL WHERE id = ?",
+            (row_id,),
+        )
+
     def give_up(self, row_id: int, reason: str, *, tried: bool = True) -> Deferred[int]:
         """Move ``row_id`` to the dead letters with ``reason``."""
         return self._run(
