@@ -547,6 +547,17 @@ class BackgroundDeliveryTests(TestCase):
         [letter] = await self.spool.list_dead(10)
         self.assertEqual((letter.attempts, letter.reason), (1, "answered 400: bad"))
 
+    async def test_only_refusals_are_final(self) -> None:
+        """A not-retryable failure of another kind (a TCP 06 00, a timeout) is tried again."""
+        await self.spool.put(upload_of(DART, DENMARK), ("main",))
+        delivery = self.delivery()
+        await self.round(delivery)
+        await self.answer(delivery, DeliveryFailed("status 00", "end_server", retryable=False))
+        self.assertEqual(await self.spool.list_dead(10), [])
+        self.clock.advance(2)
+        await self.round(delivery)
+        self.assertEqual(len(self.calls), 2)
+
     async def test_max_attempts(self) -> None:
         """The max_attempts-th failed try dead-letters the upload; the one before does not."""
         await self.spool.put(upload_of(DART, DENMARK), ("main",))

@@ -12,7 +12,10 @@ After a failed try the upload waits ``retry_initial`` seconds, doubling up to
 ``retry_max``, and the time of its next try is stored, so the backoff
 survives a restart.  A refusal the end server will repeat (a failure whose
 ``retryable`` is False, such as HTTP 400) or the ``max_attempts``-th failed
-try moves it to the dead letters.
+try moves it to the dead letters.  Only a refusal counts as one the end
+server will repeat: a :class:`~oemrelay.relay.DeliveryFailed` of kind
+``refused`` or ``request`` marked not ``retryable``; anything else (a
+timeout, a lost connection, a raw TCP ``06 00``) is tried again.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from ..relay import Upload, describe_failure
+from ..relay import DeliveryFailed, Upload, describe_failure
 from .store import DatabaseSpool, SpooledUpload
 
 log = Logger(namespace="oemrelay.spool")
@@ -56,6 +59,18 @@ class RetryPolicy:
 
 
 Deliver = Callable[[str, Upload], Deferred[None]]
+
+#: DeliveryFailed kinds that, marked not retryable, the end server would repeat.
+_REFUSALS = frozenset({"refused", "request"})
+
+
+def _refused_for_good(failure: Failure) -> bool:
+    error = failure.value
+    return (
+        isinstance(error, DeliveryFailed)
+        and error.kind in _REFUSALS
+        and not getattr(error, "retryable", True)
+    )
 
 
 class BackgroundDelivery:
@@ -167,7 +182,7 @@ class BackgroundDelivery:
             failure = Failure()
             reason = describe_failure(failure)
             tries = item.attempts + 1
-            if not getattr(failure.value, "retryable", True):
+            if _refused_for_good(failure):
                 await self._spool.give_up(item.id, reason)
                 self._dead(item, serial, reason)
             elif policy.exhausted(tries):
