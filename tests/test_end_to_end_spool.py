@@ -203,7 +203,7 @@ class CommitPolicySpooledTests(_SpoolTestCase):
     for the delivery engineer's; drop both together at merge.)
     """
 
-    timeout = 60
+    timeout = 90
 
     def config(self, path: str, port: int, extra: str = "") -> str:
         return spool_config(f"sqlite:{path}", http_connector(port)).replace(
@@ -228,7 +228,8 @@ class CommitPolicySpooledTests(_SpoolTestCase):
 
         server = self.http_server_on(port)
         await self.start_daemon(self.config(path, port))
-        await self.wait_until(lambda: len(server.requests) == 2, "two POSTs", START_TIMEOUT)
+        # The backoff the first relay stored (1 s, doubling) holds across the restart.
+        await self.wait_until(lambda: len(server.requests) == 2, "two POSTs", 40)
         self.assertEqual(
             [seq for request in server.requests for seq in seq_numbers(request.body)],
             DENMARK_SEQ + AUCKLAND_SEQ,
