@@ -225,12 +225,6 @@ def _whole_number(value: str, minimum: int) -> int:
     return number
 
 
-def _commit_policy(value: str) -> str:
-    if value not in ("delivered", "spooled"):
-        raise ValueError(f"must be delivered or spooled, got {value!r}")
-    return value
-
-
 def _record_count(value: str) -> int:
     return _whole_number(value, 1)
 
@@ -334,12 +328,6 @@ class RelayConfig:
     )
     node: str = _setting(
         _node_name, "", "This relay's name in the registry; empty: the host name."
-    )
-    commit_policy: str = _setting(
-        _commit_policy,
-        "delivered",
-        "delivered: commit once the end server accepted; spooled: once the"
-        " upload is durably in the spool.",
     )
     #: Secret: a PostgreSQL URL may hold a password.
     spool: str = _setting(

@@ -179,8 +179,6 @@ class Relay:
         clock: IReactorTime | None = None,
         max_held_frames: int = MAX_HELD_FRAMES,
         observers: Observers | None = None,
-        spool=None,
-        commit_policy: str = "delivered",
     ) -> None:
         if default_connector not in connectors:
             raise ValueError(f"no connector named {default_connector!r}")
@@ -193,10 +191,6 @@ class Relay:
         #: Told of what every device connection does (metrics, live view).
         self.observers = observers or Observers()
         self.presence = _Presence(self)
-        #: With ``commit_policy`` "spooled", uploads are put in ``spool``
-        #: (:class:`oemrelay.spool.Spool`) and committed once it kept them.
-        self.spool = spool
-        self.commit_policy = commit_policy
 
     def now(self) -> float:
         """The time registry entries are stamped with."""
@@ -351,21 +345,7 @@ class DeviceRoute:
             raise DeliveryFailed(
                 f"device's connector {name!r} is not configured", "configuration"
             )
-        if self._relay.commit_policy == "spooled" and self._relay.spool is not None:
-            await self._spool(upload, name)
-            return
         await self.link_for(name).deliver(upload, profile)
-
-    async def _spool(self, upload: Upload, name: str) -> None:
-        from .spool import SpoolFull
-
-        try:
-            await self._relay.spool.put(upload, (name,))
-        except SpoolFull as error:
-            # The device keeps its records and sends them again later.
-            raise DeliveryFailed(f"spool full: {error}", "spool_full") from None
-        except Exception as error:
-            raise DeliveryFailed(f"spool unavailable: {one_line(error)}", "spool") from None
 
     def committed(self, upload: Upload) -> None:
         """The device was told to delete ``upload``'s records."""

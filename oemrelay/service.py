@@ -294,8 +294,6 @@ def build_service(config: Config, reactor) -> MultiService:
         node=config.relay.node,
         clock=reactor,
         observers=observers,
-        spool=spool,
-        commit_policy=config.relay.commit_policy,
     )
     devices = DeviceFactory(
         relay,

@@ -1385,18 +1385,3 @@ class SpoolConfigTests(ConfigErrorAssertions, SynchronousTestCase):
             "[connector:a] max_attempts",
             "must be 0 or more, got -1",
         )
-
-
-class CommitPolicyConfigTests(ConfigErrorAssertions, SynchronousTestCase):
-    """[relay] commit_policy (minimal, stands in for the delivery engineer's)."""
-
-    def test_values(self) -> None:
-        """delivered is the default, spooled is accepted, anything else names the key."""
-        self.assertEqual(config_from_string(FILE_CONNECTOR).relay.commit_policy, "delivered")
-        config = config_from_string("[relay]\ncommit_policy = spooled\n" + FILE_CONNECTOR)
-        self.assertEqual(config.relay.commit_policy, "spooled")
-        self.assert_error(
-            "[relay]\ncommit_policy = queued\n" + FILE_CONNECTOR,
-            "[relay] commit_policy",
-            "must be delivered or spooled",
-        )
