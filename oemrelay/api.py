@@ -33,6 +33,10 @@ Decisions:
   live stream is the one answer that is not JSON: server-sent events, with
   the client registered as the transport's producer, so one that falls
   behind drops events instead of growing the relay's buffers.
+* Dead letters (uploads the spool gave up delivering) are listed a page at
+  a time by id, optionally of one ``serial``; a retry puts one back in the
+  spool with its attempts reset, a delete forgets it.  Without a spool the
+  three routes answer 503.
 """
 
 from __future__ import annotations
@@ -123,6 +127,7 @@ def build_api(
     live: LiveHub | None = None,
     activity: FleetActivity | None = None,
     spool_stats: Callable[[], Any] | None = None,
+    spool: Any = None,
 ) -> IResource:
     """
     The API's root resource: ``/api/...``, and ``/healthz``, ``/readyz``
@@ -142,11 +147,12 @@ def build_api(
     :param live: the live view and recordings; without it their paths answer 404.
     :param activity: the fleet's recent figures for ``GET /api/fleet``.
     :param spool_stats: the spool's ``stats()``, shown in the fleet summary.
+    :param spool: a :class:`oemrelay.spool.DatabaseSpool`, for the dead letters.
     :raises ValueError: if ``token`` is empty.
     """
     if not token:
         raise ValueError("the API token must not be empty")
-    api = _ApiResource(registry, token, frozenset(connector_names), clock)
+    api = _ApiResource(registry, token, frozenset(connector_names), clock, spool)
     api.live, api.activity, api.spool_stats = live, activity, spool_stats
     api.ops_paths[b"/healthz"] = _Healthz()
     api.ops_paths[b"/readyz"] = _Readyz(tuple(ready_checks), clock)
@@ -189,6 +195,7 @@ def build_api_site(
     live: LiveHub | None = None,
     activity: FleetActivity | None = None,
     spool_stats: Callable[[], Any] | None = None,
+    spool: Any = None,
 ) -> Site:
     """
     The API (:func:`build_api`, same arguments) and the console under
@@ -207,6 +214,7 @@ def build_api_site(
         live=live,
         activity=activity,
         spool_stats=spool_stats,
+        spool=spool,
     )
     open_paths = [b"/healthz", b"/readyz"] + ([b"/metrics"] if metrics_public else [])
     return ApiSite(SiteRoot(resource), token, open_paths)
@@ -338,9 +346,11 @@ class _ApiResource(Resource):
         token: str,
         connector_names: frozenset[str],
         clock: IReactorTime,
+        spool=None,
     ) -> None:
         super().__init__()
         self._registry = registry
+        self._spool = spool
         self._token = token.encode("utf-8")
         self._connector_names = connector_names
         self._clock = clock
@@ -366,7 +376,10 @@ class _ApiResource(Resource):
             Route(b"GET", "/api/devices/{serial}/live", self._live),
             Route(b"POST", "/api/devices/{serial}/recordings", self._start_recording),
             Route(b"GET", "/api/recordings", self._list_recordings),
-            Route(b"GET", "/api/recordings/{id}", self._get_recording),
+            Route(b"GET", "/api/recordings/{recording}", self._get_recording),
+            Route(b"GET", "/api/deadletters", self._list_dead_letters),
+            Route(b"POST", "/api/deadletters/{id}/retry", self._retry_dead_letter),
+            Route(b"DELETE", "/api/deadletters/{id}", self._delete_dead_letter),
         )
 
     # -- twisted.web ---------------------------------------------------------
@@ -452,9 +465,9 @@ class _ApiResource(Resource):
             )
         (route,) = chosen
         arguments = [
-            _serial(segment.encode("latin-1")) if pattern == "{serial}" else _id(segment)
+            _PATH_ARGUMENTS[pattern](segment.encode("latin-1"))
             for segment, pattern in zip(segments, route.segments)
-            if pattern in ("{serial}", "{id}")
+            if pattern in _PATH_ARGUMENTS
         ]
         return await route.endpoint(request, *arguments)
 
@@ -469,9 +482,7 @@ class _ApiResource(Resource):
 
     async def _list_devices(self, request: Request) -> _Answer:
         query = _query(request, _LIST_PARAMETERS)
-        limit = DEFAULT_LIMIT
-        if "limit" in query:
-            limit = _whole(query["limit"], "limit", 1, MAX_LIMIT)
+        limit = _page_limit(query)
         sort = query.get("sort", "serial")
         if sort not in DEVICE_SORTS:
             raise _ApiError(400, f"sort must be one of {', '.join(DEVICE_SORTS)}")
@@ -655,6 +666,39 @@ class _ApiResource(Resource):
             raise _unknown_device(serial)
         return _ok(_command_json(command), 202)
 
+    async def _list_dead_letters(self, request: Request) -> _Answer:
+        query = _query(request, ("limit", "after", "serial"))
+        limit = _page_limit(query)
+        after = _dead_letter_id(query["after"].encode("utf-8"), "after") if "after" in query else None
+        serial = _serial(query["serial"].encode("utf-8")) if "serial" in query else None
+        letters = await self._call(
+            self._dead_letters().list_dead, limit + 1, after, serial, unavailable="spool"
+        )
+        page = letters[:limit]
+        return _ok(
+            {
+                "deadletters": [_dead_letter_json(letter) for letter in page],
+                "next": page[-1].id if len(letters) > limit else None,
+            }
+        )
+
+    async def _retry_dead_letter(self, request: Request, letter_id: int) -> _Answer:
+        _query(request, ())
+        if not await self._call(self._dead_letters().retry_dead, letter_id, unavailable="spool"):
+            raise _unknown_dead_letter(letter_id)
+        return _ok({"id": letter_id, "status": "queued"})
+
+    async def _delete_dead_letter(self, request: Request, letter_id: int) -> _Answer:
+        _query(request, ())
+        if not await self._call(self._dead_letters().delete_dead, letter_id, unavailable="spool"):
+            raise _unknown_dead_letter(letter_id)
+        return _ok({"id": letter_id, "status": "deleted"})
+
+    def _dead_letters(self):
+        if self._spool is None:
+            raise _ApiError(503, "this relay has no spool")
+        return self._spool
+
     async def _list_commands(self, request: Request, serial: int) -> _Answer:
         _query(request, ())
         await self._known_device(serial)
@@ -668,12 +712,14 @@ class _ApiResource(Resource):
         method: Callable[..., Any],
         *args: Any,
         refused: type[Exception] | tuple[()] = (),
+        unavailable: str = "registry",
     ) -> Any:
         """
-        Call a registry method; its failures become 500s, logged without
-        arguments (they may hold custom values).
+        Call a registry (or spool) method; its failures become 500s, logged
+        without arguments (they may hold custom values).
 
         :param refused: exceptions passed on to the caller instead.
+        :param unavailable: what the 500 and the log line say is unavailable.
         """
         try:
             return await maybeDeferred(method, *args)
@@ -681,12 +727,13 @@ class _ApiResource(Resource):
             raise
         except Exception as error:
             log.error(
-                "registry {call} failed: {error_type}: {error}",
+                "{what} {call} failed: {error_type}: {error}",
+                what=unavailable,
                 call=getattr(method, "__name__", "call"),
                 error_type=type(error).__name__,
                 error=one_line(error)[:500],
             )
-            raise _ApiError(500, "registry unavailable") from None
+            raise _ApiError(500, f"{unavailable} unavailable") from None
 
     async def _known_device(self, serial: int) -> DeviceRecord:
         device = await self._call(self._registry.get_device, serial)
@@ -812,9 +859,32 @@ def _flag(query: dict[str, str], name: str) -> bool:
     return value == "true"
 
 
-def _id(segment: str) -> int | None:
-    """An ``{id}`` path segment; None (a 404 to the endpoint) unless it is a decimal number."""
-    return int(segment) if re.fullmatch(r"[0-9]{1,10}", segment) else None
+_ID_TEXT = re.compile(r"[0-9]{1,18}")
+
+
+def _dead_letter_id(text: bytes, name: str = "id") -> int:
+    if not _ID_TEXT.fullmatch(_text(text)) or int(text) < 1:
+        raise _ApiError(400, f"{name} must be a dead letter id, a whole number from 1")
+    return int(text)
+
+
+def _recording_id(text: bytes) -> int | None:
+    """A recording's id; None (so the endpoint answers 404) unless it is a decimal number."""
+    return int(text) if _ID_TEXT.fullmatch(_text(text)) else None
+
+
+#: Path template segments passed to endpoints, and how each is read.
+_PATH_ARGUMENTS = {"{serial}": _serial, "{id}": _dead_letter_id, "{recording}": _recording_id}
+
+
+def _page_limit(query: Mapping[str, str]) -> int:
+    """The ``limit`` query parameter, or the default page size."""
+    if "limit" not in query:
+        return DEFAULT_LIMIT
+    text = query["limit"]
+    if not re.fullmatch(r"[0-9]{1,7}", text) or not 1 <= int(text) <= MAX_LIMIT:
+        raise _ApiError(400, f"limit must be a whole number from 1 to {MAX_LIMIT}")
+    return int(text)
 
 
 def _custom(key: str, value: str) -> str:
@@ -826,6 +896,10 @@ def _custom(key: str, value: str) -> str:
 
 def _unknown_device(serial: int) -> _ApiError:
     return _ApiError(404, f"no device with serial {serial}")
+
+
+def _unknown_dead_letter(letter_id: int) -> _ApiError:
+    return _ApiError(404, f"no dead letter with id {letter_id}")
 
 
 def _query(request: Request, known: tuple[str, ...]) -> dict[str, str]:
@@ -1017,6 +1091,19 @@ def _device_json(device: DeviceRecord) -> dict[str, Any]:
     return device_json(device)
 
 
+def _dead_letter_json(letter) -> dict[str, Any]:
+    return {
+        "id": letter.id,
+        "serial": letter.serial,
+        "connector": letter.connector,
+        "records": letter.records,
+        "received_at": _time(letter.received_at),
+        "dead_at": _time(letter.dead_at),
+        "attempts": letter.attempts,
+        "reason": letter.reason,
+    }
+
+
 def _command_json(command: Command) -> dict[str, Any]:
     return {
         "id": command.id,
@@ -1198,6 +1285,17 @@ def openapi_document(connector_names: Iterable[str] = ()) -> dict[str, Any]:
     command_types = {
         f"Command_{name}": _openapi_30(schema) for name, schema in COMMAND_TYPES.items()
     }
+    limit_parameter = {
+        "name": "limit",
+        "in": "query",
+        "description": "Devices per page.",
+        "schema": {
+            "type": "integer",
+            "minimum": 1,
+            "maximum": MAX_LIMIT,
+            "default": DEFAULT_LIMIT,
+        },
+    }
     list_devices = _operation(
         "listDevices",
         "List devices by serial, a page at a time.",
@@ -1206,17 +1304,7 @@ def openapi_document(connector_names: Iterable[str] = ()) -> dict[str, Any]:
             "400": _error_response("Bad limit, after or query parameter."),
         },
         parameters=[
-            {
-                "name": "limit",
-                "in": "query",
-                "description": "Devices per page.",
-                "schema": {
-                    "type": "integer",
-                    "minimum": 1,
-                    "maximum": MAX_LIMIT,
-                    "default": DEFAULT_LIMIT,
-                },
-            },
+            limit_parameter,
             {
                 "name": "after",
                 "in": "query",
@@ -1293,6 +1381,61 @@ def openapi_document(connector_names: Iterable[str] = ()) -> dict[str, Any]:
         },
         requestBody=_json_body_of("CommandBody"),
     )
+    dead_letter_parameter = {
+        "name": "id",
+        "in": "path",
+        "required": True,
+        "description": "The dead letter's id, from the listing.",
+        "schema": {"type": "integer", "minimum": 1},
+    }
+    no_spool = _error_response("This relay has no spool.")
+    no_dead_letter = _error_response("No dead letter with this id.")
+    list_dead_letters = _operation(
+        "listDeadLetters",
+        "Uploads the spool gave up delivering, by id, a page at a time.",
+        {
+            "200": _json_response("One page of dead letters.", "DeadLetterPage"),
+            "400": _error_response("Bad limit, after, serial or query parameter."),
+            "503": no_spool,
+        },
+        description="An upload becomes a dead letter when its end server refuses it"
+        " with a status it would repeat (HTTP 4xx but 408 and 429), after the"
+        " connector's max_attempts failed tries, or when it is older than"
+        " spool_max_age. The 500 says the spool is unavailable.",
+        parameters=[
+            {**limit_parameter, "description": "Dead letters per page."},
+            {
+                "name": "after",
+                "in": "query",
+                "description": "Only greater ids (the previous page's next).",
+                "schema": {"type": "integer", "minimum": 1},
+            },
+            {**serial_parameter, "in": "query", "required": False,
+             "description": "Only this device's dead letters."},
+        ],
+    )
+
+    def dead_letter_operation(operation_id: str, summary: str, done: str) -> dict:
+        return _operation(
+            operation_id,
+            summary,
+            {
+                "200": _json_response(done, "DeadLetterStatus"),
+                "400": _error_response("The id is not a whole number from 1."),
+                "404": no_dead_letter,
+                "503": no_spool,
+            },
+            description="The 500 says the spool is unavailable.",
+        )
+
+    retry_dead_letter = dead_letter_operation(
+        "retryDeadLetter",
+        "Put a dead letter back in the spool, its attempts and age starting again.",
+        "Queued again.",
+    )
+    delete_dead_letter = dead_letter_operation(
+        "deleteDeadLetter", "Forget a dead letter.", "Deleted."
+    )
     get_openapi = _operation(
         "getOpenApi",
         "This document.",
@@ -1321,6 +1464,15 @@ def openapi_document(connector_names: Iterable[str] = ()) -> dict[str, Any]:
                 "parameters": [serial_parameter],
                 "get": list_commands,
                 "post": add_command,
+            },
+            "/api/deadletters": {"get": list_dead_letters},
+            "/api/deadletters/{id}": {
+                "parameters": [dead_letter_parameter],
+                "delete": delete_dead_letter,
+            },
+            "/api/deadletters/{id}/retry": {
+                "parameters": [dead_letter_parameter],
+                "post": retry_dead_letter,
             },
             "/api/openapi.json": {"get": get_openapi},
             **_ops_paths(),
@@ -1397,6 +1549,40 @@ def openapi_document(connector_names: Iterable[str] = ()) -> dict[str, Any]:
                 },
                 **command_types,
                 **_CONSOLE_SCHEMAS,
+                "DeadLetter": {
+                    "type": "object",
+                    "properties": {
+                        "id": {"type": "integer", "minimum": 1},
+                        "serial": _SERIAL_SCHEMA,
+                        "connector": {"type": "string"},
+                        "records": {"type": "integer", "minimum": 0},
+                        "received_at": _TIME,
+                        "dead_at": _TIME,
+                        "attempts": {"type": "integer", "minimum": 0},
+                        "reason": {"type": "string", "description": "The last failure, one line."},
+                    },
+                },
+                "DeadLetterPage": {
+                    "type": "object",
+                    "required": ["deadletters", "next"],
+                    "properties": {
+                        "deadletters": {"type": "array", "items": _ref("DeadLetter")},
+                        "next": {
+                            "type": "integer",
+                            "nullable": True,
+                            "description": "Pass as after for the next page;"
+                            " null on the last page.",
+                        },
+                    },
+                },
+                "DeadLetterStatus": {
+                    "type": "object",
+                    "required": ["id", "status"],
+                    "properties": {
+                        "id": {"type": "integer"},
+                        "status": {"type": "string", "enum": ["queued", "deleted"]},
+                    },
+                },
             },
         },
     }
@@ -1580,9 +1766,9 @@ def _console_paths(serial_parameter: dict[str, Any]) -> dict[str, Any]:
                 {"200": _json_response("The recordings.", "RecordingList"), "404": no_live},
             )
         },
-        "/api/recordings/{id}": {
+        "/api/recordings/{recording}": {
             "parameters": [{
-                "name": "id", "in": "path", "required": True,
+                "name": "recording", "in": "path", "required": True,
                 "schema": {"type": "integer", "minimum": 1},
             }],
             "get": _operation(

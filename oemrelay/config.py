@@ -276,6 +276,24 @@ def _whole_seconds(value: str) -> int:
     return number
 
 
+def _whole_number(value: str, minimum: int) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        raise ValueError(f"must be a whole number, got {value!r}") from None
+    if number < minimum:
+        raise ValueError(f"must be {minimum} or more, got {number}")
+    return number
+
+
+def _record_count(value: str) -> int:
+    return _whole_number(value, 1)
+
+
+def _attempt_count(value: str) -> int:
+    return _whole_number(value, 0)
+
+
 def _optional_http_url(value: str) -> str:
     return _http_url(value) if value else ""
 
@@ -375,6 +393,15 @@ def _keys_of(cls: type, names: tuple[str, ...] | None = None) -> dict[str, Key]:
     """The INI keys declared by ``cls``'s fields (only ``names``, if given), in order."""
     keys = {f.name: f.metadata["key"] for f in fields(cls) if "key" in f.metadata}
     return keys if names is None else {name: keys[name] for name in names}
+
+
+def _max_attempts():
+    """The per-connector ``max_attempts`` key, the same in every connector type."""
+    return _setting(
+        _attempt_count,
+        "0",
+        "Failed tries of a spooled upload before it moves to the dead letters; 0: no limit.",
+    )
 
 
 @dataclass(frozen=True)
@@ -522,6 +549,25 @@ class RelayConfig:
         _positive_whole,
         str(MAX_UPLOAD_MEMORY),
         "Bytes one upload's decoded records may take (estimated); past it the device is closed.",
+    )
+    #: Secret: a PostgreSQL URL may hold a password.
+    spool: str = _setting(
+        _registry_url,
+        "sqlite:oemrelay-spool.sqlite",
+        "Where uploads wait for background delivery: sqlite:PATH (fsync'd on"
+        " every put) or postgresql://user@host/db (shared by relays).",
+        secret=True,
+    )
+    spool_max_records: int = _setting(
+        _record_count,
+        "1000000",
+        "Device records the spool holds at most (dead letters not counted);"
+        " when reached, uploads needing the spool are not committed.",
+    )
+    spool_max_age: float = _setting(
+        _positive_number,
+        "604800",
+        "Seconds an upload waits in the spool before it moves to the dead letters.",
     )
 
 
@@ -676,6 +722,7 @@ class HttpConnectorConfig:
     scope: str = _setting(
         _text, "", "With ``auth = oauth2``: the scope to ask for; empty: none."
     )
+    max_attempts: int = _max_attempts()
     #: Azure IoT Hub: add ``iothub-messageid`` to each request.
     iothub: bool = False
 
@@ -700,6 +747,7 @@ class TcpConnectorConfig:
         " (certificate verified).  The relay opens one connection there per"
         " device connection and plays the device.",
     )
+    max_attempts: int = _max_attempts()
 
 
 @dataclass(frozen=True)
@@ -714,6 +762,7 @@ class FileConnectorConfig:
         " before the commit; relative to the working directory.  Its directory"
         " must exist and be writable when the relay starts.",
     )
+    max_attempts: int = _max_attempts()
 
 
 @dataclass(frozen=True)
@@ -726,6 +775,7 @@ class ConnectorRoleConfig:
         "required: the commit waits for it; best_effort: a copy goes through the"
         " spool and never holds a device back.",
     )
+    max_attempts: int = _max_attempts()
 
 
 ConnectorConfig = HttpConnectorConfig | TcpConnectorConfig | FileConnectorConfig
@@ -771,6 +821,7 @@ _IOTHUB_SHARED = (
     "sas_policy",
     "sas_resource",
     "token_ttl",
+    "max_attempts",
 )
 
 #: Every section and key the relay reads: ``[relay]``, ``[api]``, and each

@@ -2,7 +2,8 @@
 Service wiring: configuration in, one MultiService out.
 
 The registry starts first (schema created or migrated, devices this node left
-marked connected after a crash set free); connectors that hold resources are
+marked connected after a crash set free), then the spool (its schema created,
+background delivery started); connectors that hold resources are
 child services, so their pools close on shutdown; each ``[relay] listen``
 endpoint serves devices and each ``[api] listen`` endpoint the management API.
 
@@ -47,6 +48,10 @@ from .registry import Registry
 from .relay import Relay, connector_names
 from .retry import RetryPolicy
 from .session import DeviceFactory
+from .spool import BackgroundDelivery, DatabaseSpool, LatestSpoolFigures
+from .spool import RetryPolicy as SpooledRetryPolicy
+from .spool.background import Deliver
+from .spool.store import DEFAULT_LEASE
 from .tls import server_tls_options
 
 log = Logger(namespace="oemrelay.service")
@@ -79,6 +84,27 @@ def stop_after_failed_start(reactor) -> Callable[[], None]:
     return stop
 
 
+#: What :func:`_open_or_stop` gives when the opening failed.
+_NOT_OPENED = object()
+
+
+async def _open_or_stop(
+    what: str, url_for_logs: str, opening: Deferred, on_start_failure: Callable[[], None]
+) -> object:
+    """What ``opening`` fires with; if it fails, one critical line and the relay stops."""
+    try:
+        return await opening
+    except Exception as error:
+        log.critical(
+            "cannot open {what} {url}: {reason}; stopping",
+            what=what,
+            url=url_for_logs,
+            reason=one_line(error),
+        )
+        on_start_failure()
+        return _NOT_OPENED
+
+
 class RegistryService(Service):
     """Opens the registry at start-up and closes it at shutdown."""
 
@@ -93,29 +119,96 @@ class RegistryService(Service):
         self._started = Deferred.fromCoroutine(self._start())
 
     async def _start(self) -> None:
-        try:
-            released = await self.registry.start(self._node)
-        except Exception as error:
-            # Without its registry the relay could not honour custom fields
-            # or overrides: stop, and let the supervisor retry.
-            log.critical(
-                "cannot open registry {url}: {reason}; stopping",
-                url=self.registry.url_for_logs,
-                reason=one_line(error),
-            )
-            self._on_start_failure()
+        # Without its registry the relay could not honour custom fields or
+        # overrides: stop, and let the supervisor retry.
+        opened = await _open_or_stop(
+            "registry", self.registry.url_for_logs,
+            self.registry.start(self._node), self._on_start_failure,
+        )
+        if opened is _NOT_OPENED:
             return
         log.info(
             "registry {url} ready; {released} devices left connected to node"
             " {node} marked disconnected",
             url=self.registry.url_for_logs,
-            released=released,
+            released=opened,
             node=self._node,
         )
 
     def stopService(self) -> Deferred:
         super().stopService()
         return self._started.addBoth(lambda _: self.registry.close())
+
+
+class SpoolService(Service):
+    """Opens the spool at start-up, delivers from it in the background, closes it at shutdown."""
+
+    def __init__(
+        self,
+        spool: DatabaseSpool,
+        delivery: BackgroundDelivery,
+        on_start_failure: Callable[[], None],
+    ) -> None:
+        self.spool = spool
+        self._delivery = delivery
+        self._on_start_failure = on_start_failure
+
+    def startService(self) -> None:
+        super().startService()
+        self._started = Deferred.fromCoroutine(self._start())
+
+    async def _start(self) -> None:
+        # Without its spool the relay could lose what it promised to keep.
+        opened = await _open_or_stop(
+            "spool", self.spool.url_for_logs, self.spool.start(), self._on_start_failure
+        )
+        if opened is _NOT_OPENED:
+            return
+        log.info("spool {url} ready", url=self.spool.url_for_logs)
+        if not self.running:
+            # Stopped while opening (another service failed to start): the
+            # reactor is shutting down and the spool's threads with it.
+            return
+        self._delivery.start()
+
+    def stopService(self) -> Deferred:
+        super().stopService()
+        stopped = self._started.addBoth(lambda _: self._delivery.stop())
+        return stopped.addBoth(lambda _: self.spool.close())
+
+
+def _ignore_loss(reason: str) -> None:
+    # A spooled delivery learns of a lost end server from its own failure.
+    pass
+
+
+def spooled_delivery(connectors: dict, registry) -> Deliver:
+    """
+    How an upload leaving the spool reaches connector ``name``: a raw TCP
+    connector on a connection of its own, any other through its link with
+    the device's profile (for HTTP: its templates and credentials).
+    """
+
+    async def deliver(name: str, upload) -> None:
+        connector = connectors[name]
+        own_connection = getattr(connector, "deliver_on_own_connection", None)
+        if own_connection is not None:
+            await own_connection(upload)
+            return
+        profile = await registry.profile_for(upload.hello)
+        link = connector.open_link(upload.hello, _ignore_loss)
+        try:
+            await link.deliver(upload, profile)
+        finally:
+            link.close()
+
+    return lambda name, upload: Deferred.fromCoroutine(deliver(name, upload))
+
+
+def _retry_policy(connector_config) -> SpooledRetryPolicy:
+    # Spooled uploads wait out long outages: the spool's own backoff (1 s
+    # doubling to 60 s), not the commit window's seconds.
+    return SpooledRetryPolicy(connector_config.max_attempts)
 
 
 @implementer(IStreamServerEndpoint)
@@ -243,18 +336,26 @@ def startup_fields(config: Config, registry_url: str) -> dict[str, object]:
     }
 
 
-def ready_checks(registry: Registry, listeners: list[Listener]) -> list[tuple[str, Callable]]:
-    """What ``GET /readyz`` checks: every listener bound, the registry answering a query."""
+def ready_checks(
+    registry: Registry, listeners: list[Listener], spool: DatabaseSpool | None = None
+) -> list[tuple[str, Callable]]:
+    """
+    What ``GET /readyz`` checks: every listener bound, the registry answering
+    a query, the spool taking a write.
+    """
 
     def listening() -> None:
         unbound = [listener.description for listener in listeners if listener.port is None]
         if unbound:
             raise RuntimeError(f"not bound: {' '.join(unbound)}")
 
-    return [
+    checks = [
         ("listeners", listening),
         ("registry", lambda: registry.database.query_one("SELECT 1")),
     ]
+    if spool is not None:
+        checks.append(("spool", spool.check_writable))
+    return checks
 class StopInOrder(MultiService):
     """
     Stops its children one after the other, the last added first, each once
@@ -327,8 +428,6 @@ def build_service(config: Config, reactor) -> MultiService:
     registry = Registry.from_url(config.relay.registry, reactor)
     RegistryService(registry, config.relay.node, on_start_failure).setServiceParent(top)
     observers = Observers()
-    metrics = RelayMetrics()
-    observers.subscribe(metrics)
     registry.database.call_observer = observers
     connectors = {}
     for name, connector_config in config.connectors.items():
@@ -338,9 +437,25 @@ def build_service(config: Config, reactor) -> MultiService:
         if IService.providedBy(connector):
             connector.setServiceParent(top)
         connectors[name] = connector
-    # The spool engineer's wiring opens [relay] spool here (a child service
-    # added before the devices, so it stops after they drained).
-    spool = None
+    spool = DatabaseSpool.from_url(
+        config.relay.spool,
+        reactor,
+        max_records=config.relay.spool_max_records,
+        owner=config.relay.node,
+        lease=DEFAULT_LEASE,
+    )
+    delivery = BackgroundDelivery(
+        spool,
+        spooled_delivery(connectors, registry),
+        reactor,
+        {name: _retry_policy(section) for name, section in config.connectors.items()},
+        max_age=config.relay.spool_max_age,
+        delivery_timeout=DEFAULT_LEASE / 2,
+    )
+    SpoolService(spool, delivery, on_start_failure).setServiceParent(top)
+    spool_figures = LatestSpoolFigures(spool)
+    metrics = RelayMetrics(spool_figures)
+    observers.subscribe(metrics)
     relay = Relay(
         connectors,
         config.relay.connector,
@@ -394,9 +509,11 @@ def build_service(config: Config, reactor) -> MultiService:
             metrics=metrics.exposition,
             metrics_public=config.api.metrics_public,
             # Read at each check: the API's own listeners are added below.
-            ready_checks=ready_checks(registry, listeners),
+            ready_checks=ready_checks(registry, listeners, spool),
             live=live,
             activity=activity,
+            spool_stats=spool_figures.latest,
+            spool=spool,
         )
         for description in config.api.listen:
             listener = Listener("api", description, api, reactor, on_start_failure)

@@ -65,16 +65,18 @@ def wait_until(check, what: str, timeout: float = 10.0, every: float = 0.05) -> 
 
 
 class EndServer:
-    """An HTTP end server in a thread: answers 200 and keeps each POST's path and JSON."""
+    """An HTTP end server in a thread: answers ``status`` (200) and keeps each POST's path and JSON."""
 
     def __init__(self) -> None:
         posts = self.posts = []
+        end_server = self
+        self.status = 200
 
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:  # noqa: N802 - http.server's name
                 body = self.rfile.read(int(self.headers["content-length"]))
                 posts.append((self.path, json.loads(body)))
-                self.send_response(200)
+                self.send_response(end_server.status)
                 self.send_header("content-length", "0")
                 self.end_headers()
 
@@ -160,7 +162,7 @@ class Device:
 class Relay:
     """The real daemon in a subprocess, with an API on a loopback port."""
 
-    def __init__(self, directory: str, end_server: EndServer) -> None:
+    def __init__(self, directory: str, end_server: EndServer, relay_keys: str = "") -> None:
         self.directory = directory
         self.device_port, self.api_port = unused_port(), unused_port()
         self.registry_path = os.path.join(directory, "registry.sqlite")
@@ -173,6 +175,7 @@ listen = tcp:{self.device_port}:interface={LOOPBACK}
 connector = main
 commit_timeout = 5
 registry = sqlite:{self.registry_path}
+{relay_keys}
 
 [api]
 listen = tcp:{self.api_port}:interface={LOOPBACK}

@@ -1085,6 +1085,9 @@ class OpenApiTests(_ApiTestCase):
                 for path, item in document["paths"].items()
             },
             {
+                "/api/deadletters": ["get"],
+                "/api/deadletters/{id}": ["delete"],
+                "/api/deadletters/{id}/retry": ["post"],
                 "/api/devices": ["get"],
                 "/api/devices/import": ["post"],
                 "/api/devices/{serial}": ["get", "put"],
@@ -1097,7 +1100,7 @@ class OpenApiTests(_ApiTestCase):
                 "/metrics": ["get"],
                 "/readyz": ["get"],
                 "/api/recordings": ["get"],
-                "/api/recordings/{id}": ["get"],
+                "/api/recordings/{recording}": ["get"],
             },
         )
 
@@ -1156,9 +1159,9 @@ class OpenApiTests(_ApiTestCase):
                     continue
                 if operation.get("security") != []:
                     self.assertIn("401", operation["responses"], (path, method))
-                self.assertEqual(
-                    "requestBody" in operation, method in ("put", "post"), (path, method)
-                )
+                # A retry is a bodiless POST: the id in the path says it all.
+                takes_body = method in ("put", "post") and not path.endswith("/retry")
+                self.assertEqual("requestBody" in operation, takes_body, (path, method))
 
     def test_device_schema_matches_answers(self) -> None:
         """The Device schema lists exactly the keys a device answer has."""

@@ -1310,7 +1310,7 @@ class SchemaTests(SynchronousTestCase):
             set(SCHEMA["azure-iothub"]),
             {"hub", "device_id", "url", "header1", "header2", "header3", "timeout",
              "ca_file", "client_cert", "client_key", "sas_key", "sas_policy",
-             "sas_resource", "token_ttl", "role"},
+             "sas_resource", "token_ttl", "role", "max_attempts"},
         )
 
     def test_tls_client_endpoint_without_warning(self) -> None:
@@ -1486,3 +1486,69 @@ class ExposedSecretsTests(SynchronousTestCase):
         for (relay, url, extra), expected in cases.items():
             config = config_from_string(base.format(relay=relay, url=url, extra=extra))
             self.assertEqual(holds_secrets(config), expected, (relay, url, extra))
+
+
+class SpoolConfigTests(ConfigErrorAssertions, SynchronousTestCase):
+    """[relay] spool, spool_max_records, spool_max_age and per-connector max_attempts."""
+
+    def test_defaults(self) -> None:
+        """Without the keys: sqlite:oemrelay-spool.sqlite, a million records, seven days, no attempt limit."""
+        config = config_from_string(FILE_CONNECTOR)
+        self.assertEqual(
+            (config.relay.spool, config.relay.spool_max_records, config.relay.spool_max_age),
+            ("sqlite:oemrelay-spool.sqlite", 1_000_000, 604800.0),
+        )
+        self.assertEqual(next(iter(config.connectors.values())).max_attempts, 0)
+
+    def test_postgresql_spool(self) -> None:
+        """A postgresql:// spool is kept as written and kept out of repr()."""
+        url = "postgresql://relay:s3cret@db.example.com/oemrelay"
+        config = config_from_string(f"[relay]\nspool = {url}\n" + FILE_CONNECTOR)
+        self.assertEqual(config.relay.spool, url)
+        self.assertNotIn("s3cret", repr(config.relay))
+
+    def test_bad_spool(self) -> None:
+        """A spool that is neither sqlite:PATH nor postgresql:// is a [relay] spool error."""
+        self.assert_error(
+            "[relay]\nspool = redis://x\n" + FILE_CONNECTOR, "[relay] spool", "must be sqlite:PATH"
+        )
+
+    def test_max_records_boundary(self) -> None:
+        """spool_max_records 1 is accepted, 0 is an error naming the key."""
+        config = config_from_string("[relay]\nspool_max_records = 1\n" + FILE_CONNECTOR)
+        self.assertEqual(config.relay.spool_max_records, 1)
+        self.assert_error(
+            "[relay]\nspool_max_records = 0\n" + FILE_CONNECTOR,
+            "[relay] spool_max_records",
+            "must be 1 or more, got 0",
+        )
+
+    def test_max_records_not_a_number(self) -> None:
+        """A spool_max_records that is not a whole number is an error."""
+        self.assert_error(
+            "[relay]\nspool_max_records = 1e6\n" + FILE_CONNECTOR,
+            "[relay] spool_max_records",
+            "must be a whole number",
+        )
+
+    def test_max_age_positive(self) -> None:
+        """spool_max_age must be a positive number of seconds."""
+        self.assert_error(
+            "[relay]\nspool_max_age = 0\n" + FILE_CONNECTOR, "[relay] spool_max_age", "positive"
+        )
+
+    def test_max_attempts_per_connector(self) -> None:
+        """max_attempts is read per connector for every type; 0 is allowed, -1 is not."""
+        config = config_from_string(
+            "[connector:a]\ntype = tcp\nendpoint = tcp:host=h:port=1\nmax_attempts = 3\n"
+            "[connector:b]\ntype = http\nurl = http://h/\nmax_attempts = 0\n"
+            "[relay]\nconnector = a\n"
+        )
+        self.assertEqual(
+            (config.connectors["a"].max_attempts, config.connectors["b"].max_attempts), (3, 0)
+        )
+        self.assert_error(
+            "[connector:a]\ntype = tcp\nendpoint = tcp:host=h:port=1\nmax_attempts = -1\n",
+            "[connector:a] max_attempts",
+            "must be 0 or more, got -1",
+        )

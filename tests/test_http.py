@@ -312,6 +312,17 @@ class HttpConnectorTests(SynchronousTestCase):
         self.assertNotIn("\n", message)
         self.assertLess(message.count("x"), 210)
 
+    def test_retryable_statuses(self) -> None:
+        """408, 429 and 5xx refusals are retryable; 400, 404 and 499 are not (the spool dead-letters them)."""
+        verdicts = {}
+        for code in (400, 404, 407, 408, 409, 428, 429, 430, 499, 500, 503, 599):
+            self.server.code = code
+            verdicts[code] = self.failureResultOf(self.deliver(), DeliveryFailed).value.retryable
+        self.assertEqual(
+            [code for code, retryable in verdicts.items() if retryable],
+            [408, 429, 500, 503, 599],
+        )
+
     def test_body_read(self) -> None:
         """The delivery fires only once the whole answer body has been read."""
         self.server.hold = True

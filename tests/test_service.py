@@ -103,3 +103,67 @@ class RegistryServiceTests(SynchronousTestCase):
         self.assertEqual(stops, ["stop"])
         self.successResultOf(service.stopService())
         self.assertTrue(registry.closed)
+
+
+class _FakeSpool:
+    url_for_logs = "sqlite:spool.sqlite"
+
+    def __init__(self) -> None:
+        self.opening: Deferred = Deferred()
+        self.closed = 0
+
+    def start(self) -> Deferred:
+        return self.opening
+
+    def close(self) -> Deferred:
+        self.closed += 1
+        return Deferred.fromCoroutine(_nothing())
+
+
+async def _nothing() -> None:
+    pass
+
+
+class _FakeDelivery:
+    def __init__(self) -> None:
+        self.started = 0
+
+    def start(self) -> None:
+        self.started += 1
+
+    def stop(self) -> Deferred:
+        return Deferred.fromCoroutine(_nothing())
+
+
+class SpoolServiceTests(SynchronousTestCase):
+    """The spool's service: background delivery runs only while the service does."""
+
+    def service(self):
+        from oemrelay.service import SpoolService
+
+        self.spool, self.delivery, self.failures = _FakeSpool(), _FakeDelivery(), []
+        return SpoolService(self.spool, self.delivery, lambda: self.failures.append(1))
+
+    def test_delivery_starts_once_open(self) -> None:
+        """Background delivery starts when the spool has opened, not before."""
+        service = self.service()
+        service.startService()
+        self.assertEqual(self.delivery.started, 0)
+        self.spool.opening.callback(None)
+        self.assertEqual(self.delivery.started, 1)
+
+    def test_stopped_while_opening_starts_no_delivery(self) -> None:
+        """Stopped before the spool opened (another service failed to start): no delivery starts, the spool closes, the stop completes."""
+        service = self.service()
+        service.startService()
+        stopped = service.stopService()
+        self.spool.opening.callback(None)
+        self.successResultOf(stopped)
+        self.assertEqual((self.delivery.started, self.spool.closed), (0, 1))
+
+    def test_failed_open_stops_the_relay(self) -> None:
+        """A spool that cannot be opened calls the start-failure hook and starts no delivery."""
+        service = self.service()
+        service.startService()
+        self.spool.opening.errback(OSError("disk gone"))
+        self.assertEqual((self.failures, self.delivery.started), ([1], 0))

@@ -484,3 +484,62 @@ class TcpConnectorTests(SynchronousTestCase):
         self.assertEqual(self.lost, [])
         [attempt] = self.reactor.connectors
         self.assertTrue(attempt.stoppedConnecting)
+
+
+class OwnConnectionTests(SynchronousTestCase):
+    """deliver_on_own_connection plays the device on a fresh connection, for the spool."""
+
+    def setUp(self) -> None:
+        self.endpoint = FakeEndpoint()
+        self.connector = TcpConnector(
+            TcpConnectorConfig("fwd", "tcp:host=h:port=1"), self.endpoint, 65535
+        )
+
+    def test_writes_hello_frames_commit(self) -> None:
+        """The hello as received, then after its answer the frames and a commit request."""
+        done = self.connector.deliver_on_own_connection(TWO_FRAME_UPLOAD)
+        protocol, transport = self.endpoint.accept()
+        self.assertEqual(transport.value(), HELLO_BYTES)
+        protocol.dataReceived(HELLO_RESPONSE)
+        self.assertEqual(
+            transport.value(), HELLO_BYTES + DATA_BYTES + FIXED_BYTES + COMMIT_REQUEST
+        )
+        self.assertNoResult(done)
+        protocol.dataReceived(COMMIT_OK)
+        self.successResultOf(done)
+
+    def test_closed_after_answer(self) -> None:
+        """Once the end server answered, the connection is closed."""
+        done = self.connector.deliver_on_own_connection(UPLOAD)
+        protocol, transport = self.endpoint.accept()
+        protocol.dataReceived(HELLO_RESPONSE + COMMIT_OK)
+        self.successResultOf(done)
+        self.assertTrue(transport.disconnecting)
+
+    def test_refused_commit_fails(self) -> None:
+        """06 00 fails the delivery and closes the connection."""
+        done = self.connector.deliver_on_own_connection(UPLOAD)
+        protocol, transport = self.endpoint.accept()
+        protocol.dataReceived(HELLO_RESPONSE + COMMIT_REFUSED)
+        failure = self.failureResultOf(done, DeliveryFailed)
+        self.assertIn("status 00", str(failure.value))
+        self.assertTrue(transport.disconnecting)
+
+    def test_stray_commit_answer_fails(self) -> None:
+        """A 06 01 before the hello answer never confirms the upload."""
+        done = self.connector.deliver_on_own_connection(UPLOAD)
+        protocol, _ = self.endpoint.accept()
+        protocol.dataReceived(COMMIT_OK + HELLO_RESPONSE + COMMIT_OK)
+        self.failureResultOf(done, DeliveryFailed)
+
+    def test_unreachable_fails(self) -> None:
+        """An end server that cannot be reached fails the delivery."""
+        done = self.connector.deliver_on_own_connection(UPLOAD)
+        self.endpoint.refuse()
+        self.assertIn("cannot connect", str(self.failureResultOf(done, DeliveryFailed).value))
+
+    def test_one_connection_per_delivery(self) -> None:
+        """Each delivery opens a connection of its own."""
+        self.connector.deliver_on_own_connection(UPLOAD)
+        self.connector.deliver_on_own_connection(UPLOAD)
+        self.assertEqual(len(self.endpoint.attempts), 2)

@@ -17,6 +17,9 @@ decides the device's commit.  If the end server cannot be reached or goes
 away, or sends a commit response out of step (before its hello response, or
 with no commit request outstanding), the device connection is closed
 uncommitted: such an answer can never confirm an upload.
+
+An upload coming out of the spool is delivered the same way on a connection
+of its own (:meth:`TcpConnector.deliver_on_own_connection`).
 """
 
 from __future__ import annotations
@@ -393,3 +396,19 @@ class TcpConnector:
 
     def open_link(self, hello: Hello, on_lost: Callable[[str], None]) -> TcpLink:
         return TcpLink(self, hello, on_lost)
+
+    def deliver_on_own_connection(self, upload: Upload) -> Deferred[None]:
+        """
+        Deliver ``upload`` on a connection of its own, as the device would
+        have (for the spool): the hello as received, the frames, a commit
+        request; fires when the end server answers ``06 01``, then closes.
+        """
+        # The failure reaches the Deferred too: the loss needs no report.
+        link = TcpLink(self, upload.hello, lambda reason: None)
+        answer = link.deliver(upload, DeviceProfile())
+
+        def close(result: object) -> object:
+            link.close()
+            return result
+
+        return answer.addBoth(close)

@@ -370,14 +370,14 @@ async function deadLetterTable(query, onChange) {
   const rows = answer.deadletters.map((letter) => el("tr", {},
     el("td", {}, el("input", { type: "checkbox", "data-id": letter.id })),
     el("td", {}, letter.id), el("td", {}, letter.serial), el("td", {}, letter.connector),
-    el("td", {}, letter.records), el("td", {}, letter.first_seq), el("td", { class: "error" }, letter.reason),
-    el("td", {}, letter.attempts), el("td", {}, when(letter.created)),
+    el("td", {}, letter.records), el("td", { class: "error" }, letter.reason),
+    el("td", {}, letter.attempts), el("td", {}, when(letter.received_at)), el("td", {}, when(letter.dead_at)),
     el("td", {},
       el("button", { type: "button", on: { click: () => act([letter.id], "POST", "/retry") } }, "Retry"),
       el("button", { type: "button", on: { click: () => act([letter.id], "DELETE", "") } }, "Discard"))));
   const checked = () => [...document.querySelectorAll("#deadletters input[data-id]:checked")].map((c) => c.dataset.id);
   return el("div", {},
-    table(["", "Id", "Serial", "Connector", "Records", "First seq", "Reason", "Attempts", "Created", ""], rows, { id: "deadletters" }),
+    table(["", "Id", "Serial", "Connector", "Records", "Reason", "Attempts", "Received", "Dead since", ""], rows, { id: "deadletters" }),
     el("button", { type: "button", on: { click: () => act(checked(), "POST", "/retry") } }, "Retry selected"),
     el("button", { type: "button", on: { click: () => act(checked(), "DELETE", "") } }, "Discard selected"),
     status);

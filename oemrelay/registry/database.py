@@ -21,6 +21,7 @@ from twisted.enterprise import adbapi
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
+from ..owner_only import create_owner_only
 from ..registry_url import (  # noqa: F401  (check_postgresql_url: part of this interface)
     check_postgresql_url,
     postgresql_pool_args,
@@ -340,6 +341,9 @@ class Database:
         :raises RegistryError: if the database's schema is newer than this code.
         """
         prepared = None
+        if self._dialect is _SQLITE:
+            # Before SQLite opens it: its -wal and -shm then get the same mode.
+            create_owner_only(self._url_for_logs[len("sqlite:"):])
         try:
             old = await self.pool.runInteraction(self._txn_migrate, self._reactor.seconds())
             if prepare is not None:
