@@ -215,6 +215,19 @@ def _whole_seconds(value: str) -> int:
     return number
 
 
+_MAX_POOL_SIZE = 65536
+
+
+def _pool_size(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        raise ValueError(f"must be a whole number of connections, got {value!r}") from None
+    if not 1 <= number <= _MAX_POOL_SIZE:
+        raise ValueError(f"must be from 1 to {_MAX_POOL_SIZE}, got {number}")
+    return number
+
+
 def _optional_http_url(value: str) -> str:
     return _http_url(value) if value else ""
 
@@ -340,6 +353,11 @@ class HttpConnectorConfig:
         _positive_number, "10", "Seconds for the end server to answer one POST."
     )
     ca_file: str = _setting(_ca_file, "", "PEM file of a private CA to trust as well.")
+    pool_size: int = _setting(
+        _pool_size,
+        "256",
+        "Connections kept open to the end server, and POSTs in flight to it at most.",
+    )
     client_cert: str = _setting(
         _readable_file, "", "PEM client certificate (mutual TLS), with its key."
     )
@@ -423,6 +441,7 @@ _HEADER_KEYS: _Schema = {
 #: The keys an azure-iothub section shares with http, after its own.
 _IOTHUB_SHARED = (
     "timeout",
+    "pool_size",
     "ca_file",
     "client_cert",
     "client_key",
