@@ -215,6 +215,16 @@ def _whole_seconds(value: str) -> int:
     return number
 
 
+def _cache_seconds(value: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        raise ValueError(f"must be a number of seconds, got {value!r}") from None
+    if not 0 <= number <= 3600:
+        raise ValueError(f"must be from 0 to 3600 seconds, got {value!r}")
+    return number
+
+
 _MAX_POOL_SIZE = 65536
 
 
@@ -314,6 +324,12 @@ class RelayConfig:
     )
     node: str = _setting(
         _node_name, "", "This relay's name in the registry; empty: the host name."
+    )
+    profile_cache_seconds: float = _setting(
+        _cache_seconds,
+        "5",
+        "Seconds a device's custom fields and connector override are kept in"
+        " memory; a change made elsewhere takes effect within this; 0: none kept.",
     )
 
 

@@ -35,6 +35,7 @@ from .connectors import build_connector
 from .events import Observers
 from .oneline import one_line
 from .registry import Registry
+from .registry.hot_path import RelayLedger
 from .relay import Relay
 from .session import DeviceFactory
 
@@ -170,6 +171,9 @@ def build_service(config: Config, reactor) -> MultiService:
     on_start_failure = stop_after_failed_start(reactor)
     registry = Registry.from_url(config.relay.registry, reactor)
     RegistryService(registry, config.relay.node, on_start_failure).setServiceParent(top)
+    # Profiles cached, commit counters batched: no query per upload.
+    ledger = RelayLedger(registry, reactor, config.relay.profile_cache_seconds)
+    ledger.activity.setServiceParent(top)
     observers = Observers()
     connectors = {}
     for name, connector_config in config.connectors.items():
@@ -182,7 +186,7 @@ def build_service(config: Config, reactor) -> MultiService:
     relay = Relay(
         connectors,
         config.relay.connector,
-        registry,
+        ledger,
         node=config.relay.node,
         clock=reactor,
         observers=observers,

@@ -429,6 +429,19 @@ class ConfigErrorTests(ConfigErrorAssertions, SynchronousTestCase):
             "[connector:h]\ntype = http\nurl = http://h/\ntimeout = 0\n", "[connector:h] timeout"
         )
 
+    def test_profile_cache_seconds_bounds(self) -> None:
+        """profile_cache_seconds is 0 (no cache) to 3600 seconds."""
+        for value in ("-0.1", "3600.5", "nan", "soon"):
+            self.assert_error(
+                f"[relay]\nprofile_cache_seconds = {value}\n" + FILE_CONNECTOR,
+                "[relay] profile_cache_seconds",
+            )
+        for value in (0.0, 3600.0):
+            config = config_from_string(
+                f"[relay]\nprofile_cache_seconds = {value}\n" + FILE_CONNECTOR
+            )
+            self.assertEqual(config.relay.profile_cache_seconds, value)
+
     def test_pool_size_bounds(self) -> None:
         """An http connector's pool_size is 1 to 65536 connections."""
         for value in ("0", "65537", "ten", "1.5"):

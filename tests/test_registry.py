@@ -258,6 +258,46 @@ class RegistryScenariosMixin:
         self.assertFalse(await self.registry.delivery_failed(9, "down", NOW))
         self.assertIsNone(await self.registry.get_device(9))
 
+    async def test_record_activity(self) -> None:
+        """record_activity adds counts, keeps the newest last_seen and sets the error, per device."""
+        await self.registry.device_connected(hello(), "node-a", NOW)
+        await self.registry.device_connected(hello(serial=7), "node-a", NOW)
+        await self.registry.device_disconnected(7, "node-a", NOW + 9)
+        await self.registry.upload_committed(123456, 4, NOW)
+        await self.registry.devices.record_activity(
+            [
+                (123456, 10, NOW + 2, NOW + 3, "HTTP 503"),
+                (7, 5, NOW + 2, NOW + 2, None),  # last_seen NOW + 9 stays
+                (9, 1, NOW, NOW, None),  # unknown: skipped, not created
+            ]
+        )
+        device = await self.registry.get_device(123456)
+        self.assertEqual(
+            (device.records_committed, device.last_upload, device.last_seen, device.last_error),
+            (14, NOW + 2, NOW + 3, "HTTP 503"),
+        )
+        other = await self.registry.get_device(7)
+        self.assertEqual((other.records_committed, other.last_seen), (5, NOW + 9))
+        self.assertIsNone(await self.registry.get_device(9))
+
+    async def test_failure_only_keeps_last_upload(self) -> None:
+        """Activity with no commit leaves last_upload as it was."""
+        await self.registry.device_connected(hello(), "node-a", NOW)
+        await self.registry.upload_committed(123456, 1, NOW + 1)
+        await self.registry.devices.record_activity([(123456, 0, None, NOW + 5, "down")])
+        device = await self.registry.get_device(123456)
+        self.assertEqual((device.last_upload, device.last_error), (NOW + 1, "down"))
+
+    async def test_changes_told(self) -> None:
+        """update_device and import_devices tell the change listeners which serials changed."""
+        told: list = []
+        self.registry.on_devices_changed(told.append)
+        await self.registry.update_device(5, {"custom1": "one"})
+        await self.registry.import_devices([{"serial": 6}, {"serial": 8, "custom2": "x"}])
+        with self.assertRaises(ValueError):
+            await self.registry.update_device(5, {"nonsense": "x"})
+        self.assertEqual(told, [(5,), (6, 8)])
+
     # -- listing --
 
     async def test_list_devices_pages(self) -> None:

@@ -10,12 +10,15 @@ It is three parts on one database, split by job:
 * :mod:`.command_queue`: the ``commands`` table (:class:`CommandQueue`).
 
 :class:`Registry` composes them for the relay and the API.  Several relays may
-share one PostgreSQL database: the registry keeps no cache, and a relay only
-marks disconnected the devices it holds itself.
+share one PostgreSQL database: the registry itself keeps no cache (the relay's
+cache in :mod:`.hot_path` is told of this relay's changes through
+:meth:`Registry.on_devices_changed`), and a relay only marks disconnected the
+devices it holds itself.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from .command_queue import COMMAND_STATES, Command, CommandQueue
@@ -72,11 +75,33 @@ class Registry:
         # The API's.
         self.list_devices = devices.list_devices
         self.get_device = devices.get_device
-        self.update_device = devices.update_device
-        self.import_devices = devices.import_devices
         self.add_command = commands.add_command
         self.list_commands = commands.list_commands
         self.close = database.close
+        self._change_listeners: list[Callable[[Iterable[int]], None]] = []
+
+    def on_devices_changed(self, listener: Callable[[Iterable[int]], None]) -> None:
+        """Call ``listener(serials)`` after devices' settings were changed here."""
+        self._change_listeners.append(listener)
+
+    def _changed(self, serials: Iterable[int]) -> None:
+        serials = tuple(serials)
+        for listener in self._change_listeners:
+            listener(serials)
+
+    @returns_deferred
+    async def update_device(self, serial: int, changes: Mapping[str, str | None]) -> Any:
+        """:meth:`DeviceStore.update_device`, then the change listeners are told."""
+        result = await self.devices.update_device(serial, changes)
+        self._changed([serial])
+        return result
+
+    @returns_deferred
+    async def import_devices(self, rows: list[Mapping[str, Any]]) -> tuple[int, int]:
+        """:meth:`DeviceStore.import_devices`, then the change listeners are told."""
+        result = await self.devices.import_devices(rows)
+        self._changed(row["serial"] for row in rows)
+        return result
 
     @classmethod
     def from_url(cls, url: str, reactor: Any = None) -> Registry:

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from twisted.enterprise import adbapi
+from twisted.internet.defer import Deferred
 
 from ..codec import UINT32_MAX, Hello
 from ..commands import iso8601
@@ -361,6 +362,34 @@ class DeviceStore:
             check_serial(serial),
         )
         return changed > 0
+
+    def record_activity(
+        self, activity: list[tuple[int, int, float | None, float, str | None]]
+    ) -> Deferred[None]:
+        """
+        Record many devices' commits and errors in one transaction (see
+        :class:`~oemrelay.registry.hot_path.ActivityBatch`).
+
+        :param activity: per device ``(serial, records committed, last
+            upload or None, last seen, last error or None)``.  ``last_seen``
+            never moves back; unknown devices are skipped.
+        """
+        return self._database.interaction(self._txn_record_activity, activity)
+
+    def _txn_record_activity(self, txn: adbapi.Transaction, activity: list) -> None:
+        for serial, records, last_upload, last_seen, last_error in activity:
+            self._database.execute(
+                txn,
+                """
+                UPDATE devices SET records_committed = records_committed + ?,
+                    last_upload = COALESCE(?, last_upload),
+                    last_seen = CASE WHEN last_seen IS NULL OR last_seen < ?
+                                     THEN ? ELSE last_seen END,
+                    last_error = ?
+                WHERE serial = ?
+                """,
+                (records, last_upload, last_seen, last_seen, last_error, serial),
+            )
 
     @returns_deferred
     async def delivery_failed(self, serial: int, reason: str, now: float) -> bool:
