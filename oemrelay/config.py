@@ -30,6 +30,7 @@ from .oneline import one_line
 from .registry_url import check_postgresql_url
 from .templates import has_placeholders
 from .tls import load_client_certificate
+from .workers import shareable
 
 
 class ConfigError(Exception):
@@ -215,6 +216,21 @@ def _whole_seconds(value: str) -> int:
     return number
 
 
+_MAX_WORKERS = 64
+
+
+def _workers(value: str) -> int:
+    if value == "auto":
+        return os.cpu_count() or 1
+    try:
+        number = int(value)
+    except ValueError:
+        raise ValueError(f"must be a whole number of processes or auto, got {value!r}") from None
+    if not 1 <= number <= _MAX_WORKERS:
+        raise ValueError(f"must be from 1 to {_MAX_WORKERS} or auto, got {number}")
+    return number
+
+
 def _cache_seconds(value: str) -> float:
     try:
         number = float(value)
@@ -324,6 +340,11 @@ class RelayConfig:
     )
     node: str = _setting(
         _node_name, "", "This relay's name in the registry; empty: the host name."
+    )
+    workers: int = _setting(
+        _workers,
+        "1",
+        "Processes serving devices (tcp: and haproxy:tcp: listeners); auto: one per core.",
     )
     profile_cache_seconds: float = _setting(
         _cache_seconds,
@@ -603,6 +624,14 @@ def config_from_string(text: str, source: str = "<string>") -> Config:
             "must be longer than commit_timeout, or silent waits for the end"
             " server would close devices",
         )
+    if relay_values["workers"] > 1:
+        for description in relay_values["listen"]:
+            if not shareable(_VALIDATION_REACTOR, description):
+                raise fail(
+                    "relay",
+                    "workers",
+                    f"workers can share tcp: and haproxy:tcp: listeners only, not {description!r}",
+                )
     try:
         api = _api_config(read("api", SCHEMA["api"]))
     except _KeyProblem as problem:

@@ -72,10 +72,15 @@ def stop_after_failed_start(reactor) -> Callable[[], None]:
 class RegistryService(Service):
     """Opens the registry at start-up and closes it at shutdown."""
 
-    def __init__(self, registry: Registry, node: str, on_start_failure: Callable[[], None]) -> None:
+    def __init__(
+        self, registry: Registry, node: str, on_start_failure: Callable[[], None],
+        *, release_node: bool = True,
+    ) -> None:
         self.registry = registry
         self._node = node
         self._on_start_failure = on_start_failure
+        # A worker leaves releasing the node's stale devices to its parent.
+        self._release_node = release_node
 
     def startService(self) -> None:
         super().startService()
@@ -84,7 +89,7 @@ class RegistryService(Service):
 
     async def _start(self) -> None:
         try:
-            released = await self.registry.start(self._node)
+            released = await self.registry.start(self._node if self._release_node else None)
         except Exception as error:
             # Without its registry the relay could not honour custom fields
             # or overrides: stop, and let the supervisor retry.
@@ -94,6 +99,9 @@ class RegistryService(Service):
                 reason=one_line(error),
             )
             self._on_start_failure()
+            return
+        if not self._release_node:
+            log.info("registry {url} ready", url=self.registry.url_for_logs)
             return
         log.info(
             "registry {url} ready; {released} devices left connected to node"
@@ -165,12 +173,24 @@ class Listener(StreamServerEndpointService):
         self._on_start_failure()
 
 
-def build_service(config: Config, reactor) -> MultiService:
-    """Everything the relay runs, ready for ``twistd`` to start."""
-    top = MultiService()
+def build_service(config: Config, reactor, *, adopted=None) -> MultiService:
+    """
+    Everything the relay runs, ready for ``twistd`` to start.
+
+    :param adopted: in a worker process (:mod:`oemrelay.workers`), the
+        parent's listening sockets; with ``[relay] workers`` above 1 and no
+        ``adopted``, the parent that starts the workers.
+    """
     on_start_failure = stop_after_failed_start(reactor)
+    if adopted is None and config.relay.workers > 1:
+        from .workers import build_supervisor
+
+        return build_supervisor(config, reactor, on_start_failure)
+    top = MultiService()
     registry = Registry.from_url(config.relay.registry, reactor)
-    RegistryService(registry, config.relay.node, on_start_failure).setServiceParent(top)
+    RegistryService(
+        registry, config.relay.node, on_start_failure, release_node=adopted is None
+    ).setServiceParent(top)
     # Profiles cached, commit counters batched: no query per upload.
     ledger = RelayLedger(registry, reactor, config.relay.profile_cache_seconds)
     ledger.activity.setServiceParent(top)
@@ -198,6 +218,10 @@ def build_service(config: Config, reactor) -> MultiService:
         idle_timeout=config.relay.idle_timeout,
         max_message=config.relay.max_message,
     )
+    if adopted is not None:
+        # A worker: the parent listens, serves the API and tells it of changes.
+        adopted.serve(top, devices, ledger)
+        return top
     for description in config.relay.listen:
         Listener("relay", description, devices, reactor, on_start_failure).setServiceParent(top)
     if config.api.listen:

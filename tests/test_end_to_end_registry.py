@@ -319,7 +319,7 @@ class _RegistryTestCase(_RelayTestCase):
 
     def relay_config(
         self, connectors: str, *, registry: str, default: str, node: str = "node-a",
-        profile_cache_seconds: float = 5,
+        profile_cache_seconds: float = 5, workers: int = 1,
     ) -> tuple[str, str]:
         """A whole configuration with ``connectors``, and its new API token."""
         token = self.secret(f"API token of {node}", secrets.token_urlsafe(24))
@@ -333,6 +333,7 @@ idle_timeout = 30
 registry = {registry}
 node = {node}
 profile_cache_seconds = {profile_cache_seconds}
+workers = {workers}
 
 [api]
 listen = {LISTEN}
@@ -927,6 +928,39 @@ timeout = 5
         )
         for number, issued in enumerate(fake.issued):
             self.secret(f"access token {number}", issued)
+        await self.assert_secrets_not_logged()
+
+
+class WorkersEndToEndTests(_RegistryTestCase):
+    """A relay with two worker processes behind one port and one API."""
+
+    async def test_devices_served_and_changes_seen_by_workers(self) -> None:
+        """Two workers share the port; an API change reaches a worker's cached profile at once."""
+        server = self.start_http_server()
+        config, token = self.relay_config(
+            templated_http_connector("platform", server.port),
+            registry=self.sqlite_registry(),
+            default="platform",
+            profile_cache_seconds=600,
+            workers=2,
+        )
+        relay = await self.start_relay(config, token)
+        await self.wait_until(
+            lambda: set(re.findall(rb"worker (\d) \(pid \d+\) serving", relay.daemon.output))
+            == {b"1", b"2"},
+            "both workers to serve",
+        )
+        code, _ = await self.api(relay, "PUT", f"/api/devices/{DART_SERIAL}", {"custom1": "truck-9"})
+        self.assertEqual(code, 201)
+        device = await self.hello(relay)
+        await self.upload(device, DENMARK)
+        code, _ = await self.api(relay, "PUT", f"/api/devices/{DART_SERIAL}", {"custom1": "truck-10"})
+        self.assertEqual(code, 200)
+        # The worker learns of the change over its stdin, not in step with
+        # the device's socket: give the line a moment to arrive.
+        await deferLater(self.reactor, 0.5, lambda: None)
+        await self.upload(device, AUCKLAND)
+        self.assertEqual([post.uri for post in server.requests], ["/dm/truck-9", "/dm/truck-10"])
         await self.assert_secrets_not_logged()
 
 
