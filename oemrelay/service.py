@@ -173,6 +173,25 @@ class Listener(StreamServerEndpointService):
         self._on_start_failure()
 
 
+def add_registry(
+    top: MultiService, config: Config, reactor, on_start_failure: Callable[[], None],
+    *, main: bool = True,
+) -> Registry:
+    """
+    The registry, opened and closed by a child of ``top``.  The ``main``
+    process of a relay (not a worker) also releases the node's stale devices
+    and listens for other relays' changes (PostgreSQL).
+    """
+    registry = Registry.from_url(config.relay.registry, reactor)
+    RegistryService(
+        registry, config.relay.node, on_start_failure, release_node=main
+    ).setServiceParent(top)
+    listener = registry.change_listener(reactor) if main else None
+    if listener is not None:
+        listener.setServiceParent(top)
+    return registry
+
+
 def build_service(config: Config, reactor, *, adopted=None) -> MultiService:
     """
     Everything the relay runs, ready for ``twistd`` to start.
@@ -187,10 +206,7 @@ def build_service(config: Config, reactor, *, adopted=None) -> MultiService:
 
         return build_supervisor(config, reactor, on_start_failure)
     top = MultiService()
-    registry = Registry.from_url(config.relay.registry, reactor)
-    RegistryService(
-        registry, config.relay.node, on_start_failure, release_node=adopted is None
-    ).setServiceParent(top)
+    registry = add_registry(top, config, reactor, on_start_failure, main=adopted is None)
     # Profiles cached, commit counters batched: no query per upload.
     ledger = RelayLedger(registry, reactor, config.relay.profile_cache_seconds)
     ledger.activity.setServiceParent(top)

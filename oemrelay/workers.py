@@ -364,13 +364,12 @@ class WorkerSupervisor(Service):
 def build_supervisor(config: Config, reactor, on_start_failure: Callable[[], None]) -> MultiService:
     """The parent of ``[relay] workers`` > 1: registry, API and the workers."""
     from .api import build_api
-    from .service import Listener, RegistryService
-    from .registry import Registry
     from twisted.web.server import Site
 
+    from .service import Listener, add_registry
+
     top = MultiService()
-    registry = Registry.from_url(config.relay.registry, reactor)
-    RegistryService(registry, config.relay.node, on_start_failure).setServiceParent(top)
+    registry = add_registry(top, config, reactor, on_start_failure)
     supervisor = WorkerSupervisor(
         reactor,
         config.relay.listen,

@@ -973,10 +973,10 @@ class SharedRegistryEndToEndTests(_RegistryTestCase):
         server = self.start_http_server()
         connector = templated_http_connector("platform", server.port)
         config_a, token_a = self.relay_config(connector, registry=registry, default="platform", node="node-a")
-        # B sees changes made through A within profile_cache_seconds: 0 here.
+        # B caches profiles for long: A's changes reach it by NOTIFY.
         config_b, token_b = self.relay_config(
             connector, registry=registry, default="platform", node="node-b",
-            profile_cache_seconds=0,
+            profile_cache_seconds=600,
         )
         relay_a, relay_b = await gather(
             self.start_relay(config_a, token_a, "relay-a"),
@@ -1005,6 +1005,8 @@ class SharedRegistryEndToEndTests(_RegistryTestCase):
         # A change made through A reaches B's next upload on the same connection.
         code, _ = await self.api(relay_a, "PUT", f"/api/devices/{DART_SERIAL}", {"custom1": "truck-10"})
         self.assertEqual(code, 200)
+        # The notification reaches B apart from the device's socket: a moment.
+        await deferLater(self.reactor, 0.5, lambda: None)
         await self.upload(device, AUCKLAND)
         self.assertEqual([post.uri for post in server.requests], ["/dm/truck-9", "/dm/truck-10"])
 

@@ -15,6 +15,7 @@ from dataclasses import fields as dataclass_fields
 
 from twisted.internet import reactor
 from twisted.internet.defer import DeferredList
+from twisted.internet.task import deferLater
 from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
@@ -640,6 +641,43 @@ class PostgreSQLRegistryTests(RegistryScenariosMixin, TestCase):
         )
         schemas = [row[0] for row in rows]
         self.assertIn(self.url.rsplit("%3D", 1)[1], schemas)
+
+
+    async def until(self, what: str, condition) -> None:
+        for _ in range(200):
+            if condition():
+                return
+            await deferLater(reactor, 0.05, lambda: None)
+        self.fail(f"timed out waiting for {what}")
+
+    async def test_changes_notified_to_other_relays(self) -> None:
+        """A change through one registry reaches another's listeners by NOTIFY, with its serials."""
+        other = await self.open_registry()
+        told: list = []
+        other.on_devices_changed(told.append)
+        listener = other.change_listener(reactor)
+        listener.startService()
+        self.addCleanup(listener.stopService)
+        await self.until("the listener to connect", lambda: None in told)
+        await self.registry.update_device(5, {"custom1": "one"})
+        await self.registry.import_devices([{"serial": 6}, {"serial": 8}])
+        await self.until("the notifications", lambda: (6, 8) in told)
+        self.assertEqual(told, [None, (5,), (6, 8)])
+
+    async def test_refused_change_not_notified(self) -> None:
+        """A change refused as invalid notifies nothing."""
+        other = await self.open_registry()
+        told: list = []
+        other.on_devices_changed(told.append)
+        listener = other.change_listener(reactor)
+        listener.startService()
+        self.addCleanup(listener.stopService)
+        await self.until("the listener to connect", lambda: None in told)
+        with self.assertRaises(ValueError):
+            await self.registry.import_devices([{"serial": 6}, {"serial": 7, "nonsense": "x"}])
+        await self.registry.update_device(9, {})
+        await self.until("the later notification", lambda: (9,) in told)
+        self.assertEqual(told, [None, (9,)])
 
 
 class DeviceFieldsTests(SynchronousTestCase):

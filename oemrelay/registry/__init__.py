@@ -11,9 +11,10 @@ It is three parts on one database, split by job:
 
 :class:`Registry` composes them for the relay and the API.  Several relays may
 share one PostgreSQL database: the registry itself keeps no cache (the relay's
-cache in :mod:`.hot_path` is told of this relay's changes through
-:meth:`Registry.on_devices_changed`), and a relay only marks disconnected the
-devices it holds itself.
+profile cache in :mod:`.hot_path` is told of changes through
+:meth:`Registry.on_devices_changed`: this relay's at once, other relays'
+through PostgreSQL notifications, :mod:`.notify`), and a relay only marks
+disconnected the devices it holds itself.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from .database import (
     returns_deferred,
 )
 from .devices import DEVICE_SETTINGS, DeviceRecord, DeviceStore
+from .notify import ChangeListener
 
 __all__ = [
     "COMMAND_STATES",
@@ -78,29 +80,50 @@ class Registry:
         self.add_command = commands.add_command
         self.list_commands = commands.list_commands
         self.close = database.close
-        self._change_listeners: list[Callable[[Iterable[int]], None]] = []
+        self._change_listeners: list[Callable[[Iterable[int] | None], None]] = []
 
-    def on_devices_changed(self, listener: Callable[[Iterable[int]], None]) -> None:
-        """Call ``listener(serials)`` after devices' settings were changed here."""
+    def on_devices_changed(self, listener: Callable[[Iterable[int] | None], None]) -> None:
+        """
+        Call ``listener(serials)`` after devices' settings were changed here,
+        or (through :meth:`change_listener`) by another relay; ``None``: any
+        device may have changed.
+        """
         self._change_listeners.append(listener)
 
-    def _changed(self, serials: Iterable[int]) -> None:
-        serials = tuple(serials)
+    def devices_changed(self, serials: Iterable[int] | None) -> None:
+        """Tell the change listeners that ``serials`` (None: any device) changed."""
+        serials = None if serials is None else tuple(serials)
         for listener in self._change_listeners:
             listener(serials)
+
+    def change_listener(self, reactor: Any) -> ChangeListener | None:
+        """
+        A service hearing other relays' changes to this registry and telling
+        the change listeners; None on SQLite, which cannot notify.
+        """
+        if self.database.connect_args is None:
+            return None
+        args, kwargs = self.database.connect_args
+
+        def connect() -> Any:
+            import psycopg
+
+            return psycopg.connect(*args, autocommit=True, **kwargs)
+
+        return ChangeListener(connect, reactor, self.devices_changed)
 
     @returns_deferred
     async def update_device(self, serial: int, changes: Mapping[str, str | None]) -> Any:
         """:meth:`DeviceStore.update_device`, then the change listeners are told."""
         result = await self.devices.update_device(serial, changes)
-        self._changed([serial])
+        self.devices_changed([serial])
         return result
 
     @returns_deferred
     async def import_devices(self, rows: list[Mapping[str, Any]]) -> tuple[int, int]:
         """:meth:`DeviceStore.import_devices`, then the change listeners are told."""
         result = await self.devices.import_devices(rows)
-        self._changed(row["serial"] for row in rows)
+        self.devices_changed(row["serial"] for row in rows)
         return result
 
     @classmethod

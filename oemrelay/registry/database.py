@@ -193,6 +193,9 @@ class Database:
         self._url_for_logs = url_for_logs
         self._reactor = reactor
         self._closed = False
+        #: psycopg.connect's arguments for a connection of one's own
+        #: (PostgreSQL only: LISTEN); None on SQLite.
+        self.connect_args: tuple[tuple[Any, ...], dict[str, Any]] | None = None
         # Calls made before start() finished wait here; None once it has.
         self._not_started: list[Deferred[None]] | None = []
         if pool.dbapi.paramstyle in ("format", "pyformat"):
@@ -241,7 +244,10 @@ class Database:
             **dialect.pool_options,
             **kwargs,
         )
-        return cls(pool, dialect, url_for_logs, reactor)
+        database = cls(pool, dialect, url_for_logs, reactor)
+        if dialect is _POSTGRESQL:
+            database.connect_args = (args, kwargs)
+        return database
 
     @property
     def url_for_logs(self) -> str:
@@ -275,6 +281,11 @@ class Database:
         """Run one statement; how many rows it changed."""
         self.execute(txn, sql, params)
         return txn.rowcount
+
+    def txn_notify(self, txn: adbapi.Transaction, channel: str, payload: str) -> None:
+        """Send a notification when the transaction commits (PostgreSQL; nothing on SQLite)."""
+        if self._dialect is _POSTGRESQL:
+            self.execute(txn, "SELECT pg_notify(?, ?)", (channel, payload))
 
     # -- from the reactor --
 

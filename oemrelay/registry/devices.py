@@ -22,6 +22,7 @@ from ..codec import UINT32_MAX, Hello
 from ..commands import iso8601
 from ..relay import DeviceProfile
 from .database import Database, returns_deferred
+from .notify import DEVICES_CHANNEL, changes_payload
 
 MAX_SERIAL = UINT32_MAX
 
@@ -449,7 +450,14 @@ class DeviceStore:
         """
         serial = check_serial(serial)
         checked = _check_settings(changes)
-        return await self._database.interaction(self._txn_update_device, serial, checked)
+        return await self._database.interaction(self._txn_update_and_notify, serial, checked)
+
+    def _txn_update_and_notify(
+        self, txn: adbapi.Transaction, serial: int, changes: Mapping[str, str | None]
+    ) -> tuple[DeviceRecord, bool]:
+        updated = self._txn_update_device(txn, serial, changes)
+        self._database.txn_notify(txn, DEVICES_CHANNEL, changes_payload([serial]))
+        return updated
 
     def _txn_update_device(
         self, txn: adbapi.Transaction, serial: int, changes: Mapping[str, str | None]
@@ -512,4 +520,7 @@ class DeviceStore:
                 # Raising makes adbapi roll the whole import back.
                 raise ValueError(f"row {index}: the database refused it: {reason}") from e
             created += new
+        self._database.txn_notify(
+            txn, DEVICES_CHANNEL, changes_payload(serial for serial, _ in rows)
+        )
         return created, len(rows) - created
