@@ -348,7 +348,7 @@ class RelayConfig:
     )
     profile_cache_seconds: float = _setting(
         _cache_seconds,
-        "5",
+        "30",
         "Seconds a device's custom fields and connector override are kept in"
         " memory; a change made elsewhere takes effect within this; 0: none kept.",
     )
