@@ -4,7 +4,8 @@ One load process of the benchmark: a fleet of simulated devices
 
     python bench/load.py PORT DEVICES RECORDS WARMUP SECONDS SERIAL_BASE [RATE]
 
-The devices connect and upload as fast as the relay commits (or, with RATE,
+The devices (each sending the same pre-encoded records every time, see
+:func:`_cheap_uploads`) connect and upload as fast as the relay commits (or, with RATE,
 that many uploads per second in all); after WARMUP seconds it prints
 ``measuring`` (the caller samples the relay's CPU then), and after SECONDS
 more one JSON line: records and uploads committed in the window, its length
@@ -24,7 +25,31 @@ from twisted.internet import reactor, task  # noqa: E402
 from twisted.internet.defer import Deferred  # noqa: E402
 from twisted.internet.endpoints import TCP4ClientEndpoint  # noqa: E402
 
+from oemrelay import simulator  # noqa: E402
+from oemrelay.codec import COMMIT_REQUEST  # noqa: E402
 from oemrelay.simulator import DeviceSettings, Fleet, endpoint_connect, percentile  # noqa: E402
+
+
+def _cheap_uploads(records: int) -> None:
+    """
+    Every device sends the same pre-encoded upload each time (the same
+    sequence numbers again, which the relay does not mind), so the load
+    processes spend their CPU on the network, not on making records: making
+    fresh records cost the load more than the relay spent on them.
+    """
+    track = simulator.DeviceTrack(100000)
+    start = 400_000_000
+    upload = simulator.records_frames(
+        [track.record(seq, start + seq * simulator.LOG_INTERVAL) for seq in range(records)]
+    ) + COMMIT_REQUEST
+    original = simulator.SimulatedDevice._send_upload
+
+    def send_upload(device) -> None:
+        if device._upload is None:
+            device._upload = (upload, records)
+        original(device)
+
+    simulator.SimulatedDevice._send_upload = send_upload
 
 
 async def measure(port: int, devices: int, records: int, warmup: float, seconds: float,
@@ -37,6 +62,7 @@ async def measure(port: int, devices: int, records: int, warmup: float, seconds:
                        interval=devices / rate if rate else 0.0),
         serial_base,
     )
+    _cheap_uploads(records)
     running = Deferred.fromCoroutine(fleet.run())
     await task.deferLater(reactor, warmup, lambda: None)
     stats = fleet.stats

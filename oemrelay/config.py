@@ -216,19 +216,24 @@ def _whole_seconds(value: str) -> int:
     return number
 
 
+def _whole_number(value: str, unit: str, low: int, high: int, words: str = "") -> int:
+    """``value`` as a whole number from ``low`` to ``high`` (of ``unit``)."""
+    try:
+        number = int(value)
+    except ValueError:
+        raise ValueError(f"must be a whole number of {unit}{words}, got {value!r}") from None
+    if not low <= number <= high:
+        raise ValueError(f"must be from {low} to {high}{words}, got {number}")
+    return number
+
+
 _MAX_WORKERS = 64
 
 
 def _workers(value: str) -> int:
     if value == "auto":
         return os.cpu_count() or 1
-    try:
-        number = int(value)
-    except ValueError:
-        raise ValueError(f"must be a whole number of processes or auto, got {value!r}") from None
-    if not 1 <= number <= _MAX_WORKERS:
-        raise ValueError(f"must be from 1 to {_MAX_WORKERS} or auto, got {number}")
-    return number
+    return _whole_number(value, "processes", 1, _MAX_WORKERS, " or auto")
 
 
 def _cache_seconds(value: str) -> float:
@@ -245,13 +250,7 @@ _MAX_POOL_SIZE = 65536
 
 
 def _pool_size(value: str) -> int:
-    try:
-        number = int(value)
-    except ValueError:
-        raise ValueError(f"must be a whole number of connections, got {value!r}") from None
-    if not 1 <= number <= _MAX_POOL_SIZE:
-        raise ValueError(f"must be from 1 to {_MAX_POOL_SIZE}, got {number}")
-    return number
+    return _whole_number(value, "connections", 1, _MAX_POOL_SIZE)
 
 
 def _optional_http_url(value: str) -> str:

@@ -650,8 +650,8 @@ class PostgreSQLRegistryTests(RegistryScenariosMixin, TestCase):
             await deferLater(reactor, 0.05, lambda: None)
         self.fail(f"timed out waiting for {what}")
 
-    async def test_changes_notified_to_other_relays(self) -> None:
-        """A change through one registry reaches another's listeners by NOTIFY, with its serials."""
+    async def listening_registry(self) -> list:
+        """Another registry listening for changes; the serials it is told, once connected."""
         other = await self.open_registry()
         told: list = []
         other.on_devices_changed(told.append)
@@ -659,6 +659,11 @@ class PostgreSQLRegistryTests(RegistryScenariosMixin, TestCase):
         listener.startService()
         self.addCleanup(listener.stopService)
         await self.until("the listener to connect", lambda: None in told)
+        return told
+
+    async def test_changes_notified_to_other_relays(self) -> None:
+        """A change through one registry reaches another's listeners by NOTIFY, with its serials."""
+        told = await self.listening_registry()
         await self.registry.update_device(5, {"custom1": "one"})
         await self.registry.import_devices([{"serial": 6}, {"serial": 8}])
         await self.until("the notifications", lambda: (6, 8) in told)
@@ -666,13 +671,7 @@ class PostgreSQLRegistryTests(RegistryScenariosMixin, TestCase):
 
     async def test_refused_change_not_notified(self) -> None:
         """A change refused as invalid notifies nothing."""
-        other = await self.open_registry()
-        told: list = []
-        other.on_devices_changed(told.append)
-        listener = other.change_listener(reactor)
-        listener.startService()
-        self.addCleanup(listener.stopService)
-        await self.until("the listener to connect", lambda: None in told)
+        told = await self.listening_registry()
         with self.assertRaises(ValueError):
             await self.registry.import_devices([{"serial": 6}, {"serial": 7, "nonsense": "x"}])
         await self.registry.update_device(9, {})
