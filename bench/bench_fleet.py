@@ -117,13 +117,29 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-async def run(devices: int, seconds: float, records: int, workdir: str) -> None:
+def relay_cpu_seconds(pid: int) -> float:
+    """The CPU time of the relay and its worker processes."""
+    total = cpu_seconds(pid)
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            children = [int(child) for child in f.read().split()]
+    except OSError:
+        children = []
+    for child in children:
+        try:
+            total += cpu_seconds(child)
+        except OSError:
+            pass  # ended meanwhile
+    return total
+
+
+async def run(devices: int, seconds: float, records: int, workdir: str, workers: int = 1) -> None:
     sink = subprocess.Popen(
         [sys.executable, "-c", SINK], stdout=subprocess.PIPE, text=True
     )
     sink_port = int(sink.stdout.readline())
     relay_port = free_port()
-    config = write_relay_config(workdir, relay_port, sink_port)
+    config = write_relay_config(workdir, relay_port, sink_port, f"workers = {workers}\n")
     relay = spawn_relay(
         config,
         workdir,
@@ -137,19 +153,20 @@ async def run(devices: int, seconds: float, records: int, workdir: str) -> None:
         )
         running = defer.Deferred.fromCoroutine(fleet.run())
         await task.deferLater(reactor, 2, lambda: None)  # warm up
-        records_before, cpu_before = fleet.stats.records, cpu_seconds(relay.pid)
+        records_before, cpu_before = fleet.stats.records, relay_cpu_seconds(relay.pid)
         latencies_before = len(fleet.stats.latencies)
         started = time.monotonic()
         await task.deferLater(reactor, seconds, lambda: None)
         elapsed = time.monotonic() - started
         committed = fleet.stats.records - records_before
-        cpu = cpu_seconds(relay.pid) - cpu_before
+        cpu = relay_cpu_seconds(relay.pid) - cpu_before
         measured = fleet.stats.latencies[latencies_before:]
         fleet.stop()
         summary = await running
         print(f"devices               {devices}")
         print(f"seconds               {elapsed:.1f}")
         print(f"records per upload    {records}")
+        print(f"workers               {workers}")
         print(f"records committed     {committed}")
         print(f"records/s             {committed / elapsed:,.0f}")
         print(f"withheld, reconnects  {summary['withheld']}, {summary['reconnects']}")
@@ -169,9 +186,10 @@ def main() -> None:
     parser.add_argument("--devices", type=int, default=200)
     parser.add_argument("--seconds", type=float, default=20)
     parser.add_argument("--records", type=int, default=14, help="records per upload")
+    parser.add_argument("--workers", type=int, default=1, help="[relay] workers")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as workdir:
-        done = defer.Deferred.fromCoroutine(run(args.devices, args.seconds, args.records, workdir))
+        done = defer.Deferred.fromCoroutine(run(args.devices, args.seconds, args.records, workdir, args.workers))
         done.addErrback(lambda failure: print(failure.getTraceback()))
         done.addBoth(lambda _: reactor.stop())
         reactor.run()

@@ -21,7 +21,13 @@ from urllib.parse import urlsplit
 
 from hyperlink import EncodedURL
 from OpenSSL import SSL
-from twisted.internet.endpoints import clientFromString, serverFromString
+from twisted.internet.endpoints import (
+    TCP4ServerEndpoint,
+    TCP6ServerEndpoint,
+    _WrapperServerEndpoint,
+    clientFromString,
+    serverFromString,
+)
 from twisted.internet.interfaces import IReactorPluggableNameResolver
 from zope.interface import implementer
 
@@ -276,22 +282,53 @@ def _whole_seconds(value: str) -> int:
     return number
 
 
-def _whole_number(value: str, minimum: int) -> int:
+def _whole_number(
+    value: str, unit: str, low: int, high: int | None = None, words: str = ""
+) -> int:
+    """``value`` as a whole number of ``unit`` from ``low`` to ``high`` (None: no upper bound)."""
     try:
         number = int(value)
     except ValueError:
-        raise ValueError(f"must be a whole number, got {value!r}") from None
-    if number < minimum:
-        raise ValueError(f"must be {minimum} or more, got {number}")
+        raise ValueError(f"must be a whole number of {unit}{words}, got {value!r}") from None
+    if high is None and number < low:
+        raise ValueError(f"must be {low} or more, got {number}")
+    if high is not None and not low <= number <= high:
+        raise ValueError(f"must be from {low} to {high}{words}, got {number}")
     return number
 
 
+_MAX_WORKERS = 64
+
+
+def _workers(value: str) -> int:
+    if value == "auto":
+        return os.cpu_count() or 1
+    return _whole_number(value, "processes", 1, _MAX_WORKERS, " or auto")
+
+
+def _cache_seconds(value: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        raise ValueError(f"must be a number of seconds, got {value!r}") from None
+    if not 0 <= number <= 3600:
+        raise ValueError(f"must be from 0 to 3600 seconds, got {value!r}")
+    return number
+
+
+_MAX_POOL_SIZE = 65536
+
+
+def _pool_size(value: str) -> int:
+    return _whole_number(value, "connections", 1, _MAX_POOL_SIZE)
+
+
 def _record_count(value: str) -> int:
-    return _whole_number(value, 1)
+    return _whole_number(value, "records", 1)
 
 
 def _attempt_count(value: str) -> int:
-    return _whole_number(value, 0)
+    return _whole_number(value, "attempts", 0)
 
 
 def _optional_http_url(value: str) -> str:
@@ -569,6 +606,17 @@ class RelayConfig:
         "604800",
         "Seconds an upload waits in the spool before it moves to the dead letters.",
     )
+    workers: int = _setting(
+        _workers,
+        "1",
+        "Processes serving devices (tcp: and haproxy:tcp: listeners); auto: one per core.",
+    )
+    profile_cache_seconds: float = _setting(
+        _cache_seconds,
+        "30",
+        "Seconds a device's custom fields and connector override are kept in"
+        " memory; a change made elsewhere takes effect within this; 0: none kept.",
+    )
 
 
 @dataclass(frozen=True)
@@ -652,6 +700,11 @@ class HttpConnectorConfig:
         " ``form``: an ``application/x-www-form-urlencoded`` body"
         " ``DeviceData=<the same JSON>``, as older OEM Servers posted it, for"
         " end servers built for those.",
+    )
+    pool_size: int = _setting(
+        _pool_size,
+        "256",
+        "Connections kept open to the end server, and POSTs in flight to it at most.",
     )
     client_cert: str = _setting(
         _readable_file,
@@ -814,6 +867,7 @@ _ROLE_KEYS: _Schema = _keys_of(ConnectorRoleConfig)
 #: The keys an azure-iothub section shares with http, after its own.
 _IOTHUB_SHARED = (
     "timeout",
+    "pool_size",
     "ca_file",
     "client_cert",
     "client_key",
@@ -924,6 +978,22 @@ def exposed_secrets_warning(config: Config) -> str | None:
         f"{config.source} holds secrets and every user may read it;"
         f" chmod o-r {config.source}"
     )
+
+
+_TCP_ENDPOINTS = (TCP4ServerEndpoint, TCP6ServerEndpoint)
+
+
+def tcp_endpoint(endpoint: object) -> object | None:
+    """The TCP endpoint ``endpoint`` listens with (under a haproxy: wrapper), or None."""
+    if isinstance(endpoint, _WrapperServerEndpoint):
+        # Twisted keeps the wrapped endpoint private; haproxy: is such a wrapper.
+        endpoint = endpoint._wrappedEndpoint
+    return endpoint if isinstance(endpoint, _TCP_ENDPOINTS) else None
+
+
+def shareable(reactor, description: str) -> bool:
+    """Whether worker processes can share the listener ``description``."""
+    return tcp_endpoint(serverFromString(reactor, description)) is not None
 
 
 def load_config(path: str) -> Config:
@@ -1039,6 +1109,14 @@ def config_from_string(text: str, source: str = "<string>") -> Config:
             "must be longer than commit_timeout, or silent waits for the end"
             " server would close devices",
         )
+    if relay_values["workers"] > 1:
+        for description in relay_values["listen"]:
+            if not shareable(_VALIDATION_REACTOR, description):
+                raise fail(
+                    "relay",
+                    "workers",
+                    f"workers can share tcp: and haproxy:tcp: listeners only, not {description!r}",
+                )
     try:
         _check_tls(relay_values)
     except _KeyProblem as problem:

@@ -225,6 +225,11 @@ class RelayMetrics(RelayObserver):
         """
         if multiprocess_dir is None:
             return generate_latest(self.registry)
+        return self.exposition_of(multiprocess_dir)
+
+    @staticmethod
+    def exposition_of(multiprocess_dir: str) -> bytes:
+        """Every worker's metrics in ``multiprocess_dir``, summed, in the text format."""
         combined = CollectorRegistry()
         MultiProcessCollector(combined, path=multiprocess_dir)
         return generate_latest(combined)

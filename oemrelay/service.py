@@ -45,6 +45,7 @@ from .live import LiveHub
 from .metrics import RelayMetrics
 from .oneline import one_line
 from .registry import Registry
+from .registry.hot_path import RelayLedger
 from .relay import Relay, connector_names
 from .retry import RetryPolicy
 from .session import DeviceFactory
@@ -108,10 +109,15 @@ async def _open_or_stop(
 class RegistryService(Service):
     """Opens the registry at start-up and closes it at shutdown."""
 
-    def __init__(self, registry: Registry, node: str, on_start_failure: Callable[[], None]) -> None:
+    def __init__(
+        self, registry: Registry, node: str, on_start_failure: Callable[[], None],
+        *, release_node: bool = True,
+    ) -> None:
         self.registry = registry
         self._node = node
         self._on_start_failure = on_start_failure
+        # A worker leaves releasing the node's stale devices to its parent.
+        self._release_node = release_node
 
     def startService(self) -> None:
         super().startService()
@@ -123,9 +129,13 @@ class RegistryService(Service):
         # overrides: stop, and let the supervisor retry.
         opened = await _open_or_stop(
             "registry", self.registry.url_for_logs,
-            self.registry.start(self._node), self._on_start_failure,
+            self.registry.start(self._node if self._release_node else None),
+            self._on_start_failure,
         )
         if opened is _NOT_OPENED:
+            return
+        if not self._release_node:
+            log.info("registry {url} ready", url=self.registry.url_for_logs)
             return
         log.info(
             "registry {url} ready; {released} devices left connected to node"
@@ -331,8 +341,7 @@ def startup_fields(config: Config, registry_url: str) -> dict[str, object]:
         ),
         "registry": registry_url,
         "api": " ".join(config.api.listen) if config.api.listen else "off",
-        # [relay] workers arrives with the worker processes; until then there is one.
-        "workers": getattr(relay, "workers", 1),
+        "workers": relay.workers,
     }
 
 
@@ -418,15 +427,47 @@ def device_tls_options(relay: RelayConfig):
     )
 
 
-def build_service(config: Config, reactor) -> MultiService:
-    """Everything the relay runs, ready for ``twistd`` to start."""
-    top = StopInOrder()
-    exposed = exposed_secrets_warning(config)
-    if exposed is not None:
-        log.warn("{warning}", warning=exposed)
-    on_start_failure = stop_after_failed_start(reactor)
+def add_registry(
+    top: MultiService, config: Config, reactor, on_start_failure: Callable[[], None],
+    *, main: bool = True,
+) -> Registry:
+    """
+    The registry, opened and closed by a child of ``top``.  The ``main``
+    process of a relay (not a worker) also releases the node's stale devices
+    and listens for other relays' changes (PostgreSQL).
+    """
     registry = Registry.from_url(config.relay.registry, reactor)
-    RegistryService(registry, config.relay.node, on_start_failure).setServiceParent(top)
+    RegistryService(
+        registry, config.relay.node, on_start_failure, release_node=main
+    ).setServiceParent(top)
+    listener = registry.change_listener(reactor) if main else None
+    if listener is not None:
+        listener.setServiceParent(top)
+    return registry
+
+
+def build_service(config: Config, reactor, *, adopted=None) -> MultiService:
+    """
+    Everything the relay runs, ready for ``twistd`` to start.
+
+    :param adopted: in a worker process (:mod:`oemrelay.workers`), the
+        parent's listening sockets; with ``[relay] workers`` above 1 and no
+        ``adopted``, the parent that starts the workers.
+    """
+    on_start_failure = stop_after_failed_start(reactor)
+    if adopted is None and config.relay.workers > 1:
+        from .workers import build_supervisor
+
+        return build_supervisor(config, reactor, on_start_failure)
+    top = StopInOrder()
+    if adopted is None:
+        exposed = exposed_secrets_warning(config)
+        if exposed is not None:
+            log.warn("{warning}", warning=exposed)
+    registry = add_registry(top, config, reactor, on_start_failure, main=adopted is None)
+    # Profiles cached, commit counters batched: no query per upload.
+    ledger = RelayLedger(registry, reactor, config.relay.profile_cache_seconds)
+    ledger.activity.setServiceParent(top)
     observers = Observers()
     registry.database.call_observer = observers
     connectors = {}
@@ -459,7 +500,7 @@ def build_service(config: Config, reactor) -> MultiService:
     relay = Relay(
         connectors,
         config.relay.connector,
-        registry,
+        ledger,
         node=config.relay.node,
         clock=reactor,
         observers=observers,
@@ -485,6 +526,10 @@ def build_service(config: Config, reactor) -> MultiService:
     )
     device_service = DeviceService(devices, relay, config.relay.drain_seconds)
     device_service.setServiceParent(top)
+    if adopted is not None:
+        # A worker: the parent listens, serves the API and tells it of changes.
+        adopted.serve(device_service, devices, ledger)
+        return top
     listeners = []
     for description in config.relay.listen:
         listener = Listener("relay", description, devices, reactor, on_start_failure)

@@ -435,6 +435,32 @@ class ConfigErrorTests(ConfigErrorAssertions, SynchronousTestCase):
             "[connector:h]\ntype = http\nurl = http://h/\ntimeout = 0\n", "[connector:h] timeout"
         )
 
+    def test_profile_cache_seconds_bounds(self) -> None:
+        """profile_cache_seconds is 0 (no cache) to 3600 seconds."""
+        for value in ("-0.1", "3600.5", "nan", "soon"):
+            self.assert_error(
+                f"[relay]\nprofile_cache_seconds = {value}\n" + FILE_CONNECTOR,
+                "[relay] profile_cache_seconds",
+            )
+        for value in (0.0, 3600.0):
+            config = config_from_string(
+                f"[relay]\nprofile_cache_seconds = {value}\n" + FILE_CONNECTOR
+            )
+            self.assertEqual(config.relay.profile_cache_seconds, value)
+
+    def test_pool_size_bounds(self) -> None:
+        """An http connector's pool_size is 1 to 65536 connections."""
+        for value in ("0", "65537", "ten", "1.5"):
+            self.assert_error(
+                f"[connector:h]\ntype = http\nurl = http://h/\npool_size = {value}\n",
+                "[connector:h] pool_size",
+            )
+        for value in (1, 65536):
+            config = config_from_string(
+                f"[connector:h]\ntype = http\nurl = http://h/\npool_size = {value}\n"
+            )
+            self.assertEqual(config.connectors["h"].pool_size, value)
+
     def test_max_message_too_large(self) -> None:
         """max_message=70000 is above the protocol's limit."""
         self.assert_error("[relay]\nmax_message = 70000\n" + FILE_CONNECTOR, "[relay] max_message", "70000")
@@ -1308,7 +1334,7 @@ class SchemaTests(SynchronousTestCase):
         """An azure-iothub section takes its own keys, headers and the shared HTTPS keys only."""
         self.assertEqual(
             set(SCHEMA["azure-iothub"]),
-            {"hub", "device_id", "url", "header1", "header2", "header3", "timeout",
+            {"hub", "device_id", "url", "header1", "header2", "header3", "timeout", "pool_size",
              "ca_file", "client_cert", "client_key", "sas_key", "sas_policy",
              "sas_resource", "token_ttl", "role", "max_attempts"},
         )

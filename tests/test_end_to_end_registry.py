@@ -318,7 +318,8 @@ class _RegistryTestCase(_RelayTestCase):
         return f"sqlite:{self.path('registry.sqlite')}"
 
     def relay_config(
-        self, connectors: str, *, registry: str, default: str, node: str = "node-a"
+        self, connectors: str, *, registry: str, default: str, node: str = "node-a",
+        profile_cache_seconds: float = 5, workers: int = 1,
     ) -> tuple[str, str]:
         """A whole configuration with ``connectors``, and its new API token."""
         token = self.secret(f"API token of {node}", secrets.token_urlsafe(24))
@@ -331,6 +332,8 @@ commit_timeout = 5
 idle_timeout = 30
 registry = {registry}
 node = {node}
+profile_cache_seconds = {profile_cache_seconds}
+workers = {workers}
 
 [api]
 listen = {LISTEN}
@@ -625,10 +628,13 @@ class ConnectionStateEndToEndTests(_RegistryTestCase):
             lambda: relay.daemon.output.count(f"device {DART_SERIAL} from".encode()) == 1,
             "the relay to notice the old connection closed",
         )
-        # SQLite runs registry calls one at a time, in order: this GET comes
-        # after anything the old connection's end wrote.
-        code, shown = await self.api(relay, "GET", path)
-        self.assertEqual((code, shown["connected"], shown["records_committed"]), (200, True, 2))
+        # SQLite runs registry calls one at a time, in order: once the
+        # batched commit count is written, anything the old connection's end
+        # wrote is in too.
+        shown = await self.api_until(
+            relay, path, lambda d: d["records_committed"] == 2, "the batched commit count"
+        )
+        self.assertTrue(shown["connected"])
 
         new.transport.loseConnection()
         await self.api_until(relay, path, lambda d: not d["connected"], "the disconnection")
@@ -925,6 +931,39 @@ timeout = 5
         await self.assert_secrets_not_logged()
 
 
+class WorkersEndToEndTests(_RegistryTestCase):
+    """A relay with two worker processes behind one port and one API."""
+
+    async def test_devices_served_and_changes_seen_by_workers(self) -> None:
+        """Two workers share the port; an API change reaches a worker's cached profile at once."""
+        server = self.start_http_server()
+        config, token = self.relay_config(
+            templated_http_connector("platform", server.port),
+            registry=self.sqlite_registry(),
+            default="platform",
+            profile_cache_seconds=600,
+            workers=2,
+        )
+        relay = await self.start_relay(config, token)
+        await self.wait_until(
+            lambda: set(re.findall(rb"worker (\d) \(pid \d+\) serving", relay.daemon.output))
+            == {b"1", b"2"},
+            "both workers to serve",
+        )
+        code, _ = await self.api(relay, "PUT", f"/api/devices/{DART_SERIAL}", {"custom1": "truck-9"})
+        self.assertEqual(code, 201)
+        device = await self.hello(relay)
+        await self.upload(device, DENMARK)
+        code, _ = await self.api(relay, "PUT", f"/api/devices/{DART_SERIAL}", {"custom1": "truck-10"})
+        self.assertEqual(code, 200)
+        # The worker learns of the change over its stdin, not in step with
+        # the device's socket: give the line a moment to arrive.
+        await deferLater(self.reactor, 0.5, lambda: None)
+        await self.upload(device, AUCKLAND)
+        self.assertEqual([post.uri for post in server.requests], ["/dm/truck-9", "/dm/truck-10"])
+        await self.assert_secrets_not_logged()
+
+
 class SharedRegistryEndToEndTests(_RegistryTestCase):
     """Two relays sharing one PostgreSQL registry."""
 
@@ -934,7 +973,11 @@ class SharedRegistryEndToEndTests(_RegistryTestCase):
         server = self.start_http_server()
         connector = templated_http_connector("platform", server.port)
         config_a, token_a = self.relay_config(connector, registry=registry, default="platform", node="node-a")
-        config_b, token_b = self.relay_config(connector, registry=registry, default="platform", node="node-b")
+        # B caches profiles for long: A's changes reach it by NOTIFY.
+        config_b, token_b = self.relay_config(
+            connector, registry=registry, default="platform", node="node-b",
+            profile_cache_seconds=600,
+        )
         relay_a, relay_b = await gather(
             self.start_relay(config_a, token_a, "relay-a"),
             self.start_relay(config_b, token_b, "relay-b"),
@@ -962,14 +1005,20 @@ class SharedRegistryEndToEndTests(_RegistryTestCase):
         # A change made through A reaches B's next upload on the same connection.
         code, _ = await self.api(relay_a, "PUT", f"/api/devices/{DART_SERIAL}", {"custom1": "truck-10"})
         self.assertEqual(code, 200)
+        # The notification reaches B apart from the device's socket: a moment.
+        await deferLater(self.reactor, 0.5, lambda: None)
         await self.upload(device, AUCKLAND)
         self.assertEqual([post.uri for post in server.requests], ["/dm/truck-9", "/dm/truck-10"])
 
         device.transport.loseConnection()
-        shown = await self.api_until(
-            relay_a, f"/api/devices/{DART_SERIAL}", lambda d: not d["connected"], "the disconnection"
+        # Commit counts are written in batches, up to a second after the commit.
+        await self.api_until(
+            relay_a,
+            f"/api/devices/{DART_SERIAL}",
+            lambda d: not d["connected"]
+            and d["records_committed"] == len(DENMARK_SEQ + AUCKLAND_SEQ),
+            "the disconnection and the batched commit count",
         )
-        self.assertEqual(shown["records_committed"], len(DENMARK_SEQ + AUCKLAND_SEQ))
         await self.assert_secrets_not_logged()
 
 

@@ -43,6 +43,7 @@ from oemrelay.connectors.http import (
     ClientCertificatePolicy,
     HttpConnector,
     PlatformTrustPlusCA,
+    CappedAgent,
     build_http_client,
     form_body,
 )
@@ -554,7 +555,19 @@ class BuildHttpClientTests(SynchronousTestCase):
         self.assertIsInstance(client, HTTPClient)
         self.assertIsInstance(pool, HTTPConnectionPool)
         self.assertTrue(pool.persistent)
-        self.assertEqual(pool.maxPersistentPerHost, 32)
+        self.assertEqual(pool.maxPersistentPerHost, 256)
+
+    def test_pool_size(self) -> None:
+        """pool_size sets how many connections the pool keeps per end server."""
+        _, pool = build_http_client(
+            self.reactor, HttpConnectorConfig("h", "https://h/", pool_size=3)
+        )
+        self.assertEqual(pool.maxPersistentPerHost, 3)
+
+    def test_quiet_connections(self) -> None:
+        """The pool's connection factory logs nothing per connection."""
+        _, pool = build_http_client(self.reactor, HttpConnectorConfig("h", "https://h/"))
+        self.assertFalse(pool._factory(None, "endpoint").noisy)
 
     def test_platform_trust(self) -> None:
         """Without ca_file, HTTPS trusts the platform's CAs only."""
@@ -1120,3 +1133,100 @@ class IdempotencyKeyTests(SynchronousTestCase):
         """The key is 32 lowercase hex characters."""
         key = self.key(frames_of(self.raw))
         self.assertRegex(key, r"^[0-9a-f]{32}$")
+
+
+class _Response:
+    """A stand-in IResponse whose body is delivered when asked for."""
+
+    def __init__(self, length: int | None) -> None:
+        self.length = length
+        self.body_protocols: list = []
+
+    def deliverBody(self, protocol) -> None:  # noqa: N802 - Twisted's name
+        self.body_protocols.append(protocol)
+
+
+class _HeldAgent:
+    """An agent whose requests are answered by the test."""
+
+    def __init__(self) -> None:
+        self.requests: list[tuple[bytes, Deferred]] = []
+
+    def request(self, method, uri, headers=None, bodyProducer=None):  # noqa: N803
+        answer: Deferred = Deferred()
+        self.requests.append((uri, answer))
+        return answer
+
+
+class CappedAgentTests(SynchronousTestCase):
+    """No more than the pool's size of requests are in flight to one end server."""
+
+    def setUp(self) -> None:
+        self.inner = _HeldAgent()
+        self.agent = CappedAgent(self.inner, 2)
+
+    def post(self, uri: bytes = b"http://h:80/dm/1") -> Deferred:
+        return self.agent.request(b"POST", uri)
+
+    def test_cap(self) -> None:
+        """The request past the cap waits; it is sent when an earlier one's body is read."""
+        first, _ = self.post(), self.post()
+        third = self.post()
+        self.assertEqual(len(self.inner.requests), 2)
+        self.assertNoResult(third)
+        response = _Response(length=5)
+        self.inner.requests[0][1].callback(response)
+        self.assertEqual(len(self.inner.requests), 2)  # the body is not read yet
+        self.successResultOf(first).deliverBody(Protocol())
+        [delivered] = response.body_protocols
+        delivered.dataReceived(b"hello")
+        delivered.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(len(self.inner.requests), 3)
+        self.assertEqual(self.agent.in_flight(b"http://h:80/dm/1"), 2)
+
+    def test_body_passed_on(self) -> None:
+        """The caller's protocol gets the body and its end."""
+        answer = self.post()
+        response = _Response(length=2)
+        self.inner.requests[0][1].callback(response)
+        received: list = []
+        body = Protocol()
+        body.dataReceived = received.append
+        body.connectionLost = lambda reason: received.append(reason.type)
+        self.successResultOf(answer).deliverBody(body)
+        response.body_protocols[0].dataReceived(b"ok")
+        response.body_protocols[0].connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(received, [b"ok", ConnectionDone])
+
+    def test_empty_answer_frees_at_once(self) -> None:
+        """An answer without a body frees its slot when it arrives."""
+        self.post()
+        self.inner.requests[0][1].callback(_Response(length=0))
+        self.assertEqual(self.agent.in_flight(b"http://h:80/x"), 0)
+
+    def test_failure_frees(self) -> None:
+        """A failed request frees its slot, and the failure reaches the caller."""
+        answer = self.post()
+        self.inner.requests[0][1].errback(ConnectionRefusedError())
+        self.failureResultOf(answer, ConnectionRefusedError)
+        self.assertEqual(self.agent.in_flight(b"http://h:80/x"), 0)
+
+    def test_freed_once(self) -> None:
+        """A body that ends twice frees one slot, not two."""
+        answer = self.post()
+        response = _Response(length=None)
+        self.inner.requests[0][1].callback(response)
+        self.successResultOf(answer).deliverBody(Protocol())
+        for _ in range(2):
+            response.body_protocols[0].connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(self.agent.in_flight(b"http://h:80/x"), 0)
+        self.post(), self.post(), self.post()
+        self.assertEqual(self.agent.in_flight(b"http://h:80/x"), 2)
+
+    def test_per_server(self) -> None:
+        """Each end server (scheme, host, port) has its own cap."""
+        self.post(b"http://a/1"), self.post(b"http://a/2")
+        self.post(b"http://b/1"), self.post(b"https://a/1"), self.post(b"http://a:81/1")
+        self.assertEqual(len(self.inner.requests), 5)
+        self.assertNoResult(self.post(b"http://a/3"))
+        self.assertEqual(len(self.inner.requests), 5)

@@ -15,6 +15,7 @@ from dataclasses import fields as dataclass_fields
 
 from twisted.internet import reactor
 from twisted.internet.defer import DeferredList
+from twisted.internet.task import deferLater
 from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
@@ -257,6 +258,46 @@ class RegistryScenariosMixin:
         self.assertFalse(await self.registry.upload_committed(9, 1, NOW))
         self.assertFalse(await self.registry.delivery_failed(9, "down", NOW))
         self.assertIsNone(await self.registry.get_device(9))
+
+    async def test_record_activity(self) -> None:
+        """record_activity adds counts, keeps the newest last_seen and sets the error, per device."""
+        await self.registry.device_connected(hello(), "node-a", NOW)
+        await self.registry.device_connected(hello(serial=7), "node-a", NOW)
+        await self.registry.device_disconnected(7, "node-a", NOW + 9)
+        await self.registry.upload_committed(123456, 4, NOW)
+        await self.registry.devices.record_activity(
+            [
+                (123456, 10, NOW + 2, NOW + 3, "HTTP 503"),
+                (7, 5, NOW + 2, NOW + 2, None),  # last_seen NOW + 9 stays
+                (9, 1, NOW, NOW, None),  # unknown: skipped, not created
+            ]
+        )
+        device = await self.registry.get_device(123456)
+        self.assertEqual(
+            (device.records_committed, device.last_upload, device.last_seen, device.last_error),
+            (14, NOW + 2, NOW + 3, "HTTP 503"),
+        )
+        other = await self.registry.get_device(7)
+        self.assertEqual((other.records_committed, other.last_seen), (5, NOW + 9))
+        self.assertIsNone(await self.registry.get_device(9))
+
+    async def test_failure_only_keeps_last_upload(self) -> None:
+        """Activity with no commit leaves last_upload as it was."""
+        await self.registry.device_connected(hello(), "node-a", NOW)
+        await self.registry.upload_committed(123456, 1, NOW + 1)
+        await self.registry.devices.record_activity([(123456, 0, None, NOW + 5, "down")])
+        device = await self.registry.get_device(123456)
+        self.assertEqual((device.last_upload, device.last_error), (NOW + 1, "down"))
+
+    async def test_changes_told(self) -> None:
+        """update_device and import_devices tell the change listeners which serials changed."""
+        told: list = []
+        self.registry.on_devices_changed(told.append)
+        await self.registry.update_device(5, {"custom1": "one"})
+        await self.registry.import_devices([{"serial": 6}, {"serial": 8, "custom2": "x"}])
+        with self.assertRaises(ValueError):
+            await self.registry.update_device(5, {"nonsense": "x"})
+        self.assertEqual(told, [(5,), (6, 8)])
 
     # -- listing --
 
@@ -600,6 +641,46 @@ class PostgreSQLRegistryTests(RegistryScenariosMixin, TestCase):
         )
         schemas = [row[0] for row in rows]
         self.assertIn(self.url.rsplit("%3D", 1)[1], schemas)
+
+
+    async def until(self, what: str, condition) -> None:
+        for _ in range(200):
+            if condition():
+                return
+            await deferLater(reactor, 0.05, lambda: None)
+        self.fail(f"timed out waiting for {what}")
+
+    async def listening_registry(self) -> list:
+        """Another registry listening for changes; the serials it is told, once connected."""
+        other = await self.open_registry()
+        told: list = []
+        other.on_devices_changed(told.append)
+        listener = other.change_listener(reactor)
+        listener.startService()
+        self.addCleanup(listener.stopService)
+        await self.until("the listener to connect", lambda: None in told)
+        return told
+
+    async def test_changes_notified_to_other_relays(self) -> None:
+        """A change through one registry reaches another's listeners by NOTIFY, with its serials."""
+        told = await self.listening_registry()
+        await self.registry.update_device(5, {"custom1": "one"})
+        await self.registry.import_devices([{"serial": 6}, {"serial": 8}])
+        await self.until("the notifications", lambda: (6, 8) in told)
+        # Only this test's serials (other tests may notify on the same database).
+        mine = [change for change in told if change is None or {5, 6, 8} & set(change)]
+        self.assertEqual(mine, [None, (5,), (6, 8)])
+
+    async def test_refused_change_not_notified(self) -> None:
+        """A change refused as invalid notifies nothing."""
+        told = await self.listening_registry()
+        with self.assertRaises(ValueError):
+            await self.registry.import_devices([{"serial": 6}, {"serial": 7, "nonsense": "x"}])
+        await self.registry.update_device(9, {})
+        await self.until("the later notification", lambda: (9,) in told)
+        # Only this test's serials: the channel is the whole database's, and
+        # tests running beside this one (trial -j) notify on it too.
+        self.assertEqual([change for change in told if change and {6, 7} & set(change)], [])
 
 
 class DeviceFieldsTests(SynchronousTestCase):

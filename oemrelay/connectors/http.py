@@ -23,7 +23,7 @@ from http.cookiejar import CookieJar, DefaultCookiePolicy
 from urllib.parse import quote, quote_plus, unquote, urlsplit
 
 from twisted.application.service import Service
-from twisted.internet.defer import CancelledError, Deferred, TimeoutError
+from twisted.internet.defer import CancelledError, Deferred, DeferredSemaphore, TimeoutError
 # Twisted exports no public way to add one CA to the platform's; its trust-root
 # interface has been stable since 14.0.
 from twisted.internet._sslverify import IOpenSSLTrustRoot
@@ -37,7 +37,8 @@ from twisted.web.client import (
     ResponseFailed,
     _HTTP11ClientFactory,
 )
-from twisted.web.iweb import IPolicyForHTTPS
+from twisted.web.iweb import IAgent, IPolicyForHTTPS, IResponse
+from twisted.python.components import proxyForInterface
 from zope.interface import implementer
 
 from treq.client import HTTPClient
@@ -217,12 +218,108 @@ class _QuietClientFactory(_HTTP11ClientFactory):
     noisy = False
 
 
+class _QuietConnectionPool(HTTPConnectionPool):
+    _factory = _QuietClientFactory
+
+
+class _BodyDone:
+    """Passes a response body on and calls ``done`` once it has ended."""
+
+    def __init__(self, protocol, done) -> None:
+        self._protocol = protocol
+        self._done = done
+
+    def makeConnection(self, transport) -> None:  # noqa: N802 - Twisted's name
+        self._protocol.makeConnection(transport)
+
+    def dataReceived(self, data: bytes) -> None:  # noqa: N802 - Twisted's name
+        self._protocol.dataReceived(data)
+
+    def connectionLost(self, reason) -> None:  # noqa: N802 - Twisted's name
+        self._done()
+        self._protocol.connectionLost(reason)
+
+
+class _ReleasingResponse(proxyForInterface(IResponse)):  # type: ignore[misc]
+    """A response that frees its request's slot once its body has been read."""
+
+    def __init__(self, original, release) -> None:
+        super().__init__(original)
+        self._release = release
+
+    def deliverBody(self, protocol) -> None:  # noqa: N802 - Twisted's name
+        self.original.deliverBody(_BodyDone(protocol, self._release))
+
+
+@implementer(IAgent)
+class CappedAgent:
+    """
+    An agent that sends at most ``limit`` requests at once to each end server
+    (scheme, host and port); the others wait their turn, in order.
+
+    With the cap equal to the pool's size every request finds an idle pooled
+    connection once the pool is warm, instead of opening (and closing) one
+    more.  A request's slot is freed when its answer's body has been read
+    (the connection is back in the pool then), or at once if it failed or
+    has no body.
+    """
+
+    def __init__(self, agent: IAgent, limit: int) -> None:
+        self._agent = agent
+        self._limit = limit
+        self._servers: dict[bytes, DeferredSemaphore] = {}
+
+    def in_flight(self, uri: bytes) -> int:
+        """How many requests to ``uri``'s server hold a slot now."""
+        semaphore = self._servers.get(_server_of(uri))
+        return 0 if semaphore is None else self._limit - semaphore.tokens
+
+    def request(self, method, uri, headers=None, bodyProducer=None) -> Deferred:  # noqa: N803
+        semaphore = self._servers.get(_server_of(uri))
+        if semaphore is None:
+            semaphore = self._servers[_server_of(uri)] = DeferredSemaphore(self._limit)
+        return semaphore.acquire().addCallback(
+            self._send, semaphore, method, uri, headers, bodyProducer
+        )
+
+    def _send(self, _, semaphore, method, uri, headers, body_producer) -> Deferred:
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if not released:
+                released = True
+                semaphore.release()
+
+        def answered(response):
+            if response.length == 0:
+                release()  # no body: treq never asks for it
+                return response
+            return _ReleasingResponse(response, release)
+
+        def failed(failure):
+            release()
+            return failure
+
+        sent = self._agent.request(method, uri, headers, body_producer)
+        return sent.addCallbacks(answered, failed)
+
+
+def _server_of(uri: bytes) -> bytes:
+    # b"http://host:port/path" -> b"http://host:port"
+    return b"/".join(uri.split(b"/", 3)[:3])
+
+
 def build_http_client(reactor, config: HttpConnectorConfig) -> tuple[HTTPClient, HTTPConnectionPool]:
-    """A treq client with its own connection pool; HTTPS is always verified."""
-    pool = HTTPConnectionPool(reactor, persistent=True)
-    # The pool's documented factory hook (HTTPConnectionPool._factory).
-    pool._factory = _QuietClientFactory
-    pool.maxPersistentPerHost = 32
+    """
+    A treq client with its own connection pool; HTTPS is always verified.
+
+    The pool keeps up to ``pool_size`` connections per end server and no more
+    requests than that are in flight to one server, so connections are
+    reused rather than opened and closed per upload.
+    """
+    pool = _QuietConnectionPool(reactor, persistent=True)
+    pool.maxPersistentPerHost = config.pool_size
     trust = PlatformTrustPlusCA(config.ca_file) if config.ca_file else None
     if config.client_cert:
         policy = ClientCertificatePolicy(
@@ -231,7 +328,7 @@ def build_http_client(reactor, config: HttpConnectorConfig) -> tuple[HTTPClient,
         )
     else:
         policy = BrowserLikePolicyForHTTPS(trustRoot=trust)
-    agent = Agent(reactor, policy, pool=pool)
+    agent = CappedAgent(Agent(reactor, policy, pool=pool), config.pool_size)
     # Devices share the client: a cookie one device's answer sets must never
     # travel with another device's upload.
     no_cookies = CookieJar(DefaultCookiePolicy(allowed_domains=[]))

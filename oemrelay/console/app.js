@@ -348,7 +348,9 @@ function liveView(serial) {
   return { node, stop };
 }
 
-async function deadLetterTable(query, onChange) {
+// onChange(outcome) reloads the table; the outcome ({ok, text}) of the last
+// action is shown above the reloaded one, so it outlives the reload.
+async function deadLetterTable(query, onChange, outcome) {
   let answer;
   try {
     answer = await api("GET", "/api/deadletters?" + query);
@@ -356,16 +358,20 @@ async function deadLetterTable(query, onChange) {
     if (error.status === 404) return el("p", { class: "muted", id: "deadletters-none" }, "no dead letters (spool not configured)");
     return errorLine(error);
   }
-  if (!answer.deadletters.length) return el("p", { class: "muted", id: "deadletters-none" }, "no dead letters");
   const status = el("p", { id: "deadletters-status" });
+  if (outcome) {
+    status.className = outcome.ok ? "ok" : "error";
+    status.textContent = outcome.text;
+  }
+  if (!answer.deadletters.length) {
+    return el("div", {}, status, el("p", { class: "muted", id: "deadletters-none" }, "no dead letters"));
+  }
   const act = async (ids, method, suffix) => {
     const failures = [];
     for (const id of ids) {
       try { await api(method, `/api/deadletters/${encodeURIComponent(id)}${suffix}`); } catch (error) { failures.push(`${id}: ${error.message}`); }
     }
-    status.className = failures.length ? "error" : "ok";
-    status.textContent = failures.length ? failures.join("\n") : `${ids.length} done`;
-    onChange();
+    onChange({ ok: !failures.length, text: failures.length ? failures.join("\n") : `${ids.length} done` });
   };
   const rows = answer.deadletters.map((letter) => el("tr", {},
     el("td", {}, el("input", { type: "checkbox", "data-id": letter.id })),
@@ -433,8 +439,8 @@ async function devicePage(serial) {
     }
   };
   const deadHolder = el("div", {});
-  const loadDead = async () => deadHolder.replaceChildren(
-    await deadLetterTable(new URLSearchParams({ serial: String(serial) }), loadDead));
+  const loadDead = async (outcome) => deadHolder.replaceChildren(
+    await deadLetterTable(new URLSearchParams({ serial: String(serial) }), loadDead, outcome));
   const live = liveView(serial);
   show(el("h2", {}, "Device ", String(device.serial)),
     el("div", { class: "grid wide" },
@@ -507,7 +513,8 @@ function importPage() {
 
 async function deadLettersPage() {
   const holder = el("div", {});
-  const load = async () => holder.replaceChildren(await deadLetterTable(new URLSearchParams({ limit: "200" }), load));
+  const load = async (outcome) => holder.replaceChildren(
+    await deadLetterTable(new URLSearchParams({ limit: "200" }), load, outcome));
   show(el("h2", {}, "Dead letters"), holder);
   await load();
 }

@@ -10,12 +10,16 @@ It is three parts on one database, split by job:
 * :mod:`.command_queue`: the ``commands`` table (:class:`CommandQueue`).
 
 :class:`Registry` composes them for the relay and the API.  Several relays may
-share one PostgreSQL database: the registry keeps no cache, and a relay only
-marks disconnected the devices it holds itself.
+share one PostgreSQL database: the registry itself keeps no cache (the relay's
+profile cache in :mod:`.hot_path` is told of changes through
+:meth:`Registry.on_devices_changed`: this relay's at once, other relays'
+through PostgreSQL notifications, :mod:`.notify`), and a relay only marks
+disconnected the devices it holds itself.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from .command_queue import COMMAND_STATES, Command, CommandQueue
@@ -27,6 +31,7 @@ from .database import (
     returns_deferred,
 )
 from .devices import DEVICE_SETTINGS, DeviceRecord, DeviceStore
+from .notify import ChangeListener
 
 __all__ = [
     "COMMAND_STATES",
@@ -74,11 +79,54 @@ class Registry:
         self.search_devices = devices.search_devices
         self.fleet_counts = devices.fleet_counts
         self.get_device = devices.get_device
-        self.update_device = devices.update_device
-        self.import_devices = devices.import_devices
         self.add_command = commands.add_command
         self.list_commands = commands.list_commands
         self.close = database.close
+        self._change_listeners: list[Callable[[Iterable[int] | None], None]] = []
+
+    def on_devices_changed(self, listener: Callable[[Iterable[int] | None], None]) -> None:
+        """
+        Call ``listener(serials)`` after devices' settings were changed here,
+        or (through :meth:`change_listener`) by another relay; ``None``: any
+        device may have changed.
+        """
+        self._change_listeners.append(listener)
+
+    def devices_changed(self, serials: Iterable[int] | None) -> None:
+        """Tell the change listeners that ``serials`` (None: any device) changed."""
+        serials = None if serials is None else tuple(serials)
+        for listener in self._change_listeners:
+            listener(serials)
+
+    def change_listener(self, reactor: Any) -> ChangeListener | None:
+        """
+        A service hearing other relays' changes to this registry and telling
+        the change listeners; None on SQLite, which cannot notify.
+        """
+        if self.database.connect_args is None:
+            return None
+        args, kwargs = self.database.connect_args
+
+        def connect() -> Any:
+            import psycopg
+
+            return psycopg.connect(*args, autocommit=True, **kwargs)
+
+        return ChangeListener(connect, reactor, self.devices_changed)
+
+    @returns_deferred
+    async def update_device(self, serial: int, changes: Mapping[str, str | None]) -> Any:
+        """:meth:`DeviceStore.update_device`, then the change listeners are told."""
+        result = await self.devices.update_device(serial, changes)
+        self.devices_changed([serial])
+        return result
+
+    @returns_deferred
+    async def import_devices(self, rows: list[Mapping[str, Any]]) -> tuple[int, int]:
+        """:meth:`DeviceStore.import_devices`, then the change listeners are told."""
+        result = await self.devices.import_devices(rows)
+        self.devices_changed(row["serial"] for row in rows)
+        return result
 
     @classmethod
     def from_url(cls, url: str, reactor: Any = None) -> Registry:

@@ -208,6 +208,9 @@ class Database:
         #: Told how long each :meth:`interaction` took (a RelayObserver's
         #: ``registry_called``); None: nobody times the calls.
         self.call_observer: Any = None
+        #: psycopg.connect's arguments for a connection of one's own
+        #: (PostgreSQL only: LISTEN); None on SQLite.
+        self.connect_args: tuple[tuple[Any, ...], dict[str, Any]] | None = None
         # Calls made before start() finished wait here; None once it has.
         self._not_started: list[Deferred[None]] | None = []
         if pool.dbapi.paramstyle in ("format", "pyformat"):
@@ -256,7 +259,10 @@ class Database:
             **dialect.pool_options,
             **kwargs,
         )
-        return cls(pool, dialect, url_for_logs, reactor)
+        database = cls(pool, dialect, url_for_logs, reactor)
+        if dialect is _POSTGRESQL:
+            database.connect_args = (args, kwargs)
+        return database
 
     @property
     def url_for_logs(self) -> str:
@@ -290,6 +296,11 @@ class Database:
         """Run one statement; how many rows it changed."""
         self.execute(txn, sql, params)
         return txn.rowcount
+
+    def txn_notify(self, txn: adbapi.Transaction, channel: str, payload: str) -> None:
+        """Send a notification when the transaction commits (PostgreSQL; nothing on SQLite)."""
+        if self._dialect is _POSTGRESQL:
+            self.execute(txn, "SELECT pg_notify(?, ?)", (channel, payload))
 
     # -- from the reactor --
 

@@ -16,11 +16,13 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from twisted.enterprise import adbapi
+from twisted.internet.defer import Deferred
 
 from ..codec import UINT32_MAX, Hello
 from ..commands import iso8601
 from ..relay import DeviceProfile
 from .database import Database, returns_deferred
+from .notify import DEVICES_CHANNEL, changes_payload
 
 MAX_SERIAL = UINT32_MAX
 
@@ -433,6 +435,34 @@ class DeviceStore:
         )
         return changed > 0
 
+    def record_activity(
+        self, activity: list[tuple[int, int, float | None, float, str | None]]
+    ) -> Deferred[None]:
+        """
+        Record many devices' commits and errors in one transaction (see
+        :class:`~oemrelay.registry.hot_path.ActivityBatch`).
+
+        :param activity: per device ``(serial, records committed, last
+            upload or None, last seen, last error or None)``.  ``last_seen``
+            never moves back; unknown devices are skipped.
+        """
+        return self._database.interaction(self._txn_record_activity, activity)
+
+    def _txn_record_activity(self, txn: adbapi.Transaction, activity: list) -> None:
+        for serial, records, last_upload, last_seen, last_error in activity:
+            self._database.execute(
+                txn,
+                """
+                UPDATE devices SET records_committed = records_committed + ?,
+                    last_upload = COALESCE(?, last_upload),
+                    last_seen = CASE WHEN last_seen IS NULL OR last_seen < ?
+                                     THEN ? ELSE last_seen END,
+                    last_error = ?
+                WHERE serial = ?
+                """,
+                (records, last_upload, last_seen, last_seen, last_error, serial),
+            )
+
     @returns_deferred
     async def delivery_failed(self, serial: int, reason: str, now: float) -> bool:
         """
@@ -541,7 +571,14 @@ class DeviceStore:
         """
         serial = check_serial(serial)
         checked = _check_settings(changes)
-        return await self._database.interaction(self._txn_update_device, serial, checked)
+        return await self._database.interaction(self._txn_update_and_notify, serial, checked)
+
+    def _txn_update_and_notify(
+        self, txn: adbapi.Transaction, serial: int, changes: Mapping[str, str | None]
+    ) -> tuple[DeviceRecord, bool]:
+        updated = self._txn_update_device(txn, serial, changes)
+        self._database.txn_notify(txn, DEVICES_CHANNEL, changes_payload([serial]))
+        return updated
 
     def _txn_update_device(
         self, txn: adbapi.Transaction, serial: int, changes: Mapping[str, str | None]
@@ -604,4 +641,7 @@ class DeviceStore:
                 # Raising makes adbapi roll the whole import back.
                 raise ValueError(f"row {index}: the database refused it: {reason}") from e
             created += new
+        self._database.txn_notify(
+            txn, DEVICES_CHANNEL, changes_payload(serial for serial, _ in rows)
+        )
         return created, len(rows) - created

@@ -1,0 +1,246 @@
+"""
+Tests for :mod:`oemrelay.registry.hot_path`: the profile cache and the
+batched commit counters, on a fake registry and a fake clock.
+"""
+
+from __future__ import annotations
+
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase
+
+from oemrelay.codec import Hello
+from oemrelay.registry.hot_path import ActivityBatch, ProfileCache, RelayLedger
+from oemrelay.relay import DeviceProfile
+
+
+def hello(serial: int = 1) -> Hello:
+    return Hello(serial, "imei", "iccid")
+
+
+class _Lookups:
+    """A registry lookup answered by the test, counting its calls."""
+
+    def __init__(self) -> None:
+        self.calls: list[Deferred] = []
+        self.profile = DeviceProfile(custom1="one")
+
+    def __call__(self, hello: Hello) -> Deferred:
+        answer: Deferred = Deferred()
+        self.calls.append(answer)
+        return answer
+
+    def answer(self) -> None:
+        self.calls[-1].callback(self.profile)
+
+
+class ProfileCacheTests(SynchronousTestCase):
+    """Profiles come from memory while fresh, from the registry otherwise."""
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.lookups = _Lookups()
+        self.cache = ProfileCache(self.lookups, self.clock, 5)
+
+    def lookup(self, serial: int = 1) -> Deferred:
+        return self.cache.profile_for(hello(serial))
+
+    def test_hit(self) -> None:
+        """A second lookup within max_age asks the registry nothing."""
+        first = self.lookup()
+        self.lookups.answer()
+        self.assertEqual(self.successResultOf(first), self.lookups.profile)
+        self.clock.advance(4.9)
+        self.assertEqual(self.successResultOf(self.lookup()), self.lookups.profile)
+        self.assertEqual(len(self.lookups.calls), 1)
+
+    def test_stale_at_max_age(self) -> None:
+        """A profile exactly max_age seconds old is looked up again."""
+        self.lookup()
+        self.lookups.answer()
+        self.clock.advance(5)
+        self.assertNoResult(self.lookup())
+        self.assertEqual(len(self.lookups.calls), 2)
+
+    def test_age_from_lookup_start(self) -> None:
+        """A profile's age counts from when its lookup began, not when it answered."""
+        self.lookup()
+        self.clock.advance(3)
+        self.lookups.answer()
+        self.clock.advance(2)
+        self.lookup()
+        self.assertEqual(len(self.lookups.calls), 2)
+
+    def test_per_device(self) -> None:
+        """Each serial has its own entry."""
+        self.lookup(1)
+        self.lookups.answer()
+        self.lookup(2)
+        self.assertEqual(len(self.lookups.calls), 2)
+
+    def test_forget(self) -> None:
+        """A forgotten device is looked up again; others stay cached."""
+        for serial in (1, 2):
+            self.lookup(serial)
+            self.lookups.answer()
+        self.cache.forget([1])
+        self.lookup(1)
+        self.lookup(2)
+        self.assertEqual(len(self.lookups.calls), 3)
+
+    def test_forget_all(self) -> None:
+        """forget(None) drops every profile."""
+        self.lookup(1)
+        self.lookups.answer()
+        self.cache.forget()
+        self.lookup(1)
+        self.assertEqual(len(self.lookups.calls), 2)
+
+    def test_lookup_across_forget_not_kept(self) -> None:
+        """A lookup under way when the device is forgotten is not cached: it may be old."""
+        self.lookup()
+        self.cache.forget([1])
+        self.lookups.answer()
+        self.lookup()
+        self.assertEqual(len(self.lookups.calls), 2)
+
+    def test_failure_not_kept(self) -> None:
+        """A failed lookup fails the caller and is not cached."""
+        first = self.lookup()
+        self.lookups.calls[-1].errback(RuntimeError("down"))
+        self.failureResultOf(first, RuntimeError)
+        self.lookup()
+        self.assertEqual(len(self.lookups.calls), 2)
+
+    def test_zero_keeps_nothing(self) -> None:
+        """With max_age 0 every lookup asks the registry."""
+        cache = ProfileCache(self.lookups, self.clock, 0)
+        cache.profile_for(hello())
+        self.lookups.answer()
+        cache.profile_for(hello())
+        self.assertEqual(len(self.lookups.calls), 2)
+
+
+class _Store:
+    """A DeviceStore's record_activity, keeping what it was given."""
+
+    def __init__(self) -> None:
+        self.written: list[list] = []
+        self.failing = False
+
+    def record_activity(self, activity: list) -> Deferred:
+        if self.failing:
+            return fail(RuntimeError("database down"))
+        self.written.append(sorted(activity))
+        return succeed(None)
+
+
+class ActivityBatchTests(SynchronousTestCase):
+    """Commits and errors are added up per device and written once a second and on stop."""
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.store = _Store()
+        self.batch = ActivityBatch(self.store, self.clock)
+        self.batch.startService()
+
+    def test_flushed_each_second(self) -> None:
+        """Nothing is written before a second has passed; then one batch, counts summed."""
+        self.batch.upload_committed(1, 10, 100.0)
+        self.batch.upload_committed(1, 5, 100.5)
+        self.batch.upload_committed(2, 3, 100.2)
+        self.clock.advance(0.999)
+        self.assertEqual(self.store.written, [])
+        self.clock.advance(0.001)
+        self.assertEqual(
+            self.store.written,
+            [[(1, 15, 100.5, 100.5, None), (2, 3, 100.2, 100.2, None)]],
+        )
+
+    def test_nothing_pending_nothing_written(self) -> None:
+        """A second with no activity writes nothing."""
+        self.clock.advance(1)
+        self.assertEqual(self.store.written, [])
+
+    def test_last_event_sets_error(self) -> None:
+        """The device's last error is that of its last event: a failure after a commit stays."""
+        self.batch.upload_committed(1, 10, 100.0)
+        self.batch.delivery_failed(1, "HTTP 503", 101.0)
+        self.batch.delivery_failed(2, "down", 100.0)
+        self.batch.upload_committed(2, 1, 102.0)
+        self.clock.advance(1)
+        self.assertEqual(
+            self.store.written,
+            [[(1, 10, 100.0, 101.0, "HTTP 503"), (2, 1, 102.0, 102.0, None)]],
+        )
+
+    def test_flushed_on_stop(self) -> None:
+        """Stopping writes what is pending; later events are written at once."""
+        self.batch.upload_committed(1, 10, 100.0)
+        self.successResultOf(self.batch.stopService())
+        self.assertEqual(self.store.written, [[(1, 10, 100.0, 100.0, None)]])
+        self.batch.upload_committed(1, 2, 101.0)
+        self.assertEqual(self.store.written[-1], [(1, 2, 101.0, 101.0, None)])
+
+    def test_failed_write_kept(self) -> None:
+        """A write that fails is retried with the next one, merged, nothing lost."""
+        self.store.failing = True
+        self.batch.upload_committed(1, 10, 100.0)
+        self.clock.advance(1)
+        self.batch.upload_committed(1, 5, 101.5)
+        self.store.failing = False
+        self.clock.advance(1)
+        self.assertEqual(self.store.written, [[(1, 15, 101.5, 101.5, None)]])
+        self.flushLoggedErrors()
+
+    def test_timer_survives_failure(self) -> None:
+        """After a failed write the timer keeps running."""
+        self.store.failing = True
+        self.batch.upload_committed(1, 1, 100.0)
+        self.clock.advance(1)
+        self.store.failing = False
+        self.clock.advance(1)
+        self.assertEqual(len(self.store.written), 1)
+
+    def test_bad_values_refused(self) -> None:
+        """A negative count or a serial past uint32 is refused at once."""
+        self.assertRaises(ValueError, self.batch.upload_committed, 1, -1, 100.0)
+        self.assertRaises(ValueError, self.batch.upload_committed, 2**32, 1, 100.0)
+
+    def test_nul_escaped(self) -> None:
+        """A NUL in a reason is stored escaped (PostgreSQL text holds no NUL)."""
+        self.batch.delivery_failed(1, "a\x00b", 100.0)
+        self.clock.advance(1)
+        self.assertEqual(self.store.written[0][0][4], "a\\x00b")
+
+
+class _Registry:
+    """What RelayLedger takes from a Registry."""
+
+    def __init__(self) -> None:
+        self.lookups = _Lookups()
+        self.profile_for = self.lookups
+        self.devices = _Store()
+        self.listeners: list = []
+        self.device_connected = self.device_disconnected = lambda *a: succeed(None)
+        self.due_commands = self.command_sent = self.command_result = lambda *a: succeed(None)
+
+    def on_devices_changed(self, listener) -> None:
+        self.listeners.append(listener)
+
+
+class RelayLedgerTests(SynchronousTestCase):
+    """The relay's ledger caches profiles and forgets those the API changed."""
+
+    def test_change_forgets(self) -> None:
+        """A change told by the registry makes the next lookup ask it again."""
+        registry = _Registry()
+        ledger = RelayLedger(registry, Clock(), 5)
+        ledger.profile_for(hello())
+        registry.lookups.answer()
+        ledger.profile_for(hello())
+        self.assertEqual(len(registry.lookups.calls), 1)
+        for listener in registry.listeners:
+            listener((1,))
+        ledger.profile_for(hello())
+        self.assertEqual(len(registry.lookups.calls), 2)
