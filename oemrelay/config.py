@@ -42,6 +42,9 @@ from .tls import MIN_VERSIONS, load_client_certificate, server_tls_options
 #: ``[relay] commit_policy`` values.
 COMMIT_DELIVERED = "delivered"
 COMMIT_SPOOLED = "spooled"
+#: ``[relay] unknown_devices`` values.
+UNKNOWN_ACCEPT = "accept"
+UNKNOWN_REJECT = "reject"
 #: ``[connector:NAME] role`` values.
 REQUIRED = "required"
 BEST_EFFORT = "best_effort"
@@ -519,6 +522,15 @@ class RelayConfig:
         COMMIT_DELIVERED,
         "delivered: commit once every required connector answered 2xx;"
         " spooled: commit once the upload is durably in the spool.",
+    )
+    unknown_devices: str = _setting(
+        _one_of(UNKNOWN_ACCEPT, UNKNOWN_REJECT),
+        UNKNOWN_ACCEPT,
+        "accept: any device may upload (and is entered in the registry when it"
+        " first connects); reject: only serials already in the registry (put"
+        " there through the API or its CSV import) may upload, others are"
+        " closed after their hello, before any record is taken, logged once"
+        " per serial.",
     )
     retry_initial: float = _setting(
         _positive_number,

@@ -26,7 +26,14 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from .codec import Frame, Hello, Record
-from .config import BEST_EFFORT, COMMIT_DELIVERED, COMMIT_SPOOLED, REQUIRED, connector_names
+from .config import (
+    BEST_EFFORT,
+    COMMIT_DELIVERED,
+    COMMIT_SPOOLED,
+    REQUIRED,
+    UNKNOWN_ACCEPT,
+    connector_names,
+)
 from .events import Observers
 from .oneline import one_line
 from .retry import RetryPolicy, deliver_with_retries
@@ -71,6 +78,8 @@ class DeviceProfile:
     custom2: str = field(default="", repr=False)
     custom3: str = field(default="", repr=False)
     connector: str | None = None
+    #: Whether the registry has an entry for the device (``unknown_devices = reject``).
+    known: bool = False
 
 
 class DeliveryFailed(Exception):
@@ -220,6 +229,7 @@ class Relay:
         max_held_frames: int = MAX_HELD_FRAMES,
         observers: Observers | None = None,
         max_reported: int = MAX_REPORTED,
+        unknown_devices: str = UNKNOWN_ACCEPT,
         retry: RetryPolicy | None = None,
         commit_timeout: float = 0.0,
         roles: Mapping[str, str] | None = None,
@@ -251,6 +261,8 @@ class Relay:
         self.presence = _Presence(self)
         self._reported: set[tuple[int, object]] = set()
         self._max_reported = max_reported
+        #: False with ``unknown_devices = reject``: only serials in the registry upload.
+        self.accepts_unknown_devices = unknown_devices == UNKNOWN_ACCEPT
 
     def now(self) -> float:
         """The time registry entries are stamped with."""
@@ -269,13 +281,20 @@ class Relay:
         self._reported.add(key)
         return True
 
-    def open_route(self, hello: Hello, on_lost: Callable[[str], None]) -> DeviceRoute:
+    def open_route(
+        self,
+        hello: Hello,
+        on_lost: Callable[[str], None],
+        on_rejected: Callable[[str], None] = lambda reason: None,
+    ) -> DeviceRoute:
         """
         Start routing one device connection.  The link to the device's own
         connector (its override, or the default) opens ahead of its first
-        upload, so a raw TCP end server gets the hello at once.
+        upload, so a raw TCP end server gets the hello at once.  With
+        ``unknown_devices = reject`` a device the registry does not know is
+        ``on_rejected`` once its profile says so.
         """
-        route = DeviceRoute(self, hello, on_lost)
+        route = DeviceRoute(self, hello, on_lost, on_rejected)
         route.open_ahead()
         return route
 
@@ -358,21 +377,47 @@ def _record(what: str, serial: int, written: Deferred) -> Deferred:
 class DeviceRoute:
     """The links, deliveries and registry entries of one device connection."""
 
-    def __init__(self, relay: Relay, hello: Hello, on_lost: Callable[[str], None]) -> None:
+    def __init__(
+        self,
+        relay: Relay,
+        hello: Hello,
+        on_lost: Callable[[str], None],
+        on_rejected: Callable[[str], None] = lambda reason: None,
+    ) -> None:
         self._relay = relay
         self._registry = relay.registry
         self._hello = hello
         self._on_lost = on_lost
+        self._on_rejected = on_rejected
         self._links: dict[str, Link] = {}
         # Frames to pass on before the device's link is open (see open_ahead).
         self._held: list[Frame] | None = []
         self._closed = False
-        relay.presence.opened(hello)
+        # Whether the registry was told of this connection.  With
+        # unknown_devices = reject that waits for the profile: a device the
+        # registry does not know must not be entered in it by connecting.
+        self._present = False
+        if relay.accepts_unknown_devices:
+            self._mark_present()
+
+    def _mark_present(self) -> None:
+        self._present = True
+        self._relay.presence.opened(self._hello)
 
     def open_ahead(self) -> None:
         """Open the links the device's next upload will use, once its profile is known."""
 
         def open_links(profile: DeviceProfile) -> None:
+            if self._closed:
+                return
+            if not (profile.known or self._relay.accepts_unknown_devices):
+                self._on_rejected(
+                    f"serial {self._hello.serial} is not in the registry"
+                    " (unknown_devices = reject)"
+                )
+                return
+            if not self._present:
+                self._mark_present()
             for name in self._connectors_of(profile):
                 if not self._closed and name in self._relay.connectors:
                     self.link_for(name)
@@ -419,6 +464,10 @@ class DeviceRoute:
         if self._closed:
             # Closed while the profile was looked up: open no new link.
             raise DeliveryFailed("device connection closed before delivery", "closed")
+        if not (profile.known or self._relay.accepts_unknown_devices):
+            raise DeliveryFailed(
+                f"serial {self._hello.serial} is not in the registry", "unknown_device"
+            )
         names = self._connectors_of(profile)
         for name in names:
             if name not in self._relay.connectors:
@@ -531,7 +580,8 @@ class DeviceRoute:
         links, self._links = self._links, {}
         for link in links.values():
             link.close()
-        self._relay.presence.closed(self._hello.serial)
+        if self._present:
+            self._relay.presence.closed(self._hello.serial)
 
 
 def describe_failure(failure: Failure) -> str:

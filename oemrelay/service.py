@@ -509,6 +509,7 @@ def build_service(config: Config, reactor, *, adopted=None) -> MultiService:
         roles=config.roles,
         commit_policy=config.relay.commit_policy,
         spool=spool,
+        unknown_devices=config.relay.unknown_devices,
     )
     devices = DeviceFactory(
         relay,

@@ -117,6 +117,8 @@ class Input(Enum):
     NOT_DELIVERED = "not delivered"
     ASYNC_DONE = "async session done"
     END_SERVER_LOST = "end server lost"
+    #: The registry does not know the device (unknown_devices = reject).
+    REJECTED = "unknown device rejected"
     PROTOCOL_ERROR = "protocol error"
     CONNECTION_LOST = "connection lost"
     DRAIN = "drain"
@@ -224,6 +226,7 @@ class DeviceSession:
         (_NOT_COMMITTING,     Input.DRAIN,          State.CLOSED,        ("_note_drained", "_close")),
         (_OPEN,               Input.END_SERVER_LOST, State.CLOSED,       ("_warn_closing", "_note_end_server_lost", "_close")),
         (_OPEN,               Input.PROTOCOL_ERROR, State.CLOSED,        ("_warn_closing", "_note_protocol_error", "_close")),
+        (_OPEN,               Input.REJECTED,       State.CLOSED,        ("_warn_rejected", "_close")),
         (_OPEN,               Input.CONNECTION_LOST, State.CLOSED,       ("_log_disconnect", "_discard")),
         # Closed: frames and late failures are dropped; late results tidy up.
         (State.CLOSED,        Input.DELIVERED,      State.CLOSED,        ("_log_late_delivery",)),
@@ -348,6 +351,20 @@ class DeviceSession:
     def _note_end_server_lost(self, _: object) -> None:
         self.outcome = "end_server_lost"
 
+    def _rejected(self, reason: str) -> None:
+        self._input(Input.REJECTED, reason)
+
+    def _warn_rejected(self, reason: str) -> None:
+        self.outcome = "rejected"
+        # Once per serial: a rejected device keeps trying.
+        if self._relay.first_report(self.hello.serial, Input.REJECTED):
+            log.warn(
+                "device {serial} from {peer}: closing: {reason}; logged once per device",
+                serial=self.serial,
+                peer=self.peer,
+                reason=reason,
+            )
+
     def _note_drained(self, _: object) -> None:
         self.outcome = "drained"
 
@@ -387,7 +404,7 @@ class DeviceSession:
 
     def _open_route(self, _: object) -> None:
         # A link failing while it opens feeds END_SERVER_LOST first.
-        route = self._relay.open_route(self.hello, self._end_server_lost)
+        route = self._relay.open_route(self.hello, self._end_server_lost, self._rejected)
         self._input(Input.ROUTE_OPENED, route)
 
     def _keep_route(self, route: DeviceRoute) -> None:

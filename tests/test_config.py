@@ -1578,3 +1578,22 @@ class SpoolConfigTests(ConfigErrorAssertions, SynchronousTestCase):
             "[connector:a] max_attempts",
             "must be 0 or more, got -1",
         )
+
+
+class UnknownDevicesConfigTests(ConfigErrorAssertions, SynchronousTestCase):
+    """[relay] unknown_devices: accept (the default) or reject."""
+
+    def test_default_accept(self) -> None:
+        """Without the key every device may upload."""
+        self.assertEqual(config_from_string(FILE_CONNECTOR).relay.unknown_devices, "accept")
+
+    def test_reject(self) -> None:
+        """unknown_devices = reject is taken."""
+        config = config_from_string("[relay]\nunknown_devices = reject\n" + FILE_CONNECTOR)
+        self.assertEqual(config.relay.unknown_devices, "reject")
+
+    def test_other_refused(self) -> None:
+        """Any other value names the key."""
+        self.assert_error(
+            "[relay]\nunknown_devices = maybe\n" + FILE_CONNECTOR, "[relay] unknown_devices"
+        )

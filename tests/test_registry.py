@@ -147,7 +147,7 @@ class RegistryScenariosMixin:
             123456, {"custom1": "a", "custom2": "b", "custom3": "c", "connector": "fleet"}
         )
         profile = await self.registry.profile_for(hello())
-        self.assertEqual(profile, DeviceProfile("a", "b", "c", "fleet"))
+        self.assertEqual(profile, DeviceProfile("a", "b", "c", "fleet", known=True))
 
     async def test_two_registries_share_the_database(self) -> None:
         """An update through one registry is seen by another on the same database."""
@@ -155,7 +155,7 @@ class RegistryScenariosMixin:
         await other.profile_for(hello())
         await self.registry.update_device(123456, {"custom2": "shared", "connector": "b"})
         profile = await other.profile_for(hello())
-        self.assertEqual(profile, DeviceProfile(custom2="shared", connector="b"))
+        self.assertEqual(profile, DeviceProfile(custom2="shared", connector="b", known=True))
 
     # -- connections --
 
@@ -201,7 +201,7 @@ class RegistryScenariosMixin:
         )
         await self.registry.device_connected(hello(), "node-a", NOW)
         device = await self.registry.get_device(123456)
-        self.assertEqual(device.profile(), DeviceProfile("a", "b", "c", "fleet"))
+        self.assertEqual(device.profile(), DeviceProfile("a", "b", "c", "fleet", known=True))
         self.assertEqual(device.first_seen, NOW)
 
     async def test_device_disconnected(self) -> None:

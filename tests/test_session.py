@@ -24,6 +24,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from oemrelay import session as session_module
 from oemrelay.session import FRAMES, Input, State
 from oemrelay.codec import (
+    parse_hello,
     RawField,
     Record,
     encode_data_records,
@@ -1581,3 +1582,63 @@ class ShortFieldTests(SessionTestMixin, SynchronousTestCase):
         self.assertFalse(relay.first_report(2, 0))
         self.assertTrue(relay.first_report(3, 0))  # cleared at two remembered
         self.assertTrue(relay.first_report(1, 0))
+
+
+class UnknownDeviceTests(RegistryTestMixin, SynchronousTestCase):
+    """unknown_devices = reject: only serials the registry knows may upload."""
+
+    def make_relay(self) -> Relay:
+        return Relay(
+            {"main": self.connector},
+            "main",
+            self.registry,
+            node=NODE,
+            clock=self.clock,
+            unknown_devices="reject",
+        )
+
+    def test_unknown_device_closed_and_not_registered(self) -> None:
+        """A serial the registry does not know is closed after its hello, opens no link and is not entered in the registry."""
+        self.send(DART_HELLO, DATA_2, COMMIT)
+        self.assertFalse(self.is_open)
+        self.assertEqual(self.connector.links, [])
+        self.assertEqual(self.registry.named("device_connected"), [])
+        self.assert_warning("129336", PEER_TEXT, "not in the registry", "unknown_devices = reject")
+        self.assertNotIn(COMMIT_OK, self.transport.value())
+
+    def test_warned_once_per_serial(self) -> None:
+        """A rejected device that keeps reconnecting is warned about once."""
+        self.send(DART_HELLO)
+        self.protocol, self.transport = self.connect()
+        self.send(DART_HELLO)
+        self.assertFalse(self.is_open)
+        rejected = [text for text in self.warnings() if "not in the registry" in text]
+        self.assertEqual(len(rejected), 1)
+
+    def test_known_device_served(self) -> None:
+        """A serial the registry knows uploads and commits as usual, and is marked connected."""
+        self.registry.profile = DeviceProfile(known=True)
+        link = self.greet()
+        self.send(DATA_2, COMMIT)
+        link.answer().callback(None)
+        self.assertIn(COMMIT_OK, self.transport.value())
+        self.assertEqual(len(self.registry.named("device_connected")), 1)
+
+    def test_accept_registers_before_the_profile(self) -> None:
+        """With the default accept an unknown device is served and entered in the registry at once."""
+        relay = Relay({"main": self.connector}, "main", self.registry, node=NODE, clock=self.clock)
+        self.assertTrue(relay.accepts_unknown_devices)
+        self.registry.hold("profile_for")
+        relay.open_route(parse_hello(DART_HELLO[5:]), lambda reason: None)
+        self.assertEqual(len(self.registry.named("device_connected")), 1)
+
+    def test_upload_refused_if_the_profile_says_unknown(self) -> None:
+        """A commit whose own profile lookup answers first, unknown, is withheld: nothing reaches a connector."""
+        self.registry.hold("profile_for")
+        self.send(DART_HELLO, DATA_2, COMMIT)
+        ahead, for_upload = self.registry.held["profile_for"]
+        for_upload.callback(DeviceProfile())
+        self.assertFalse(self.is_open)
+        self.assertEqual(self.connector.links, [])
+        self.assert_warning("withheld", "not in the registry")
+        ahead.callback(DeviceProfile())

@@ -91,7 +91,7 @@ class DeviceRecord:
 
     def profile(self) -> DeviceProfile:
         """The part connectors use."""
-        return DeviceProfile(self.custom1, self.custom2, self.custom3, self.connector)
+        return DeviceProfile(self.custom1, self.custom2, self.custom3, self.connector, known=True)
 
 
 def device_fields() -> list[tuple[str, FieldDoc]]:
@@ -347,7 +347,7 @@ class DeviceStore:
             "SELECT custom1, custom2, custom3, connector FROM devices WHERE serial = ?",
             hello.serial,
         )
-        return DeviceProfile(*row) if row is not None else DeviceProfile()
+        return DeviceProfile(*row, known=True) if row is not None else DeviceProfile()
 
     @returns_deferred
     async def device_connected(self, hello: Hello, node: str, now: float) -> DeviceRecord:
