@@ -184,39 +184,18 @@ class ApiSite(Site):
 
 
 def build_api_site(
-    registry,
-    token: str,
-    connector_names: Iterable[str],
-    clock: IReactorTime,
-    *,
-    metrics: Callable[[], bytes] | None = None,
-    metrics_public: bool = False,
-    ready_checks: Sequence[tuple[str, ReadyCheck]] = (),
-    live: LiveHub | None = None,
-    activity: FleetActivity | None = None,
-    spool_stats: Callable[[], Any] | None = None,
-    spool: Any = None,
+    registry, token: str, connector_names: Iterable[str], clock: IReactorTime, **options: Any
 ) -> Site:
     """
-    The API (:func:`build_api`, same arguments) and the console under
-    ``/console/``, as a ``Site`` whose requests are refused from their
-    headers (:class:`ApiRequest`) when they lack the token or declare too
-    large a body.
+    The API (:func:`build_api`, same arguments and keyword ``options``) and
+    the console under ``/console/``, as a ``Site`` whose requests are refused
+    from their headers (:class:`ApiRequest`) when they lack the token or
+    declare too large a body.
     """
-    resource = build_api(
-        registry,
-        token,
-        connector_names,
-        clock,
-        metrics=metrics,
-        metrics_public=metrics_public,
-        ready_checks=ready_checks,
-        live=live,
-        activity=activity,
-        spool_stats=spool_stats,
-        spool=spool,
-    )
-    open_paths = [b"/healthz", b"/readyz"] + ([b"/metrics"] if metrics_public else [])
+    resource = build_api(registry, token, connector_names, clock, **options)
+    open_paths = [b"/healthz", b"/readyz"]
+    if options.get("metrics_public"):
+        open_paths.append(b"/metrics")
     return ApiSite(SiteRoot(resource), token, open_paths)
 
 
