@@ -3,9 +3,9 @@ End-to-end tests of the spool: the real daemon delivers what waits in its
 spool file or PostgreSQL schema, in order, across a SIGKILL and a restart,
 to real loopback end servers; two relays share one PostgreSQL spool.
 
-The uploads are put into the spool by the test itself (as a relay with
-``commit_policy = spooled`` would once the device path spools), so these
-tests prove the daemon's half: nothing spooled is lost or reordered.
+Some uploads are put into the spool by the test itself, to prove the
+daemon's half (nothing spooled is lost or reordered); the rest come from
+devices, through ``commit_policy = spooled`` and best-effort connectors.
 """
 
 from __future__ import annotations
@@ -197,11 +197,7 @@ class SharedPostgreSQLSpoolTests(_SpoolTestCase):
 
 
 class CommitPolicySpooledTests(_SpoolTestCase):
-    """
-    ``commit_policy = spooled``: devices commit once their upload is in the
-    spool.  (This class and the minimal commit_policy in relay.py stand in
-    for the delivery engineer's; drop both together at merge.)
-    """
+    """``commit_policy = spooled``: devices commit once their upload is in the spool."""
 
     timeout = 90
 
@@ -251,3 +247,32 @@ class CommitPolicySpooledTests(_SpoolTestCase):
         server = self.http_server_on(port)
         await self.wait_until(lambda: len(server.requests) == 1, "the spooled POST", START_TIMEOUT)
         self.assertEqual(seq_numbers(server.requests[0].body), DENMARK_SEQ)
+
+
+class BestEffortEndToEndTests(_SpoolTestCase):
+    """A best-effort connector never holds a device back: its copy goes through the spool."""
+
+    timeout = 60
+
+    async def test_best_effort_down_commits_and_delivers_later(self) -> None:
+        """The required end server accepts, the best-effort one is down: committed at once; the copy arrives when it is back."""
+        path, copy_port = os.path.abspath(self.mktemp()), unused_port()
+        required = self.start_http_server()
+        config = spool_config(f"sqlite:{path}", http_connector(required.port)).replace(
+            "connector = platform\n", "connector = platform copy\n", 1
+        ) + f"\n[connector:copy]\n{http_connector(copy_port)}role = best_effort\n"
+        relay_port = await self.start_daemon(config)
+        device = await self.connect_device(relay_port)
+        device.send(DART_HELLO, DENMARK_BYTES, COMMIT_REQUEST)
+        await self.wait_until(lambda: device.got(MessageType.COMMIT_RESPONSE), "the commit")
+        self.assertEqual(
+            [f.payload for f in device.frames if f.type == MessageType.COMMIT_RESPONSE], [b"\x01"]
+        )
+        self.assertEqual([seq_numbers(request.body) for request in required.requests], [DENMARK_SEQ])
+        copy = self.http_server_on(copy_port)
+        await self.wait_until(lambda: len(copy.requests) == 1, "the spooled copy", 30)
+        self.assertEqual(seq_numbers(copy.requests[0].body), DENMARK_SEQ)
+        # The same records, the same key: an end server can drop a duplicate.
+        key = copy.requests[0].headers["idempotency-key"]
+        self.assertEqual(key, required.requests[0].headers["idempotency-key"])
+        self.assertEqual(len(key[0]), 32)
