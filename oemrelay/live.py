@@ -320,7 +320,9 @@ class LiveHub(RelayObserver):
         )
 
     def frame_received(self, hello: Hello, frame: Frame) -> None:
-        self._record(hello.serial, frame.to_bytes(), f"type 0x{frame.type:02x}")
+        # Every frame of every device passes here: build nothing unless recorded.
+        if hello.serial in self._recording:
+            self._record(hello.serial, frame.to_bytes(), f"type 0x{frame.type:02x}")
         if frame.type in _ASYNC_TYPES:
             self._tell(
                 hello.serial,
