@@ -388,8 +388,9 @@ class DeviceService(MultiService):
     """
     The device listeners and the connections they accepted.  Stopping it
     stops listening first, then lets deliveries in flight finish for up to
-    ``shutdown_grace`` and answers their commits, closes every device, and
-    lets the spool flush (its ``close``, if it has one).
+    ``shutdown_grace``, answers their commits and closes every device.  The
+    spool's own service stops after it (:class:`StopInOrder`): its background
+    deliveries end and release their claims before the spool closes.
     """
 
     def __init__(self, devices: DeviceFactory, relay: Relay, shutdown_grace: float) -> None:
@@ -411,9 +412,6 @@ class DeviceService(MultiService):
                 grace=self._grace,
             )
         await self._devices.drain(self._grace)
-        close = getattr(self._relay.spool, "close", None)
-        if close is not None:
-            await maybeDeferred(close)
 
 
 def device_tls_options(relay: RelayConfig):

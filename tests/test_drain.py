@@ -102,33 +102,22 @@ class StopInOrderTests(SynchronousTestCase):
         self.successResultOf(done)
 
 
-class FakeSpoolWithClose:
-    """A spool whose close is recorded."""
-
-    def __init__(self, log: list[str]) -> None:
-        self._log = log
-
-    def close(self) -> Deferred[None]:
-        self._log.append("spool closed")
-        return succeed(None)
-
-
 class DeviceServiceTests(SessionTestMixin, SynchronousTestCase):
-    """DeviceService: listeners stop, then devices drain, then the spool is closed."""
+    """DeviceService: listeners stop, then devices drain, then it has stopped."""
 
     def test_order(self) -> None:
-        """Listening stops before the drain; the spool closes after the last device."""
+        """Listening stops before the drain; the stop completes once the last device's commit is answered."""
         stopped: list[str] = []
         link = self.greet()
         self.send(DATA_2, COMMIT)
-        self.relay.spool = FakeSpoolWithClose(stopped)
         service = DeviceService(self.factory, self.relay, 5)
         Recording("listener", stopped).setServiceParent(service)
         service.startService()
         done = service.stopService()
         self.assertEqual(stopped, ["listener"])
         self.assertTrue(self.is_open)
+        self.assertNoResult(done)
         link.answer().callback(None)
         self.assertEqual(self.take(), COMMIT_OK)
-        self.assertEqual(stopped, ["listener", "spool closed"])
+        self.assertEqual(stopped, ["listener"])
         self.successResultOf(done)
