@@ -585,8 +585,10 @@ class RelayConfig:
     max_connections: int = _setting(
         _limit,
         str(MAX_CONNECTIONS),
-        "Device connections at once (keep below the file limit); at it, the oldest"
-        " without a hello is shed; 0: no limit.",
+        "Device connections at once; at it, the oldest without a hello is shed;"
+        " 0: no limit.  At start the relay raises its open-file limit to"
+        " max_connections + 256 as far as the hard limit allows, and warns"
+        " once if that is not enough.",
     )
     max_connections_per_ip: int = _setting(
         _limit, "0", "Device connections from one address (behind haproxy: the real one); 0: no limit."

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import atexit
 import os
+import resource
 import sys
 from collections.abc import Callable
 
@@ -414,6 +415,41 @@ class DeviceService(MultiService):
         await self._devices.drain(self._grace)
 
 
+#: File descriptors the relay needs besides one per device connection
+#: (listeners, registry, spool, end-server connections, logs).
+SPARE_FILES = 256
+
+
+def fit_file_limit(
+    max_connections: int,
+    getrlimit: Callable[[int], tuple[int, int]] = resource.getrlimit,
+    setrlimit: Callable[[int, tuple[int, int]], None] = resource.setrlimit,
+) -> str | None:
+    """
+    Raise the process's open-file limit to what ``max_connections`` devices
+    need, as far as the hard limit allows; a one-line warning if it cannot.
+    """
+    if not max_connections:
+        return None  # no limit configured: nothing to fit
+    needed = max_connections + SPARE_FILES
+    soft, hard = getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft >= needed:
+        return None
+    reachable = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
+    if reachable > soft:
+        try:
+            setrlimit(resource.RLIMIT_NOFILE, (reachable, hard))
+            soft = reachable
+        except (OSError, ValueError):
+            pass
+    if soft >= needed:
+        return None
+    return (
+        f"[relay] max_connections {max_connections} needs {needed} open files, but the"
+        f" limit is {soft}: lower max_connections or raise LimitNOFILE"
+    )
+
+
 def device_tls_options(relay: RelayConfig):
     """The TLS policy of ``[relay] tls_listen``, from its keys."""
     return server_tls_options(
@@ -459,9 +495,12 @@ def build_service(config: Config, reactor, *, adopted=None) -> MultiService:
         return build_supervisor(config, reactor, on_start_failure)
     top = StopInOrder()
     if adopted is None:
-        exposed = exposed_secrets_warning(config)
-        if exposed is not None:
-            log.warn("{warning}", warning=exposed)
+        for warning in (
+            exposed_secrets_warning(config),
+            fit_file_limit(config.relay.max_connections),
+        ):
+            if warning is not None:
+                log.warn("{warning}", warning=warning)
     registry = add_registry(top, config, reactor, on_start_failure, main=adopted is None)
     # Profiles cached, commit counters batched: no query per upload.
     ledger = RelayLedger(registry, reactor, config.relay.profile_cache_seconds)

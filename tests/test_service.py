@@ -167,3 +167,48 @@ class SpoolServiceTests(SynchronousTestCase):
         service.startService()
         self.spool.opening.errback(OSError("disk gone"))
         self.assertEqual((self.failures, self.delivery.started), ([1], 0))
+
+
+class FileLimitTests(SynchronousTestCase):
+    """The open-file limit raised to what max_connections needs, or one warning."""
+
+    def fit(self, max_connections: int, soft: int, hard: int, refuse: bool = False):
+        from oemrelay.service import fit_file_limit
+
+        self.set_to: list = []
+
+        def setrlimit(which, limits):
+            if refuse:
+                raise ValueError("not allowed")
+            self.set_to.append(limits)
+
+        return fit_file_limit(max_connections, lambda which: (soft, hard), setrlimit)
+
+    def test_enough_already(self) -> None:
+        """A limit of exactly max_connections + SPARE_FILES is enough: nothing changed, no warning."""
+        from oemrelay.service import SPARE_FILES
+
+        self.assertIsNone(self.fit(1000, 1000 + SPARE_FILES, 4096))
+        self.assertEqual(self.set_to, [])
+
+    def test_raised_within_the_hard_limit(self) -> None:
+        """One file short: the soft limit is raised to what is needed, quietly."""
+        from oemrelay.service import SPARE_FILES
+
+        self.assertIsNone(self.fit(1000, 1000 + SPARE_FILES - 1, 65536))
+        self.assertEqual(self.set_to, [(1000 + SPARE_FILES, 65536)])
+
+    def test_hard_limit_too_low(self) -> None:
+        """Raised to the hard limit, and a warning naming the key and both numbers."""
+        warning = self.fit(20000, 1024, 8192)
+        self.assertEqual(self.set_to, [(8192, 8192)])
+        self.assertIn("[relay] max_connections 20000 needs 20256 open files", warning)
+        self.assertIn("the limit is 8192", warning)
+
+    def test_refused(self) -> None:
+        """A system that refuses the change gets the warning with the old limit."""
+        self.assertIn("the limit is 1024", self.fit(5000, 1024, 65536, refuse=True))
+
+    def test_no_limit_configured(self) -> None:
+        """max_connections = 0 (no limit) asks nothing of the file limit."""
+        self.assertIsNone(self.fit(0, 16, 16))
