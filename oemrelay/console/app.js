@@ -30,8 +30,21 @@ function el(tag, attributes = {}, ...children) {
   return node;
 }
 
-function show(...nodes) {
-  page().replaceChildren(...nodes);
+// Each route is one generation.  A page that finishes loading after the
+// user moved on must neither draw over the new page nor keep its timers:
+// every page takes its own `show` from pageShow() when it starts, and that
+// `show` does nothing once the route has changed.
+let routeGeneration = 0;
+
+function pageShow() {
+  const generation = routeGeneration;
+  return (...nodes) => {
+    if (generation === routeGeneration) page().replaceChildren(...nodes);
+  };
+}
+
+function isCurrent(generation) {
+  return generation === routeGeneration;
 }
 
 class ApiError extends Error {
@@ -113,6 +126,7 @@ function counts(object) {
 }
 
 async function fleetPage() {
+  const show = pageShow();
   const render = async () => {
     let fleet, dead;
     try {
@@ -164,6 +178,7 @@ function deviceRow(device) {
 }
 
 async function devicesPage(params) {
+  const show = pageShow();
   const search = el("input", { id: "search", type: "search", placeholder: "serial, IMEI, ICCID or custom field", size: 36, value: params.get("q") || "" });
   const connected = el("input", { id: "f-connected", type: "checkbox" });
   const failing = el("input", { id: "f-failing", type: "checkbox" });
@@ -390,6 +405,7 @@ async function deadLetterTable(query, onChange, outcome) {
 }
 
 async function devicePage(serial) {
+  const show = pageShow();
   let device;
   try {
     device = await api("GET", "/api/devices/" + serial);
@@ -472,6 +488,7 @@ async function download(recording) {
 }
 
 async function recordingsPage() {
+  const show = pageShow();
   let answer;
   try {
     answer = await api("GET", "/api/recordings");
@@ -490,6 +507,7 @@ async function recordingsPage() {
 }
 
 function importPage() {
+  const show = pageShow();
   const text = el("textarea", { id: "csv", placeholder: "serial,custom1,custom2,custom3,connector" });
   const file = el("input", { type: "file", id: "csv-file", accept: ".csv,text/csv" });
   const result = el("p", { id: "import-result" });
@@ -512,6 +530,7 @@ function importPage() {
 }
 
 async function deadLettersPage() {
+  const show = pageShow();
   const holder = el("div", {});
   const load = async (outcome) => holder.replaceChildren(
     await deadLetterTable(new URLSearchParams({ limit: "200" }), load, outcome));
@@ -540,8 +559,11 @@ async function route() {
     import: importPage,
     deadletters: deadLettersPage,
   };
+  const generation = ++routeGeneration;
   const stop = await (pages[name] || fleetPage)();
-  if (typeof stop === "function") stopPage = stop;
+  if (typeof stop !== "function") return;
+  if (isCurrent(generation)) stopPage = stop;
+  else stop();  // superseded while it loaded: its timers and streams end now
 }
 
 document.addEventListener("DOMContentLoaded", () => {
