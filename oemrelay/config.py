@@ -361,23 +361,12 @@ def _boolean(value: str) -> bool:
         raise ValueError(f"must be true or false, got {value!r}") from None
 
 
-
-def _limit(value: str) -> int:
-    try:
-        number = int(value)
-    except ValueError:
-        raise ValueError(f"must be a whole number, got {value!r}") from None
-    if number < 0:
-        raise ValueError(f"must be 0 (no limit) or more, got {number}")
-    return number
+def _connection_limit(value: str) -> int:
+    return _whole_number(value, "connections", 0, words=" (0: no limit)")
 
 
-def _positive_whole(value: str) -> int:
-    number = _limit(value)
-    if number == 0:
-        raise ValueError("must be 1 or more")
-    return number
-
+def _byte_count(value: str) -> int:
+    return _whole_number(value, "bytes", 1)
 
 def _tls_version(value: str) -> str:
     if value not in MIN_VERSIONS:
@@ -583,7 +572,7 @@ class RelayConfig:
         _positive_number, f"{FRAME_TIMEOUT:g}", "Seconds a device has to finish a frame it started."
     )
     max_connections: int = _setting(
-        _limit,
+        _connection_limit,
         str(MAX_CONNECTIONS),
         "Device connections at once; at it, the oldest without a hello is shed;"
         " 0: no limit.  At start the relay raises its open-file limit to"
@@ -591,13 +580,13 @@ class RelayConfig:
         " once if that is not enough.",
     )
     max_connections_per_ip: int = _setting(
-        _limit, "0", "Device connections from one address (behind haproxy: the real one); 0: no limit."
+        _connection_limit, "0", "Device connections from one address (behind haproxy: the real one); 0: no limit."
     )
     max_records_per_upload: int = _setting(
-        _positive_whole, str(MAX_RECORDS_PER_UPLOAD), "Records a device may send before a commit request."
+        _record_count, str(MAX_RECORDS_PER_UPLOAD), "Records a device may send before a commit request."
     )
     max_upload_memory: int = _setting(
-        _positive_whole,
+        _byte_count,
         str(MAX_UPLOAD_MEMORY),
         "Bytes one upload's decoded records may take (estimated); past it the device is closed.",
     )
