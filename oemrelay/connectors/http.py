@@ -407,7 +407,9 @@ class HttpConnector(Service):
         :raises DeliveryFailed: if a substituted value would split a header,
             or the device's SAS key is missing or unusable.
         """
-        fields = device_fields(hello, profile)
+        return self._headers(hello, device_fields(hello, profile))
+
+    def _headers(self, hello: Hello, fields: Mapping[str, str]) -> dict[bytes, list[bytes]]:
         headers = {b"Content-Type": [_CONTENT_TYPES[self._config.body]]}
         for name, template in self._config.headers:
             value = self._header_value(name, expand(template, fields))
@@ -444,8 +446,9 @@ class HttpConnector(Service):
         return Deferred.fromCoroutine(self._post(upload, profile))
 
     async def _post(self, upload: Upload, profile: DeviceProfile) -> None:
-        url = expand_url(self._config.url, device_fields(upload.hello, profile))
-        headers = self.request_headers(upload.hello, profile)
+        fields = device_fields(upload.hello, profile)
+        url = expand_url(self._config.url, fields)
+        headers = self._headers(upload.hello, fields)
         if self._config.iothub:
             message_id = iothub_message_id(upload.hello.serial, upload.first_seq)
             headers[b"iothub-messageid"] = [message_id.encode("ascii")]
@@ -466,7 +469,7 @@ class HttpConnector(Service):
                 self._oauth.invalidate(token)
         if not 200 <= response.code < 300:
             # An end server echoing the request must not put its secrets in the log.
-            secrets = secrets_sent(headers, url, device_fields(upload.hello, profile))
+            secrets = secrets_sent(headers, url, fields)
             quoted = quote_answer(answer, secrets)
             retryable = response.code in _RETRYABLE_STATUSES or response.code >= 500
             raise DeliveryFailed(
