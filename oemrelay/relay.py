@@ -20,7 +20,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from twisted.internet.defer import Deferred, FirstError, gatherResults, succeed
+from twisted.internet.defer import Deferred, FirstError, fail, gatherResults, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -46,6 +46,9 @@ MAX_REPORTED = 10_000
 
 #: Frames outside uploads held for a link not yet open; more are dropped.
 MAX_HELD_FRAMES = 64
+
+#: Delivery plans remembered, one per connector override seen.
+MAX_PLANS = 1000
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,6 +83,37 @@ class DeviceProfile:
     connector: str | None = None
     #: Whether the registry has an entry for the device (``unknown_devices = reject``).
     known: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class DeliveryPlan:
+    """The connectors one connector setting names, sorted by role."""
+
+    names: tuple[str, ...]
+    required: tuple[str, ...]
+    best_effort: tuple[str, ...]
+    #: The first name that is not a configured connector, if any.
+    missing: str | None
+
+    @classmethod
+    def of(
+        cls, names: tuple[str, ...], connectors: Mapping[str, object], roles: Mapping[str, str]
+    ) -> DeliveryPlan:
+        required = tuple(name for name in names if roles.get(name, REQUIRED) == REQUIRED)
+        return cls(
+            names,
+            required,
+            tuple(name for name in names if name not in required),
+            next((name for name in names if name not in connectors), None),
+        )
+
+
+def _not_cached(hello: Hello) -> None:
+    return None
+
+
+def _no_registry_profile(hello: Hello) -> DeviceProfile:
+    return NoRegistry._EMPTY
 
 
 class DeliveryFailed(Exception):
@@ -182,6 +216,9 @@ class DeviceLedger(Protocol):
 
     def profile_for(self, hello: Hello) -> Deferred[DeviceProfile]: ...
 
+    # Optional: ``cached_profile(hello)``, the profile at once if held in
+    # memory, else None (see Relay.cached_profile).
+
     def device_connected(self, hello: Hello, node: str, now: float) -> Deferred: ...
 
     def device_disconnected(self, serial: int, node: str, now: float) -> Deferred: ...
@@ -263,6 +300,28 @@ class Relay:
         self._max_reported = max_reported
         #: False with ``unknown_devices = reject``: only serials in the registry upload.
         self.accepts_unknown_devices = unknown_devices == UNKNOWN_ACCEPT
+        #: The device's profile if the registry has it in memory, else None
+        #: (then the route asks ``profile_for``).
+        self.cached_profile: Callable[[Hello], DeviceProfile | None] = (
+            _no_registry_profile
+            if registry is None
+            else getattr(registry, "cached_profile", _not_cached)
+        )
+        self._plans: dict[str | None, DeliveryPlan] = {}
+
+    def plan_for(self, connector_override: str | None) -> DeliveryPlan:
+        """Where a device with ``connector_override`` (None: none) delivers."""
+        plan = self._plans.get(connector_override)
+        if plan is None:
+            if len(self._plans) >= MAX_PLANS:
+                self._plans.clear()  # overrides are registry text: bound them
+            plan = DeliveryPlan.of(
+                connector_names(connector_override or self.default_connector),
+                self.connectors,
+                self.roles,
+            )
+            self._plans[connector_override] = plan
+        return plan
 
     def now(self) -> float:
         """The time registry entries are stamped with."""
@@ -444,15 +503,26 @@ class DeviceRoute:
             self._links[connector_name] = link
         return link
 
-    async def deliver(self, upload: Upload) -> None:
+    def deliver(self, upload: Upload) -> Deferred[None]:
         """
         Deliver ``upload`` as the commit policy says: to every required
         connector of the device (concurrently, each with its own retries),
         its best-effort copies handed to the spool once those accepted; or,
         with ``commit_policy = spooled``, into the spool for all of them.
 
-        :raises DeliveryFailed: if it was not accepted (or not spooled).
+        The common case (the profile cached, one required connector) runs on
+        plain callbacks: the link's own Deferred, with the retries' errback,
+        is the answer.  Cancelling it cancels what is under way.
+
+        :return: fires when accepted (or spooled); fails with
+            :class:`DeliveryFailed` if not.
         """
+        profile = self._relay.cached_profile(self._hello)
+        if profile is None:
+            return Deferred.fromCoroutine(self._look_up_and_deliver(upload))
+        return self._deliver_as(upload, profile)
+
+    async def _look_up_and_deliver(self, upload: Upload) -> None:
         try:
             profile = await self._registry.profile_for(self._hello)
         except DeliveryFailed:
@@ -461,43 +531,48 @@ class DeviceRoute:
             raise DeliveryFailed(
                 f"device registry unavailable: {one_line(error)}", "registry"
             ) from None
+        await self._deliver_as(upload, profile)
+
+    def _deliver_as(self, upload: Upload, profile: DeviceProfile) -> Deferred[None]:
         if self._closed:
             # Closed while the profile was looked up: open no new link.
-            raise DeliveryFailed("device connection closed before delivery", "closed")
+            return fail(DeliveryFailed("device connection closed before delivery", "closed"))
         if not (profile.known or self._relay.accepts_unknown_devices):
-            raise DeliveryFailed(
-                f"serial {self._hello.serial} is not in the registry", "unknown_device"
-            )
-        names = self._connectors_of(profile)
-        for name in names:
-            if name not in self._relay.connectors:
-                raise DeliveryFailed(
-                    f"device's connector {name!r} is not configured", "configuration"
+            return fail(
+                DeliveryFailed(
+                    f"serial {self._hello.serial} is not in the registry", "unknown_device"
                 )
+            )
+        plan = self._relay.plan_for(profile.connector)
+        if plan.missing is not None:
+            return fail(
+                DeliveryFailed(
+                    f"device's connector {plan.missing!r} is not configured", "configuration"
+                )
+            )
         if self._relay.commit_policy == COMMIT_SPOOLED:
-            await self._spool(upload, names)
-            return
-        roles = self._relay.roles
-        required = [name for name in names if roles.get(name, REQUIRED) == REQUIRED]
-        best_effort = tuple(name for name in names if name not in required)
-        deliveries = [
-            Deferred.fromCoroutine(self._deliver_to(name, upload, profile))
-            for name in required
-        ]
+            return Deferred.fromCoroutine(self._spool(upload, plan.names))
         try:
-            await gatherResults(deliveries, consumeErrors=True)
-        except FirstError as error:
-            error.subFailure.raiseException()
-        if best_effort:
-            self._copy_to_spool(upload, best_effort)
+            if len(plan.required) == 1:
+                delivery = self._deliver_to(plan.required[0], upload, profile)
+            else:
+                delivery = gatherResults(
+                    [self._deliver_to(name, upload, profile) for name in plan.required],
+                    consumeErrors=True,
+                ).addCallbacks(_nothing, _first_error)
+        except Exception:
+            # A link that raised instead of failing its Deferred.
+            return fail()
+        if plan.best_effort:
+            delivery.addCallback(self._copy_to_spool, upload, plan.best_effort)
+        return delivery
 
-    async def _deliver_to(self, name: str, upload: Upload, profile: DeviceProfile) -> None:
+    def _deliver_to(self, name: str, upload: Upload, profile: DeviceProfile) -> Deferred[None]:
         link = self.link_for(name)
         retry = self._relay.retry
         if retry is None:
-            await link.deliver(upload, profile)
-            return
-        await deliver_with_retries(
+            return link.deliver(upload, profile)
+        return deliver_with_retries(
             lambda: link.deliver(upload, profile),
             retry,
             upload.received_at + self._relay.commit_timeout,
@@ -514,7 +589,7 @@ class DeviceRoute:
         except Exception as error:
             raise DeliveryFailed(f"spool: {one_line(error)}", "spool") from None
 
-    def _copy_to_spool(self, upload: Upload, names: tuple[str, ...]) -> None:
+    def _copy_to_spool(self, _: object, upload: Upload, names: tuple[str, ...]) -> None:
         # Never awaited: a best-effort copy does not hold the device back.
         def not_spooled(failure: Failure) -> None:
             reason = describe_failure(failure)
@@ -582,6 +657,17 @@ class DeviceRoute:
             link.close()
         if self._present:
             self._relay.presence.closed(self._hello.serial)
+
+
+def _nothing(_: object) -> None:
+    return None
+
+
+def _first_error(failure: Failure) -> Failure:
+    # gatherResults wraps the first connector's failure: pass on its own.
+    if failure.check(FirstError):
+        return failure.value.subFailure
+    return failure
 
 
 def describe_failure(failure: Failure) -> str:

@@ -20,10 +20,11 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, fail
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from . import relay  # relay imports this module: names are read at call time
 from .events import RelayObserver
@@ -56,7 +57,7 @@ class RetryPolicy:
         return ceiling / 2 + self.random() * ceiling / 2
 
 
-async def deliver_with_retries(
+def deliver_with_retries(
     attempt: Callable[[], Deferred[None]],
     policy: RetryPolicy,
     deadline: float,
@@ -64,7 +65,7 @@ async def deliver_with_retries(
     connector: str,
     serial: int,
     observers: RelayObserver,
-) -> None:
+) -> Deferred[None]:
     """
     Call ``attempt`` until it succeeds, fails for good, or the next try
     would start at or after ``deadline`` (clock seconds).
@@ -73,34 +74,75 @@ async def deliver_with_retries(
     before ``deadline`` the loop gives up at once rather than hold the device
     past its commit window.
 
-    :raises DeliveryFailed: the last failure, its reason saying how many
+    The first attempt's Deferred is returned as it is, with one errback: the
+    loop below starts only after a failure (most uploads need one try).
+    Cancelling the result cancels the attempt or the wait under way.
+
+    :return: fires when an attempt succeeded; fails with the last
+        :class:`~oemrelay.relay.DeliveryFailed`, its reason saying how many
         attempts were made when there were several.
     """
+    started = policy.clock.seconds()
+    try:
+        first = attempt()
+    except Exception:
+        first = fail()
+    return first.addErrback(
+        _retry_after_failure, attempt, policy, deadline, started, connector, serial, observers
+    )
+
+
+def _retry_after_failure(
+    failure: Failure,
+    attempt: Callable[[], Deferred[None]],
+    policy: RetryPolicy,
+    deadline: float,
+    started: float,
+    connector: str,
+    serial: int,
+    observers: RelayObserver,
+) -> Deferred[None]:
+    failure.trap(relay.DeliveryFailed)  # anything else is not retried
+    return Deferred.fromCoroutine(
+        _retry(failure.value, attempt, policy, deadline, started, connector, serial, observers)
+    )
+
+
+async def _retry(
+    failure: relay.DeliveryFailed,
+    attempt: Callable[[], Deferred[None]],
+    policy: RetryPolicy,
+    deadline: float,
+    started: float,
+    connector: str,
+    serial: int,
+    observers: RelayObserver,
+) -> None:
+    """Retry after the first attempt failed with ``failure``."""
     clock = policy.clock
-    started = clock.seconds()
     attempts = 1
     while True:
+        wait = _wait_before_retry(failure, policy, attempts)
+        if wait is None or clock.seconds() + wait >= deadline:
+            if attempts == 1:
+                raise failure
+            raise failure.after_attempts(attempts) from None
+        observers.delivery_retried(connector)
+        await deferLater(clock, wait)
+        attempts += 1
         try:
             await attempt()
-        except relay.DeliveryFailed as failure:
-            wait = _wait_before_retry(failure, policy, attempts)
-            if wait is None or clock.seconds() + wait >= deadline:
-                if attempts == 1:
-                    raise
-                raise failure.after_attempts(attempts) from None
-            observers.delivery_retried(connector)
-            await deferLater(clock, wait)
-            attempts += 1
+        except relay.DeliveryFailed as error:
+            failure = error
             continue
-        if attempts > 1:
-            log.info(
-                "device {serial}: connector {connector} accepted the upload after"
-                " {attempts} attempts in {seconds:.1f}s",
-                serial=serial,
-                connector=connector,
-                attempts=attempts,
-                seconds=clock.seconds() - started,
-            )
+        log.info(
+            "device {serial}: connector {connector} accepted the upload after"
+            " {attempts} attempts in {seconds:.1f}s",
+            serial=serial,
+            connector=connector,
+            attempts=attempts,
+            seconds=clock.seconds() - started,
+        )
         return
 
 

@@ -56,6 +56,7 @@ from .codec import (
     parse_hello,
     time_response,
 )
+from .deadlines import DeadlineQueue, Entry
 from .oneline import one_line
 # The limits' defaults are the configuration's (one source for each).
 from .config import (
@@ -148,13 +149,6 @@ _FRAME_INPUTS = {
     MessageType.ASYNC_SESSION_REQUEST: Input.ASYNC_REQUEST,
     MessageType.ASYNC_RESPONSE: Input.COMMAND_ANSWER,
 }
-
-
-def _commit_timed_out(result: object, timeout: float) -> None:
-    # A connector cancelled mid-delivery may fail with its own error (treq:
-    # DeliveryFailed wrapping ResponseNeverReceived), not CancelledError,
-    # which addTimeout's default conversion alone turns into TimeoutError.
-    raise TimeoutError(timeout, "commit")
 
 
 class DeviceChannel(TypingProtocol):
@@ -253,7 +247,13 @@ class DeviceSession:
         hello_timeout: float = HELLO_TIMEOUT,
         notices: PeerNotices | None = None,
         certificate_names: Callable[[], frozenset[str]] | None = None,
+        commit_deadlines: DeadlineQueue | None = None,
     ) -> None:
+        """
+        :param commit_deadlines: where the commit deadline of each upload
+            waits (shared by the connections of one factory: one timer for
+            all); None: the session's own.
+        """
         self.peer = peer
         self.hello: Hello | None = None
         self._state = State.AWAITING_HELLO
@@ -285,6 +285,14 @@ class DeviceSession:
         # The command id and the Deferred awaiting its 0x21, in an async session.
         self._awaited_response: tuple[int, Deferred[int]] | None = None
         self._observers = relay.observers
+        # The upload under way, its entry in the commit deadlines and whether
+        # that deadline passed (then its answer, whatever it is, withholds).
+        self._commit_deadlines = (
+            commit_deadlines if commit_deadlines is not None else DeadlineQueue(clock)
+        )
+        self._delivery: Deferred[None] | None = None
+        self._delivery_deadline: Entry | None = None
+        self._delivery_timed_out = False
         #: How the connection ended, for observers; set when the relay closes it.
         self.outcome = "device"
 
@@ -519,22 +527,50 @@ class DeviceSession:
         self._frames, self._records, self._pending_bytes = [], [], 0
         self._upload_memory = 0
         self._observers.upload_received(upload)
-        delivery = Deferred.fromCoroutine(self._route.deliver(upload))
-        delivery.addTimeout(self._commit_timeout, self._clock, _commit_timed_out)
+        self._delivery = delivery = self._route.deliver(upload)
         delivery.addCallbacks(
             self._delivered,
             self._not_delivered,
             callbackArgs=(upload,),
             errbackArgs=(upload,),
         )
+        if self._delivery is delivery:
+            # Still under way (a delivery answered at once needs no deadline).
+            self._delivery_deadline = self._commit_deadlines.add(
+                upload.received_at + self._commit_timeout, self._commit_timed_out
+            )
+
+    def _commit_timed_out(self) -> None:
+        # Whatever the cancelled delivery then answers, even success, the
+        # commit is withheld: the device has given up waiting.
+        self._delivery_timed_out = True
+        self._delivery.cancel()
+
+    def _delivery_ended(self) -> bool:
+        """Forget the delivery that just answered; whether it had timed out."""
+        timed_out = self._delivery_timed_out
+        if self._delivery_deadline is not None:
+            self._commit_deadlines.settle(self._delivery_deadline)
+        self._delivery = self._delivery_deadline = None
+        self._delivery_timed_out = False
+        return timed_out
+
+    def _timeout_reason(self) -> str:
+        return f"not confirmed within commit_timeout {self._commit_timeout:g}s"
 
     def _delivered(self, _: object, upload: Upload) -> None:
+        if self._delivery_ended():
+            self._input(Input.NOT_DELIVERED, (upload, "timeout", self._timeout_reason()))
+            return
         self._input(Input.DELIVERED, upload)
 
     def _not_delivered(self, failure: Failure, upload: Upload) -> None:
-        if failure.check(TimeoutError, CancelledError):
+        # A connector cancelled mid-delivery may fail with its own error
+        # (treq: DeliveryFailed wrapping ResponseNeverReceived), not
+        # CancelledError: a delivery that timed out is a timeout whatever it says.
+        if self._delivery_ended() or failure.check(TimeoutError, CancelledError):
             kind = "timeout"
-            reason = f"not confirmed within commit_timeout {self._commit_timeout:g}s"
+            reason = self._timeout_reason()
         elif failure.check(DeliveryFailed):
             kind = failure.value.kind
             reason = describe_failure(failure)
@@ -848,6 +884,7 @@ class DeviceProtocol(Protocol, TimeoutMixin):
             max_upload_memory=self._factory.max_upload_memory,
             hello_timeout=self._factory.hello_timeout,
             notices=self._factory.notices,
+            commit_deadlines=self._factory.commit_deadlines(),
             certificate_names=(
                 self._certificate_names
                 if self._factory.device_certificates
@@ -1038,9 +1075,23 @@ class DeviceFactory(Factory):
         #: Whether each TLS device's certificate must name its serial (mutual TLS).
         self.device_certificates = device_certificates
         self.notices = PeerNotices(clock)
+        # One commit deadline queue for every connection (see commit_deadlines).
+        self._commit_deadlines = DeadlineQueue(clock)
+        self._commit_deadlines_timeout = commit_timeout
         # Open connections, oldest first.
         self._open: dict[DeviceProtocol, None] = {}
         self._per_address: dict[str, int] = {}
+
+    def commit_deadlines(self) -> DeadlineQueue:
+        """
+        The commit deadlines new connections share.  Deadlines must arrive
+        in order, so a changed ``commit_timeout`` starts a new queue (the
+        connections already open keep theirs).
+        """
+        if self._commit_deadlines_timeout != self.commit_timeout:
+            self._commit_deadlines = DeadlineQueue(self.clock)
+            self._commit_deadlines_timeout = self.commit_timeout
+        return self._commit_deadlines
 
     @property
     def connections(self) -> int:

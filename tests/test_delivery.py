@@ -73,7 +73,7 @@ class DeliveryTestMixin:
 
     def deliver(self, relay: Relay, upload: Upload | None = None) -> Deferred[None]:
         route = relay.open_route(HELLO, lambda reason: None)
-        return Deferred.fromCoroutine(route.deliver(upload or make_upload(1, 2)))
+        return route.deliver(upload or make_upload(1, 2))
 
     def link(self, name: str):
         return self.connectors[name].links[-1]

@@ -121,6 +121,32 @@ class ProfileCacheTests(SynchronousTestCase):
         self.assertEqual(len(self.lookups.calls), 2)
 
 
+    def test_cached_profile_at_once(self) -> None:
+        """cached_profile answers a fresh profile synchronously, asking the registry nothing."""
+        self.assertIsNone(self.cache.cached_profile(hello()))
+        self.assertEqual(self.lookups.calls, [])  # a miss begins no lookup
+        self.lookup()
+        self.lookups.answer()
+        self.clock.advance(4.9)
+        self.assertEqual(self.cache.cached_profile(hello()), self.lookups.profile)
+        self.assertIsNone(self.cache.cached_profile(hello(2)))
+        self.assertEqual(len(self.lookups.calls), 1)
+
+    def test_cached_profile_stale_at_max_age(self) -> None:
+        """cached_profile gives None for a profile exactly max_age old, as profile_for looks it up."""
+        self.lookup()
+        self.lookups.answer()
+        self.clock.advance(5)
+        self.assertIsNone(self.cache.cached_profile(hello()))
+
+    def test_cached_profile_forgotten(self) -> None:
+        """A forgotten profile is no longer offered."""
+        self.lookup()
+        self.lookups.answer()
+        self.cache.forget([1])
+        self.assertIsNone(self.cache.cached_profile(hello()))
+
+
 class _Store:
     """A DeviceStore's record_activity, keeping what it was given."""
 
@@ -244,3 +270,12 @@ class RelayLedgerTests(SynchronousTestCase):
             listener((1,))
         ledger.profile_for(hello())
         self.assertEqual(len(registry.lookups.calls), 2)
+
+    def test_cached_profile_offered(self) -> None:
+        """The ledger offers the relay its cache's synchronous answer."""
+        registry = _Registry()
+        ledger = RelayLedger(registry, Clock(), 5)
+        self.assertIsNone(ledger.cached_profile(hello()))
+        ledger.profile_for(hello())
+        registry.lookups.answer()
+        self.assertEqual(ledger.cached_profile(hello()), registry.lookups.profile)

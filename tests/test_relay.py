@@ -13,6 +13,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from oemrelay.codec import Frame, Hello, MessageType, Record, parse_hello
 from oemrelay.relay import (
     MAX_HELD_FRAMES,
+    MAX_PLANS,
     DeliveryFailed,
     DeviceProfile,
     DeviceRoute,
@@ -108,6 +109,115 @@ class RelayTests(RouteTestMixin, SynchronousTestCase):
         self.assertIsNot(first.link_for("main"), second.link_for("main"))
 
 
+class CachedProfiles(FakeProfiles):
+    """A registry that holds profiles in memory: ``cached`` (None: a miss)."""
+
+    def __init__(self, cached: DeviceProfile | None, profile: DeviceProfile | None = None) -> None:
+        super().__init__(profile)
+        self.cached = cached
+
+    def cached_profile(self, hello: Hello) -> DeviceProfile | None:
+        return self.cached
+
+
+class FastPathTests(RouteTestMixin, SynchronousTestCase):
+    """A cached profile and one required connector: the link's own Deferred answers."""
+
+    def test_cached_profile_asks_nothing(self) -> None:
+        """With the profile in memory profile_for is not called and the link's Deferred is the answer."""
+        profiles = CachedProfiles(DeviceProfile(custom1="k", connector="other"))
+        route = self.route(profiles)
+        profiles.asked.clear()  # the route's open_ahead asked once
+        delivery = route.deliver(make_upload(1))
+        self.assertEqual(profiles.asked, [])
+        [(_, given, answer)] = self.other.links[0].deliveries
+        self.assertEqual(given.custom1, "k")
+        self.assertIs(delivery, answer)
+
+    def test_cache_miss_looks_up(self) -> None:
+        """A miss asks profile_for and waits for it."""
+        profiles = CachedProfiles(None)
+        route = self.route(profiles)
+        delivery = route.deliver(make_upload(1))
+        self.assertNoResult(delivery)
+        self.assertEqual(self.main.links, [])
+        for lookup in profiles.pending:
+            lookup.callback(DeviceProfile())
+        self.main.links[0].answer().callback(None)
+        self.assertIsNone(self.successResultOf(delivery))
+
+    def test_no_registry_is_the_fast_path(self) -> None:
+        """Without a registry the empty profile is used at once."""
+        route = self.route()
+        delivery = route.deliver(make_upload(1))
+        self.assertIs(delivery, self.main.links[0].answer())
+
+    def test_closed_route_fails(self) -> None:
+        """A closed route delivers nothing, even with the profile at hand."""
+        route = self.route(CachedProfiles(DeviceProfile()))
+        route.close()
+        failure = self.failureResultOf(route.deliver(make_upload(1)), DeliveryFailed)
+        self.assertEqual(failure.value.kind, "closed")
+
+    def test_cached_unknown_device_refused(self) -> None:
+        """With unknown_devices = reject a cached profile of an unknown device is refused."""
+        relay = Relay(
+            {"main": self.main},
+            "main",
+            CachedProfiles(DeviceProfile(known=False)),
+            unknown_devices="reject",
+        )
+        route = relay.open_route(HELLO, self.lost.append)
+        failure = self.failureResultOf(route.deliver(make_upload(1)), DeliveryFailed)
+        self.assertEqual(failure.value.kind, "unknown_device")
+
+    def test_link_raising_fails_the_delivery(self) -> None:
+        """A link that raises instead of failing its Deferred fails the delivery, not the caller."""
+        route = self.route()
+        route.link_for("main").deliver = lambda upload, profile: 1 / 0
+        self.failureResultOf(route.deliver(make_upload(1)), ZeroDivisionError)
+
+    def test_cancel_reaches_link(self) -> None:
+        """Cancelling the delivery cancels the link's Deferred."""
+        route = self.route(CachedProfiles(DeviceProfile()))
+        delivery = route.deliver(make_upload(1))
+        delivery.cancel()
+        self.assertEqual(self.main.links[0].cancelled, [self.main.links[0].answer()])
+
+
+class DeliveryPlanTests(SynchronousTestCase):
+    """Relay.plan_for: the connectors of one connector setting, remembered."""
+
+    def setUp(self) -> None:
+        self.relay = Relay(
+            {"a": FakeConnector("a"), "b": FakeConnector("b")},
+            "a",
+            roles={"b": "best_effort"},
+            spool=object(),
+        )
+
+    def test_default_and_override(self) -> None:
+        """None is the default connector; an override names its own, sorted by role."""
+        self.assertEqual(self.relay.plan_for(None).required, ("a",))
+        plan = self.relay.plan_for("a b")
+        self.assertEqual((plan.names, plan.required, plan.best_effort), (("a", "b"), ("a",), ("b",)))
+        self.assertIsNone(plan.missing)
+        self.assertEqual(self.relay.plan_for("b nope").missing, "nope")
+
+    def test_remembered(self) -> None:
+        """The same setting gives the same plan object."""
+        self.assertIs(self.relay.plan_for("a b"), self.relay.plan_for("a b"))
+
+    def test_bounded(self) -> None:
+        """MAX_PLANS settings are remembered; one more starts afresh."""
+        for index in range(MAX_PLANS):
+            self.relay.plan_for(f"a {index}")
+        first = self.relay.plan_for("a 0")
+        self.assertIs(self.relay.plan_for("a 0"), first)
+        self.relay.plan_for("a new")
+        self.assertIsNot(self.relay.plan_for("a 0"), first)
+
+
 class DeliverTests(RouteTestMixin, SynchronousTestCase):
     """Choosing the connector an upload goes to."""
 
@@ -115,7 +225,7 @@ class DeliverTests(RouteTestMixin, SynchronousTestCase):
         """Without an override the upload goes to the default connector's link with the profile."""
         route = self.route()
         upload = make_upload(5)
-        delivery = Deferred.fromCoroutine(route.deliver(upload))
+        delivery = route.deliver(upload)
         [(delivered, profile, answer)] = self.main.links[0].deliveries
         self.assertIs(delivered, upload)
         self.assertEqual(profile, DeviceProfile())
@@ -130,7 +240,7 @@ class DeliverTests(RouteTestMixin, SynchronousTestCase):
         profiles = FakeProfiles(profile)
         route = self.route(profiles)
         upload = make_upload(5)
-        delivery = Deferred.fromCoroutine(route.deliver(upload))
+        delivery = route.deliver(upload)
         self.assertEqual(profiles.asked[-1], HELLO)
         self.assertEqual(self.main.links, [])
         [(delivered, given, answer)] = self.other.links[0].deliveries
@@ -143,14 +253,14 @@ class DeliverTests(RouteTestMixin, SynchronousTestCase):
         """A profile with custom fields but no override goes to the default connector."""
         profile = DeviceProfile(custom2="x")
         route = self.route(FakeProfiles(profile))
-        Deferred.fromCoroutine(route.deliver(make_upload(1)))
+        route.deliver(make_upload(1))
         self.assertEqual(self.main.links[0].deliveries[0][1], profile)
         self.assertEqual(self.other.links, [])
 
     def test_unknown_override_fails(self) -> None:
         """An override naming no configured connector fails with DeliveryFailed naming it."""
         route = self.route(FakeProfiles(DeviceProfile(connector="nowhere")))
-        delivery = Deferred.fromCoroutine(route.deliver(make_upload(1)))
+        delivery = route.deliver(make_upload(1))
         failure = self.failureResultOf(delivery, DeliveryFailed)
         self.assertIn("'nowhere'", str(failure.value))
         self.assertEqual(self.main.links, [])
@@ -160,7 +270,7 @@ class DeliverTests(RouteTestMixin, SynchronousTestCase):
         """Nothing is delivered until the profile lookup answers."""
         profiles = FakeProfiles()
         route = self.route(profiles)
-        delivery = Deferred.fromCoroutine(route.deliver(make_upload(1)))
+        delivery = route.deliver(make_upload(1))
         self.assertNoResult(delivery)
         self.assertEqual(self.other.links, [])
         profiles.pending[-1].callback(DeviceProfile(connector="other"))
@@ -172,7 +282,7 @@ class DeliverTests(RouteTestMixin, SynchronousTestCase):
         """A failed profile lookup fails the delivery."""
         profiles = FakeProfiles()
         route = self.route(profiles)
-        delivery = Deferred.fromCoroutine(route.deliver(make_upload(1)))
+        delivery = route.deliver(make_upload(1))
         profiles.pending[-1].errback(DeliveryFailed("registry unreachable"))
         self.failureResultOf(delivery, DeliveryFailed)
         self.assertEqual(self.main.links, [])
@@ -180,7 +290,7 @@ class DeliverTests(RouteTestMixin, SynchronousTestCase):
     def test_link_failure_fails_delivery(self) -> None:
         """A link's failure is the delivery's failure."""
         route = self.route()
-        delivery = Deferred.fromCoroutine(route.deliver(make_upload(1)))
+        delivery = route.deliver(make_upload(1))
         self.main.links[0].deliveries[0][2].errback(DeliveryFailed("answered 500"))
         failure = self.failureResultOf(delivery, DeliveryFailed)
         self.assertEqual(str(failure.value), "answered 500")
@@ -188,7 +298,7 @@ class DeliverTests(RouteTestMixin, SynchronousTestCase):
     def test_cancel_reaches_link(self) -> None:
         """Cancelling a delivery cancels the link's Deferred."""
         route = self.route()
-        delivery = Deferred.fromCoroutine(route.deliver(make_upload(1)))
+        delivery = route.deliver(make_upload(1))
         answer = self.main.links[0].deliveries[0][2]
         delivery.cancel()
         self.assertTrue(answer.called)
@@ -198,7 +308,7 @@ class DeliverTests(RouteTestMixin, SynchronousTestCase):
         """Each connector's link is opened once per route and reused by later deliveries."""
         route = self.route(FakeProfiles(DeviceProfile(connector="other")))
         for seq in (1, 2, 3):
-            Deferred.fromCoroutine(route.deliver(make_upload(seq)))
+            route.deliver(make_upload(seq))
         self.assertEqual(self.main.links, [])
         self.assertEqual(len(self.other.links), 1)
         self.assertEqual(
@@ -210,7 +320,7 @@ class DeliverTests(RouteTestMixin, SynchronousTestCase):
         """A delivery whose profile arrives after the route closed fails and opens no link."""
         profiles = FakeProfiles()
         route = self.route(profiles)
-        delivery = Deferred.fromCoroutine(route.deliver(make_upload(1)))
+        delivery = route.deliver(make_upload(1))
         route.close()
         for lookup in profiles.pending:
             lookup.callback(DeviceProfile(connector="other"))

@@ -5,7 +5,7 @@ commit window, on a fake clock with a fixed random source.
 
 from __future__ import annotations
 
-from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.defer import CancelledError, Deferred, fail, succeed
 from twisted.internet.task import Clock
 from twisted.internet.testing import EventLoggingObserver
 from twisted.logger import globalLogPublisher
@@ -81,15 +81,13 @@ class DeliverWithRetriesTests(SynchronousTestCase):
 
     def deliver(self, attempts: Attempts, deadline: float = 20.0, policy: RetryPolicy | None = None) -> Deferred:
         attempts.clock = self.clock
-        return Deferred.fromCoroutine(
-            deliver_with_retries(
-                attempts,
-                policy or self.policy,
-                deadline,
-                connector="web",
-                serial=7,
-                observers=self.retries,
-            )
+        return deliver_with_retries(
+            attempts,
+            policy or self.policy,
+            deadline,
+            connector="web",
+            serial=7,
+            observers=self.retries,
         )
 
     def test_success_first_time(self) -> None:
@@ -170,3 +168,56 @@ class DeliverWithRetriesTests(SynchronousTestCase):
         self.failureResultOf(done)
         self.assertEqual(self.clock.getDelayedCalls(), [])
         self.assertEqual(attempts.times, [0.0])
+
+    def test_first_attempt_deferred_returned_on_success(self) -> None:
+        """No loop runs for an accepted first attempt: its own Deferred is the answer."""
+        answer: Deferred[None] = Deferred()
+        done = deliver_with_retries(
+            lambda: answer, self.policy, 20.0, connector="web", serial=7, observers=self.retries
+        )
+        self.assertIs(done, answer)
+        answer.callback(None)
+        self.assertIsNone(self.successResultOf(done))
+
+    def test_other_errors_not_retried(self) -> None:
+        """A failure that is not a DeliveryFailed (a bug) passes through after one attempt."""
+        calls = []
+
+        def attempt() -> Deferred[None]:
+            calls.append(self.clock.seconds())
+            return fail(ZeroDivisionError("oops"))
+
+        done = deliver_with_retries(
+            attempt, self.policy, 20.0, connector="web", serial=7, observers=self.retries
+        )
+        self.failureResultOf(done, ZeroDivisionError)
+        self.assertEqual(calls, [0.0])
+        self.assertEqual(self.retries.connectors, [])
+
+    def test_synchronous_raise_retried(self) -> None:
+        """An attempt raising DeliveryFailed instead of failing its Deferred is retried alike."""
+        outcomes = [transient(), None]
+
+        def attempt() -> Deferred[None]:
+            outcome = outcomes.pop(0)
+            if outcome is not None:
+                raise outcome
+            return succeed(None)
+
+        done = deliver_with_retries(
+            attempt, self.policy, 20.0, connector="web", serial=7, observers=self.retries
+        )
+        self.assertNoResult(done)
+        self.clock.advance(0.5)
+        self.successResultOf(done)
+        self.assertEqual(self.retries.connectors, ["web"])
+
+    def test_cancel_during_first_attempt_reaches_it(self) -> None:
+        """Cancelling while the first attempt is under way cancels that attempt's Deferred."""
+        answer: Deferred[None] = Deferred()
+        done = deliver_with_retries(
+            lambda: answer, self.policy, 20.0, connector="web", serial=7, observers=self.retries
+        )
+        done.cancel()
+        self.failureResultOf(answer, CancelledError)
+        self.assertEqual(self.clock.getDelayedCalls(), [])

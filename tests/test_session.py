@@ -864,6 +864,106 @@ class IdleTimeoutTests(SessionTestMixin, SynchronousTestCase):
         self.assertEqual(self.take(), b"")
 
 
+class CommitDeadlineTests(SessionTestMixin, SynchronousTestCase):
+    """Every connection of a factory shares one commit deadline queue."""
+
+    TICK = 1e-6
+
+    def commit_on_second_connection(self, later: float) -> tuple:
+        """The first device commits now, a second one ``later`` seconds on."""
+        first_link = self.greet()
+        self.send(DATA_2, COMMIT)
+        self.clock.advance(later)
+        first = (self.protocol, self.transport)
+        self.protocol, self.transport = self.connect()
+        second_link = self.greet(DART_HELLO_2)
+        self.send(DATA_2, COMMIT)
+        return first, first_link, second_link
+
+    def test_each_connection_times_out_at_its_own_commit_timeout(self) -> None:
+        """Two commits 5 s apart time out 5 s apart, each exactly at commit_timeout."""
+        (_, first_transport), first_link, second_link = self.commit_on_second_connection(5)
+        self.clock.advance(COMMIT_TIMEOUT - 5 - self.TICK)
+        self.assertTrue(first_transport.connected)
+        self.clock.advance(self.TICK)
+        self.assertFalse(first_transport.connected)
+        self.assertEqual(first_link.cancelled, [first_link.answer()])
+        self.clock.advance(5 - self.TICK)
+        self.assertTrue(self.is_open)
+        self.assertEqual(second_link.cancelled, [])
+        self.clock.advance(self.TICK)
+        self.assertFalse(self.is_open)
+        self.assertEqual(second_link.cancelled, [second_link.answer()])
+
+    def test_one_commit_timer_for_the_factory(self) -> None:
+        """Deliveries under way on several connections hold one timer between them."""
+        deadlines = self.factory.commit_deadlines()
+
+        def commit_timers() -> int:
+            return sum(
+                getattr(call.func, "__self__", None) is deadlines
+                for call in self.clock.getDelayedCalls()
+            )
+
+        self.commit_on_second_connection(1)
+        self.assertEqual(len(deadlines), 2)
+        self.assertEqual(commit_timers(), 1)
+        self.link.answer().callback(None)
+        self.connector.links[0].answer().callback(None)
+        self.assertEqual(commit_timers(), 0)
+
+    def test_answer_a_tick_before_the_deadline_commits(self) -> None:
+        """Accepted a tick before commit_timeout: the device is told to commit."""
+        link = self.greet()
+        self.send(DATA_2, COMMIT)
+        self.clock.advance(COMMIT_TIMEOUT - self.TICK)
+        link.answer().callback(None)
+        self.assertEqual(self.take(), COMMIT_OK)
+        self.clock.advance(COMMIT_TIMEOUT)
+        self.assertTrue(self.is_open)
+
+    def test_success_after_timing_out_still_withheld(self) -> None:
+        """A delivery whose cancellation answers success is withheld all the same."""
+        link = self.greet()
+        link.deliver = lambda upload, profile: Deferred(lambda d: d.callback(None))
+        self.send(DATA_2, COMMIT)
+        self.clock.advance(COMMIT_TIMEOUT)
+        self.assertEqual(self.take(), b"")
+        self.assert_closed_with_warning("129336", "commit_timeout")
+
+    def test_failure_after_timing_out_is_a_timeout(self) -> None:
+        """A cancelled delivery failing with its connector's own error counts as a timeout, not a bug."""
+        link = self.greet()
+        link.deliver = lambda upload, profile: Deferred(
+            lambda d: d.errback(ZeroDivisionError("cancelled its own way"))
+        )
+        self.send(DATA_2, COMMIT)
+        self.clock.advance(COMMIT_TIMEOUT)
+        self.assertEqual(self.flushLoggedErrors(ZeroDivisionError), [])
+        self.assert_closed_with_warning("129336", "commit_timeout")
+
+    def test_next_upload_gets_a_fresh_deadline(self) -> None:
+        """After a commit, the next upload's commit_timeout counts from its own request."""
+        link = self.greet()
+        self.send(DATA_2, COMMIT)
+        self.clock.advance(10)
+        link.answer().callback(None)
+        self.send(DATA_2, COMMIT)
+        self.clock.advance(COMMIT_TIMEOUT - self.TICK)
+        self.assertTrue(self.is_open)
+        self.clock.advance(self.TICK)
+        self.assertFalse(self.is_open)
+
+    def test_changed_commit_timeout_starts_a_new_queue(self) -> None:
+        """A factory whose commit_timeout changed gives new connections the new one."""
+        self.factory.commit_timeout = COMMIT_TIMEOUT / 2
+        self.protocol, self.transport = self.connect()
+        self.greet()
+        self.send(DATA_2, COMMIT)
+        self.clock.advance(COMMIT_TIMEOUT / 2)
+        self.assertFalse(self.is_open)
+
+
 class DisconnectTests(SessionTestMixin, SynchronousTestCase):
     """The device or the end server going away."""
 

@@ -55,6 +55,13 @@ class ProfileCache:
         # Bumped by forget(): a lookup begun before then is not kept.
         self._forgotten = 0
 
+    def cached_profile(self, hello: Hello) -> DeviceProfile | None:
+        """The device's profile if held and fresh, else None (no lookup begun)."""
+        cached = self._profiles.get(hello.serial)
+        if cached is not None and self._clock.seconds() - cached[0] < self._max_age:
+            return cached[1]
+        return None
+
     def profile_for(self, hello: Hello) -> Deferred[DeviceProfile]:
         """The device's profile: from memory if fresh, else from the registry."""
         now = self._clock.seconds()
@@ -182,6 +189,7 @@ class RelayLedger:
         self.activity = ActivityBatch(registry.devices, clock)
         registry.on_devices_changed(self.profiles.forget)
         self.profile_for = self.profiles.profile_for
+        self.cached_profile = self.profiles.cached_profile
         self.upload_committed = self.activity.upload_committed
         self.delivery_failed = self.activity.delivery_failed
         self.device_connected = registry.device_connected
