@@ -47,7 +47,13 @@ class FleetActivity(RelayObserver):
         self._connected: Counter[int] = Counter()
 
     def _now(self) -> _Minute:
-        start = int(self._clock.seconds() // 60) * 60
+        now = self._clock.seconds()
+        if self._minutes:
+            # Most events fall in the minute of the one before.
+            latest = self._minutes[-1]
+            if latest.start <= now < latest.start + 60:
+                return latest
+        start = int(now // 60) * 60
         if not self._minutes or self._minutes[-1].start != start:
             self._minutes.append(_Minute(start))
             while self._minutes[0].start <= start - WINDOW_MINUTES * 60:

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
-from typing import Protocol
+from typing import Any, Protocol
 
 from prometheus_client import (
     CollectorRegistry,
@@ -172,6 +172,9 @@ class RelayMetrics(RelayObserver):
             multiprocess_mode="max",
         ).labels(__version__).set(1)
         self._reasons: set[str] = set()
+        # Labelled children by label values: labels() validates and locks on
+        # every call, and delivery_attempted runs once per POST.
+        self._children: dict[tuple, Any] = {}
         if spool is not None:
             registry.register(_SpoolCollector(spool))
 
@@ -181,9 +184,16 @@ class RelayMetrics(RelayObserver):
         self._opened.inc()
         self._open.inc()
 
+    def _child(self, metric: Any, *values: str) -> Any:
+        key = (metric, values)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*values)
+        return child
+
     def connection_closed(self, hello: Hello | None, peer: str, outcome: str) -> None:
         self._open.dec()
-        self._sessions.labels(outcome).inc()
+        self._child(self._sessions, outcome).inc()
 
     def protocol_error(self, hello: Hello | None, peer: str, reason: str) -> None:
         label = reason_label(reason)
@@ -202,17 +212,17 @@ class RelayMetrics(RelayObserver):
         self._commit_seconds.observe(seconds)
 
     def commit_withheld(self, upload, kind: str, reason: str) -> None:
-        self._withheld.labels(kind).inc()
+        self._child(self._withheld, kind).inc()
 
     def delivery_attempted(self, connector: str, outcome: str, seconds: float) -> None:
-        self._requests.labels(connector, outcome).inc()
-        self._request_seconds.labels(connector).observe(seconds)
+        self._child(self._requests, connector, outcome).inc()
+        self._child(self._request_seconds, connector).observe(seconds)
 
     def delivery_retried(self, connector: str) -> None:
-        self._retries.labels(connector).inc()
+        self._child(self._retries, connector).inc()
 
     def registry_called(self, call: str, seconds: float) -> None:
-        self._registry_seconds.labels(call).observe(seconds)
+        self._child(self._registry_seconds, call).observe(seconds)
 
     # -- the scrape ------------------------------------------------------------
 
