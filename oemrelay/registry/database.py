@@ -280,6 +280,12 @@ class Database:
         """Run one statement written with ``?`` placeholders."""
         txn.execute(self.sql(sql), params)
 
+    def execute_many(
+        self, txn: adbapi.Transaction, sql: str, rows: list[tuple[Any, ...]]
+    ) -> None:
+        """Run one statement written with ``?`` placeholders once per row of ``rows``."""
+        txn.executemany(self.sql(sql), rows)
+
     def fetch_all(
         self, txn: adbapi.Transaction, sql: str, params: tuple[Any, ...] = ()
     ) -> list[Any]:

@@ -449,19 +449,24 @@ class DeviceStore:
         return self._database.interaction(self._txn_record_activity, activity)
 
     def _txn_record_activity(self, txn: adbapi.Transaction, activity: list) -> None:
-        for serial, records, last_upload, last_seen, last_error in activity:
-            self._database.execute(
-                txn,
-                """
-                UPDATE devices SET records_committed = records_committed + ?,
-                    last_upload = COALESCE(?, last_upload),
-                    last_seen = CASE WHEN last_seen IS NULL OR last_seen < ?
-                                     THEN ? ELSE last_seen END,
-                    last_error = ?
-                WHERE serial = ?
-                """,
-                (records, last_upload, last_seen, last_seen, last_error, serial),
-            )
+        # One statement for every device, its rows sent together
+        # (executemany; psycopg pipelines them): about half the CPU of a
+        # statement each, measured with bench/bench_activity_flush.py.
+        self._database.execute_many(
+            txn,
+            """
+            UPDATE devices SET records_committed = records_committed + ?,
+                last_upload = COALESCE(?, last_upload),
+                last_seen = CASE WHEN last_seen IS NULL OR last_seen < ?
+                                 THEN ? ELSE last_seen END,
+                last_error = ?
+            WHERE serial = ?
+            """,
+            [
+                (records, last_upload, last_seen, last_seen, last_error, serial)
+                for serial, records, last_upload, last_seen, last_error in activity
+            ],
+        )
 
     @returns_deferred
     async def delivery_failed(self, serial: int, reason: str, now: float) -> bool:
