@@ -423,6 +423,8 @@ class _Presence:
 
 def _record(what: str, serial: int, written: Deferred) -> Deferred:
     # Registry bookkeeping never holds up or breaks the device path.
+    if written.called and written.result is None:
+        return written  # already done (a batched commit): nothing can fail
     return written.addErrback(
         lambda failure: log.warn(
             "registry: could not record {what} of device {serial}: {reason}",

@@ -183,6 +183,27 @@ class ActivityBatchTests(SynchronousTestCase):
             [[(1, 15, 100.5, 100.5, None), (2, 3, 100.2, 100.2, None)]],
         )
 
+    def test_commits_added_in_place_keep_then_semantics(self) -> None:
+        """Commits of one device in one second: counts add, last_seen never moves back."""
+        self.batch.upload_committed(1, 10, 100.5)
+        self.batch.delivery_failed(1, "down", 100.6)
+        self.batch.upload_committed(1, 5, 100.2)  # the clock stepped back
+        self.clock.advance(1)
+        self.assertEqual(self.store.written, [[(1, 15, 100.2, 100.6, None)]])
+
+    def test_commit_during_a_failing_write_not_lost(self) -> None:
+        """A commit made while a write is under way is merged after the write's failure."""
+        writes: list[Deferred] = []
+        self.store.record_activity = lambda activity: writes.append(Deferred()) or writes[-1]
+        self.batch.upload_committed(1, 10, 100.0)
+        self.clock.advance(1)
+        self.batch.upload_committed(1, 5, 101.0)
+        self.batch.upload_committed(1, 1, 101.1)
+        writes[0].errback(RuntimeError("database down"))
+        del self.store.record_activity
+        self.clock.advance(1)
+        self.assertEqual(self.store.written, [[(1, 16, 101.1, 101.1, None)]])
+
     def test_nothing_pending_nothing_written(self) -> None:
         """A second with no activity writes nothing."""
         self.clock.advance(1)

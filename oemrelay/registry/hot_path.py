@@ -125,7 +125,17 @@ class ActivityBatch(TimerService):
     def upload_committed(self, serial: int, record_count: int, now: float) -> Deferred[None]:
         """Count ``record_count`` records delivered and clear the device's last error."""
         check_count("record_count", record_count)
-        return self._add(serial, _Activity(record_count, now, now, None))
+        pending = self._pending.get(serial)
+        if pending is None or not self.running:
+            return self._add(serial, _Activity(record_count, now, now, None))
+        # The device's entry is this batch's own (a flush takes the dict):
+        # added to in place, as then() would, with nothing allocated.
+        pending.records += record_count
+        pending.last_upload = now
+        if now > pending.last_seen:
+            pending.last_seen = now
+        pending.last_error = None
+        return succeed(None)
 
     def delivery_failed(self, serial: int, reason: str, now: float) -> Deferred[None]:
         """Keep why an upload was not delivered."""
