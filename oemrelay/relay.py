@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping
+from functools import partial
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -575,7 +576,7 @@ class DeviceRoute:
         if retry is None:
             return link.deliver(upload, profile)
         return deliver_with_retries(
-            lambda: link.deliver(upload, profile),
+            partial(link.deliver, upload, profile),  # no Python frame per attempt
             retry,
             upload.received_at + self._relay.commit_timeout,
             connector=name,
