@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping
-from functools import partial
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Protocol
 
 from twisted.internet.defer import Deferred, FirstError, fail, gatherResults, succeed
