@@ -6,7 +6,7 @@ reusing its links, and the values and helpers around an upload.
 from __future__ import annotations
 
 
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -183,6 +183,7 @@ class FastPathTests(RouteTestMixin, SynchronousTestCase):
         delivery = route.deliver(make_upload(1))
         delivery.cancel()
         self.assertEqual(self.main.links[0].cancelled, [self.main.links[0].answer()])
+        self.failureResultOf(delivery, CancelledError)
 
 
 class DeliveryPlanTests(SynchronousTestCase):
