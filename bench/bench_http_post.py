@@ -114,7 +114,7 @@ def main() -> None:
     )
     port = int(server.stdout.readline())
     config = config_from_string(
-        f"[connector:bench]\ntype = http\nurl = http://127.0.0.1:{port}/dm/[SERIAL]\n"
+        f"[connector:bench]\ntype = http\nurl = http://127.0.0.1:{port}/dm/[SERIAL]\ntimeout = 600\n"
         "header1 = X-Api-Key: [CUSTOM1]\n"
     ).connectors["bench"]
     connector = build_connector(config, reactor, 65535)

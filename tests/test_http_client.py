@@ -263,9 +263,13 @@ class ResponseParserTests(SynchronousTestCase):
 
 
 class Transport(StringTransport):
-    """A StringTransport that counts its writes."""
+    """A StringTransport that counts its writes and keeps its TCP_NODELAY setting."""
 
     writes = 0
+    no_delay = False
+
+    def setTcpNoDelay(self, enabled: bool) -> None:  # noqa: N802 - Twisted's name
+        self.no_delay = enabled
 
     def write(self, data: bytes) -> None:
         self.writes += 1
@@ -353,11 +357,18 @@ class HttpClientTests(SynchronousTestCase):
         self.post(headers={b"Content-Type": [b"application/json"], b"X-A": [b"1", b"2"]})
         _, transport = self.connection()
         self.assertEqual(transport.writes, 1)
+        self.assertTrue(transport.no_delay)
         self.assertEqual(
             transport.value(),
             b"POST /dm/1?k=v HTTP/1.1\r\nHost: end.example.com:8080\r\nContent-Length: 2\r\n"
             b"Content-Type: application/json\r\nX-A: 1\r\nX-A: 2\r\n\r\n{}",
         )
+
+    def test_header_names_as_before(self) -> None:
+        """Header names are sent in Http-Header-Case, with twisted.web's exceptions (as treq sent them)."""
+        self.post(headers={b"iothub-messageid": [b"m"], b"x-custom-THING": [b"c"], b"etag": [b"e"]})
+        sent = self.connection()[1].value()
+        self.assertIn(b"\r\nIothub-Messageid: m\r\nX-Custom-Thing: c\r\nETag: e\r\n", sent)
 
     def test_request_targets(self) -> None:
         """No path is /, a bare query gets /, a fragment is not sent, non-ASCII is percent-encoded; the default port is not in Host."""

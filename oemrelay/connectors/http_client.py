@@ -45,6 +45,33 @@ _HEX = re.compile(rb"[0-9A-Fa-f]+")
 _URL = re.compile(r"(https?)://([^/?#]*)([^#]*)", re.IGNORECASE)
 
 
+#: Header names written unlike Http-Header-Case (as twisted.web writes them).
+_NAME_EXCEPTIONS = {
+    b"Content-Md5": b"Content-MD5",
+    b"Dnt": b"DNT",
+    b"Etag": b"ETag",
+    b"P3p": b"P3P",
+    b"Te": b"TE",
+    b"Www-Authenticate": b"WWW-Authenticate",
+    b"X-Xss-Protection": b"X-XSS-Protection",
+}
+_wire_names: dict[bytes, bytes] = {}
+
+
+def wire_name(name: bytes) -> bytes:
+    """
+    A header name as sent: Http-Header-Case, as treq and twisted.web sent
+    the relay's headers before (servers should not care; some do).
+    """
+    wired = _wire_names.get(name)
+    if wired is None:
+        wired = b"-".join([word.capitalize() for word in name.split(b"-")])
+        wired = _NAME_EXCEPTIONS.get(wired, wired)
+        if len(_wire_names) < 1000:  # the connector's few names; bounded anyway
+            _wire_names[name] = wired
+    return wired
+
+
 class BadAnswer(Exception):
     """
     An end server's answer that cannot be read (or did not end).  The
@@ -361,6 +388,10 @@ class _Connection(Protocol):
 
     def connectionMade(self) -> None:  # noqa: N802 - Twisted's name
         self._server.live.add(self)
+        # As twisted.web's client did: a request is one write, sent at once.
+        no_delay = getattr(self.transport, "setTcpNoDelay", None)
+        if no_delay is not None:
+            no_delay(True)
 
     def send(self, exchange: _Exchange, reused: bool) -> None:
         self._exchange = exchange
@@ -586,6 +617,7 @@ class HttpClient:
             b"\r\nContent-Length: %d\r\n" % len(body),
         ]
         for name, values in headers.items():
+            name = _wire_names.get(name) or wire_name(name)
             for value in values:
                 parts += (name, b": ", value, b"\r\n")
         parts += (b"\r\n", body)
