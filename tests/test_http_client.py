@@ -651,14 +651,26 @@ class HttpClientTests(SynchronousTestCase):
     def test_connect_failure(self) -> None:
         """A refused connect fails the request and frees the slot for the next."""
         self.client = self.make_client(1)
-        self.endpoints.refuse = True
-        first = self.post()
+        self.endpoints.hold = True
+        first, second = self.post(), self.post()
+        [connecting] = self.endpoints.held
+        self.endpoints.held.clear()
+        connecting.errback(ConnectionRefusedError("here"))
         self.failureResultOf(first, ConnectionRefusedError)
+        self.assertEqual(len(self.endpoints.held), 1)  # the second is connecting now
+        self.endpoints.complete()
+        self.answer()
+        self.successResultOf(second)
+
+    def test_refused_at_once(self) -> None:
+        """A connect failing at once fails the request, holding no slot."""
+        self.endpoints.refuse = True
+        self.failureResultOf(self.post(), ConnectionRefusedError)
         self.assertEqual(self.client.in_flight(URL), 0)
 
     def test_idle_reuse_is_lifo(self) -> None:
         """The most recently used idle connection is taken first."""
-        first, second = self.post(), self.post()
+        self.post(), self.post()
         self.answer(0)
         self.answer(1)
         self.post(body=b"next")
