@@ -9,6 +9,10 @@ shared access signature, or an OAuth2 bearer token fetched again once when
 the end server answers 401; mutual TLS with ``client_cert``/``client_key``.
 Nothing that may carry a secret (the URL's path and query, header values,
 credentials) is written to logs or to failure reasons.
+
+Uploads go through :class:`~oemrelay.connectors.http_client.HttpClient`
+(pooled keep-alive connections, one timer per POST); only the OAuth2 token
+endpoint, asked about once an hour, is reached through treq.
 """
 
 from __future__ import annotations
