@@ -371,6 +371,20 @@ class HttpConnectorTests(SynchronousTestCase):
         self.clock.advance(5.1)
         self.assertIn("within 5s", str(self.failureResultOf(done, DeliveryFailed).value))
 
+    def test_one_timer_per_post(self) -> None:
+        """A POST in flight, body partly read, holds one timer: the connect, answer and body share it."""
+        self.server.hold = True
+        done = self.deliver(timeout=7.0)
+        self.assertEqual(len(self.clock.getDelayedCalls()), 1)
+        [request] = self.server.held
+        request.write(b"partial")
+        self.end.flush()
+        [timer] = self.clock.getDelayedCalls()
+        self.assertEqual(timer.getTime(), 7.0)
+        request.finish()
+        self.end.flush()
+        self.successResultOf(done)
+
     def test_timeout_cancelled_after_answer(self) -> None:
         """An answered request leaves no timer behind."""
         self.successResultOf(self.deliver())
