@@ -5,8 +5,9 @@ Looking a device's profile up and counting its commit in the database on
 every upload cost two queries through the pool's threads per upload (issue 9).
 :class:`ProfileCache` keeps profiles in memory for ``profile_cache_seconds``
 and forgets one as soon as this relay's API changes it; :class:`ActivityBatch`
-adds commits and delivery errors up per device and writes them once a second
-and when the relay stops.  :class:`RelayLedger` puts the two in front of a
+adds connections, commits and delivery errors up per device and writes them
+once a second and when the relay stops (a write per connection was most of
+the relay's CPU when thousands of devices reconnected at once).  :class:`RelayLedger` puts the two in front of a
 :class:`~oemrelay.registry.Registry` as the relay's
 :class:`~oemrelay.relay.DeviceLedger`.
 """
@@ -29,7 +30,7 @@ from .devices import check_count, check_serial
 
 log = Logger(namespace="oemrelay.registry")
 
-#: Seconds between two writes of the batched commit counters.
+#: Seconds between two writes of the batched connections and commit counters.
 FLUSH_INTERVAL = 1.0
 
 
@@ -81,6 +82,33 @@ class ProfileCache:
 
 
 @dataclass
+class _Presence:
+    """One device's connections and disconnection since the last write."""
+
+    #: The latest hello, if it connected since the last write.
+    hello: Hello | None
+    node: str
+    first_connected: float | None = None
+    connected: float | None = None
+    #: When its last connection here ended, if it did after the hello (or
+    #: with no hello pending).
+    disconnected: float | None = None
+
+    def then(self, later: _Presence) -> _Presence:
+        """This presence followed by ``later``."""
+        if later.hello is not None:
+            first = self.first_connected if self.hello is not None else later.first_connected
+            return _Presence(later.hello, later.node, first, later.connected, later.disconnected)
+        return _Presence(
+            self.hello, self.node, self.first_connected, self.connected, later.disconnected
+        )
+
+    def row(self, serial: int) -> tuple:
+        return (serial, self.hello, self.node, self.first_connected, self.connected,
+                self.disconnected)
+
+
+@dataclass
 class _Activity:
     """What happened to one device since the last write."""
 
@@ -102,8 +130,10 @@ class _Activity:
 
 class ActivityBatch(TimerService):
     """
-    Commits and delivery errors, added up per device and written in one
-    transaction every :data:`FLUSH_INTERVAL` seconds and when stopped.
+    Connections, disconnections, commits and delivery errors, added up per
+    device and written every :data:`FLUSH_INTERVAL` seconds and when stopped:
+    the connections first, so that a device new to the registry is in it
+    before its first commit is counted.
 
     A write that fails is kept and tried again with the next; once stopped,
     every event is written at once, so none is lost to a late commit.
@@ -114,6 +144,24 @@ class ActivityBatch(TimerService):
         self.clock = clock
         self._store = store
         self._pending: dict[int, _Activity] = {}
+        self._presence: dict[int, _Presence] = {}
+
+    def device_connected(self, hello: Hello, node: str, now: float) -> Deferred[None]:
+        """Record the device's hello: connected to ``node`` since ``now``."""
+        check_serial(hello.serial)
+        return self._add_presence(hello.serial, _Presence(hello, node, now, now))
+
+    def device_disconnected(self, serial: int, node: str, now: float) -> Deferred[None]:
+        """Record the device disconnected from ``node`` (unless another node holds it)."""
+        check_serial(serial)
+        return self._add_presence(serial, _Presence(None, node, disconnected=now))
+
+    def _add_presence(self, serial: int, presence: _Presence) -> Deferred[None]:
+        earlier = self._presence.get(serial)
+        self._presence[serial] = presence if earlier is None else earlier.then(presence)
+        if not self.running:
+            return self.flush()
+        return succeed(None)
 
     def upload_committed(self, serial: int, record_count: int, now: float) -> Deferred[None]:
         """Count ``record_count`` records delivered and clear the device's last error."""
@@ -134,6 +182,28 @@ class ActivityBatch(TimerService):
 
     def flush(self) -> Deferred[None]:
         """Write what is pending; fires when written (or kept for the next try)."""
+        if not self._presence:
+            return self._flush_activity()
+        presence, self._presence = self._presence, {}
+
+        def failed(failure) -> None:
+            for serial, earlier in presence.items():
+                later = self._presence.get(serial)
+                self._presence[serial] = earlier if later is None else earlier.then(later)
+            log.warn(
+                "registry: could not record the connections of {count} devices,"
+                " will retry: {reason}",
+                count=len(presence),
+                reason=one_line(failure.value),
+            )
+
+        written = self._store.record_presence(
+            [earlier.row(serial) for serial, earlier in presence.items()]
+        )
+        # Activity waits for the connections: a new device's row must exist first.
+        return written.addCallbacks(lambda _: self._flush_activity(), failed)
+
+    def _flush_activity(self) -> Deferred[None]:
         if not self._pending:
             return succeed(None)
         batch, self._pending = self._pending, {}
@@ -169,7 +239,8 @@ class ActivityBatch(TimerService):
 class RelayLedger:
     """
     The relay's :class:`~oemrelay.relay.DeviceLedger` on a registry:
-    profiles cached, commits and errors batched, the rest passed through.
+    profiles cached, connections, commits and errors batched, the rest
+    passed through.
 
     :param registry: a :class:`~oemrelay.registry.Registry`; its API changes
         make the cache forget the devices changed.
@@ -184,8 +255,8 @@ class RelayLedger:
         self.profile_for = self.profiles.profile_for
         self.upload_committed = self.activity.upload_committed
         self.delivery_failed = self.activity.delivery_failed
-        self.device_connected = registry.device_connected
-        self.device_disconnected = registry.device_disconnected
+        self.device_connected = self.activity.device_connected
+        self.device_disconnected = self.activity.device_disconnected
         self.due_commands = registry.due_commands
         self.command_sent = registry.command_sent
         self.command_result = registry.command_result
