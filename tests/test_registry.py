@@ -221,6 +221,24 @@ class RegistryScenariosMixin:
             (device.connected, device.node, device.last_seen), (True, "node-b", NOW + 1)
         )
 
+    async def test_profiles_for_many(self) -> None:
+        """profiles_for answers every serial asked, known or not, across query chunks."""
+        self.patch(devices_module, "PROFILES_PER_QUERY", 2)
+        for serial in (1, 3, 4):
+            await self.registry.update_device(serial, {"custom1": f"c{serial}"})
+        profiles = await self.registry.profiles_for([1, 2, 3, 4, 5, 1])
+        self.assertEqual(sorted(profiles), [1, 2, 3, 4, 5])
+        self.assertEqual(
+            {serial: (p.custom1, p.known) for serial, p in profiles.items()},
+            {1: ("c1", True), 2: ("", False), 3: ("c3", True), 4: ("c4", True), 5: ("", False)},
+        )
+        self.assertEqual(profiles[4], await self.registry.profile_for(hello(4)))
+        self.assertEqual(profiles[2], await self.registry.profile_for(hello(2)))
+
+    async def test_profiles_for_none(self) -> None:
+        """Asked for no serial, profiles_for answers nothing, without a query."""
+        self.assertEqual(await self.registry.profiles_for([]), {})
+
     async def test_record_presence_as_the_single_writes(self) -> None:
         """
         record_presence writes what device_connected and device_disconnected

@@ -324,6 +324,15 @@ class DeviceQuery:
 _RELEASE_NODE = "UPDATE devices SET connected = ? WHERE node = ? AND connected = ?"
 
 
+#: The profile of a device the registry does not know (one, shared: held
+#: per connected device by the relay's profile cache).
+UNKNOWN_PROFILE = DeviceProfile()
+
+#: Serials per query of :meth:`DeviceStore.profiles_for` (SQLite allows
+#: 32,766 parameters, PostgreSQL 65,535).
+PROFILES_PER_QUERY = 500
+
+
 #: A device's hello recorded: its identity, connected to a node (custom
 #: fields and the connector override left as they are).
 _RECORD_HELLO = """
@@ -384,7 +393,27 @@ class DeviceStore:
             "SELECT custom1, custom2, custom3, connector FROM devices WHERE serial = ?",
             hello.serial,
         )
-        return DeviceProfile(*row, known=True) if row is not None else DeviceProfile()
+        return DeviceProfile(*row, known=True) if row is not None else UNKNOWN_PROFILE
+
+    @returns_deferred
+    async def profiles_for(self, serials: Iterable[int]) -> dict[int, DeviceProfile]:
+        """
+        Many devices' profiles at once, by serial (an unknown one's is empty):
+        a relay's devices reconnecting together cost one query per
+        :data:`PROFILES_PER_QUERY`, not one each.
+        """
+        wanted = list(dict.fromkeys(serials))
+        profiles = dict.fromkeys(wanted, UNKNOWN_PROFILE)
+        for start in range(0, len(wanted), PROFILES_PER_QUERY):
+            chunk = wanted[start : start + PROFILES_PER_QUERY]
+            rows = await self._database.query_all(
+                "SELECT serial, custom1, custom2, custom3, connector FROM devices"
+                f" WHERE serial IN ({', '.join('?' * len(chunk))})",
+                *chunk,
+            )
+            for serial, *profile in rows:
+                profiles[serial] = DeviceProfile(*profile, known=True)
+        return profiles
 
     @returns_deferred
     async def device_connected(self, hello: Hello, node: str, now: float) -> DeviceRecord:
