@@ -19,19 +19,21 @@ def hello(serial: int = 1) -> Hello:
 
 
 class _Lookups:
-    """A registry lookup answered by the test, counting its calls."""
+    """A registry's profiles_for answered by the test, keeping the serials of each call."""
 
     def __init__(self) -> None:
         self.calls: list[Deferred] = []
+        self.serials: list[list[int]] = []
         self.profile = DeviceProfile(custom1="one")
 
-    def __call__(self, hello: Hello) -> Deferred:
+    def __call__(self, serials: list[int]) -> Deferred:
         answer: Deferred = Deferred()
         self.calls.append(answer)
+        self.serials.append(serials)
         return answer
 
     def answer(self) -> None:
-        self.calls[-1].callback(self.profile)
+        self.calls[-1].callback({serial: self.profile for serial in self.serials[-1]})
 
 
 class ProfileCacheTests(SynchronousTestCase):
@@ -103,6 +105,38 @@ class ProfileCacheTests(SynchronousTestCase):
         self.lookups.answer()
         self.lookup()
         self.assertEqual(len(self.lookups.calls), 2)
+
+    def test_misses_meanwhile_looked_up_together(self) -> None:
+        """
+        Devices missed while a lookup is in flight are looked up in one,
+        after it; a device missed again while its own is in flight waits
+        for that one.
+        """
+        first, again = self.lookup(1), self.lookup(1)
+        waiting = [self.lookup(serial) for serial in (2, 3, 2)]
+        self.assertEqual(self.lookups.serials, [[1]])
+        self.lookups.answer()
+        self.assertEqual(self.successResultOf(first), self.lookups.profile)
+        self.assertEqual(self.successResultOf(again), self.lookups.profile)
+        self.assertEqual(self.lookups.serials, [[1], [2, 3]])
+        for answer in waiting:
+            self.assertNoResult(answer)
+        self.lookups.answer()
+        for answer in waiting:
+            self.assertEqual(self.successResultOf(answer), self.lookups.profile)
+        self.lookup(3)
+        self.assertEqual(len(self.lookups.calls), 2)
+
+    def test_lookup_after_failure_goes_on(self) -> None:
+        """A failed lookup fails all its waiters; those missed meanwhile are still looked up."""
+        first, second = self.lookup(1), self.lookup(1)
+        later = self.lookup(2)
+        self.lookups.calls[-1].errback(RuntimeError("down"))
+        self.failureResultOf(first, RuntimeError)
+        self.failureResultOf(second, RuntimeError)
+        self.assertEqual(self.lookups.serials, [[1], [2]])
+        self.lookups.answer()
+        self.assertEqual(self.successResultOf(later), self.lookups.profile)
 
     def test_failure_not_kept(self) -> None:
         """A failed lookup fails the caller and is not cached."""
@@ -311,7 +345,7 @@ class _Registry:
 
     def __init__(self) -> None:
         self.lookups = _Lookups()
-        self.profile_for = self.lookups
+        self.profiles_for = self.lookups
         self.devices = _Store()
         self.listeners: list = []
         self.device_connected = self.device_disconnected = lambda *a: succeed(None)

@@ -39,37 +39,76 @@ class ProfileCache:
     Device profiles by serial, each kept ``max_age`` seconds after its lookup
     began (so a change made meanwhile is seen within ``max_age``); 0 keeps none.
 
+    Looked up together: one lookup is in flight at a time, and the devices
+    missed meanwhile are looked up in the next, all at once (thousands of
+    devices reconnecting after a restart cost a few queries, not one each;
+    a lone miss is looked up at once).  A device missed again while its
+    own lookup is in flight waits for that one.
+
     :meth:`forget` drops profiles at once; a lookup under way when it is
     called is not kept, since it may have read the old profile.
     """
 
     def __init__(
         self,
-        lookup: Callable[[Hello], Deferred[DeviceProfile]],
+        lookup_many: Callable[[list[int]], Deferred[dict[int, DeviceProfile]]],
         clock: IReactorTime,
         max_age: float,
     ) -> None:
-        self._lookup = lookup
+        self._lookup_many = lookup_many
         self._clock = clock
         self._max_age = max_age
         self._profiles: dict[int, tuple[float, DeviceProfile]] = {}
         # Bumped by forget(): a lookup begun before then is not kept.
         self._forgotten = 0
+        # Serials waiting for the next lookup, with who waits for each.
+        self._wanted: dict[int, list[Deferred[DeviceProfile]]] = {}
+        self._in_flight: dict[int, list[Deferred[DeviceProfile]]] = {}
+        self._looking_up = False
 
     def profile_for(self, hello: Hello) -> Deferred[DeviceProfile]:
         """The device's profile: from memory if fresh, else from the registry."""
-        now = self._clock.seconds()
         cached = self._profiles.get(hello.serial)
-        if cached is not None and now - cached[0] < self._max_age:
+        if cached is not None and self._clock.seconds() - cached[0] < self._max_age:
             return succeed(cached[1])
-        forgotten = self._forgotten
+        answer: Deferred[DeviceProfile] = Deferred()
+        in_flight = self._in_flight.get(hello.serial)
+        if in_flight is not None:
+            in_flight.append(answer)  # its answer serves this caller too
+            return answer
+        self._wanted.setdefault(hello.serial, []).append(answer)
+        if not self._looking_up:
+            self._look_up_wanted()
+        return answer
 
-        def keep(profile: DeviceProfile) -> DeviceProfile:
-            if self._max_age > 0 and forgotten == self._forgotten:
-                self._profiles[hello.serial] = (now, profile)
-            return profile
+    def _look_up_wanted(self) -> None:
+        wanted, self._wanted = self._wanted, {}
+        self._in_flight = wanted
+        self._looking_up = True
+        began, forgotten = self._clock.seconds(), self._forgotten
 
-        return self._lookup(hello).addCallback(keep)
+        def answered(profiles: dict[int, DeviceProfile]) -> None:
+            keep = self._max_age > 0 and forgotten == self._forgotten
+            for serial, waiting in wanted.items():
+                profile = profiles[serial]
+                if keep:
+                    self._profiles[serial] = (began, profile)
+                for answer in waiting:
+                    answer.callback(profile)
+
+        def failed(failure) -> None:
+            for waiting in wanted.values():
+                for answer in waiting:
+                    answer.errback(failure)
+
+        def next_lookup(_: object) -> None:
+            self._looking_up = False
+            self._in_flight = {}
+            if self._wanted:
+                self._look_up_wanted()
+
+        looked_up = self._lookup_many(list(wanted))
+        looked_up.addCallbacks(answered, failed).addBoth(next_lookup)
 
     def forget(self, serials: Iterable[int] | None = None) -> None:
         """Drop the profiles of ``serials`` (None: every profile)."""
@@ -249,7 +288,7 @@ class RelayLedger:
     def __init__(
         self, registry: Any, clock: IReactorTime, profile_cache_seconds: float
     ) -> None:
-        self.profiles = ProfileCache(registry.profile_for, clock, profile_cache_seconds)
+        self.profiles = ProfileCache(registry.profiles_for, clock, profile_cache_seconds)
         self.activity = ActivityBatch(registry.devices, clock)
         registry.on_devices_changed(self.profiles.forget)
         self.profile_for = self.profiles.profile_for
