@@ -181,14 +181,18 @@ class _Store:
         return succeed(None)
 
 
-class ActivityBatchTests(SynchronousTestCase):
-    """Commits and errors are added up per device and written once a second and on stop."""
+class _BatchTestCase(SynchronousTestCase):
+    """A started ActivityBatch on a Clock and a store keeping what it was given."""
 
     def setUp(self) -> None:
         self.clock = Clock()
         self.store = _Store()
         self.batch = ActivityBatch(self.store, self.clock)
         self.batch.startService()
+
+
+class ActivityBatchTests(_BatchTestCase):
+    """Commits and errors are added up per device and written once a second and on stop."""
 
     def test_flushed_each_second(self) -> None:
         """Nothing is written before a second has passed; then one batch, counts summed."""
@@ -260,14 +264,8 @@ class ActivityBatchTests(SynchronousTestCase):
         self.assertEqual(self.store.written[0][0][4], "a\\x00b")
 
 
-class PresenceBatchTests(SynchronousTestCase):
+class PresenceBatchTests(_BatchTestCase):
     """Connections and disconnections are batched with the activity, written first."""
-
-    def setUp(self) -> None:
-        self.clock = Clock()
-        self.store = _Store()
-        self.batch = ActivityBatch(self.store, self.clock)
-        self.batch.startService()
 
     def test_flushed_each_second(self) -> None:
         """Nothing is written before a second has passed; then one presence batch."""

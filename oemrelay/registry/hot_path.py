@@ -226,15 +226,7 @@ class ActivityBatch(TimerService):
         presence, self._presence = self._presence, {}
 
         def failed(failure) -> None:
-            for serial, earlier in presence.items():
-                later = self._presence.get(serial)
-                self._presence[serial] = earlier if later is None else earlier.then(later)
-            log.warn(
-                "registry: could not record the connections of {count} devices,"
-                " will retry: {reason}",
-                count=len(presence),
-                reason=one_line(failure.value),
-            )
+            _put_back(presence, self._presence, "connections", failure)
 
         written = self._store.record_presence(
             [earlier.row(serial) for serial, earlier in presence.items()]
@@ -248,16 +240,7 @@ class ActivityBatch(TimerService):
         batch, self._pending = self._pending, {}
 
         def failed(failure) -> None:
-            # Put back in front of what came meanwhile: nothing is lost.
-            for serial, activity in batch.items():
-                later = self._pending.get(serial)
-                self._pending[serial] = activity if later is None else activity.then(later)
-            log.warn(
-                "registry: could not record the activity of {count} devices,"
-                " will retry: {reason}",
-                count=len(batch),
-                reason=one_line(failure.value),
-            )
+            _put_back(batch, self._pending, "activity", failure)
 
         written = self._store.record_activity(
             [
@@ -273,6 +256,19 @@ class ActivityBatch(TimerService):
         if stopped is None:
             return flushed
         return stopped.addCallback(lambda _: flushed)
+
+
+def _put_back(batch: dict, pending: dict, what: str, failure) -> None:
+    """A batch that could not be written, back in front of what came meanwhile."""
+    for serial, earlier in batch.items():
+        later = pending.get(serial)
+        pending[serial] = earlier if later is None else earlier.then(later)
+    log.warn(
+        "registry: could not record the {what} of {count} devices, will retry: {reason}",
+        what=what,
+        count=len(batch),
+        reason=one_line(failure.value),
+    )
 
 
 class RelayLedger:
