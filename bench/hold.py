@@ -1,8 +1,8 @@
 """
 Hold many simulated devices connected after their hello, for the benchmark's
-connected-devices row: ``python bench/hold.py PORT COUNT SERIAL_BASE``.
+connected-devices row: ``python bench/hold.py HOST PORT COUNT SERIAL_BASE``.
 
-Connects COUNT devices to the relay on 127.0.0.1:PORT (at most 2,000
+Connects COUNT devices to the relay on HOST:PORT (127.0.0.1 or ::1) (at most 2,000
 connecting at once), each sending its hello and waiting for the hello
 response; prints one JSON line (how many are connected, the hello round
 trip p99 in ms) once all answered or failed, then holds them until SIGTERM.
@@ -19,7 +19,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from twisted.internet import reactor  # noqa: E402
 from twisted.internet.defer import Deferred, DeferredSemaphore  # noqa: E402
-from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol  # noqa: E402
+from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint, connectProtocol  # noqa: E402
 from twisted.internet.protocol import Protocol  # noqa: E402
 
 from oemrelay.simulator import percentile, simulated_hello  # noqa: E402
@@ -47,8 +47,9 @@ class _Holder(Protocol):
 
 
 def main() -> None:
-    port, count, base = (int(value) for value in sys.argv[1:4])
-    endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port, timeout=60)
+    host = sys.argv[1]
+    port, count, base = (int(value) for value in sys.argv[2:5])
+    endpoint = (TCP6ClientEndpoint if ":" in host else TCP4ClientEndpoint)(reactor, host, port, timeout=60)
     gate = DeferredSemaphore(CONNECTING)
     round_trips: list[float] = []
     failed = 0

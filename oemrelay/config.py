@@ -574,8 +574,9 @@ class RelayConfig:
     max_connections: int = _setting(
         _connection_limit,
         str(MAX_CONNECTIONS),
-        "Device connections at once; at it, the oldest without a hello is shed;"
-        " 0: no limit.  At start the relay raises its open-file limit to"
+        "Device connections at once (per worker with ``workers``); at it, the"
+        " oldest without a hello is shed; 0: no limit.  At start the relay"
+        " raises its open-file limit to"
         " max_connections + 256 as far as the hard limit allows, and warns"
         " once if that is not enough.",
     )

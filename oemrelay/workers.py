@@ -23,6 +23,7 @@ shared this way; :func:`oemrelay.config.shareable` says which.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
@@ -145,6 +146,20 @@ class _ParentChannel(Service):
             self._reactor.stop()
 
 
+#: The pipe buffer asked for a worker's log lines (Linux's unprivileged
+#: maximum, /proc/sys/fs/pipe-max-size).  Writes to the pipe block when it is
+#: full; with the default 64 KiB a parent busy for a moment during a
+#: reconnect storm (a line per device) would stall the worker's reactor.
+LOG_PIPE_BYTES = 1 << 20
+
+
+def _widen_log_pipe(fd: int) -> None:
+    try:
+        fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, LOG_PIPE_BYTES)
+    except OSError:
+        pass  # not a pipe (a terminal, a file), or the limit is lower: keep the default
+
+
 def _log_to_stdout(event: dict) -> None:
     text = eventAsText(event, includeTimestamp=False, includeSystem=False)
     level = event.get("log_level")
@@ -161,6 +176,7 @@ def worker_main(argv: list[str]) -> None:
     from .service import build_service
 
     spec = json.loads(argv[0])
+    _widen_log_pipe(sys.stdout.fileno())
     globalLogBeginner.beginLoggingTo([_log_to_stdout], redirectStandardIO=False)
     config = load_config(spec["config"])
     sockets = {description: tuple(fd_family) for description, fd_family in spec["sockets"].items()}

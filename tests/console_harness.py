@@ -223,8 +223,18 @@ timeout = 5
     def connect(self, serial: int) -> Device:
         """A device connected and said hello, once the registry shows it connected."""
         device = Device(self.device_port, serial)
-        wait_until(lambda: self.api("GET", f"/api/devices/{serial}")["connected"], "the hello")
+        wait_until(lambda: self._shown_connected(serial), "the hello")
         return device
+
+    def _shown_connected(self, serial: int) -> bool:
+        # The relay writes connections to the registry once a second: a new
+        # device is unknown (404) until then.
+        try:
+            return self.api("GET", f"/api/devices/{serial}")["connected"]
+        except urllib.error.HTTPError as error:
+            if error.code == 404:
+                return False
+            raise
 
     def output(self) -> str:
         self._log.flush()

@@ -661,6 +661,9 @@ class DeviceSettingsEndToEndTests(_RegistryTestCase):
         archive = self.path("archive.jsonl")
         relay = await self.start_platform_relay(server, archive)
         device = await self.hello(relay)
+        # Connections reach the registry within a second: the PUT below
+        # changes the device the hello entered, rather than creating it.
+        await self.api_until(relay, f"/api/devices/{DART_SERIAL}", lambda d: d["connected"], "the hello")
 
         await self.upload(device, DENMARK)
         self.assertEqual(len(server.requests), 1)

@@ -10,11 +10,11 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import EventLoggingObserver
 from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
-from twisted.web.http_headers import Headers
 
 from oemrelay.codec import parse_hello
 from oemrelay.config import config_from_string
 from oemrelay.connectors.http import HttpConnector
+from oemrelay.connectors.http_client import Answer
 from oemrelay.events import Observers, RelayObserver
 from oemrelay.relay import DeliveryFailed, DeviceProfile, Relay, Upload
 
@@ -199,20 +199,13 @@ class HttpAttemptEventTests(SynchronousTestCase):
         observers = Observers()
         observers.subscribe(recorder)
 
-        class Response:
-            code = answer_code
-            headers = Headers()
-
-            def content(self):
-                clock.advance(0.25)
-                return succeed(b"")
-
         class Client:
             def post(self, *args, **kwargs):
                 if error is not None:
                     clock.advance(0.5)
                     return fail(error)
-                return succeed(Response())
+                clock.advance(0.25)  # until the answer's body was read
+                return succeed(Answer(answer_code, {}, b"", True))
 
         connector = HttpConnector(config, Client(), clock, observers=observers)
         upload = Upload(parse_hello(DART_HELLO[5:]), (), (), 0.0)

@@ -19,19 +19,21 @@ def hello(serial: int = 1) -> Hello:
 
 
 class _Lookups:
-    """A registry lookup answered by the test, counting its calls."""
+    """A registry's profiles_for answered by the test, keeping the serials of each call."""
 
     def __init__(self) -> None:
         self.calls: list[Deferred] = []
+        self.serials: list[list[int]] = []
         self.profile = DeviceProfile(custom1="one")
 
-    def __call__(self, hello: Hello) -> Deferred:
+    def __call__(self, serials: list[int]) -> Deferred:
         answer: Deferred = Deferred()
         self.calls.append(answer)
+        self.serials.append(serials)
         return answer
 
     def answer(self) -> None:
-        self.calls[-1].callback(self.profile)
+        self.calls[-1].callback({serial: self.profile for serial in self.serials[-1]})
 
 
 class ProfileCacheTests(SynchronousTestCase):
@@ -104,6 +106,38 @@ class ProfileCacheTests(SynchronousTestCase):
         self.lookup()
         self.assertEqual(len(self.lookups.calls), 2)
 
+    def test_misses_meanwhile_looked_up_together(self) -> None:
+        """
+        Devices missed while a lookup is in flight are looked up in one,
+        after it; a device missed again while its own is in flight waits
+        for that one.
+        """
+        first, again = self.lookup(1), self.lookup(1)
+        waiting = [self.lookup(serial) for serial in (2, 3, 2)]
+        self.assertEqual(self.lookups.serials, [[1]])
+        self.lookups.answer()
+        self.assertEqual(self.successResultOf(first), self.lookups.profile)
+        self.assertEqual(self.successResultOf(again), self.lookups.profile)
+        self.assertEqual(self.lookups.serials, [[1], [2, 3]])
+        for answer in waiting:
+            self.assertNoResult(answer)
+        self.lookups.answer()
+        for answer in waiting:
+            self.assertEqual(self.successResultOf(answer), self.lookups.profile)
+        self.lookup(3)
+        self.assertEqual(len(self.lookups.calls), 2)
+
+    def test_lookup_after_failure_goes_on(self) -> None:
+        """A failed lookup fails all its waiters; those missed meanwhile are still looked up."""
+        first, second = self.lookup(1), self.lookup(1)
+        later = self.lookup(2)
+        self.lookups.calls[-1].errback(RuntimeError("down"))
+        self.failureResultOf(first, RuntimeError)
+        self.failureResultOf(second, RuntimeError)
+        self.assertEqual(self.lookups.serials, [[1], [2]])
+        self.lookups.answer()
+        self.assertEqual(self.successResultOf(later), self.lookups.profile)
+
     def test_failure_not_kept(self) -> None:
         """A failed lookup fails the caller and is not cached."""
         first = self.lookup()
@@ -148,27 +182,43 @@ class ProfileCacheTests(SynchronousTestCase):
 
 
 class _Store:
-    """A DeviceStore's record_activity, keeping what it was given."""
+    """A DeviceStore's record_presence and record_activity, keeping what they were given."""
 
     def __init__(self) -> None:
         self.written: list[list] = []
+        self.presence: list[list] = []
+        #: Every write, in order: ("presence" | "activity", rows).
+        self.writes: list[tuple[str, list]] = []
         self.failing = False
+        self.presence_failing = False
+
+    def record_presence(self, presence: list) -> Deferred:
+        if self.presence_failing:
+            return fail(RuntimeError("database down"))
+        self.presence.append(sorted(presence, key=lambda row: row[0]))
+        self.writes.append(("presence", self.presence[-1]))
+        return succeed(None)
 
     def record_activity(self, activity: list) -> Deferred:
         if self.failing:
             return fail(RuntimeError("database down"))
         self.written.append(sorted(activity))
+        self.writes.append(("activity", self.written[-1]))
         return succeed(None)
 
 
-class ActivityBatchTests(SynchronousTestCase):
-    """Commits and errors are added up per device and written once a second and on stop."""
+class _BatchTestCase(SynchronousTestCase):
+    """A started ActivityBatch on a Clock and a store keeping what it was given."""
 
     def setUp(self) -> None:
         self.clock = Clock()
         self.store = _Store()
         self.batch = ActivityBatch(self.store, self.clock)
         self.batch.startService()
+
+
+class ActivityBatchTests(_BatchTestCase):
+    """Commits and errors are added up per device and written once a second and on stop."""
 
     def test_flushed_each_second(self) -> None:
         """Nothing is written before a second has passed; then one batch, counts summed."""
@@ -261,12 +311,86 @@ class ActivityBatchTests(SynchronousTestCase):
         self.assertEqual(self.store.written[0][0][4], "a\\x00b")
 
 
+class PresenceBatchTests(_BatchTestCase):
+    """Connections and disconnections are batched with the activity, written first."""
+
+    def test_flushed_each_second(self) -> None:
+        """Nothing is written before a second has passed; then one presence batch."""
+        self.batch.device_connected(hello(1), "node-a", 100.0)
+        self.batch.device_connected(hello(2), "node-a", 100.5)
+        self.clock.advance(0.999)
+        self.assertEqual(self.store.presence, [])
+        self.clock.advance(0.001)
+        self.assertEqual(self.store.presence, [[
+            (1, hello(1), "node-a", 100.0, 100.0, None),
+            (2, hello(2), "node-a", 100.5, 100.5, None),
+        ]])
+
+    def test_connected_then_gone(self) -> None:
+        """A device that came and went within one batch: its hello, then its disconnection."""
+        self.batch.device_connected(hello(1), "node-a", 100.0)
+        self.batch.device_disconnected(1, "node-a", 100.7)
+        self.clock.advance(1)
+        self.assertEqual(self.store.presence, [[(1, hello(1), "node-a", 100.0, 100.0, 100.7)]])
+
+    def test_reconnected(self) -> None:
+        """Gone and back within one batch: the last hello, first seen at the first, connected."""
+        first, second = hello(1), Hello(1, "353323081669731", "8961", 34, 2, 1, 10)
+        self.batch.device_connected(first, "node-a", 100.0)
+        self.batch.device_disconnected(1, "node-a", 100.2)
+        self.batch.device_connected(second, "node-a", 100.4)
+        self.clock.advance(1)
+        self.assertEqual(self.store.presence, [[(1, second, "node-a", 100.0, 100.4, None)]])
+
+    def test_disconnected_alone(self) -> None:
+        """A disconnection with no hello in the batch is written as one."""
+        self.batch.device_disconnected(5, "node-a", 101.0)
+        self.clock.advance(1)
+        self.assertEqual(self.store.presence, [[(5, None, "node-a", None, None, 101.0)]])
+
+    def test_presence_before_activity(self) -> None:
+        """The connections are written before the commits (a new device's row must exist)."""
+        self.batch.upload_committed(1, 10, 100.1)
+        self.batch.device_connected(hello(1), "node-a", 100.0)
+        self.clock.advance(1)
+        self.assertEqual([kind for kind, _ in self.store.writes], ["presence", "activity"])
+
+    def test_failed_presence_kept_and_activity_waits(self) -> None:
+        """A failed presence write is retried, merged with what came since; the commits wait for it."""
+        self.store.presence_failing = True
+        self.batch.device_connected(hello(1), "node-a", 100.0)
+        self.batch.upload_committed(1, 10, 100.1)
+        self.clock.advance(1)
+        self.assertEqual(self.store.writes, [])
+        self.batch.device_disconnected(1, "node-a", 101.5)
+        self.store.presence_failing = False
+        self.clock.advance(1)
+        self.assertEqual(self.store.writes, [
+            ("presence", [(1, hello(1), "node-a", 100.0, 100.0, 101.5)]),
+            ("activity", [(1, 10, 100.1, 100.1, None)]),
+        ])
+        self.flushLoggedErrors()
+
+    def test_flushed_on_stop(self) -> None:
+        """Stopping writes the pending connections; later ones are written at once."""
+        self.batch.device_connected(hello(1), "node-a", 100.0)
+        self.successResultOf(self.batch.stopService())
+        self.assertEqual(len(self.store.presence), 1)
+        self.batch.device_disconnected(1, "node-a", 101.0)
+        self.assertEqual(self.store.presence[-1], [(1, None, "node-a", None, None, 101.0)])
+
+    def test_bad_serial_refused(self) -> None:
+        """A serial past uint32 is refused at once, not at the write."""
+        self.assertRaises(ValueError, self.batch.device_connected, hello(2**32), "node-a", 1.0)
+        self.assertRaises(ValueError, self.batch.device_disconnected, -1, "node-a", 1.0)
+
+
 class _Registry:
     """What RelayLedger takes from a Registry."""
 
     def __init__(self) -> None:
         self.lookups = _Lookups()
-        self.profile_for = self.lookups
+        self.profiles_for = self.lookups
         self.devices = _Store()
         self.listeners: list = []
         self.device_connected = self.device_disconnected = lambda *a: succeed(None)

@@ -1,6 +1,7 @@
 """
 Tests for :mod:`oemrelay.connectors.http`: one POST of OEM JSON per upload,
-against in-memory end servers (treq's StubTreq) and a fake clock.
+through the real HTTP client connected in memory (iosim) to ``twisted.web``
+end servers, with a fake clock.
 """
 
 from __future__ import annotations
@@ -16,9 +17,10 @@ from cryptography import x509
 from OpenSSL import SSL
 from treq.client import HTTPClient
 from treq.testing import StubTreq
+from twisted.logger import LogLevel, globalLogPublisher
 from twisted.internet import task
 from twisted.internet.address import IPv4Address
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionDone, ConnectionRefusedError
 from twisted.internet.interfaces import IHandshakeListener, IOpenSSLClientConnectionCreator
 from twisted.internet.protocol import Factory, Protocol
@@ -28,7 +30,6 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.client import Agent, HTTPConnectionPool
-from twisted.web.iweb import IBodyProducer
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
@@ -43,15 +44,17 @@ from oemrelay.connectors.http import (
     ClientCertificatePolicy,
     HttpConnector,
     PlatformTrustPlusCA,
-    CappedAgent,
     build_http_client,
+    build_token_client,
     form_body,
 )
+from oemrelay.connectors.http_client import HttpClient
 from oemrelay.oem_json import oem_document
 from oemrelay.relay import DeliveryFailed, DeviceProfile, StatelessLink, Upload
 
 from .fake_azure import FakeIoTHub
 from .fake_oauth import FakeOAuth
+from .fakes import InMemoryEndServer
 from .test_auth import KEY_1, KEY_2, NOW, POLICY_KEY, clock_at
 from .test_config import client_certificate_pem, write_temp
 from .vectors import capture
@@ -111,10 +114,19 @@ class EndServer(Resource):
         return self.body
 
 
-def connector_for(client, clock, name: str = "platform", **settings) -> HttpConnector:
-    """An HttpConnector named ``name`` with ``settings`` over ``client``."""
+def connector_for(
+    end, clock, name: str = "platform", token_client=None, **settings
+) -> HttpConnector:
+    """
+    An HttpConnector named ``name`` with ``settings``, POSTing through the
+    real client to ``end`` (a resource served in memory) or through ``end``
+    itself if it is a client.
+    """
     settings.setdefault("url", "http://end.example.com/dm")
-    return HttpConnector(HttpConnectorConfig(name, **settings), client, clock)
+    client = end if hasattr(end, "post") else InMemoryEndServer(end).client(clock)
+    return HttpConnector(
+        HttpConnectorConfig(name, **settings), client, clock, token_client=token_client
+    )
 
 
 class HttpConnectorTests(SynchronousTestCase):
@@ -123,10 +135,10 @@ class HttpConnectorTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.clock = task.Clock()
         self.server = EndServer()
-        self.stub = StubTreq(self.server)
+        self.end = InMemoryEndServer(self.server)
 
     def connector(self, **settings) -> HttpConnector:
-        return connector_for(self.stub, self.clock, **settings)
+        return connector_for(self.end.client(self.clock), self.clock, **settings)
 
     def deliver(self, profile: DeviceProfile = PROFILE, **settings) -> Deferred:
         return self.connector(**settings).deliver(UPLOAD, profile)
@@ -330,11 +342,11 @@ class HttpConnectorTests(SynchronousTestCase):
         done = self.deliver()
         [request] = self.server.held
         request.write(b"partial")
-        self.stub.flush()
+        self.end.flush()
         self.assertNoResult(done)
         request.write(b" answer")
         request.finish()
-        self.stub.flush()
+        self.end.flush()
         self.successResultOf(done)
 
     def test_timeout(self) -> None:
@@ -355,9 +367,23 @@ class HttpConnectorTests(SynchronousTestCase):
         done = self.deliver(timeout=5.0)
         [request] = self.server.held
         request.write(b"never ending")
-        self.stub.flush()
+        self.end.flush()
         self.clock.advance(5.1)
         self.assertIn("within 5s", str(self.failureResultOf(done, DeliveryFailed).value))
+
+    def test_one_timer_per_post(self) -> None:
+        """A POST in flight, body partly read, holds one timer: the connect, answer and body share it."""
+        self.server.hold = True
+        done = self.deliver(timeout=7.0)
+        self.assertEqual(len(self.clock.getDelayedCalls()), 1)
+        [request] = self.server.held
+        request.write(b"partial")
+        self.end.flush()
+        [timer] = self.clock.getDelayedCalls()
+        self.assertEqual(timer.getTime(), 7.0)
+        request.finish()
+        self.end.flush()
+        self.successResultOf(done)
 
     def test_timeout_cancelled_after_answer(self) -> None:
         """An answered request leaves no timer behind."""
@@ -368,7 +394,7 @@ class HttpConnectorTests(SynchronousTestCase):
         """A client that raises at once (say, on a URL it cannot encode) gives DeliveryFailed."""
 
         class Client:
-            def post(self, url, **kwargs):
+            def post(self, url, headers, body, timeout):
                 raise ValueError("cannot encode host")
 
         connector = connector_for(Client(), self.clock)
@@ -411,35 +437,15 @@ class HandshakeRecorder(Protocol):
         self.completed = True
 
 
-@implementer(IBodyProducer)
-class BytesProducer:
-    """
-    Writes its bytes at once.  treq's default producer for bytes cooperates
-    through the global reactor, which these tests never run.
-    """
-
-    def __init__(self, body: bytes) -> None:
-        self.body = body
-        self.length = len(body)
-
-    def startProducing(self, consumer) -> Deferred:  # noqa: N802 - Twisted's name
-        consumer.write(self.body)
-        return succeed(None)
-
-    def stopProducing(self) -> None:  # noqa: N802 - Twisted's name
-        pass
-
-
 class HttpConnectionErrorTests(SynchronousTestCase):
     """Connection-level failures become DeliveryFailed without secrets."""
 
     def setUp(self) -> None:
         self.reactor = MemoryReactorClock()
-        self.connector = connector_for(
-            HTTPClient(Agent(self.reactor), data_to_body_producer=BytesProducer),
-            self.reactor,
-            **dict(SECRET_CONFIG, url="http://end.example.com:8080/dm/[SERIAL]?key=[CUSTOM1]"),
-        )
+        config = dict(SECRET_CONFIG, url="http://end.example.com:8080/dm/[SERIAL]?key=[CUSTOM1]")
+        # The client as built for production: HostnameEndpoint on the reactor.
+        client = build_http_client(self.reactor, HttpConnectorConfig("platform", **config))
+        self.connector = connector_for(client, self.reactor, **config)
         self.done = self.connector.deliver(UPLOAD, SECRET_PROFILE)
 
     def assert_failed(self) -> str:
@@ -488,7 +494,7 @@ class HttpConnectionErrorTests(SynchronousTestCase):
         protocol.dataReceived(b"\x02\x55\x01\x08\x00garbage\r\n\r\n")
         self.assertTrue(transport.disconnecting)
         protocol.connectionLost(Failure(ConnectionDone()))
-        self.assertIn("wrong number of parts", self.assert_failed())
+        self.assertIn("the answer is not HTTP/1.x", self.assert_failed())
 
     def test_answer_over_socket(self) -> None:
         """A plain 200 answer over the socket is accepted."""
@@ -536,7 +542,7 @@ class PlatformTrustPlusCATests(SynchronousTestCase):
 
 
 class BuildHttpClientTests(SynchronousTestCase):
-    """build_http_client makes a verified treq client with its own pool."""
+    """build_http_client makes a verified client with its own pool."""
 
     def setUp(self) -> None:
         self.reactor = MemoryReactorClock()
@@ -549,25 +555,56 @@ class BuildHttpClientTests(SynchronousTestCase):
 
         self.patch(http_module, "BrowserLikePolicyForHTTPS", recording_policy)
 
-    def test_client_and_pool(self) -> None:
-        """It returns a treq HTTPClient and a persistent connection pool."""
-        client, pool = build_http_client(self.reactor, HttpConnectorConfig("h", "https://h/"))
-        self.assertIsInstance(client, HTTPClient)
-        self.assertIsInstance(pool, HTTPConnectionPool)
-        self.assertTrue(pool.persistent)
-        self.assertEqual(pool.maxPersistentPerHost, 256)
+    def post(self, client: HttpClient, url: str = "http://end.example.com/dm") -> Deferred:
+        return client.post(url, {}, b"{}", 10)
+
+    def test_client(self) -> None:
+        """It returns the lean HttpClient, connecting through the given reactor."""
+        client = build_http_client(self.reactor, HttpConnectorConfig("h", "https://h/"))
+        self.assertIsInstance(client, HttpClient)
+        self.post(client)
+        self.assertEqual(len(self.reactor.tcpClients), 1)
 
     def test_pool_size(self) -> None:
-        """pool_size sets how many connections the pool keeps per end server."""
-        _, pool = build_http_client(
+        """pool_size caps the connections opened (and requests sent) to one end server."""
+        client = build_http_client(
             self.reactor, HttpConnectorConfig("h", "https://h/", pool_size=3)
         )
-        self.assertEqual(pool.maxPersistentPerHost, 3)
+        waiting = [self.post(client) for _ in range(4)]
+        self.assertEqual(len(self.reactor.tcpClients), 3)
+        self.assertNoResult(waiting[3])
+        self.assertEqual(client.in_flight("http://end.example.com/"), 3)
+
+    def test_default_pool_size(self) -> None:
+        """The default pool_size is 256 connections."""
+        client = build_http_client(self.reactor, HttpConnectorConfig("h", "https://h/"))
+        for _ in range(257):
+            self.post(client)
+        self.assertEqual(len(self.reactor.tcpClients), 256)
 
     def test_quiet_connections(self) -> None:
-        """The pool's connection factory logs nothing per connection."""
-        _, pool = build_http_client(self.reactor, HttpConnectorConfig("h", "https://h/"))
-        self.assertFalse(pool._factory(None, "endpoint").noisy)
+        """Opening a connection logs nothing (no "Starting factory" line per connection)."""
+        events: list = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        self.post(build_http_client(self.reactor, HttpConnectorConfig("h", "https://h/")))
+        factory = self.reactor.tcpClients[0][2]
+        factory.doStart()
+        factory.buildProtocol(IPv4Address("TCP", "192.0.2.7", 80))
+        self.assertEqual([e for e in events if e.get("log_level", LogLevel.debug) >= LogLevel.info], [])
+
+    def test_token_client_quiet_too(self) -> None:
+        """The OAuth2 token client's connections log nothing either (the check above can fail: a noisy factory does)."""
+        events: list = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        client = build_token_client(self.reactor, HttpConnectorConfig("h", "https://h/"))
+        client.post("http://end.example.com/token", data=b"x")
+        self.reactor.tcpClients[0][2].doStart()
+        self.assertEqual([e for e in events if e.get("log_level", LogLevel.debug) >= LogLevel.info], [])
+        noisy = Factory()
+        noisy.doStart()
+        self.assertEqual(len([e for e in events if "Starting factory" in e.get("log_format", "")]), 1)
 
     def test_platform_trust(self) -> None:
         """Without ca_file, HTTPS trusts the platform's CAs only."""
@@ -584,10 +621,29 @@ class BuildHttpClientTests(SynchronousTestCase):
         self.assertIn(("load_verify_locations", "/x/ca.pem"), context.calls)
 
     def test_client_connects(self) -> None:
-        """The client connects through the given reactor to the URL's port."""
-        client, _ = build_http_client(self.reactor, HttpConnectorConfig("h", "https://h/"))
-        client.post("https://end.example.com:8443/x", data=b"{}")
-        self.assertEqual([port for _, port, *_ in self.reactor.tcpClients], [8443])
+        """The client connects through the given reactor to the URL's port, or the scheme's."""
+        client = build_http_client(self.reactor, HttpConnectorConfig("h", "https://h/"))
+        self.post(client, "https://end.example.com:8443/x")
+        self.post(client, "https://end.example.com/x")
+        self.post(client, "http://end.example.com/x")
+        self.assertEqual([port for _, port, *_ in self.reactor.tcpClients], [8443, 443, 80])
+
+    def test_https_is_tls(self) -> None:
+        """An https URL's connection starts TLS, naming the host (SNI); an http one sends the request in the clear."""
+        client = build_http_client(self.reactor, HttpConnectorConfig("h", "https://h/"))
+        for url in ("https://end.example.com:8443/x", "http://end.example.com/x"):
+            self.post(client, url)
+        sent = []
+        for _, port, factory, _, _ in self.reactor.tcpClients:
+            protocol = factory.buildProtocol(IPv4Address("TCP", "192.0.2.7", port))
+            transport = StringTransport()
+            protocol.makeConnection(transport)
+            sent.append(transport.value())
+        tls, plain = sent
+        self.assertEqual(tls[:1], b"\x16")  # a TLS handshake record
+        self.assertIn(b"end.example.com", tls)
+        self.assertNotIn(b"POST", tls)
+        self.assertTrue(plain.startswith(b"POST /x HTTP/1.1\r\nHost: end.example.com\r\n"), plain)
 
     def test_build_connector(self) -> None:
         """build_connector gives an HttpConnector for an http section."""
@@ -597,32 +653,50 @@ class BuildHttpClientTests(SynchronousTestCase):
 
 
 class StopServiceTests(SynchronousTestCase):
-    """Stopping the connector closes its pooled connections."""
+    """Stopping the connector closes its connections."""
 
-    def test_closes_pool(self) -> None:
-        """stopService returns the pool's closeCachedConnections Deferred."""
-        closed = succeed(None)
+    def setUp(self) -> None:
+        self.clock = task.Clock()
+        self.server = EndServer()
+        self.end = InMemoryEndServer(self.server)
+        self.connector = connector_for(self.end.client(self.clock), self.clock)
+        self.connector.startService()
 
-        class Pool:
-            calls = 0
+    def test_closes_idle_connections(self) -> None:
+        """stopService closes the idle connection and fires once it has closed."""
+        self.successResultOf(self.connector.deliver(UPLOAD, PROFILE))
+        [pump] = self.end.pumps
+        self.assertFalse(pump.serverIO.disconnected)
+        self.successResultOf(self.connector.stopService())
+        self.assertTrue(pump.serverIO.disconnected)
+        self.assertFalse(self.connector.running)
 
-            def closeCachedConnections(self):  # noqa: N802 - Twisted's name
-                Pool.calls += 1
-                return closed
+    def test_waits_for_request_in_flight(self) -> None:
+        """A request in flight at stop is answered, then its connection closes and the stop completes."""
+        self.server.hold = True
+        done = self.connector.deliver(UPLOAD, PROFILE)
+        stopped = self.connector.stopService()
+        self.assertNoResult(stopped)
+        [request] = self.server.held
+        request.finish()
+        self.end.flush()
+        self.successResultOf(done)
+        self.successResultOf(stopped)
+        self.assertTrue(self.end.pumps[0].serverIO.disconnected)
 
-        connector = HttpConnector(
-            HttpConnectorConfig("h", "http://h/"), StubTreq(EndServer()), task.Clock(), Pool()
-        )
-        connector.startService()
-        self.assertIs(connector.stopService(), closed)
-        self.assertEqual(Pool.calls, 1)
-        self.assertFalse(connector.running)
+    def test_request_in_flight_times_out(self) -> None:
+        """A request never answered ends the stop when its timeout aborts it."""
+        self.server.hold = True
+        done = self.connector.deliver(UPLOAD, PROFILE)
+        stopped = self.connector.stopService()
+        self.clock.advance(10)
+        self.failureResultOf(done, DeliveryFailed)
+        self.end.flush()
+        self.successResultOf(stopped)
 
-    def test_no_pool(self) -> None:
-        """Without a pool, stopService has nothing to wait for."""
-        connector = connector_for(StubTreq(EndServer()), task.Clock())
-        connector.startService()
-        self.assertIsNone(connector.stopService())
+    def test_nothing_opened(self) -> None:
+        """Without connections, the stop completes at once."""
+        self.successResultOf(self.connector.stopService())
 
 
 #: An IoT Hub connector for hub 'myhub'; extra keys are appended.
@@ -635,11 +709,11 @@ class AzureSasConnectorTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.clock = clock_at()
         self.hub = FakeIoTHub({"dev1": KEY_1}, {"device": POLICY_KEY}, clock=self.clock)
-        self.stub = StubTreq(self.hub)
+        self.end = InMemoryEndServer(self.hub)
 
     def connector(self, section: str = IOTHUB_SECTION) -> HttpConnector:
         config = config_from_string(section).connectors["hub"]
-        return HttpConnector(config, self.stub, self.clock)
+        return HttpConnector(config, self.end.client(self.clock), self.clock)
 
     def deliver(self, profile: DeviceProfile, section: str = IOTHUB_SECTION) -> Deferred:
         return self.connector(section).deliver(UPLOAD, profile)
@@ -743,13 +817,14 @@ class OAuth2ConnectorTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.clock = clock_at()
         self.server = FakeOAuth({"relay": CLIENT_SECRET}, clock=self.clock)
-        self.stub = StubTreq(self.server)
         self.connector = self.oauth_connector()
 
     def oauth_connector(self, client_secret: str = CLIENT_SECRET) -> HttpConnector:
+        # Tokens come through treq (not on the hot path), uploads through the client.
         return connector_for(
-            self.stub,
+            self.server,
             self.clock,
+            token_client=StubTreq(self.server),
             url="https://api.example.com/api/telemetry/[SERIAL]",
             auth="oauth2",
             token_url="https://login.example.com/token",
@@ -841,7 +916,8 @@ class BasicAuthConfigTests(SynchronousTestCase):
         ).connectors["platform"]
         self.assertEqual(config.auth, "basic")
         server = EndServer()
-        connector = HttpConnector(config, StubTreq(server), task.Clock())
+        clock = task.Clock()
+        connector = HttpConnector(config, InMemoryEndServer(server).client(clock), clock)
         self.successResultOf(connector.deliver(UPLOAD, PROFILE))
         [request] = server.requests
         self.assertEqual(
@@ -850,15 +926,15 @@ class BasicAuthConfigTests(SynchronousTestCase):
 
 
 class NoCookiesTests(SynchronousTestCase):
-    """The client build_http_client makes keeps no cookies between requests."""
+    """The clients build_http_client and build_token_client make keep no cookies between requests."""
 
-    def two_requests(self, reactor: MemoryReactorClock, client: HTTPClient) -> bytes:
+    def two_requests(self, reactor: MemoryReactorClock, post) -> bytes:
         """
-        GET twice over one connection, the first answer setting a cookie.
+        POST twice, the first answer setting a cookie.
 
         :return: the second request as sent.
         """
-        first = client.get("http://end.example.com/a")
+        first = post("http://end.example.com/a")
         factory = reactor.tcpClients[0][2]
         protocol = factory.buildProtocol(IPv4Address("TCP", "192.0.2.7", 80))
         transport = StringTransport()
@@ -867,27 +943,46 @@ class NoCookiesTests(SynchronousTestCase):
             b"HTTP/1.1 200 OK\r\nSet-Cookie: session=abc123; Path=/\r\n"
             b"Content-Length: 2\r\n\r\nok"
         )
-        self.successResultOf(self.successResultOf(first).content())
+        self.successResultOf(first)
         transport.clear()
-        client.get("http://end.example.com/b")
-        self.assertEqual(len(reactor.tcpClients), 1)  # the pooled connection is reused
+        post("http://end.example.com/b")
+        if len(reactor.tcpClients) == 2:  # a client that does not keep connections
+            factory = reactor.tcpClients[1][2]
+            protocol = factory.buildProtocol(IPv4Address("TCP", "192.0.2.7", 80))
+            transport = StringTransport()
+            protocol.makeConnection(transport)
         second = transport.value()
-        self.assertTrue(second.startswith(b"GET /b "), second)
+        self.assertTrue(second.startswith(b"POST /b "), second)
         return second
 
+    def treq_post(self, client: HTTPClient):
+        def post(url: str) -> Deferred:
+            return client.post(url, data=b"x").addCallback(lambda response: response.content())
+
+        return post
+
     def test_cookie_not_sent_back(self) -> None:
-        """After an answer with Set-Cookie the next request carries no Cookie header."""
+        """After an answer with Set-Cookie the next upload carries no Cookie header."""
         reactor = MemoryReactorClock()
-        client, _ = build_http_client(reactor, HttpConnectorConfig("h", "http://end.example.com/"))
-        second = self.two_requests(reactor, client)
+        client = build_http_client(reactor, HttpConnectorConfig("h", "http://end.example.com/"))
+        second = self.two_requests(reactor, lambda url: client.post(url, {}, b"{}", 10))
+        self.assertEqual(len(reactor.tcpClients), 1)  # the pooled connection is reused
         self.assertNotIn(b"cookie:", second.lower())
         self.assertNotIn(b"abc123", second)
 
+    def test_token_client_sends_no_cookie(self) -> None:
+        """The OAuth2 token client does not send a cookie back either."""
+        reactor = MemoryReactorClock()
+        client = build_token_client(reactor, HttpConnectorConfig("h", "http://end.example.com/"))
+        second = self.two_requests(reactor, self.treq_post(client))
+        self.assertNotIn(b"cookie:", second.lower())
+
     def test_default_client_would_send_it(self) -> None:
-        """A treq client with its default jar does send the cookie back (the check above can fail)."""
+        """A treq client with its default jar does send the cookie back (the checks above can fail)."""
         reactor = MemoryReactorClock()
         pool = HTTPConnectionPool(reactor, persistent=True)
-        second = self.two_requests(reactor, HTTPClient(Agent(reactor, pool=pool)))
+        client = HTTPClient(Agent(reactor, pool=pool))
+        second = self.two_requests(reactor, self.treq_post(client))
         self.assertIn(b"Cookie: session=abc123", second)
 
 
@@ -1019,7 +1114,7 @@ class RetryableFailureTests(SynchronousTestCase):
     def refusal(self, code: int, retry_after: bytes | None = None) -> DeliveryFailed:
         clock = task.Clock()
         clock.advance(NOW)
-        connector = connector_for(StubTreq(RetryAfterServer(code, retry_after)), clock)
+        connector = connector_for(RetryAfterServer(code, retry_after), clock)
         return self.failureResultOf(connector.deliver(UPLOAD, PROFILE), DeliveryFailed).value
 
     def test_transient_statuses_retryable(self) -> None:
@@ -1062,7 +1157,7 @@ class RetryableFailureTests(SynchronousTestCase):
         """A POST that is not answered in time is retryable."""
         clock = task.Clock()
         server = EndServer(hold=True)
-        done = connector_for(StubTreq(server), clock, timeout=1.0).deliver(UPLOAD, PROFILE)
+        done = connector_for(server, clock, timeout=1.0).deliver(UPLOAD, PROFILE)
         clock.advance(1.1)
         self.assertTrue(self.failureResultOf(done, DeliveryFailed).value.retryable)
 
@@ -1108,7 +1203,7 @@ class IdempotencyKeyTests(SynchronousTestCase):
     def test_sent_with_every_post(self) -> None:
         """The POST's Idempotency-Key header is the upload's key."""
         server = EndServer()
-        self.successResultOf(connector_for(StubTreq(server), task.Clock()).deliver(UPLOAD, PROFILE))
+        self.successResultOf(connector_for(server, task.Clock()).deliver(UPLOAD, PROFILE))
         [request] = server.requests
         self.assertEqual(
             request["headers"][b"idempotency-key"], [http_module.idempotency_key(UPLOAD).encode()]
@@ -1133,100 +1228,3 @@ class IdempotencyKeyTests(SynchronousTestCase):
         """The key is 32 lowercase hex characters."""
         key = self.key(frames_of(self.raw))
         self.assertRegex(key, r"^[0-9a-f]{32}$")
-
-
-class _Response:
-    """A stand-in IResponse whose body is delivered when asked for."""
-
-    def __init__(self, length: int | None) -> None:
-        self.length = length
-        self.body_protocols: list = []
-
-    def deliverBody(self, protocol) -> None:  # noqa: N802 - Twisted's name
-        self.body_protocols.append(protocol)
-
-
-class _HeldAgent:
-    """An agent whose requests are answered by the test."""
-
-    def __init__(self) -> None:
-        self.requests: list[tuple[bytes, Deferred]] = []
-
-    def request(self, method, uri, headers=None, bodyProducer=None):  # noqa: N803
-        answer: Deferred = Deferred()
-        self.requests.append((uri, answer))
-        return answer
-
-
-class CappedAgentTests(SynchronousTestCase):
-    """No more than the pool's size of requests are in flight to one end server."""
-
-    def setUp(self) -> None:
-        self.inner = _HeldAgent()
-        self.agent = CappedAgent(self.inner, 2)
-
-    def post(self, uri: bytes = b"http://h:80/dm/1") -> Deferred:
-        return self.agent.request(b"POST", uri)
-
-    def test_cap(self) -> None:
-        """The request past the cap waits; it is sent when an earlier one's body is read."""
-        first, _ = self.post(), self.post()
-        third = self.post()
-        self.assertEqual(len(self.inner.requests), 2)
-        self.assertNoResult(third)
-        response = _Response(length=5)
-        self.inner.requests[0][1].callback(response)
-        self.assertEqual(len(self.inner.requests), 2)  # the body is not read yet
-        self.successResultOf(first).deliverBody(Protocol())
-        [delivered] = response.body_protocols
-        delivered.dataReceived(b"hello")
-        delivered.connectionLost(Failure(ConnectionDone()))
-        self.assertEqual(len(self.inner.requests), 3)
-        self.assertEqual(self.agent.in_flight(b"http://h:80/dm/1"), 2)
-
-    def test_body_passed_on(self) -> None:
-        """The caller's protocol gets the body and its end."""
-        answer = self.post()
-        response = _Response(length=2)
-        self.inner.requests[0][1].callback(response)
-        received: list = []
-        body = Protocol()
-        body.dataReceived = received.append
-        body.connectionLost = lambda reason: received.append(reason.type)
-        self.successResultOf(answer).deliverBody(body)
-        response.body_protocols[0].dataReceived(b"ok")
-        response.body_protocols[0].connectionLost(Failure(ConnectionDone()))
-        self.assertEqual(received, [b"ok", ConnectionDone])
-
-    def test_empty_answer_frees_at_once(self) -> None:
-        """An answer without a body frees its slot when it arrives."""
-        self.post()
-        self.inner.requests[0][1].callback(_Response(length=0))
-        self.assertEqual(self.agent.in_flight(b"http://h:80/x"), 0)
-
-    def test_failure_frees(self) -> None:
-        """A failed request frees its slot, and the failure reaches the caller."""
-        answer = self.post()
-        self.inner.requests[0][1].errback(ConnectionRefusedError())
-        self.failureResultOf(answer, ConnectionRefusedError)
-        self.assertEqual(self.agent.in_flight(b"http://h:80/x"), 0)
-
-    def test_freed_once(self) -> None:
-        """A body that ends twice frees one slot, not two."""
-        answer = self.post()
-        response = _Response(length=None)
-        self.inner.requests[0][1].callback(response)
-        self.successResultOf(answer).deliverBody(Protocol())
-        for _ in range(2):
-            response.body_protocols[0].connectionLost(Failure(ConnectionDone()))
-        self.assertEqual(self.agent.in_flight(b"http://h:80/x"), 0)
-        self.post(), self.post(), self.post()
-        self.assertEqual(self.agent.in_flight(b"http://h:80/x"), 2)
-
-    def test_per_server(self) -> None:
-        """Each end server (scheme, host, port) has its own cap."""
-        self.post(b"http://a/1"), self.post(b"http://a/2")
-        self.post(b"http://b/1"), self.post(b"https://a/1"), self.post(b"http://a:81/1")
-        self.assertEqual(len(self.inner.requests), 5)
-        self.assertNoResult(self.post(b"http://a/3"))
-        self.assertEqual(len(self.inner.requests), 5)

@@ -26,6 +26,7 @@ from oemrelay.connectors.http import (
 from oemrelay.relay import DeliveryFailed, DeviceProfile
 
 from .fake_oauth import FakeOAuth
+from .fakes import InMemoryEndServer
 from .test_auth import KEY_1, clock_at
 from .test_http import CLIENT_SECRET, UPLOAD, connector_for
 
@@ -67,7 +68,8 @@ class EchoingEndServerTests(SynchronousTestCase):
         self.clock = task.Clock()
 
     def refusal(self, server: Resource, profile: DeviceProfile = PROFILE, **settings) -> str:
-        connector = connector_for(StubTreq(server), self.clock, **settings)
+        token_client = StubTreq(server) if settings.get("auth") == "oauth2" else None
+        connector = connector_for(server, self.clock, token_client=token_client, **settings)
         failure = self.failureResultOf(connector.deliver(UPLOAD, profile), DeliveryFailed)
         return str(failure.value)
 
@@ -116,7 +118,8 @@ class EchoingEndServerTests(SynchronousTestCase):
         self.clock = clock_at()
         section = "[connector:hub]\ntype = azure-iothub\nhub = myhub\n"
         config = config_from_string(section).connectors["hub"]
-        connector = HttpConnector(config, StubTreq(EchoServer()), self.clock)
+        client = InMemoryEndServer(EchoServer()).client(self.clock)
+        connector = HttpConnector(config, client, self.clock)
         profile = DeviceProfile(custom1="dev1", custom3=KEY_1)
         failure = self.failureResultOf(connector.deliver(UPLOAD, profile), DeliveryFailed)
         message = str(failure.value)

@@ -221,6 +221,54 @@ class RegistryScenariosMixin:
             (device.connected, device.node, device.last_seen), (True, "node-b", NOW + 1)
         )
 
+    async def test_profiles_for_many(self) -> None:
+        """profiles_for answers every serial asked, known or not, across query chunks."""
+        self.patch(devices_module, "PROFILES_PER_QUERY", 2)
+        for serial in (1, 3, 4):
+            await self.registry.update_device(serial, {"custom1": f"c{serial}"})
+        profiles = await self.registry.profiles_for([1, 2, 3, 4, 5, 1])
+        self.assertEqual(sorted(profiles), [1, 2, 3, 4, 5])
+        self.assertEqual(
+            {serial: (p.custom1, p.known) for serial, p in profiles.items()},
+            {1: ("c1", True), 2: ("", False), 3: ("c3", True), 4: ("c4", True), 5: ("", False)},
+        )
+        self.assertEqual(profiles[4], await self.registry.profile_for(hello(4)))
+        self.assertEqual(profiles[2], await self.registry.profile_for(hello(2)))
+
+    async def test_profiles_for_none(self) -> None:
+        """Asked for no serial, profiles_for answers nothing, without a query."""
+        self.assertEqual(await self.registry.profiles_for([]), {})
+
+    async def test_record_presence_as_the_single_writes(self) -> None:
+        """
+        record_presence writes what device_connected and device_disconnected
+        would, in one transaction: a new device connected and gone, one
+        reconnected keeping first_seen, one disconnected only if still held
+        by this node.
+        """
+        await self.registry.device_connected(hello(2), "node-a", NOW - 100)
+        await self.registry.device_connected(hello(3), "node-b", NOW - 100)
+        await self.registry.devices.record_presence([
+            (1, hello(1), "node-a", NOW, NOW + 1, NOW + 2),
+            (2, hello(2, firmware_minor=25), "node-a", NOW + 3, NOW + 4, None),
+            (3, None, "node-a", None, None, NOW + 5),
+        ])
+        one, two, three = [await self.registry.get_device(serial) for serial in (1, 2, 3)]
+        self.assertEqual(
+            (one.first_seen, one.last_seen, one.connected, one.node), (NOW, NOW + 2, False, "node-a")
+        )
+        self.assertEqual(
+            (two.first_seen, two.last_seen, two.connected, two.firmware),
+            (NOW - 100, NOW + 4, True, "58.3.1.25"),
+        )
+        self.assertEqual((three.connected, three.node, three.last_seen), (True, "node-b", NOW - 100))
+
+    async def test_record_presence_then_activity_counts_a_new_device(self) -> None:
+        """A device first recorded by record_presence has its commits counted after it."""
+        await self.registry.devices.record_presence([(9, hello(9), "node-a", NOW, NOW, None)])
+        await self.registry.devices.record_activity([(9, 12, NOW + 1, NOW + 1, None)])
+        self.assertEqual((await self.registry.get_device(9)).records_committed, 12)
+
     async def test_node_started(self) -> None:
         """node_started disconnects this node's devices and no other node's."""
         await self.registry.device_connected(hello(1), "node-a", NOW)

@@ -543,3 +543,38 @@ class OwnConnectionTests(SynchronousTestCase):
         self.connector.deliver_on_own_connection(UPLOAD)
         self.connector.deliver_on_own_connection(UPLOAD)
         self.assertEqual(len(self.endpoint.attempts), 2)
+
+
+class TcpLinkTableTests(SynchronousTestCase):
+    """TcpLink's transition table itself."""
+
+    STATES = ("connecting", "connecting_with_upload", "greeting", "greeting_with_upload",
+              "open", "committing", "closed")
+
+    def test_every_state_answers_the_inputs_it_can_meet(self) -> None:
+        """
+        Every state has a row for every input but those it cannot meet: the
+        end server's frames before its connection is made, a second
+        connection made after it was.
+        """
+        inputs = {input_ for _, input_, _, _ in TcpLink._TABLE}
+        cannot_meet = {
+            "connecting": {"hello_response", "commit_response"},
+            "connecting_with_upload": {"hello_response", "commit_response"},
+            "closed": set(),
+        }
+        for state in self.STATES:
+            wanted = inputs - cannot_meet.get(state, {"connection_made"})
+            missing = sorted(i for i in wanted if (state, i) not in TcpLink._TRANSITIONS)
+            self.assertEqual(missing, [], state)
+
+    def test_one_row_per_pair(self) -> None:
+        """No state and input pair has two rows (the compiled dict would hide one)."""
+        self.assertEqual(len(TcpLink._TRANSITIONS), len(TcpLink._TABLE))
+
+    def test_outputs_exist(self) -> None:
+        """Every output the table names is a method of the link."""
+        for _, _, to, outputs in TcpLink._TABLE:
+            self.assertIn(to, self.STATES)
+            for output in outputs:
+                self.assertTrue(callable(getattr(TcpLink, output, None)), output)

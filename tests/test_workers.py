@@ -200,3 +200,27 @@ class WorkerSupervisorTests(TestCase):
         self.assertEqual(self.lines()[-1], "terminated")
         self.assertEqual(supervisor.workers, {})
         self.assertEqual(len([line for line in self.lines() if line.startswith("started")]), 2)
+
+
+class LogPipeTests(SynchronousTestCase):
+    """A worker's log pipe is widened so a briefly busy parent does not stall it."""
+
+    def test_pipe_widened(self) -> None:
+        """The pipe to the parent holds LOG_PIPE_BYTES, not the default 64 KiB."""
+        import fcntl
+
+        from oemrelay.workers import LOG_PIPE_BYTES, _widen_log_pipe
+
+        read_end, write_end = os.pipe()
+        self.addCleanup(os.close, read_end)
+        self.addCleanup(os.close, write_end)
+        self.assertLess(fcntl.fcntl(write_end, fcntl.F_GETPIPE_SZ), LOG_PIPE_BYTES)
+        _widen_log_pipe(write_end)
+        self.assertEqual(fcntl.fcntl(write_end, fcntl.F_GETPIPE_SZ), LOG_PIPE_BYTES)
+
+    def test_not_a_pipe(self) -> None:
+        """On a file (twistd's stdout redirected) it changes nothing and raises nothing."""
+        from oemrelay.workers import _widen_log_pipe
+
+        with open(os.devnull, "w") as f:
+            _widen_log_pipe(f.fileno())

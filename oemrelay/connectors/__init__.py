@@ -19,7 +19,7 @@ from ..config import (
 from ..events import RelayObserver
 from ..relay import Connector
 from .file import FileConnector
-from .http import HttpConnector, build_http_client
+from .http import HttpConnector, build_http_client, build_token_client
 from .tcp import TcpConnector
 
 
@@ -31,8 +31,12 @@ def build_connector(
 ) -> Connector:
     """The connector for one configured section, using ``reactor``, telling ``observers``."""
     if isinstance(config, HttpConnectorConfig):
-        client, pool = build_http_client(reactor, config)
-        return HttpConnector(config, client, reactor, pool, observers)
+        token_client = (
+            build_token_client(reactor, config) if config.auth_scheme == "oauth2" else None
+        )
+        return HttpConnector(
+            config, build_http_client(reactor, config), reactor, observers, token_client
+        )
     if isinstance(config, TcpConnectorConfig):
         return TcpConnector.from_config(config, reactor, max_message)
     if isinstance(config, FileConnectorConfig):

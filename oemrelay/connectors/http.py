@@ -9,6 +9,10 @@ shared access signature, or an OAuth2 bearer token fetched again once when
 the end server answers 401; mutual TLS with ``client_cert``/``client_key``.
 Nothing that may carry a secret (the URL's path and query, header values,
 credentials) is written to logs or to failure reasons.
+
+Uploads go through :class:`~oemrelay.connectors.http_client.HttpClient`
+(pooled keep-alive connections, one timer per POST); only the OAuth2 token
+endpoint, asked about once an hour, is reached through treq.
 """
 
 from __future__ import annotations
@@ -23,22 +27,21 @@ from http.cookiejar import CookieJar, DefaultCookiePolicy
 from urllib.parse import quote, quote_plus, unquote, urlsplit
 
 from twisted.application.service import Service
-from twisted.internet.defer import CancelledError, Deferred, DeferredSemaphore, TimeoutError
+from twisted.internet.defer import CancelledError, Deferred, TimeoutError, fail
 # Twisted exports no public way to add one CA to the platform's; its trust-root
 # interface has been stable since 14.0.
 from twisted.internet._sslverify import IOpenSSLTrustRoot
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.ssl import PrivateCertificate, optionsForClientTLS, platformTrust
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web.client import (
     Agent,
     BrowserLikePolicyForHTTPS,
     HTTPConnectionPool,
-    ResponseFailed,
     _HTTP11ClientFactory,
 )
-from twisted.web.iweb import IAgent, IPolicyForHTTPS, IResponse
-from twisted.python.components import proxyForInterface
+from twisted.web.iweb import IPolicyForHTTPS
 from zope.interface import implementer
 
 from treq.client import HTTPClient
@@ -52,6 +55,7 @@ from ..oem_json import oem_document
 from ..relay import DeliveryFailed, DeviceProfile, StatelessLink, Upload
 from ..tls import load_client_certificate
 from ..templates import device_fields, expand, expand_url
+from .http_client import Answer, HttpClient
 
 log = Logger(namespace="oemrelay.connectors.http")
 
@@ -164,12 +168,11 @@ def idempotency_key(upload: Upload) -> str:
     return digest.hexdigest()[:32]
 
 
-def retry_after_seconds(headers, now: float) -> float | None:
+def retry_after_seconds(value: bytes | None, now: float) -> float | None:
     """
-    An answer's ``Retry-After`` in seconds from ``now`` (delay-seconds or an
+    A ``Retry-After`` value in seconds from ``now`` (delay-seconds or an
     HTTP date; a date in the past is 0), or None if absent or unreadable.
     """
-    value = headers.getRawHeaders(b"Retry-After", [None])[0]
     if value is None:
         return None
     text = value.decode("latin-1").strip()
@@ -213,7 +216,7 @@ class ClientCertificatePolicy:
 
 
 class _QuietClientFactory(_HTTP11ClientFactory):
-    """The pool's per-connection factory, without a "Starting factory" line per connection."""
+    """The token pool's per-connection factory, without a "Starting factory" line per connection."""
 
     noisy = False
 
@@ -222,150 +225,69 @@ class _QuietConnectionPool(HTTPConnectionPool):
     _factory = _QuietClientFactory
 
 
-class _BodyDone:
-    """Passes a response body on and calls ``done`` once it has ended."""
-
-    def __init__(self, protocol, done) -> None:
-        self._protocol = protocol
-        self._done = done
-
-    def makeConnection(self, transport) -> None:  # noqa: N802 - Twisted's name
-        self._protocol.makeConnection(transport)
-
-    def dataReceived(self, data: bytes) -> None:  # noqa: N802 - Twisted's name
-        self._protocol.dataReceived(data)
-
-    def connectionLost(self, reason) -> None:  # noqa: N802 - Twisted's name
-        self._done()
-        self._protocol.connectionLost(reason)
-
-
-class _ReleasingResponse(proxyForInterface(IResponse)):  # type: ignore[misc]
-    """A response that frees its request's slot once its body has been read."""
-
-    def __init__(self, original, release) -> None:
-        super().__init__(original)
-        self._release = release
-
-    def deliverBody(self, protocol) -> None:  # noqa: N802 - Twisted's name
-        self.original.deliverBody(_BodyDone(protocol, self._release))
-
-
-@implementer(IAgent)
-class CappedAgent:
-    """
-    An agent that sends at most ``limit`` requests at once to each end server
-    (scheme, host and port); the others wait their turn, in order.
-
-    With the cap equal to the pool's size every request finds an idle pooled
-    connection once the pool is warm, instead of opening (and closing) one
-    more.  A request's slot is freed when its answer's body has been read
-    (the connection is back in the pool then), or at once if it failed or
-    has no body.
-    """
-
-    def __init__(self, agent: IAgent, limit: int) -> None:
-        self._agent = agent
-        self._limit = limit
-        self._servers: dict[bytes, DeferredSemaphore] = {}
-
-    def in_flight(self, uri: bytes) -> int:
-        """How many requests to ``uri``'s server hold a slot now."""
-        semaphore = self._servers.get(_server_of(uri))
-        return 0 if semaphore is None else self._limit - semaphore.tokens
-
-    def request(self, method, uri, headers=None, bodyProducer=None) -> Deferred:  # noqa: N803
-        semaphore = self._servers.get(_server_of(uri))
-        if semaphore is None:
-            semaphore = self._servers[_server_of(uri)] = DeferredSemaphore(self._limit)
-        return semaphore.acquire().addCallback(
-            self._send, semaphore, method, uri, headers, bodyProducer
-        )
-
-    def _send(self, _, semaphore, method, uri, headers, body_producer) -> Deferred:
-        released = False
-
-        def release() -> None:
-            nonlocal released
-            if not released:
-                released = True
-                semaphore.release()
-
-        def answered(response):
-            if response.length == 0:
-                release()  # no body: treq never asks for it
-                return response
-            return _ReleasingResponse(response, release)
-
-        def failed(failure):
-            release()
-            return failure
-
-        sent = self._agent.request(method, uri, headers, body_producer)
-        return sent.addCallbacks(answered, failed)
-
-
-def _server_of(uri: bytes) -> bytes:
-    # b"http://host:port/path" -> b"http://host:port"
-    return b"/".join(uri.split(b"/", 3)[:3])
-
-
-def build_http_client(reactor, config: HttpConnectorConfig) -> tuple[HTTPClient, HTTPConnectionPool]:
-    """
-    A treq client with its own connection pool; HTTPS is always verified.
-
-    The pool keeps up to ``pool_size`` connections per end server and no more
-    requests than that are in flight to one server, so connections are
-    reused rather than opened and closed per upload.
-    """
-    pool = _QuietConnectionPool(reactor, persistent=True)
-    pool.maxPersistentPerHost = config.pool_size
+def tls_policy(config: HttpConnectorConfig) -> IPolicyForHTTPS:
+    """How HTTPS is verified: the platform's CAs plus ``ca_file``; ``client_cert`` presented."""
     trust = PlatformTrustPlusCA(config.ca_file) if config.ca_file else None
     if config.client_cert:
-        policy = ClientCertificatePolicy(
+        return ClientCertificatePolicy(
             trust or platformTrust(),
             load_client_certificate(config.client_cert, config.client_key),
         )
-    else:
-        policy = BrowserLikePolicyForHTTPS(trustRoot=trust)
-    agent = CappedAgent(Agent(reactor, policy, pool=pool), config.pool_size)
-    # Devices share the client: a cookie one device's answer sets must never
-    # travel with another device's upload.
+    return BrowserLikePolicyForHTTPS(trustRoot=trust)
+
+
+def build_http_client(reactor, config: HttpConnectorConfig) -> HttpClient:
+    """
+    The client uploads are POSTed with; HTTPS is always verified.
+
+    It keeps up to ``pool_size`` connections per end server and sends no
+    more requests than that at once to one server, so connections are
+    reused rather than opened and closed per upload.
+    """
+    return HttpClient(reactor, config.pool_size, tls_policy(config))
+
+
+def build_token_client(reactor, config: HttpConnectorConfig) -> HTTPClient:
+    """
+    A treq client for the OAuth2 token endpoint, with the uploads' TLS
+    trust.  A token is fetched about once an hour: its connections are not
+    kept.
+    """
+    pool = _QuietConnectionPool(reactor, persistent=False)
+    agent = Agent(reactor, tls_policy(config), pool=pool)
+    # The token endpoint's cookies must never travel with a later request.
     no_cookies = CookieJar(DefaultCookiePolicy(allowed_domains=[]))
-    return HTTPClient(agent, cookiejar=no_cookies), pool
-
-
-def _timed_out(result: object, timeout: float) -> None:
-    # Cancelling a request in flight fails it with ResponseNeverReceived, not
-    # CancelledError, which addTimeout's own conversion would not recognise.
-    raise TimeoutError(f"no answer within {timeout}s")
+    return HTTPClient(agent, cookiejar=no_cookies)
 
 
 def _describe_error(error: BaseException) -> str:
-    if isinstance(error, ResponseFailed):
-        return "; ".join(
-            one_line(str(reason.value) or reason.type.__name__)
-            for reason in error.reasons
-        )
     return one_line(str(error)) or type(error).__name__
 
 
 class HttpConnector(Service):
-    """POSTs each upload to the configured URL."""
+    """
+    POSTs each upload to the configured URL.
+
+    :param http_client: what uploads are POSTed with (an
+        :class:`~oemrelay.connectors.http_client.HttpClient`, see
+        :func:`build_http_client`): its ``post(url, headers, body,
+        timeout)`` gives a Deferred ``Answer``.
+    :param token_client: with ``auth = oauth2``, a treq client for the token
+        endpoint (see :func:`build_token_client`).
+    """
 
     def __init__(
         self,
         config: HttpConnectorConfig,
-        http_client: HTTPClient,
+        http_client: HttpClient,
         clock: IReactorTime,
-        pool: HTTPConnectionPool | None = None,
         observers: RelayObserver | None = None,
+        token_client: HTTPClient | None = None,
     ) -> None:
         self.name = config.name
         self._config = config
         self._client = http_client
         self._clock = clock
-        self._pool = pool
         self._observers = observers or RelayObserver()
         self._link = StatelessLink(self.deliver)
         # The host is safe to log; path and query may hold per-device secrets.
@@ -381,8 +303,10 @@ class HttpConnector(Service):
                 ttl=config.token_ttl,
             )
         elif config.auth_scheme == "oauth2":
+            if token_client is None:
+                raise ValueError("an oauth2 connector needs a client for its token endpoint")
             self._oauth = OAuth2ClientCredentials(
-                http_client,
+                token_client,
                 clock,
                 config.token_url,
                 config.client_id,
@@ -394,11 +318,9 @@ class HttpConnector(Service):
     def open_link(self, hello: Hello, on_lost) -> StatelessLink:
         return self._link
 
-    def stopService(self) -> Deferred | None:
+    def stopService(self) -> Deferred[None]:
         super().stopService()
-        if self._pool is not None:
-            return self._pool.closeCachedConnections()
-        return None
+        return self._client.close()
 
     def request_headers(self, hello: Hello, profile: DeviceProfile) -> dict[bytes, list[bytes]]:
         """
@@ -443,12 +365,14 @@ class HttpConnector(Service):
         return value.encode("utf-8")
 
     def deliver(self, upload: Upload, profile: DeviceProfile) -> Deferred[None]:
-        return Deferred.fromCoroutine(self._post(upload, profile))
-
-    async def _post(self, upload: Upload, profile: DeviceProfile) -> None:
+        # Plain callbacks, not a coroutine: Deferred.fromCoroutine per upload
+        # was a measurable part of the hot path.
         fields = device_fields(upload.hello, profile)
+        try:
+            headers = self._headers(upload.hello, fields)
+        except DeliveryFailed:
+            return fail()
         url = expand_url(self._config.url, fields)
-        headers = self._headers(upload.hello, fields)
         if self._config.iothub:
             message_id = iothub_message_id(upload.hello.serial, upload.first_seq)
             headers[b"iothub-messageid"] = [message_id.encode("ascii")]
@@ -456,32 +380,44 @@ class HttpConnector(Service):
         body = oem_document(upload.hello, upload.records)
         if self._config.body == "form":
             body = form_body(body)
-        if self._oauth is None:
-            response, answer = await self._send(url, headers, body)
-        else:
-            # A 401 may mean the token was revoked early: fetch a new one, once.
-            for attempt in (1, 2):
-                token = await self._bearer_token()
-                headers[b"Authorization"] = [f"Bearer {token}".encode("ascii")]
-                response, answer = await self._send(url, headers, body)
-                if response.code != 401:
-                    break
-                self._oauth.invalidate(token)
-        if not 200 <= response.code < 300:
-            # An end server echoing the request must not put its secrets in the log.
-            secrets = secrets_sent(headers, url, fields)
-            quoted = quote_answer(answer, secrets)
-            retryable = response.code in _RETRYABLE_STATUSES or response.code >= 500
-            raise DeliveryFailed(
-                f"connector {self.name}: {self._target} answered {response.code}"
-                + (f": {quoted}" if quoted else ""),
-                retryable=retryable,
-                retry_after=(
-                    retry_after_seconds(response.headers, self._clock.seconds())
-                    if retryable
-                    else None
-                ),
-            )
+        if self._oauth is not None:
+            return Deferred.fromCoroutine(self._post_with_token(url, headers, body, fields))
+        return self._send(url, headers, body).addCallback(
+            self._judge, url, headers, fields
+        )
+
+    async def _post_with_token(
+        self, url: str, headers: dict, body: bytes, fields: Mapping[str, str]
+    ) -> None:
+        # A 401 may mean the token was revoked early: fetch a new one, once.
+        for attempt in (1, 2):
+            token = await self._bearer_token()
+            headers[b"Authorization"] = [f"Bearer {token}".encode("ascii")]
+            answer = await self._send(url, headers, body)
+            if answer.code != 401:
+                break
+            self._oauth.invalidate(token)
+        self._judge(answer, url, headers, fields)
+
+    def _judge(self, answer: Answer, url: str, headers: dict, fields: Mapping[str, str]) -> None:
+        """Nothing for a 2xx answer; otherwise raises the refusal's DeliveryFailed."""
+        code = answer.code
+        if 200 <= code < 300:
+            return None
+        # An end server echoing the request must not put its secrets in the log.
+        secrets = secrets_sent(headers, url, fields)
+        quoted = quote_answer(answer.body, secrets)
+        retryable = code in _RETRYABLE_STATUSES or code >= 500
+        raise DeliveryFailed(
+            f"connector {self.name}: {self._target} answered {code}"
+            + (f": {quoted}" if quoted else ""),
+            retryable=retryable,
+            retry_after=(
+                retry_after_seconds(answer.header(b"retry-after"), self._clock.seconds())
+                if retryable
+                else None
+            ),
+        )
 
     async def _bearer_token(self) -> str:
         try:
@@ -489,47 +425,45 @@ class HttpConnector(Service):
         except AuthError as error:
             raise DeliveryFailed(f"connector {self.name}: {error}", "auth") from None
 
-    async def _send(self, url: str, headers: dict, body: bytes) -> tuple[object, bytes]:
-        """One POST: the response and its whole body."""
+    def _send(self, url: str, headers: dict, body: bytes) -> Deferred[Answer]:
+        """One POST: its answer, or DeliveryFailed if there was none."""
         started = self._clock.seconds()
         try:
-            # A redirect is a refusal: following it would re-send the upload
-            # as a GET (303) or put the request URL into the reason (301).
-            request = self._client.post(
-                url, data=body, headers=headers, allow_redirects=False
-            )
-            response = await request.addTimeout(
-                self._config.timeout, self._clock, _timed_out
-            )
-            answer = await self._client_content(response)
-        except TimeoutError:
+            # A redirect is never followed (the client follows none): it is
+            # a refusal, as following it would re-send the upload as a GET
+            # (303) or put the request URL into the reason (301).
+            sent = self._client.post(url, headers, body, self._config.timeout)
+        except Exception:
+            sent = fail()
+        return sent.addCallbacks(
+            self._answered, self._not_answered, callbackArgs=(started,), errbackArgs=(started,)
+        )
+
+    def _answered(self, answer: Answer, started: float) -> Answer:
+        self._attempted(f"{answer.code // 100}xx", started)
+        return answer
+
+    def _not_answered(self, failure: Failure, started: float) -> Failure:
+        error = failure.value
+        if isinstance(error, CancelledError):
+            return failure
+        if isinstance(error, TimeoutError):
             self._attempted("timeout", started)
             raise DeliveryFailed(
                 f"connector {self.name}: {self._target} did not answer within"
                 f" {self._config.timeout:g}s",
                 "timeout",
                 retryable=True,
-            ) from None
-        except CancelledError:
-            raise
-        except Exception as error:
-            self._attempted("error", started)
-            raise DeliveryFailed(
-                f"connector {self.name}: POST to {self._target} failed:"
-                f" {_describe_error(error)}",
-                "unreachable",
-                retryable=True,
-            ) from None
-        self._attempted(f"{response.code // 100}xx", started)
-        return response, answer
+            )
+        self._attempted("error", started)
+        raise DeliveryFailed(
+            f"connector {self.name}: POST to {self._target} failed:"
+            f" {_describe_error(error)}",
+            "unreachable",
+            retryable=True,
+        )
 
     def _attempted(self, outcome: str, started: float) -> None:
         self._observers.delivery_attempted(
             self.name, outcome, self._clock.seconds() - started
-        )
-
-    def _client_content(self, response) -> Deferred[bytes]:
-        # Read the whole answer so the connection can go back to the pool.
-        return response.content().addTimeout(
-            self._config.timeout, self._clock, _timed_out
         )

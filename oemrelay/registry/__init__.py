@@ -66,6 +66,7 @@ class Registry:
         devices, commands = self.devices, self.commands
         # The relay's DeviceLedger.
         self.profile_for = devices.profile_for
+        self.profiles_for = devices.profiles_for
         self.device_connected = devices.device_connected
         self.device_disconnected = devices.device_disconnected
         self.node_started = devices.node_started

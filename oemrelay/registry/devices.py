@@ -324,6 +324,52 @@ class DeviceQuery:
 _RELEASE_NODE = "UPDATE devices SET connected = ? WHERE node = ? AND connected = ?"
 
 
+#: The profile of a device the registry does not know (one, shared: held
+#: per connected device by the relay's profile cache).
+UNKNOWN_PROFILE = DeviceProfile()
+
+#: Serials per query of :meth:`DeviceStore.profiles_for` (SQLite allows
+#: 32,766 parameters, PostgreSQL 65,535).
+PROFILES_PER_QUERY = 500
+
+
+#: A device's hello recorded: its identity, connected to a node (custom
+#: fields and the connector override left as they are).
+_RECORD_HELLO = """
+    INSERT INTO devices (serial, imei, iccid, product_id, hardware_rev, firmware,
+                         first_seen, last_seen, connected, node)
+    VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+    ON CONFLICT (serial) DO UPDATE SET
+        imei = excluded.imei,
+        iccid = excluded.iccid,
+        product_id = excluded.product_id,
+        hardware_rev = excluded.hardware_rev,
+        firmware = excluded.firmware,
+        first_seen = COALESCE(devices.first_seen, excluded.first_seen),
+        last_seen = excluded.last_seen,
+        connected = excluded.connected,
+        node = excluded.node
+"""
+
+#: A device marked disconnected, unless another node holds it now.
+_RECORD_DISCONNECTED = "UPDATE devices SET connected = ?, last_seen = ? WHERE serial = ? AND node = ?"
+
+
+def _hello_values(hello: Hello, node: str, first_seen: float, last_seen: float) -> tuple:
+    return (
+        check_serial(hello.serial),
+        hello.imei,
+        hello.iccid,
+        hello.product_id,
+        hello.hardware_rev,
+        hello.firmware,
+        first_seen,
+        last_seen,
+        True,
+        node,
+    )
+
+
 class DeviceStore:
     """
     The ``devices`` table: what the relay reports (hellos, commits, errors)
@@ -347,7 +393,27 @@ class DeviceStore:
             "SELECT custom1, custom2, custom3, connector FROM devices WHERE serial = ?",
             hello.serial,
         )
-        return DeviceProfile(*row, known=True) if row is not None else DeviceProfile()
+        return DeviceProfile(*row, known=True) if row is not None else UNKNOWN_PROFILE
+
+    @returns_deferred
+    async def profiles_for(self, serials: Iterable[int]) -> dict[int, DeviceProfile]:
+        """
+        Many devices' profiles at once, by serial (an unknown one's is empty):
+        a relay's devices reconnecting together cost one query per
+        :data:`PROFILES_PER_QUERY`, not one each.
+        """
+        wanted = list(dict.fromkeys(serials))
+        profiles = dict.fromkeys(wanted, UNKNOWN_PROFILE)
+        for start in range(0, len(wanted), PROFILES_PER_QUERY):
+            chunk = wanted[start : start + PROFILES_PER_QUERY]
+            rows = await self._database.query_all(
+                "SELECT serial, custom1, custom2, custom3, connector FROM devices"
+                f" WHERE serial IN ({', '.join('?' * len(chunk))})",
+                *chunk,
+            )
+            for serial, *profile in rows:
+                profiles[serial] = DeviceProfile(*profile, known=True)
+        return profiles
 
     @returns_deferred
     async def device_connected(self, hello: Hello, node: str, now: float) -> DeviceRecord:
@@ -359,32 +425,7 @@ class DeviceStore:
         :return: the device as it now is.
         """
         row = await self._database.query_one(
-            f"""
-            INSERT INTO devices (serial, imei, iccid, product_id, hardware_rev, firmware,
-                                 first_seen, last_seen, connected, node)
-            VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
-            ON CONFLICT (serial) DO UPDATE SET
-                imei = excluded.imei,
-                iccid = excluded.iccid,
-                product_id = excluded.product_id,
-                hardware_rev = excluded.hardware_rev,
-                firmware = excluded.firmware,
-                first_seen = COALESCE(devices.first_seen, excluded.first_seen),
-                last_seen = excluded.last_seen,
-                connected = excluded.connected,
-                node = excluded.node
-            RETURNING {DEVICE_SELECT}
-            """,
-            check_serial(hello.serial),
-            hello.imei,
-            hello.iccid,
-            hello.product_id,
-            hello.hardware_rev,
-            hello.firmware,
-            now,
-            now,
-            True,
-            node,
+            f"{_RECORD_HELLO} RETURNING {DEVICE_SELECT}", *_hello_values(hello, node, now, now)
         )
         return device_from_row(row)
 
@@ -395,13 +436,7 @@ class DeviceStore:
 
         :return: whether the device was marked.
         """
-        changed = await self._database.write(
-            "UPDATE devices SET connected = ?, last_seen = ? WHERE serial = ? AND node = ?",
-            False,
-            now,
-            check_serial(serial),
-            node,
-        )
+        changed = await self._database.write(_RECORD_DISCONNECTED, False, now, check_serial(serial), node)
         return changed > 0
 
     @returns_deferred
@@ -434,6 +469,31 @@ class DeviceStore:
             check_serial(serial),
         )
         return changed > 0
+
+    def record_presence(
+        self, presence: list[tuple[int, Hello | None, str, float | None, float | None, float | None]]
+    ) -> Deferred[None]:
+        """
+        Record many devices' connections and disconnections in one
+        transaction (see :class:`~oemrelay.registry.hot_path.ActivityBatch`).
+
+        :param presence: per device ``(serial, hello or None, node, first
+            connection time or None, last connection time or None,
+            disconnection time or None)``: with a hello the device is recorded
+            as :meth:`device_connected` does (first seen at the first time,
+            last seen at the last), then, with a disconnection time, as
+            :meth:`device_disconnected` does.
+        """
+        return self._database.interaction(self._txn_record_presence, presence)
+
+    def _txn_record_presence(self, txn: adbapi.Transaction, presence: list) -> None:
+        for serial, hello, node, first_connected, connected, disconnected in presence:
+            if hello is not None:
+                self._database.execute(
+                    txn, _RECORD_HELLO, _hello_values(hello, node, first_connected, connected)
+                )
+            if disconnected is not None:
+                self._database.execute(txn, _RECORD_DISCONNECTED, (False, disconnected, serial, node))
 
     def record_activity(
         self, activity: list[tuple[int, int, float | None, float, str | None]]

@@ -5,8 +5,9 @@ Looking a device's profile up and counting its commit in the database on
 every upload cost two queries through the pool's threads per upload (issue 9).
 :class:`ProfileCache` keeps profiles in memory for ``profile_cache_seconds``
 and forgets one as soon as this relay's API changes it; :class:`ActivityBatch`
-adds commits and delivery errors up per device and writes them once a second
-and when the relay stops.  :class:`RelayLedger` puts the two in front of a
+adds connections, commits and delivery errors up per device and writes them
+once a second and when the relay stops (a write per connection was most of
+the relay's CPU when thousands of devices reconnected at once).  :class:`RelayLedger` puts the two in front of a
 :class:`~oemrelay.registry.Registry` as the relay's
 :class:`~oemrelay.relay.DeviceLedger`.
 """
@@ -29,7 +30,7 @@ from .devices import check_count, check_serial
 
 log = Logger(namespace="oemrelay.registry")
 
-#: Seconds between two writes of the batched commit counters.
+#: Seconds between two writes of the batched connections and commit counters.
 FLUSH_INTERVAL = 1.0
 
 
@@ -38,22 +39,32 @@ class ProfileCache:
     Device profiles by serial, each kept ``max_age`` seconds after its lookup
     began (so a change made meanwhile is seen within ``max_age``); 0 keeps none.
 
+    Looked up together: one lookup is in flight at a time, and the devices
+    missed meanwhile are looked up in the next, all at once (thousands of
+    devices reconnecting after a restart cost a few queries, not one each;
+    a lone miss is looked up at once).  A device missed again while its
+    own lookup is in flight waits for that one.
+
     :meth:`forget` drops profiles at once; a lookup under way when it is
     called is not kept, since it may have read the old profile.
     """
 
     def __init__(
         self,
-        lookup: Callable[[Hello], Deferred[DeviceProfile]],
+        lookup_many: Callable[[list[int]], Deferred[dict[int, DeviceProfile]]],
         clock: IReactorTime,
         max_age: float,
     ) -> None:
-        self._lookup = lookup
+        self._lookup_many = lookup_many
         self._clock = clock
         self._max_age = max_age
         self._profiles: dict[int, tuple[float, DeviceProfile]] = {}
         # Bumped by forget(): a lookup begun before then is not kept.
         self._forgotten = 0
+        # Serials waiting for the next lookup, with who waits for each.
+        self._wanted: dict[int, list[Deferred[DeviceProfile]]] = {}
+        self._in_flight: dict[int, list[Deferred[DeviceProfile]]] = {}
+        self._looking_up = False
 
     def cached_profile(self, hello: Hello) -> DeviceProfile | None:
         """The device's profile if held and fresh, else None (no lookup begun)."""
@@ -64,18 +75,47 @@ class ProfileCache:
 
     def profile_for(self, hello: Hello) -> Deferred[DeviceProfile]:
         """The device's profile: from memory if fresh, else from the registry."""
-        now = self._clock.seconds()
         cached = self._profiles.get(hello.serial)
-        if cached is not None and now - cached[0] < self._max_age:
+        if cached is not None and self._clock.seconds() - cached[0] < self._max_age:
             return succeed(cached[1])
-        forgotten = self._forgotten
+        answer: Deferred[DeviceProfile] = Deferred()
+        in_flight = self._in_flight.get(hello.serial)
+        if in_flight is not None:
+            in_flight.append(answer)  # its answer serves this caller too
+            return answer
+        self._wanted.setdefault(hello.serial, []).append(answer)
+        if not self._looking_up:
+            self._look_up_wanted()
+        return answer
 
-        def keep(profile: DeviceProfile) -> DeviceProfile:
-            if self._max_age > 0 and forgotten == self._forgotten:
-                self._profiles[hello.serial] = (now, profile)
-            return profile
+    def _look_up_wanted(self) -> None:
+        wanted, self._wanted = self._wanted, {}
+        self._in_flight = wanted
+        self._looking_up = True
+        began, forgotten = self._clock.seconds(), self._forgotten
 
-        return self._lookup(hello).addCallback(keep)
+        def answered(profiles: dict[int, DeviceProfile]) -> None:
+            keep = self._max_age > 0 and forgotten == self._forgotten
+            for serial, waiting in wanted.items():
+                profile = profiles[serial]
+                if keep:
+                    self._profiles[serial] = (began, profile)
+                for answer in waiting:
+                    answer.callback(profile)
+
+        def failed(failure) -> None:
+            for waiting in wanted.values():
+                for answer in waiting:
+                    answer.errback(failure)
+
+        def next_lookup(_: object) -> None:
+            self._looking_up = False
+            self._in_flight = {}
+            if self._wanted:
+                self._look_up_wanted()
+
+        looked_up = self._lookup_many(list(wanted))
+        looked_up.addCallbacks(answered, failed).addBoth(next_lookup)
 
     def forget(self, serials: Iterable[int] | None = None) -> None:
         """Drop the profiles of ``serials`` (None: every profile)."""
@@ -85,6 +125,33 @@ class ProfileCache:
             return
         for serial in serials:
             self._profiles.pop(serial, None)
+
+
+@dataclass
+class _Presence:
+    """One device's connections and disconnection since the last write."""
+
+    #: The latest hello, if it connected since the last write.
+    hello: Hello | None
+    node: str
+    first_connected: float | None = None
+    connected: float | None = None
+    #: When its last connection here ended, if it did after the hello (or
+    #: with no hello pending).
+    disconnected: float | None = None
+
+    def then(self, later: _Presence) -> _Presence:
+        """This presence followed by ``later``."""
+        if later.hello is not None:
+            first = self.first_connected if self.hello is not None else later.first_connected
+            return _Presence(later.hello, later.node, first, later.connected, later.disconnected)
+        return _Presence(
+            self.hello, self.node, self.first_connected, self.connected, later.disconnected
+        )
+
+    def row(self, serial: int) -> tuple:
+        return (serial, self.hello, self.node, self.first_connected, self.connected,
+                self.disconnected)
 
 
 @dataclass
@@ -109,8 +176,10 @@ class _Activity:
 
 class ActivityBatch(TimerService):
     """
-    Commits and delivery errors, added up per device and written in one
-    transaction every :data:`FLUSH_INTERVAL` seconds and when stopped.
+    Connections, disconnections, commits and delivery errors, added up per
+    device and written every :data:`FLUSH_INTERVAL` seconds and when stopped:
+    the connections first, so that a device new to the registry is in it
+    before its first commit is counted.
 
     A write that fails is kept and tried again with the next; once stopped,
     every event is written at once, so none is lost to a late commit.
@@ -121,6 +190,24 @@ class ActivityBatch(TimerService):
         self.clock = clock
         self._store = store
         self._pending: dict[int, _Activity] = {}
+        self._presence: dict[int, _Presence] = {}
+
+    def device_connected(self, hello: Hello, node: str, now: float) -> Deferred[None]:
+        """Record the device's hello: connected to ``node`` since ``now``."""
+        check_serial(hello.serial)
+        return self._add_presence(hello.serial, _Presence(hello, node, now, now))
+
+    def device_disconnected(self, serial: int, node: str, now: float) -> Deferred[None]:
+        """Record the device disconnected from ``node`` (unless another node holds it)."""
+        check_serial(serial)
+        return self._add_presence(serial, _Presence(None, node, disconnected=now))
+
+    def _add_presence(self, serial: int, presence: _Presence) -> Deferred[None]:
+        earlier = self._presence.get(serial)
+        self._presence[serial] = presence if earlier is None else earlier.then(presence)
+        if not self.running:
+            return self.flush()
+        return succeed(None)
 
     def upload_committed(self, serial: int, record_count: int, now: float) -> Deferred[None]:
         """Count ``record_count`` records delivered and clear the device's last error."""
@@ -151,21 +238,26 @@ class ActivityBatch(TimerService):
 
     def flush(self) -> Deferred[None]:
         """Write what is pending; fires when written (or kept for the next try)."""
+        if not self._presence:
+            return self._flush_activity()
+        presence, self._presence = self._presence, {}
+
+        def failed(failure) -> None:
+            _put_back(presence, self._presence, "connections", failure)
+
+        written = self._store.record_presence(
+            [earlier.row(serial) for serial, earlier in presence.items()]
+        )
+        # Activity waits for the connections: a new device's row must exist first.
+        return written.addCallbacks(lambda _: self._flush_activity(), failed)
+
+    def _flush_activity(self) -> Deferred[None]:
         if not self._pending:
             return succeed(None)
         batch, self._pending = self._pending, {}
 
         def failed(failure) -> None:
-            # Put back in front of what came meanwhile: nothing is lost.
-            for serial, activity in batch.items():
-                later = self._pending.get(serial)
-                self._pending[serial] = activity if later is None else activity.then(later)
-            log.warn(
-                "registry: could not record the activity of {count} devices,"
-                " will retry: {reason}",
-                count=len(batch),
-                reason=one_line(failure.value),
-            )
+            _put_back(batch, self._pending, "activity", failure)
 
         written = self._store.record_activity(
             [
@@ -183,10 +275,24 @@ class ActivityBatch(TimerService):
         return stopped.addCallback(lambda _: flushed)
 
 
+def _put_back(batch: dict, pending: dict, what: str, failure) -> None:
+    """A batch that could not be written, back in front of what came meanwhile."""
+    for serial, earlier in batch.items():
+        later = pending.get(serial)
+        pending[serial] = earlier if later is None else earlier.then(later)
+    log.warn(
+        "registry: could not record the {what} of {count} devices, will retry: {reason}",
+        what=what,
+        count=len(batch),
+        reason=one_line(failure.value),
+    )
+
+
 class RelayLedger:
     """
     The relay's :class:`~oemrelay.relay.DeviceLedger` on a registry:
-    profiles cached, commits and errors batched, the rest passed through.
+    profiles cached, connections, commits and errors batched, the rest
+    passed through.
 
     :param registry: a :class:`~oemrelay.registry.Registry`; its API changes
         make the cache forget the devices changed.
@@ -195,15 +301,15 @@ class RelayLedger:
     def __init__(
         self, registry: Any, clock: IReactorTime, profile_cache_seconds: float
     ) -> None:
-        self.profiles = ProfileCache(registry.profile_for, clock, profile_cache_seconds)
+        self.profiles = ProfileCache(registry.profiles_for, clock, profile_cache_seconds)
         self.activity = ActivityBatch(registry.devices, clock)
         registry.on_devices_changed(self.profiles.forget)
         self.profile_for = self.profiles.profile_for
         self.cached_profile = self.profiles.cached_profile
         self.upload_committed = self.activity.upload_committed
         self.delivery_failed = self.activity.delivery_failed
-        self.device_connected = registry.device_connected
-        self.device_disconnected = registry.device_disconnected
+        self.device_connected = self.activity.device_connected
+        self.device_disconnected = self.activity.device_disconnected
         self.due_commands = registry.due_commands
         self.command_sent = registry.command_sent
         self.command_result = registry.command_result
