@@ -359,11 +359,14 @@ class Relay:
         return route
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class _DevicePresence:
     connections: int = 0
     pending_writes: int = 0
-    writes: Deferred = field(default_factory=lambda: succeed(None))
+    #: The device's registry writes under way, the next chained to the
+    #: last; None when none is (the batching ledger's are done at once), so
+    #: a device held connected keeps no Deferred.
+    writes: Deferred | None = None
 
 
 class _Presence:
@@ -413,12 +416,17 @@ class _Presence:
     ) -> None:
         def written(_: object) -> None:
             device.pending_writes -= 1
-            if not (device.pending_writes or device.connections):
-                if self._devices.get(serial) is device:
-                    del self._devices[serial]
+            if device.pending_writes:
+                return
+            device.writes = None
+            if not device.connections and self._devices.get(serial) is device:
+                del self._devices[serial]
 
         device.pending_writes += 1
-        device.writes.addCallback(lambda _: _record(what, serial, write()))
+        if device.writes is None:
+            device.writes = _record(what, serial, write())
+        else:
+            device.writes.addCallback(lambda _: _record(what, serial, write()))
         device.writes.addBoth(written)
 
 

@@ -500,3 +500,21 @@ class PresenceTests(SynchronousTestCase):
         self.registry.connected[0].errback(Failure(RuntimeError("database locked")))
         self.assertEqual(self.registry.calls[-1], ("disconnected", HELLO.serial))
         self.assertEqual(len(self.flushLoggedErrors()), 0)
+
+    def test_nothing_kept_once_written(self) -> None:
+        """
+        A device whose writes are done keeps no Deferred while connected, and
+        nothing once gone; a later write after one under way still follows it.
+        """
+        route = self.relay.open_route(HELLO, lambda reason: None)
+        device = self.relay.presence._devices[HELLO.serial]
+        self.assertIsNotNone(device.writes)
+        self.registry.connected[0].callback(None)
+        self.assertIsNone(device.writes)
+        again = self.relay.open_route(HELLO, lambda reason: None)
+        route.close()
+        again.close()
+        self.assertEqual(self.registry.calls[-1], ("connected", HELLO.serial))
+        self.registry.connected[1].callback(None)
+        self.assertEqual(self.registry.calls[-1], ("disconnected", HELLO.serial))
+        self.assertNotIn(HELLO.serial, self.relay.presence._devices)
