@@ -20,7 +20,8 @@ from dataclasses import dataclass, field
 from dataclasses import fields as dataclass_fields
 from datetime import datetime, timezone
 from enum import IntEnum
-from typing import ClassVar
+from typing import ClassVar, NamedTuple
+from collections.abc import Iterable
 
 SYNC = b"\x02\x55"
 HEADER_SIZE = 5
@@ -278,7 +279,7 @@ class _PackedField:
     @classmethod
     def from_bytes(cls, data: bytes):
         """The field, or None if ``data`` is shorter than the layout."""
-        size = cls._LAYOUT.size
+        size = cls.MIN_SIZE
         if len(data) == size:
             return cls(*cls._LAYOUT.unpack(data))
         if len(data) > size:
@@ -296,6 +297,7 @@ class GpsFix(_PackedField):
 
     FIELD_ID: ClassVar[int] = 0
     _LAYOUT: ClassVar[struct.Struct] = struct.Struct("<IiihHBBBBB")
+    MIN_SIZE: ClassVar[int] = _LAYOUT.size
 
     fix_time: int
     latitude: int
@@ -316,13 +318,14 @@ class DebugText:
     """Field 1: a numbered trace line, seen in records with reason 21."""
 
     FIELD_ID: ClassVar[int] = 1
+    MIN_SIZE: ClassVar[int] = 2
 
     code: int
     text: bytes
 
     @classmethod
     def from_bytes(cls, data: bytes) -> DebugText | None:
-        if len(data) < 2:
+        if len(data) < cls.MIN_SIZE:
             return None
         return cls(data[0] | data[1] << 8, data[2:])
 
@@ -336,6 +339,7 @@ class Digital(_PackedField):
 
     FIELD_ID: ClassVar[int] = 2
     _LAYOUT: ClassVar[struct.Struct] = struct.Struct("<IHH")
+    MIN_SIZE: ClassVar[int] = _LAYOUT.size
 
     inputs: int
     outputs: int
@@ -348,13 +352,14 @@ class DriverId:
     """Field 3: an id type byte and the id's bytes."""
 
     FIELD_ID: ClassVar[int] = 3
+    MIN_SIZE: ClassVar[int] = 1
 
     id_type: int
     data: bytes
 
     @classmethod
     def from_bytes(cls, data: bytes) -> DriverId | None:
-        if not data:
+        if len(data) < cls.MIN_SIZE:
             return None
         return cls(data[0], data[1:])
 
@@ -425,6 +430,7 @@ class TripSummary(_PackedField):
 
     FIELD_ID: ClassVar[int] = 26
     _LAYOUT: ClassVar[struct.Struct] = struct.Struct("<II")
+    MIN_SIZE: ClassVar[int] = _LAYOUT.size
 
     distance: int
     duration: int
@@ -437,6 +443,7 @@ class OdometerRunHours(_PackedField):
 
     FIELD_ID: ClassVar[int] = 27
     _LAYOUT: ClassVar[struct.Struct] = struct.Struct("<II")
+    MIN_SIZE: ClassVar[int] = _LAYOUT.size
 
     odometer: int
     run_hours: int
@@ -601,7 +608,14 @@ def decoded_cost(records: list[Record], wire_size: int) -> int:
     than its wire size.
     """
     fields = sum(len(record.fields) for record in records)
-    return _RECORD_COST * len(records) + _FIELD_COST * fields + _WIRE_BYTE_COST * wire_size
+    return upload_cost(len(records), fields, wire_size)
+
+
+def upload_cost(record_count: int, field_count: int, wire_size: int) -> int:
+    """decoded_cost from the counts alone (see :class:`FrameShape`)."""
+    return (
+        _RECORD_COST * record_count + _FIELD_COST * field_count + _WIRE_BYTE_COST * wire_size
+    )
 
 
 def _parse_fields(payload: bytes, offset: int, end: int, seq: int) -> tuple[Field, ...]:
@@ -629,6 +643,155 @@ def _parse_fields(payload: bytes, offset: int, end: int, seq: int) -> tuple[Fiel
         fields.append(decode_field(field_id, payload[offset : offset + length]))
         offset += length
     return tuple(fields)
+
+
+#: Per field id, the fewest bytes its layout needs: a known field with fewer
+#: becomes a ShortField (0 for ids of any length).  Taken from the field
+#: classes, whose decoders use the same sizes, so the walk below and
+#: decode_field cannot disagree.
+FIELD_MIN_SIZE: tuple[int, ...] = tuple(
+    Analogues._ITEMS[field_id].size if field_id in Analogues._ITEMS
+    else _FIELD_TYPES[field_id].MIN_SIZE if field_id in _FIELD_TYPES
+    else 0
+    for field_id in range(256)
+)
+#: Field ids that decode from no bytes at all (no analogue readings).
+EMPTY_FIELD_IDS = frozenset(Analogues._ITEMS)
+
+
+def is_short_field(field_id: int, size: int) -> bool:
+    """Whether ``size`` bytes of field ``field_id`` decode to a ShortField."""
+    return size < FIELD_MIN_SIZE[field_id] and (size > 0 or field_id not in EMPTY_FIELD_IDS)
+
+
+class FrameShape(NamedTuple):
+    """
+    What the session needs of a 0x04 or 0x10 payload, found without decoding
+    a field: how many records and fields it holds (for the limits and
+    :func:`upload_cost`), the first record's sequence number, the
+    ``(field id, size)`` of each field shorter than its layout, and the index
+    of each fixed record whose checksum does not match.
+    """
+
+    record_count: int
+    field_count: int
+    first_seq: int | None
+    short_fields: tuple[tuple[int, int], ...] = ()
+    bad_checksums: tuple[int, ...] = ()
+
+
+def _seq_at(payload: bytes, offset: int) -> int:
+    return int.from_bytes(payload[offset + 2 : offset + 6], "little")
+
+
+def data_records_shape(payload: bytes) -> FrameShape:
+    """
+    The shape of a 0x04 payload, validated exactly as parse_data_records
+    validates it (the same ProtocolError, with the same message).
+    """
+    records = fields = 0
+    short: list[tuple[int, int]] = []
+    offset = 0
+    end = len(payload)
+    min_size = FIELD_MIN_SIZE
+    while offset < end:
+        if end - offset < _RECORD_HEADER.size:
+            raise ProtocolError(f"truncated record header at offset {offset}")
+        length = payload[offset] | payload[offset + 1] << 8
+        record_end = offset + length
+        if length < _RECORD_HEADER.size or record_end > end:
+            raise ProtocolError(
+                f"record at offset {offset} declares length {length},"
+                f" {end - offset} bytes left"
+            )
+        at = offset + _RECORD_HEADER.size
+        count = 0
+        while at < record_end:
+            if count == MAX_FIELDS_PER_RECORD:
+                raise ProtocolError(
+                    f"record {_seq_at(payload, offset)} holds more than"
+                    f" {MAX_FIELDS_PER_RECORD} fields"
+                )
+            if record_end - at < 2:
+                raise ProtocolError(
+                    f"truncated field header in record {_seq_at(payload, offset)}"
+                )
+            field_id = payload[at]
+            size = payload[at + 1]
+            at += 2
+            if size == 255:
+                if record_end - at < 2:
+                    raise ProtocolError(
+                        "truncated extended field length in record"
+                        f" {_seq_at(payload, offset)}"
+                    )
+                size = payload[at] | payload[at + 1] << 8
+                at += 2
+            if at + size > record_end:
+                raise ProtocolError(
+                    f"field {field_id} in record {_seq_at(payload, offset)} declares"
+                    f" {size} bytes, {record_end - at} left"
+                )
+            if size < min_size[field_id] and (size or field_id not in EMPTY_FIELD_IDS):
+                short.append((field_id, size))
+            at += size
+            count += 1
+        records += 1
+        fields += count
+        offset = record_end
+    return FrameShape(
+        records, fields, _seq_at(payload, 0) if records else None, tuple(short)
+    )
+
+
+def fixed_records_shape(payload: bytes) -> FrameShape:
+    """
+    The shape of a 0x10 payload, validated as parse_fixed_records validates
+    it; every fixed record decodes to two fields.
+    """
+    if len(payload) % FIXED_RECORD_SIZE:
+        raise ProtocolError(
+            f"fixed-record payload of {len(payload)} bytes is not a multiple of 64"
+        )
+    records = len(payload) // FIXED_RECORD_SIZE
+    bad = tuple(
+        int.from_bytes(payload[offset + 1 : offset + 5], "little")
+        for offset in range(0, len(payload), FIXED_RECORD_SIZE)
+        if fletcher8(payload[offset : offset + 62]) != payload[offset + 62 : offset + 64]
+    )
+    first_seq = int.from_bytes(payload[1:5], "little") if records else None
+    return FrameShape(records, 2 * records, first_seq, (), bad)
+
+
+def frame_shape(frame: Frame) -> FrameShape:
+    """
+    The shape of a data frame (0x04 or 0x10).
+
+    :raises ProtocolError: if its records do not decode, or it holds none.
+    """
+    if frame.type == MessageType.DATA_RECORDS:
+        return data_records_shape(frame.payload)
+    if frame.type == MessageType.FIXED_RECORDS:
+        return fixed_records_shape(frame.payload)
+    raise ProtocolError(f"message type 0x{frame.type:02x} holds no records")
+
+
+def parse_records(frames: Iterable[Frame]) -> list[Record]:
+    """
+    The records of data frames (0x04 and 0x10), decoded in order.
+
+    :raises ProtocolError: if a frame's records do not decode, or a frame is
+        of another type.
+    """
+    records: list[Record] = []
+    for frame in frames:
+        if frame.type == MessageType.DATA_RECORDS:
+            records.extend(parse_data_records(frame.payload))
+        elif frame.type == MessageType.FIXED_RECORDS:
+            records.extend(parse_fixed_records(frame.payload))
+        else:
+            raise ProtocolError(f"message type 0x{frame.type:02x} holds no records")
+    return records
 
 
 def encode_data_records(records: list[Record] | tuple[Record, ...]) -> bytes:
