@@ -122,3 +122,27 @@ def damaged(payload: bytes, position: int, value: int, truncate: bool) -> bytes:
     if truncate:
         return payload[:position]
     return payload[:position] + bytes([value]) + payload[position + 1 :]
+
+
+@st.composite
+def layout_fields(draw) -> bytes:
+    """A field of exactly its layout (what production devices send), any values."""
+    field_id = draw(st.sampled_from([0, 2, 6, 7, 26, 27]))
+    if field_id in (6, 7):
+        data = draw(analogue_readings(field_id))
+        if len(data) >= 255:
+            data = data[: 250 - 250 % (3 if field_id == 6 else 5)]
+    else:
+        data = draw(st.binary(min_size=FIELD_MIN_SIZE[field_id], max_size=FIELD_MIN_SIZE[field_id]))
+    return bytes([field_id, len(data)]) + data
+
+
+@st.composite
+def layout_records(draw) -> bytes:
+    """Records of exact-layout fields, some sharing a length but not a layout."""
+    body = b"".join(draw(st.lists(layout_fields(), max_size=5)))
+    return struct.pack("<HIIB", 11 + len(body), draw(u32), draw(u32), draw(u8)) + body
+
+
+#: 0x04 payloads written by the compiled record writers.
+layout_payloads = st.lists(layout_records(), max_size=6).map(b"".join)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import calendar
 import json
+import struct
 from decimal import Decimal
 from time import gmtime, strftime
 
@@ -26,7 +27,16 @@ from oemrelay.codec import (
     parse_records,
 )
 from oemrelay.oem_json import degrees, device_time, oem_document, oem_document_of_frames
-from tests.record_bytes import BOUNDED, damaged, data_payloads, fixed_payloads, u8, u32
+from oemrelay import oem_json
+from tests.record_bytes import (
+    BOUNDED,
+    damaged,
+    data_payloads,
+    fixed_payloads,
+    layout_payloads,
+    u8,
+    u32,
+)
 from tests.vectors import captures
 
 HELLO = Hello(129336, "353323081669730", "89610185001824844630", 34, 2, 1, 9)
@@ -81,6 +91,61 @@ class BytesDocumentTests(SynchronousTestCase):
             [Frame(MessageType.DATA_RECORDS, b"")],
             Hello(serial, imei, iccid, product, hardware, major, minor),
         )
+
+    @BOUNDED
+    @given(st.lists(layout_payloads, min_size=1, max_size=3))
+    def test_exact_layout_records(self, payloads: list[bytes]) -> None:
+        """Records of exact-layout fields (the compiled writers' path): the same bytes."""
+        self.assertSameDocument([Frame(MessageType.DATA_RECORDS, p) for p in payloads])
+
+    @BOUNDED
+    @given(st.lists(layout_payloads, min_size=1, max_size=3), st.integers(0, 5000), u8, st.booleans())
+    def test_damaged_exact_layout_records(self, payloads, position, value, truncate) -> None:
+        """Layouts seen before, then a record of a known length with a changed header: the same result."""
+        self.assertSameDocument([Frame(MessageType.DATA_RECORDS, p) for p in payloads])
+        joined = b"".join(payloads)
+        self.assertSameDocument(
+            [Frame(MessageType.DATA_RECORDS, damaged(joined, position, value, truncate))]
+        )
+
+    def test_same_length_other_layout(self) -> None:
+        """A record as long as a compiled layout but laid out otherwise is not written by it."""
+        digital_then_trip = b"\x02\x08" + bytes(8) + b"\x1a\x08" + bytes(range(8))
+        trip_then_odometer = b"\x1a\x08" + bytes(range(8)) + b"\x1b\x08" + bytes(8)
+        payload = b"".join(
+            struct.pack("<HIIB", 11 + len(body), seq, 0, 1) + body
+            for seq, body in enumerate([digital_then_trip, trip_then_odometer, digital_then_trip])
+        )
+        self.assertSameDocument([Frame(MessageType.DATA_RECORDS, payload)])
+        records = json.loads(oem_document_of_frames(HELLO, [Frame(MessageType.DATA_RECORDS, payload)]))
+        self.assertEqual(
+            [[f["FType"] for f in r["Fields"]] for r in records["Records"]],
+            [[2, 26], [26, 27], [2, 26]],
+        )
+
+    def test_compiled_writer_used_for_exact_layouts(self) -> None:
+        """GPS, digital and analogue fields of their exact sizes get a compiled writer."""
+        self.patch(oem_json, "_RECORD_WRITERS", {})
+        self.patch(oem_json, "_WRITER_BY_LENGTH", {})
+        (frame,) = FrameDecoder().feed(captures()["data-0x04-12-records-2017-auckland"])
+        oem_document_of_frames(HELLO, [frame])
+        layout = (0 << 16 | 21, 2 << 16 | 8, 6 << 16 | 9, 7 << 16 | 25)
+        self.assertIsNotNone(oem_json._RECORD_WRITERS.get(layout))
+
+    def test_writers_bounded(self) -> None:
+        """With the layout table full, new layouts are written field by field and not stored."""
+        self.patch(oem_json, "_RECORD_WRITERS", {})
+        self.patch(oem_json, "_WRITER_BY_LENGTH", {})
+        self.patch(oem_json, "_MAX_RECORD_WRITERS", 2)
+        bodies = [b"\x02\x08" + bytes(8) * 1, b"\x1a\x08" + bytes(8), b"\x1b\x08" + bytes(8)]
+        frames = [
+            Frame(MessageType.DATA_RECORDS, struct.pack("<HIIB", 11 + len(b), 1, 0, 1) + b)
+            for b in bodies
+        ]
+        for frame in frames:
+            self.assertSameDocument([frame])
+        self.assertEqual(len(oem_json._RECORD_WRITERS), 2)
+        self.assertNotIn((27 << 16 | 8,), oem_json._RECORD_WRITERS)
 
     def test_every_capture(self) -> None:
         """Every real capture, alone and all together, with each real hello."""
