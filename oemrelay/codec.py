@@ -15,13 +15,13 @@ relies on that.
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable, Iterable
 from time import gmtime
 from dataclasses import dataclass, field
 from dataclasses import fields as dataclass_fields
 from datetime import datetime, timezone
 from enum import IntEnum
 from typing import ClassVar, NamedTuple
-from collections.abc import Iterable
 
 SYNC = b"\x02\x55"
 HEADER_SIZE = 5
@@ -281,9 +281,9 @@ class _PackedField:
         """The field, or None if ``data`` is shorter than the layout."""
         size = cls.MIN_SIZE
         if len(data) == size:
-            return cls(*cls._LAYOUT.unpack(data))
+            return cls._build(*cls._LAYOUT.unpack(data), b"")
         if len(data) > size:
-            return cls(*cls._LAYOUT.unpack_from(data), extra=data[size:])
+            return cls._build(*cls._LAYOUT.unpack_from(data), data[size:])
         return None
 
     def to_bytes(self) -> bytes:
@@ -327,7 +327,7 @@ class DebugText:
     def from_bytes(cls, data: bytes) -> DebugText | None:
         if len(data) < cls.MIN_SIZE:
             return None
-        return cls(data[0] | data[1] << 8, data[2:])
+        return cls._build(data[0] | data[1] << 8, data[2:])
 
     def to_bytes(self) -> bytes:
         return struct.pack("<H", self.code) + self.text
@@ -361,7 +361,7 @@ class DriverId:
     def from_bytes(cls, data: bytes) -> DriverId | None:
         if len(data) < cls.MIN_SIZE:
             return None
-        return cls(data[0], data[1:])
+        return cls._build(data[0], data[1:])
 
     def to_bytes(self) -> bytes:
         return bytes([self.id_type]) + self.data
@@ -413,7 +413,7 @@ class Analogues:
                         for n, v in values
                     )
                     break
-        return cls(field_id, values, bytes(data[whole:]))
+        return cls._build(field_id, values, bytes(data[whole:]))
 
     def to_bytes(self) -> bytes:
         item = self._ITEMS[self.field_id]
@@ -516,6 +516,33 @@ Field = (
     | FixedRecordExtras
 )
 
+def _builder(cls: type) -> Callable[..., object]:
+    """
+    A constructor for the frozen slotted dataclass ``cls`` taking every field
+    positionally.  It fills the slots directly: a frozen dataclass __init__
+    goes through object.__setattr__ per field, and decoding builds many.
+    The object is the same (equal, hashable, frozen) as ``cls(...)`` makes.
+    """
+    names = [f.name for f in dataclass_fields(cls)]
+    namespace: dict[str, object] = {"new": object.__new__, "cls": cls}
+    for i, name in enumerate(names):
+        namespace[f"set{i}"] = getattr(cls, name).__set__
+    arguments = ", ".join(f"a{i}" for i in range(len(names)))
+    source = (
+        f"def build({arguments}):\n    self = new(cls)\n"
+        + "".join(f"    set{i}(self, a{i})\n" for i in range(len(names)))
+        + "    return self\n"
+    )
+    exec(source, namespace)  # noqa: S102 - source made above from field names
+    return namespace["build"]
+
+
+for _cls in (GpsFix, DebugText, Digital, DriverId, Analogues, TripSummary, OdometerRunHours):
+    _cls._build = staticmethod(_builder(_cls))
+_build_raw = _builder(RawField)
+_build_short = _builder(ShortField)
+_build_extras = _builder(FixedRecordExtras)
+
 _FIELD_TYPES = {
     cls.FIELD_ID: cls
     for cls in (GpsFix, DebugText, Digital, DriverId, TripSummary, OdometerRunHours)
@@ -532,8 +559,8 @@ def decode_field(field_id: int, data: bytes) -> Field:
     elif field_id in _FIELD_TYPES:
         decoded = _FIELD_TYPES[field_id].from_bytes(data)
     else:
-        return RawField(field_id, data)
-    return decoded if decoded is not None else ShortField(field_id, data)
+        return _build_raw(field_id, data)
+    return decoded if decoded is not None else _build_short(field_id, data)
 
 
 @dataclass(frozen=True, slots=True)
@@ -555,6 +582,7 @@ class Record:
 
 
 _RECORD_HEADER = struct.Struct("<HIIB")
+_build_record = _builder(Record)
 
 
 def parse_data_records(payload: bytes) -> list[Record]:
@@ -576,7 +604,7 @@ def parse_data_records(payload: bytes) -> list[Record]:
                 f" {end - offset} bytes left"
             )
         records.append(
-            Record(
+            _build_record(
                 seq,
                 time,
                 reason,
@@ -875,7 +903,7 @@ def _fixed_standard_analogues(
     values = [(1, battery_mv), (2, (supply_mv + 5) // 10)]
     if temperature != FIXED_TEMPERATURE_UNAVAILABLE:
         values.append((SIGNED_ANALOGUE, temperature * 100))
-    return Analogues(6, tuple(values))
+    return Analogues._build(6, tuple(values), b"")
 
 
 def parse_fixed_records(payload: bytes) -> list[Record]:
@@ -907,13 +935,13 @@ def parse_fixed_records(payload: bytes) -> list[Record]:
         ) = _FIXED_RECORD.unpack_from(chunk)
         analogues = (a1, a2, a3, a4, a5)
         records.append(
-            Record(
+            _build_record(
                 index,
                 _unpack_fixed_time(packed_time),
                 event,
                 (
                     _fixed_standard_analogues(analogues, temperature),
-                    FixedRecordExtras(
+                    _build_extras(
                         latitude, longitude, altitude, speed, heading,
                         position_accuracy, speed_accuracy, gps_status,
                         inputs, outputs, analogues, temperature,

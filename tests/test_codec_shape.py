@@ -16,10 +16,17 @@ from oemrelay.codec import (
     EMPTY_FIELD_IDS,
     FIELD_MIN_SIZE,
     MAX_FIELDS_PER_RECORD,
+    Analogues,
+    DebugText,
+    Digital,
     FixedRecordExtras,
     Frame,
+    FrameDecoder,
+    GpsFix,
     MessageType,
     ProtocolError,
+    RawField,
+    Record,
     ShortField,
     data_records_shape,
     decode_field,
@@ -199,3 +206,39 @@ class FrameShapeTests(SynchronousTestCase):
         with self.assertRaises(ProtocolError) as raised:
             frame_shape(Frame(MessageType.TIME_REQUEST, b""))
         self.assertEqual(str(raised.exception), "message type 0x30 holds no records")
+
+
+class FastConstructorTests(SynchronousTestCase):
+    """The decoders' slot-filling constructors make the dataclasses' own objects."""
+
+    def test_decoded_objects_are_the_classes_objects(self) -> None:
+        """Every decoded field and record equals, hashes like and is as frozen as one built by its class."""
+        import dataclasses
+
+        from oemrelay.codec import parse_records
+
+        frames = [
+            frame
+            for wire in captures().values()
+            for frame in FrameDecoder().feed(wire)
+            if frame.type in (MessageType.DATA_RECORDS, MessageType.FIXED_RECORDS)
+        ]
+        frames.append(Frame(MessageType.DATA_RECORDS, struct.pack("<HIIB", 17, 1, 2, 3)
+                            + b"\x00\x01\x00" + b"\x63\x01\x00"))
+        seen = set()
+        for record in parse_records(frames):
+            rebuilt = Record(record.seq, record.time, record.reason, tuple(
+                type(f)(*(getattr(f, n.name) for n in dataclasses.fields(f)))
+                for f in record.fields
+            ))
+            self.assertEqual(record, rebuilt)
+            self.assertEqual(hash(record), hash(rebuilt))
+            seen.update(type(f) for f in record.fields)
+            for item in (record, *record.fields):
+                name = dataclasses.fields(item)[0].name
+                with self.assertRaises(dataclasses.FrozenInstanceError):
+                    setattr(item, name, 0)
+        self.assertEqual(
+            seen,
+            {GpsFix, Digital, Analogues, DebugText, ShortField, RawField, FixedRecordExtras},
+        )
