@@ -712,6 +712,36 @@ def _seq_at(payload: bytes, offset: int) -> int:
     return int.from_bytes(payload[offset + 2 : offset + 6], "little")
 
 
+class _KnownLayout(NamedTuple):
+    """A record layout walked before: where its field headers are, and what it holds."""
+
+    headers: struct.Struct
+    expected: tuple[int, ...]
+    field_count: int
+    short_fields: tuple[tuple[int, int], ...]
+
+
+#: The layout last walked for each record length, tried first: a record of
+#: that length whose field headers (id and length bytes, short form) all
+#: match has that layout, so its fields need no walk.  Keyed on layout,
+#: never values; bounded.
+_LAYOUT_BY_LENGTH: dict[int, _KnownLayout] = {}
+_MAX_KNOWN_LAYOUTS = 512
+
+
+def _remember_layout(length: int, headers: list[int], short: tuple[tuple[int, int], ...]) -> None:
+    if length not in _LAYOUT_BY_LENGTH and len(_LAYOUT_BY_LENGTH) >= _MAX_KNOWN_LAYOUTS:
+        return
+    layout = ["<"]
+    at = _RECORD_HEADER.size
+    for header in headers:
+        layout.append(f"{at}xH")
+        at = header >> 8
+    _LAYOUT_BY_LENGTH[length] = _KnownLayout(
+        struct.Struct("".join(layout)), tuple(headers), len(headers), short
+    )
+
+
 def data_records_shape(payload: bytes) -> FrameShape:
     """
     The shape of a 0x04 payload, validated exactly as parse_data_records
@@ -722,6 +752,7 @@ def data_records_shape(payload: bytes) -> FrameShape:
     offset = 0
     end = len(payload)
     min_size = FIELD_MIN_SIZE
+    known_layouts = _LAYOUT_BY_LENGTH
     while offset < end:
         if end - offset < _RECORD_HEADER.size:
             raise ProtocolError(f"truncated record header at offset {offset}")
@@ -732,8 +763,19 @@ def data_records_shape(payload: bytes) -> FrameShape:
                 f"record at offset {offset} declares length {length},"
                 f" {end - offset} bytes left"
             )
+        known = known_layouts.get(length)
+        if known is not None and known.headers.unpack_from(payload, offset) == known.expected:
+            records += 1
+            fields += known.field_count
+            if known.short_fields:
+                short.extend(known.short_fields)
+            offset = record_end
+            continue
         at = offset + _RECORD_HEADER.size
         count = 0
+        # Each field's id | length byte << 8, while only the short form is seen.
+        headers: list[int] | None = []
+        record_short = len(short)
         while at < record_end:
             if count == MAX_FIELDS_PER_RECORD:
                 raise ProtocolError(
@@ -755,6 +797,9 @@ def data_records_shape(payload: bytes) -> FrameShape:
                     )
                 size = payload[at] | payload[at + 1] << 8
                 at += 2
+                headers = None
+            elif headers is not None:
+                headers.append(field_id | size << 8)
             if at + size > record_end:
                 raise ProtocolError(
                     f"field {field_id} in record {_seq_at(payload, offset)} declares"
@@ -764,6 +809,8 @@ def data_records_shape(payload: bytes) -> FrameShape:
                 short.append((field_id, size))
             at += size
             count += 1
+        if headers is not None:
+            _remember_layout(length, headers, tuple(short[record_short:]))
         records += 1
         fields += count
         offset = record_end

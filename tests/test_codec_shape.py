@@ -242,3 +242,58 @@ class FastConstructorTests(SynchronousTestCase):
             seen,
             {GpsFix, Digital, Analogues, DebugText, ShortField, RawField, FixedRecordExtras},
         )
+
+
+class KnownLayoutTests(SynchronousTestCase):
+    """The walk's memory of layouts by record length never changes its answer."""
+
+    def setUp(self) -> None:
+        from oemrelay import codec
+
+        self.codec = codec
+        self.patch(codec, "_LAYOUT_BY_LENGTH", {})
+
+    def record(self, body: bytes, seq: int = 9) -> bytes:
+        return struct.pack("<HIIB", 11 + len(body), seq, 0, 1) + body
+
+    def test_same_length_other_layout(self) -> None:
+        """A record as long as a known one but laid out otherwise is walked: its own short fields and count."""
+        known = self.record(b"\x02\x08" + bytes(8) + b"\x1a\x08" + bytes(8))
+        other = self.record(b"\x00\x04" + bytes(4) + b"\x1a\x0c" + bytes(12))
+        self.assertEqual(data_records_shape(known).short_fields, ())
+        shape = data_records_shape(other)
+        self.assertEqual(shape.short_fields, ((0, 4),))
+        self.assertEqual(shape.field_count, 2)
+
+    def test_known_layout_keeps_its_short_fields(self) -> None:
+        """Short fields are reported again for every record of a remembered layout."""
+        record = self.record(b"\x02\x02" + bytes(2))
+        self.assertEqual(data_records_shape(record * 3).short_fields, ((2, 2),) * 3)
+        self.assertIn(len(record), self.codec._LAYOUT_BY_LENGTH)
+
+    def test_extended_length_never_remembered(self) -> None:
+        """A record with an extended-length field is walked every time, however long."""
+        record = self.record(b"\x09\xff\x02\x00\xaa\xbb")
+        data_records_shape(record)
+        self.assertEqual(self.codec._LAYOUT_BY_LENGTH, {})
+        same_length = self.record(b"\x09\x04" + bytes(4))
+        self.assertEqual(data_records_shape(same_length).field_count, 1)
+
+    def test_damaged_record_of_known_length(self) -> None:
+        """A record of a known length whose field overruns it gets the decoder's error."""
+        data_records_shape(self.record(b"\x02\x08" + bytes(8)))
+        damaged_record = self.record(b"\x02\x09" + bytes(8))
+        with self.assertRaises(ProtocolError) as walked:
+            data_records_shape(damaged_record)
+        with self.assertRaises(ProtocolError) as decoded:
+            parse_data_records(damaged_record)
+        self.assertEqual(str(walked.exception), str(decoded.exception))
+
+    def test_bounded(self) -> None:
+        """At the bound, new lengths are not remembered; known ones are still updated."""
+        self.patch(self.codec, "_MAX_KNOWN_LAYOUTS", 2)
+        for size in (1, 2, 3):
+            data_records_shape(self.record(b"\x09" + bytes([size]) + bytes(size)))
+        self.assertEqual(sorted(self.codec._LAYOUT_BY_LENGTH), [14, 15])
+        data_records_shape(self.record(b"\x02\x01" + bytes(1)))
+        self.assertEqual(self.codec._LAYOUT_BY_LENGTH[14].short_fields, ((2, 1),))
