@@ -74,7 +74,7 @@ class FleetActivity(RelayObserver):
     def upload_committed(self, upload, seconds: float) -> None:
         minute = self._now()
         minute.uploads += 1
-        minute.records += len(upload.records)
+        minute.records += upload.record_count
 
     def commit_withheld(self, upload, kind: str, reason: str) -> None:
         self._now().withheld[kind] += 1

@@ -15,12 +15,13 @@ relies on that.
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable, Iterable
 from time import gmtime
 from dataclasses import dataclass, field
 from dataclasses import fields as dataclass_fields
 from datetime import datetime, timezone
 from enum import IntEnum
-from typing import ClassVar
+from typing import ClassVar, NamedTuple
 
 SYNC = b"\x02\x55"
 HEADER_SIZE = 5
@@ -278,11 +279,11 @@ class _PackedField:
     @classmethod
     def from_bytes(cls, data: bytes):
         """The field, or None if ``data`` is shorter than the layout."""
-        size = cls._LAYOUT.size
+        size = cls.MIN_SIZE
         if len(data) == size:
-            return cls(*cls._LAYOUT.unpack(data))
+            return cls._build(*cls._LAYOUT.unpack(data), b"")
         if len(data) > size:
-            return cls(*cls._LAYOUT.unpack_from(data), extra=data[size:])
+            return cls._build(*cls._LAYOUT.unpack_from(data), data[size:])
         return None
 
     def to_bytes(self) -> bytes:
@@ -296,6 +297,7 @@ class GpsFix(_PackedField):
 
     FIELD_ID: ClassVar[int] = 0
     _LAYOUT: ClassVar[struct.Struct] = struct.Struct("<IiihHBBBBB")
+    MIN_SIZE: ClassVar[int] = _LAYOUT.size
 
     fix_time: int
     latitude: int
@@ -316,15 +318,16 @@ class DebugText:
     """Field 1: a numbered trace line, seen in records with reason 21."""
 
     FIELD_ID: ClassVar[int] = 1
+    MIN_SIZE: ClassVar[int] = 2
 
     code: int
     text: bytes
 
     @classmethod
     def from_bytes(cls, data: bytes) -> DebugText | None:
-        if len(data) < 2:
+        if len(data) < cls.MIN_SIZE:
             return None
-        return cls(data[0] | data[1] << 8, data[2:])
+        return cls._build(data[0] | data[1] << 8, data[2:])
 
     def to_bytes(self) -> bytes:
         return struct.pack("<H", self.code) + self.text
@@ -336,6 +339,7 @@ class Digital(_PackedField):
 
     FIELD_ID: ClassVar[int] = 2
     _LAYOUT: ClassVar[struct.Struct] = struct.Struct("<IHH")
+    MIN_SIZE: ClassVar[int] = _LAYOUT.size
 
     inputs: int
     outputs: int
@@ -348,15 +352,16 @@ class DriverId:
     """Field 3: an id type byte and the id's bytes."""
 
     FIELD_ID: ClassVar[int] = 3
+    MIN_SIZE: ClassVar[int] = 1
 
     id_type: int
     data: bytes
 
     @classmethod
     def from_bytes(cls, data: bytes) -> DriverId | None:
-        if not data:
+        if len(data) < cls.MIN_SIZE:
             return None
-        return cls(data[0], data[1:])
+        return cls._build(data[0], data[1:])
 
     def to_bytes(self) -> bytes:
         return bytes([self.id_type]) + self.data
@@ -408,7 +413,7 @@ class Analogues:
                         for n, v in values
                     )
                     break
-        return cls(field_id, values, bytes(data[whole:]))
+        return cls._build(field_id, values, bytes(data[whole:]))
 
     def to_bytes(self) -> bytes:
         item = self._ITEMS[self.field_id]
@@ -425,6 +430,7 @@ class TripSummary(_PackedField):
 
     FIELD_ID: ClassVar[int] = 26
     _LAYOUT: ClassVar[struct.Struct] = struct.Struct("<II")
+    MIN_SIZE: ClassVar[int] = _LAYOUT.size
 
     distance: int
     duration: int
@@ -437,6 +443,7 @@ class OdometerRunHours(_PackedField):
 
     FIELD_ID: ClassVar[int] = 27
     _LAYOUT: ClassVar[struct.Struct] = struct.Struct("<II")
+    MIN_SIZE: ClassVar[int] = _LAYOUT.size
 
     odometer: int
     run_hours: int
@@ -509,6 +516,33 @@ Field = (
     | FixedRecordExtras
 )
 
+def _builder(cls: type) -> Callable[..., object]:
+    """
+    A constructor for the frozen slotted dataclass ``cls`` taking every field
+    positionally.  It fills the slots directly: a frozen dataclass __init__
+    goes through object.__setattr__ per field, and decoding builds many.
+    The object is the same (equal, hashable, frozen) as ``cls(...)`` makes.
+    """
+    names = [f.name for f in dataclass_fields(cls)]
+    namespace: dict[str, object] = {"new": object.__new__, "cls": cls}
+    for i, name in enumerate(names):
+        namespace[f"set{i}"] = getattr(cls, name).__set__
+    arguments = ", ".join(f"a{i}" for i in range(len(names)))
+    source = (
+        f"def build({arguments}):\n    self = new(cls)\n"
+        + "".join(f"    set{i}(self, a{i})\n" for i in range(len(names)))
+        + "    return self\n"
+    )
+    exec(source, namespace)  # noqa: S102 - source made above from field names
+    return namespace["build"]
+
+
+for _cls in (GpsFix, DebugText, Digital, DriverId, Analogues, TripSummary, OdometerRunHours):
+    _cls._build = staticmethod(_builder(_cls))
+_build_raw = _builder(RawField)
+_build_short = _builder(ShortField)
+_build_extras = _builder(FixedRecordExtras)
+
 _FIELD_TYPES = {
     cls.FIELD_ID: cls
     for cls in (GpsFix, DebugText, Digital, DriverId, TripSummary, OdometerRunHours)
@@ -525,8 +559,8 @@ def decode_field(field_id: int, data: bytes) -> Field:
     elif field_id in _FIELD_TYPES:
         decoded = _FIELD_TYPES[field_id].from_bytes(data)
     else:
-        return RawField(field_id, data)
-    return decoded if decoded is not None else ShortField(field_id, data)
+        return _build_raw(field_id, data)
+    return decoded if decoded is not None else _build_short(field_id, data)
 
 
 @dataclass(frozen=True, slots=True)
@@ -548,6 +582,7 @@ class Record:
 
 
 _RECORD_HEADER = struct.Struct("<HIIB")
+_build_record = _builder(Record)
 
 
 def parse_data_records(payload: bytes) -> list[Record]:
@@ -569,7 +604,7 @@ def parse_data_records(payload: bytes) -> list[Record]:
                 f" {end - offset} bytes left"
             )
         records.append(
-            Record(
+            _build_record(
                 seq,
                 time,
                 reason,
@@ -601,7 +636,14 @@ def decoded_cost(records: list[Record], wire_size: int) -> int:
     than its wire size.
     """
     fields = sum(len(record.fields) for record in records)
-    return _RECORD_COST * len(records) + _FIELD_COST * fields + _WIRE_BYTE_COST * wire_size
+    return upload_cost(len(records), fields, wire_size)
+
+
+def upload_cost(record_count: int, field_count: int, wire_size: int) -> int:
+    """decoded_cost from the counts alone (see :class:`FrameShape`)."""
+    return (
+        _RECORD_COST * record_count + _FIELD_COST * field_count + _WIRE_BYTE_COST * wire_size
+    )
 
 
 def _parse_fields(payload: bytes, offset: int, end: int, seq: int) -> tuple[Field, ...]:
@@ -629,6 +671,202 @@ def _parse_fields(payload: bytes, offset: int, end: int, seq: int) -> tuple[Fiel
         fields.append(decode_field(field_id, payload[offset : offset + length]))
         offset += length
     return tuple(fields)
+
+
+#: Per field id, the fewest bytes its layout needs: a known field with fewer
+#: becomes a ShortField (0 for ids of any length).  Taken from the field
+#: classes, whose decoders use the same sizes, so the walk below and
+#: decode_field cannot disagree.
+FIELD_MIN_SIZE: tuple[int, ...] = tuple(
+    Analogues._ITEMS[field_id].size if field_id in Analogues._ITEMS
+    else _FIELD_TYPES[field_id].MIN_SIZE if field_id in _FIELD_TYPES
+    else 0
+    for field_id in range(256)
+)
+#: Field ids that decode from no bytes at all (no analogue readings).
+EMPTY_FIELD_IDS = frozenset(Analogues._ITEMS)
+
+
+def is_short_field(field_id: int, size: int) -> bool:
+    """Whether ``size`` bytes of field ``field_id`` decode to a ShortField."""
+    return size < FIELD_MIN_SIZE[field_id] and (size > 0 or field_id not in EMPTY_FIELD_IDS)
+
+
+class FrameShape(NamedTuple):
+    """
+    What the session needs of a 0x04 or 0x10 payload, found without decoding
+    a field: how many records and fields it holds (for the limits and
+    :func:`upload_cost`), the first record's sequence number, the
+    ``(field id, size)`` of each field shorter than its layout, and the index
+    of each fixed record whose checksum does not match.
+    """
+
+    record_count: int
+    field_count: int
+    first_seq: int | None
+    short_fields: tuple[tuple[int, int], ...] = ()
+    bad_checksums: tuple[int, ...] = ()
+
+
+def _seq_at(payload: bytes, offset: int) -> int:
+    return int.from_bytes(payload[offset + 2 : offset + 6], "little")
+
+
+class _KnownLayout(NamedTuple):
+    """A record layout walked before: where its field headers are, and what it holds."""
+
+    headers: struct.Struct
+    expected: tuple[int, ...]
+    field_count: int
+    short_fields: tuple[tuple[int, int], ...]
+
+
+#: The layout last walked for each record length, tried first: a record of
+#: that length whose field headers (id and length bytes, short form) all
+#: match has that layout, so its fields need no walk.  Keyed on layout,
+#: never values; bounded.
+_LAYOUT_BY_LENGTH: dict[int, _KnownLayout] = {}
+_MAX_KNOWN_LAYOUTS = 512
+
+
+def _remember_layout(length: int, headers: list[int], short: tuple[tuple[int, int], ...]) -> None:
+    if length not in _LAYOUT_BY_LENGTH and len(_LAYOUT_BY_LENGTH) >= _MAX_KNOWN_LAYOUTS:
+        return
+    layout = ["<"]
+    at = _RECORD_HEADER.size
+    for header in headers:
+        layout.append(f"{at}xH")
+        at = header >> 8
+    _LAYOUT_BY_LENGTH[length] = _KnownLayout(
+        struct.Struct("".join(layout)), tuple(headers), len(headers), short
+    )
+
+
+def data_records_shape(payload: bytes) -> FrameShape:
+    """
+    The shape of a 0x04 payload, validated exactly as parse_data_records
+    validates it (the same ProtocolError, with the same message).
+    """
+    records = fields = 0
+    short: list[tuple[int, int]] = []
+    offset = 0
+    end = len(payload)
+    min_size = FIELD_MIN_SIZE
+    known_layouts = _LAYOUT_BY_LENGTH
+    while offset < end:
+        if end - offset < _RECORD_HEADER.size:
+            raise ProtocolError(f"truncated record header at offset {offset}")
+        length = payload[offset] | payload[offset + 1] << 8
+        record_end = offset + length
+        if length < _RECORD_HEADER.size or record_end > end:
+            raise ProtocolError(
+                f"record at offset {offset} declares length {length},"
+                f" {end - offset} bytes left"
+            )
+        known = known_layouts.get(length)
+        if known is not None and known.headers.unpack_from(payload, offset) == known.expected:
+            records += 1
+            fields += known.field_count
+            if known.short_fields:
+                short.extend(known.short_fields)
+            offset = record_end
+            continue
+        at = offset + _RECORD_HEADER.size
+        count = 0
+        # Each field's id | length byte << 8, while only the short form is seen.
+        headers: list[int] | None = []
+        record_short = len(short)
+        while at < record_end:
+            if count == MAX_FIELDS_PER_RECORD:
+                raise ProtocolError(
+                    f"record {_seq_at(payload, offset)} holds more than"
+                    f" {MAX_FIELDS_PER_RECORD} fields"
+                )
+            if record_end - at < 2:
+                raise ProtocolError(
+                    f"truncated field header in record {_seq_at(payload, offset)}"
+                )
+            field_id = payload[at]
+            size = payload[at + 1]
+            at += 2
+            if size == 255:
+                if record_end - at < 2:
+                    raise ProtocolError(
+                        "truncated extended field length in record"
+                        f" {_seq_at(payload, offset)}"
+                    )
+                size = payload[at] | payload[at + 1] << 8
+                at += 2
+                headers = None
+            elif headers is not None:
+                headers.append(field_id | size << 8)
+            if at + size > record_end:
+                raise ProtocolError(
+                    f"field {field_id} in record {_seq_at(payload, offset)} declares"
+                    f" {size} bytes, {record_end - at} left"
+                )
+            if size < min_size[field_id] and (size or field_id not in EMPTY_FIELD_IDS):
+                short.append((field_id, size))
+            at += size
+            count += 1
+        if headers is not None:
+            _remember_layout(length, headers, tuple(short[record_short:]))
+        records += 1
+        fields += count
+        offset = record_end
+    return FrameShape(
+        records, fields, _seq_at(payload, 0) if records else None, tuple(short)
+    )
+
+
+def fixed_records_shape(payload: bytes) -> FrameShape:
+    """
+    The shape of a 0x10 payload, validated as parse_fixed_records validates
+    it; every fixed record decodes to two fields.
+    """
+    if len(payload) % FIXED_RECORD_SIZE:
+        raise ProtocolError(
+            f"fixed-record payload of {len(payload)} bytes is not a multiple of 64"
+        )
+    records = len(payload) // FIXED_RECORD_SIZE
+    bad = tuple(
+        int.from_bytes(payload[offset + 1 : offset + 5], "little")
+        for offset in range(0, len(payload), FIXED_RECORD_SIZE)
+        if fletcher8(payload[offset : offset + 62]) != payload[offset + 62 : offset + 64]
+    )
+    first_seq = int.from_bytes(payload[1:5], "little") if records else None
+    return FrameShape(records, 2 * records, first_seq, (), bad)
+
+
+def frame_shape(frame: Frame) -> FrameShape:
+    """
+    The shape of a data frame (0x04 or 0x10).
+
+    :raises ProtocolError: if its records do not decode, or it holds none.
+    """
+    if frame.type == MessageType.DATA_RECORDS:
+        return data_records_shape(frame.payload)
+    if frame.type == MessageType.FIXED_RECORDS:
+        return fixed_records_shape(frame.payload)
+    raise ProtocolError(f"message type 0x{frame.type:02x} holds no records")
+
+
+def parse_records(frames: Iterable[Frame]) -> list[Record]:
+    """
+    The records of data frames (0x04 and 0x10), decoded in order.
+
+    :raises ProtocolError: if a frame's records do not decode, or a frame is
+        of another type.
+    """
+    records: list[Record] = []
+    for frame in frames:
+        if frame.type == MessageType.DATA_RECORDS:
+            records.extend(parse_data_records(frame.payload))
+        elif frame.type == MessageType.FIXED_RECORDS:
+            records.extend(parse_fixed_records(frame.payload))
+        else:
+            raise ProtocolError(f"message type 0x{frame.type:02x} holds no records")
+    return records
 
 
 def encode_data_records(records: list[Record] | tuple[Record, ...]) -> bytes:
@@ -712,7 +950,7 @@ def _fixed_standard_analogues(
     values = [(1, battery_mv), (2, (supply_mv + 5) // 10)]
     if temperature != FIXED_TEMPERATURE_UNAVAILABLE:
         values.append((SIGNED_ANALOGUE, temperature * 100))
-    return Analogues(6, tuple(values))
+    return Analogues._build(6, tuple(values), b"")
 
 
 def parse_fixed_records(payload: bytes) -> list[Record]:
@@ -744,13 +982,13 @@ def parse_fixed_records(payload: bytes) -> list[Record]:
         ) = _FIXED_RECORD.unpack_from(chunk)
         analogues = (a1, a2, a3, a4, a5)
         records.append(
-            Record(
+            _build_record(
                 index,
                 _unpack_fixed_time(packed_time),
                 event,
                 (
                     _fixed_standard_analogues(analogues, temperature),
-                    FixedRecordExtras(
+                    _build_extras(
                         latitude, longitude, altitude, speed, heading,
                         position_accuracy, speed_accuracy, gps_status,
                         inputs, outputs, analogues, temperature,

@@ -341,7 +341,7 @@ class LiveHub(RelayObserver):
             serial,
             lambda: {
                 "type": "upload",
-                "records": len(upload.records),
+                "records": upload.record_count,
                 "first_seq": upload.first_seq,
                 "json": json.loads(oem_document(upload.hello, upload.records)),
             },
@@ -361,7 +361,7 @@ class LiveHub(RelayObserver):
             upload.hello.serial,
             lambda: {
                 "type": "commit",
-                "records": len(upload.records),
+                "records": upload.record_count,
                 "first_seq": upload.first_seq,
                 "seconds": round(seconds, 3),
             },

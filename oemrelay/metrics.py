@@ -205,10 +205,10 @@ class RelayMetrics(RelayObserver):
         self._decode_errors.labels(label).inc()
 
     def upload_received(self, upload) -> None:
-        self._received.inc(len(upload.records))
+        self._received.inc(upload.record_count)
 
     def upload_committed(self, upload, seconds: float) -> None:
-        self._committed.inc(len(upload.records))
+        self._committed.inc(upload.record_count)
         self._commit_seconds.observe(seconds)
 
     def commit_withheld(self, upload, kind: str, reason: str) -> None:

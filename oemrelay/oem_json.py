@@ -25,26 +25,34 @@ A device field id is one byte, so 256 and 257 can never collide with one.
 
 from __future__ import annotations
 
-import json
-from base64 import b64encode
+import struct
+from binascii import b2a_base64
 from collections.abc import Callable, Iterable
-from time import gmtime, strftime
+from datetime import date
+from json.encoder import encode_basestring_ascii
 
 from .codec import (
-    EPOCH_2013,
+    EMPTY_FIELD_IDS,
+    FIELD_MIN_SIZE,
+    MAX_FIELDS_PER_RECORD,
+    SIGNED_ANALOGUE,
     Analogues,
     DebugText,
     Digital,
     DriverId,
     Field,
     FixedRecordExtras,
+    Frame,
     GpsFix,
     Hello,
+    MessageType,
     OdometerRunHours,
     RawField,
     Record,
+    ProtocolError,
     ShortField,
     TripSummary,
+    parse_fixed_records,
 )
 
 #: ``FType`` of the G50 fixed-record extras: outside the one-byte id range.
@@ -52,24 +60,46 @@ FIXED_EXTRAS_FTYPE = 256
 #: ``FType`` of a known field too short for its layout.
 SHORT_FIELD_FTYPE = 257
 
-_string = json.dumps
+#: A JSON string literal, exactly as ``json.dumps`` writes one (it calls this).
+_string = encode_basestring_ascii
+
+_TWO_DIGITS = tuple(f"{n:02d}" for n in range(60))
+#: The proleptic ordinal of 2013-01-01, day 0 of every device time.
+_DAY_2013 = date(2013, 1, 1).toordinal()
 
 
-def device_time(seconds_since_2013: int) -> str:
-    """A device time as OEM writes it: ``YYYY-MM-DD HH:MM:SS`` in UTC."""
-    return strftime("%Y-%m-%d %H:%M:%S", gmtime(EPOCH_2013 + seconds_since_2013))
+def device_time(seconds_since_2013: int, days: dict[int, str] | None = None) -> str:
+    """
+    A device time as OEM writes it: ``YYYY-MM-DD HH:MM:SS`` in UTC.
+
+    ``days`` memoises the date part for one document (its records share a
+    day or two); it must not outlive the document.
+    """
+    day, rest = divmod(seconds_since_2013, 86400)
+    if days is None:
+        date_part = date.fromordinal(_DAY_2013 + day).isoformat()
+    else:
+        date_part = days.get(day)
+        if date_part is None:
+            date_part = days[day] = date.fromordinal(_DAY_2013 + day).isoformat()
+    hours, rest = divmod(rest, 3600)
+    minutes, seconds = divmod(rest, 60)
+    return f"{date_part} {_TWO_DIGITS[hours]}:{_TWO_DIGITS[minutes]}:{_TWO_DIGITS[seconds]}"
 
 
 def degrees(raw: int) -> str:
     """``raw`` × 1e-7 as a JSON number with no float noise (``-79.3462607``)."""
-    whole, fraction = divmod(abs(raw), 10_000_000)
-    sign = "-" if raw < 0 else ""
-    decimals = f"{fraction:07d}".rstrip("0") or "0"
-    return f"{sign}{whole}.{decimals}"
+    digits = str(raw)
+    sign = ""
+    if raw < 0:
+        sign, digits = "-", digits[1:]
+    if len(digits) < 8:
+        digits = digits.rjust(8, "0")
+    return f"{sign}{digits[:-7]}.{digits[-7:].rstrip('0') or '0'}"
 
 
 def _base64(data: bytes) -> str:
-    return b64encode(data).decode("ascii")
+    return b2a_base64(data, newline=False).decode("ascii")
 
 
 def _extra(data: bytes) -> str:
@@ -175,11 +205,371 @@ def record_json(record: Record) -> str:
     )
 
 
-def oem_document(hello: Hello, records: Iterable[Record]) -> bytes:
-    """The complete traditional-format body for one upload, UTF-8 encoded."""
-    body = ",".join(record_json(r) for r in records)
+def _document_head(hello: Hello) -> str:
     return (
         f'{{"SerNo":{hello.serial},"IMEI":{_string(hello.imei)},'
         f'"ICCID":{_string(hello.iccid)},"ProdId":{hello.product_id},'
-        f'"FW":{_string(hello.firmware)},"Records":[{body}]}}'
-    ).encode("utf-8")
+        f'"FW":{_string(hello.firmware)},"Records":['
+    )
+
+
+def oem_document(hello: Hello, records: Iterable[Record]) -> bytes:
+    """
+    The complete traditional-format body for one upload, UTF-8 encoded,
+    from decoded records: the reference for :func:`oem_document_of_frames`.
+    """
+    body = ",".join(record_json(r) for r in records)
+    return f"{_document_head(hello)}{body}]}}".encode("utf-8")
+
+
+# -- the same document straight from the frames' bytes -------------------------
+#
+# The hot path: no field object is built.  Each writer below is the bytes
+# twin of the object writer above (the property tests in
+# tests/test_oem_json_bytes.py hold them to the same output, byte for byte).
+
+_RECORD_HEADER = struct.Struct("<HIIB")
+_GPS = struct.Struct("<IiihHBBBBB")
+_DIGITAL = struct.Struct("<IHH")
+_PAIR = struct.Struct("<II")
+_ANALOGUE_ITEM_SIZE = {6: 3, 7: 5}
+#: Analogue fields of up to this many readings unpack through one Struct
+#: (and format through one template) each; longer ones item by item.
+_PRECOMPILED_READINGS = 16
+_READINGS_LAYOUT = {
+    (field_id, count): struct.Struct("<" + item * count)
+    for field_id, item in ((6, "BH"), (7, "Bi"))
+    for count in range(_PRECOMPILED_READINGS + 1)
+}
+_READINGS_TEMPLATE = tuple(
+    ",".join(['"{}":{}'] * count) for count in range(_PRECOMPILED_READINGS + 1)
+)
+
+
+def _readings(field_id: int, payload: bytes, at: int, count: int) -> str:
+    """The ``AnalogueData`` members of ``count`` readings at ``at``."""
+    if count <= _PRECOMPILED_READINGS:
+        values = _READINGS_LAYOUT[field_id, count].unpack_from(payload, at)
+    else:
+        item = _READINGS_LAYOUT[field_id, 1]
+        values = tuple(
+            value
+            for offset in range(at, at + count * item.size, item.size)
+            for value in item.unpack_from(payload, offset)
+        )
+    if field_id == 6 and SIGNED_ANALOGUE in values[::2]:
+        values = list(values)
+        for i in range(0, len(values), 2):
+            if values[i] == SIGNED_ANALOGUE and values[i + 1] >= 0x8000:
+                values[i + 1] -= 0x10000
+    if count <= _PRECOMPILED_READINGS:
+        return _READINGS_TEMPLATE[count].format(*values)
+    return ",".join(f'"{values[i]}":{values[i + 1]}' for i in range(0, len(values), 2))
+
+
+def _record_json_from_bytes(
+    payload: bytes, at: int, record_end: int, seq: int, time: int, reason: int,
+    times: dict[int, str], days: dict[int, str],
+) -> str:
+    """One ``Records`` element, field by field (any field, any size)."""
+    min_size = FIELD_MIN_SIZE
+    fields: list[str] = []
+    while at < record_end:
+        if len(fields) == MAX_FIELDS_PER_RECORD:
+            raise ProtocolError(
+                f"record {seq} holds more than {MAX_FIELDS_PER_RECORD} fields"
+            )
+        if record_end - at < 2:
+            raise ProtocolError(f"truncated field header in record {seq}")
+        field_id = payload[at]
+        size = payload[at + 1]
+        at += 2
+        if size == 255:
+            if record_end - at < 2:
+                raise ProtocolError(f"truncated extended field length in record {seq}")
+            size = payload[at] | payload[at + 1] << 8
+            at += 2
+        field_end = at + size
+        if field_end > record_end:
+            raise ProtocolError(
+                f"field {field_id} in record {seq} declares {size} bytes,"
+                f" {record_end - at} left"
+            )
+        if size < min_size[field_id] and (size or field_id not in EMPTY_FIELD_IDS):
+            fields.append(
+                f'{{"Raw":"{_base64(payload[at:field_end])}","ShortOf":{field_id},'
+                f'"FType":{SHORT_FIELD_FTYPE}}}'
+            )
+        elif field_id == 0:
+            (fix_time, latitude, longitude, altitude, speed, speed_accuracy,
+             heading, pdop, position_accuracy, status) = _GPS.unpack_from(payload, at)
+            fix_utc = times.get(fix_time)
+            if fix_utc is None:
+                fix_utc = times[fix_time] = device_time(fix_time, days)
+            extra = (
+                f'"ExtraRaw":"{_base64(payload[at + 21:field_end])}",'
+                if size > 21 else ""
+            )
+            fields.append(
+                f'{{"GpsUTC":"{fix_utc}","Lat":{degrees(latitude)},'
+                f'"Long":{degrees(longitude)},"Alt":{altitude},"Spd":{speed},'
+                f'"SpdAcc":{speed_accuracy},"Head":{heading},"PDOP":{pdop},'
+                f'"PosAcc":{position_accuracy},"GpsStat":{status},{extra}"FType":0}}'
+            )
+        elif field_id == 6 or field_id == 7:
+            item_size = _ANALOGUE_ITEM_SIZE[field_id]
+            count = size // item_size
+            whole_end = at + count * item_size
+            extra = (
+                f'"ExtraRaw":"{_base64(payload[whole_end:field_end])}",'
+                if whole_end < field_end else ""
+            )
+            fields.append(
+                f'{{"AnalogueData":{{{_readings(field_id, payload, at, count)}}},'
+                f'{extra}"FType":{field_id}}}'
+            )
+        elif field_id == 2:
+            inputs, outputs, status = _DIGITAL.unpack_from(payload, at)
+            extra = (
+                f'"ExtraRaw":"{_base64(payload[at + 8:field_end])}",'
+                if size > 8 else ""
+            )
+            fields.append(
+                f'{{"DIn":{inputs},"DOut":{outputs},"DevStat":{status},'
+                f'{extra}"FType":2}}'
+            )
+        elif field_id == 1:
+            code = payload[at] | payload[at + 1] << 8
+            text = _string(payload[at + 2 : field_end].decode("latin-1"))
+            fields.append(f'{{"Code":{code},"Text":{text},"FType":1}}')
+        elif field_id == 3:
+            fields.append(
+                f'{{"DType":{payload[at]},"Data":"{_base64(payload[at + 1:field_end])}",'
+                f'"FType":3}}'
+            )
+        elif field_id == 26 or field_id == 27:
+            first, second = _PAIR.unpack_from(payload, at)
+            extra = (
+                f'"ExtraRaw":"{_base64(payload[at + 8:field_end])}",'
+                if size > 8 else ""
+            )
+            keys = ('"TripDist":', ',"TripDur":') if field_id == 26 else ('"Odo":', ',"RunHrs":')
+            fields.append(
+                f'{{{keys[0]}{first}{keys[1]}{second},{extra}"FType":{field_id}}}'
+            )
+        else:
+            fields.append(
+                f'{{"Raw":"{_base64(payload[at:field_end])}","FType":{field_id}}}'
+            )
+        at = field_end
+    record_time = times.get(time)
+    if record_time is None:
+        record_time = times[time] = device_time(time, days)
+    return (
+        f'{{"SeqNo":{seq},"Reason":{reason},"DateUTC":"{record_time}",'
+        f'"Fields":[{",".join(fields)}]}}'
+    )
+
+
+#: Record layouts (each field's id and size, in order) seen so far, each with
+#: its compiled writer, or None for a layout the writer does not cover.
+#: Keyed on the layout, never the values; bounded, as devices choose layouts.
+_RECORD_WRITERS: dict[tuple[int, ...], Callable[..., str] | None] = {}
+_MAX_RECORD_WRITERS = 512
+
+
+def _compile_record_writer(key: tuple[int, ...]) -> Callable[..., str] | None:
+    """
+    A function writing records of one layout of fixed-size fields (GPS,
+    digital, analogues, trip, odometer, each exactly its layout), or None
+    for any other layout.  It is generated source: one Struct unpacks the
+    whole record and one f-string formats it, as the writers above would.
+
+    Given a record of the layout's length, the function checks every field
+    header against the layout and returns None if one differs: a record of
+    that length whose field headers all match has that layout, so the
+    caller can try it before walking the record.
+    """
+    formats = ["<2xIIB"]
+    names = ["seq", "time", "reason"]
+    headers: list[str] = []
+    lines: list[str] = []
+    parts: list[str] = []
+    for number, field in enumerate(key):
+        field_id, size = field >> 16, field & 0xFFFF
+        v = [f"v{number}_{i}" for i in range(40)]
+        # Each field's id and length byte, checked against the layout.
+        formats.append("H")
+        names.append(f"h{number}")
+        headers.append(f"h{number} == {field_id | size << 8}")
+        if field_id == 0 and size == 21:
+            formats.append("IiihHBBBBB")
+            names += v[:10]
+            lines.append(
+                f"    fix = times.get({v[0]})\n"
+                f"    if fix is None:\n"
+                f"        fix = times[{v[0]}] = device_time({v[0]}, days)\n"
+                f"    {v[0]} = fix\n"
+            )
+            parts.append(
+                f'{{{{"GpsUTC":"{{{v[0]}}}","Lat":{{degrees({v[1]})}},'
+                f'"Long":{{degrees({v[2]})}},"Alt":{{{v[3]}}},"Spd":{{{v[4]}}},'
+                f'"SpdAcc":{{{v[5]}}},"Head":{{{v[6]}}},"PDOP":{{{v[7]}}},'
+                f'"PosAcc":{{{v[8]}}},"GpsStat":{{{v[9]}}},"FType":0}}}}'
+            )
+        elif field_id == 2 and size == 8:
+            formats.append("IHH")
+            names += v[:3]
+            parts.append(
+                f'{{{{"DIn":{{{v[0]}}},"DOut":{{{v[1]}}},"DevStat":{{{v[2]}}},"FType":2}}}}'
+            )
+        elif field_id in _ANALOGUE_ITEM_SIZE and size % _ANALOGUE_ITEM_SIZE[field_id] == 0:
+            count = size // _ANALOGUE_ITEM_SIZE[field_id]
+            if count > _PRECOMPILED_READINGS:
+                return None
+            formats.append(("BH" if field_id == 6 else "Bi") * count)
+            names += v[: 2 * count]
+            if field_id == 6:
+                for i in range(count):
+                    n, value = v[2 * i], v[2 * i + 1]
+                    lines.append(
+                        f"    if {n} == {SIGNED_ANALOGUE} and {value} >= 0x8000:\n"
+                        f"        {value} -= 0x10000\n"
+                    )
+            readings = ",".join(
+                f'"{{{v[2 * i]}}}":{{{v[2 * i + 1]}}}' for i in range(count)
+            )
+            parts.append(f'{{{{"AnalogueData":{{{{{readings}}}}},"FType":{field_id}}}}}')
+        elif field_id in (26, 27) and size == 8:
+            formats.append("II")
+            names += v[:2]
+            first, second = ("TripDist", "TripDur") if field_id == 26 else ("Odo", "RunHrs")
+            parts.append(
+                f'{{{{"{first}":{{{v[0]}}},"{second}":{{{v[1]}}},"FType":{field_id}}}}}'
+            )
+        else:
+            return None
+    source = (
+        "def write(payload, offset, times, days):\n"
+        f"    {', '.join(names)}, = unpack_from(payload, offset)\n"
+        + (f"    if not ({' and '.join(headers)}):\n        return None\n" if headers else "")
+        +         "    date = times.get(time)\n"
+        "    if date is None:\n"
+        "        date = times[time] = device_time(time, days)\n"
+        + "".join(lines)
+        + "    return f'{{\"SeqNo\":{seq},\"Reason\":{reason},\"DateUTC\":\"{date}\",\"Fields\":["
+        + ",".join(parts)
+        + "]}}'\n"
+    )
+    namespace = {
+        "unpack_from": struct.Struct("".join(formats)).unpack_from,
+        "device_time": device_time,
+        "degrees": degrees,
+    }
+    exec(source, namespace)  # noqa: S102 - source made above from ints only
+    return namespace["write"]
+
+
+#: The writer last compiled for each record length: tried first (it checks
+#: the field headers) so most records skip the walk.
+_WRITER_BY_LENGTH: dict[int, Callable[..., str | None]] = {}
+
+_UNSEEN = object()
+
+
+def _data_records_json(payload: bytes, out: list[str], times: dict, days: dict) -> None:
+    """Append the ``Records`` elements of a 0x04 payload to ``out``."""
+    offset = 0
+    end = len(payload)
+    writers = _RECORD_WRITERS
+    by_length = _WRITER_BY_LENGTH
+    while offset < end:
+        if end - offset < 11:
+            raise ProtocolError(f"truncated record header at offset {offset}")
+        length, seq, time, reason = _RECORD_HEADER.unpack_from(payload, offset)
+        record_end = offset + length
+        if length < 11 or record_end > end:
+            raise ProtocolError(
+                f"record at offset {offset} declares length {length},"
+                f" {end - offset} bytes left"
+            )
+        guess = by_length.get(length)
+        if guess is not None:
+            text = guess(payload, offset, times, days)
+            if text is not None:
+                out.append(text)
+                offset = record_end
+                continue
+        # The record's layout, checked as parse_data_records checks it.
+        at = offset + 11
+        key: list[int] = []
+        extended = False
+        while at < record_end:
+            if len(key) == MAX_FIELDS_PER_RECORD:
+                raise ProtocolError(
+                    f"record {seq} holds more than {MAX_FIELDS_PER_RECORD} fields"
+                )
+            if record_end - at < 2:
+                raise ProtocolError(f"truncated field header in record {seq}")
+            field_id = payload[at]
+            size = payload[at + 1]
+            at += 2
+            if size == 255:
+                if record_end - at < 2:
+                    raise ProtocolError(f"truncated extended field length in record {seq}")
+                size = payload[at] | payload[at + 1] << 8
+                at += 2
+                extended = True
+            if at + size > record_end:
+                raise ProtocolError(
+                    f"field {field_id} in record {seq} declares {size} bytes,"
+                    f" {record_end - at} left"
+                )
+            key.append(field_id << 16 | size)
+            at += size
+        writer = None
+        if not extended:
+            layout = tuple(key)
+            writer = writers.get(layout, _UNSEEN)
+            if writer is _UNSEEN:
+                # Full: new layouts take the field-by-field path, so a device
+                # sending endless layouts cannot make each record compile.
+                writer = None
+                if len(writers) < _MAX_RECORD_WRITERS:
+                    writer = writers[layout] = _compile_record_writer(layout)
+            if writer is not None:
+                # This length's latest layout is the next record's best guess
+                # (at most one per stored layout, so bounded as they are).
+                by_length[length] = writer
+        if writer is None:
+            out.append(
+                _record_json_from_bytes(
+                    payload, offset + 11, record_end, seq, time, reason, times, days
+                )
+            )
+        else:
+            out.append(writer(payload, offset, times, days))
+        offset = record_end
+
+
+def oem_document_of_frames(hello: Hello, frames: Iterable[Frame]) -> bytes:
+    """
+    :func:`oem_document` for the records in ``frames`` (0x04 and 0x10),
+    written from their bytes without decoding them into objects.
+
+    :raises ProtocolError: as :func:`~oemrelay.codec.parse_records` would.
+    """
+    records: list[str] = []
+    # Device times repeat within an upload (a record and its fix); the memo
+    # lives for this one document only.
+    times: dict[int, str] = {}
+    days: dict[int, str] = {}
+    for frame in frames:
+        if frame.type == MessageType.DATA_RECORDS:
+            _data_records_json(frame.payload, records, times, days)
+        elif frame.type == MessageType.FIXED_RECORDS:
+            # G50 only, and rare: the object path is cheap enough.
+            records.extend(record_json(r) for r in parse_fixed_records(frame.payload))
+        else:
+            raise ProtocolError(f"message type 0x{frame.type:02x} holds no records")
+    return f"{_document_head(hello)}{','.join(records)}]}}".encode("utf-8")

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import FrozenInstanceError, dataclass, field
 from functools import partial
 from typing import Protocol
 
@@ -26,7 +26,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from .codec import Frame, Hello, Record
+from .codec import Frame, Hello, Record, frame_shape, parse_records
 from .config import (
     BEST_EFFORT,
     COMMIT_DELIVERED,
@@ -52,22 +52,86 @@ MAX_HELD_FRAMES = 64
 MAX_PLANS = 1000
 
 
-@dataclass(frozen=True, slots=True)
 class Upload:
     """
     Everything a device sent for one commit: its identity, the data frames
-    exactly as received (0x04 and 0x10) and the records decoded from them.
+    exactly as received (0x04 and 0x10) and the records in them.
+
+    Immutable.  The session builds it from frames whose records it counted
+    without decoding them (:func:`~oemrelay.codec.frame_shape`): ``records``
+    is decoded from ``frames`` on first use and kept, while
+    ``record_count`` and ``first_seq`` cost nothing.  Given ``records``
+    (the spool, tests), they are used as they are.
     """
+
+    __slots__ = ("hello", "frames", "received_at", "record_count", "first_seq", "_records")
 
     hello: Hello
     frames: tuple[Frame, ...]
-    records: tuple[Record, ...]
     received_at: float
+    #: How many records the frames hold.
+    record_count: int
+    #: The first record's sequence number (an idempotency handle), or None.
+    first_seq: int | None
+
+    def __init__(
+        self,
+        hello: Hello,
+        frames: tuple[Frame, ...],
+        records: tuple[Record, ...] | None,
+        received_at: float,
+        *,
+        record_count: int | None = None,
+        first_seq: int | None = None,
+    ) -> None:
+        if records is not None:
+            record_count = len(records)
+            first_seq = records[0].seq if records else None
+        elif record_count is None:
+            shapes = [frame_shape(frame) for frame in frames]
+            record_count = sum(shape.record_count for shape in shapes)
+            first_seq = next(
+                (shape.first_seq for shape in shapes if shape.record_count), None
+            )
+        setattr_ = object.__setattr__
+        setattr_(self, "hello", hello)
+        setattr_(self, "frames", frames)
+        setattr_(self, "received_at", received_at)
+        setattr_(self, "record_count", record_count)
+        setattr_(self, "first_seq", first_seq)
+        setattr_(self, "_records", records)
 
     @property
-    def first_seq(self) -> int | None:
-        """The first record's sequence number (an idempotency handle)."""
-        return self.records[0].seq if self.records else None
+    def records(self) -> tuple[Record, ...]:
+        """The records of ``frames``, decoded once."""
+        records = self._records
+        if records is None:
+            records = tuple(parse_records(self.frames))
+            object.__setattr__(self, "_records", records)
+        return records
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise FrozenInstanceError(f"cannot assign to field {name!r}")
+
+    def __delattr__(self, name: str) -> None:
+        raise FrozenInstanceError(f"cannot delete field {name!r}")
+
+    def __eq__(self, other: object) -> bool:
+        if other.__class__ is not self.__class__:
+            return NotImplemented
+        return (self.hello, self.frames, self.received_at) == (
+            other.hello, other.frames, other.received_at
+        ) and self.records == other.records
+
+    def __hash__(self) -> int:
+        return hash((self.hello, self.frames, self.received_at))
+
+    def __repr__(self) -> str:
+        return (
+            f"Upload(hello={self.hello!r}, frames={self.frames!r},"
+            f" record_count={self.record_count!r}, first_seq={self.first_seq!r},"
+            f" received_at={self.received_at!r})"
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -621,7 +685,7 @@ class DeviceRoute:
             "commit",
             self._hello.serial,
             self._registry.upload_committed(
-                self._hello.serial, len(upload.records), self._relay.now()
+                self._hello.serial, upload.record_count, self._relay.now()
             ),
         )
 

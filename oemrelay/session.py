@@ -44,14 +44,11 @@ from .codec import (
     Hello,
     MessageType,
     ProtocolError,
-    Record,
-    FixedRecordExtras,
-    decoded_cost,
+    frame_shape,
+    upload_cost,
     encode_async_message,
     hello_response,
     parse_async_response,
-    parse_data_records,
-    parse_fixed_records,
     parse_hello,
     time_response,
 )
@@ -276,7 +273,9 @@ class DeviceSession:
         self._route: DeviceRoute | None = None
         # The upload being gathered: frames since the last commit request.
         self._frames: list[Frame] = []
-        self._records: list[Record] = []
+        # Counted, not decoded: the upload decodes its records if asked.
+        self._record_count = 0
+        self._first_seq: int | None = None
         self._pending_bytes = 0
         # Records received since the last commit the device was told of.
         self._unconfirmed_records = 0
@@ -310,7 +309,7 @@ class DeviceSession:
     @property
     def pending_records(self) -> int:
         """Records received since the last commit request."""
-        return len(self._records)
+        return self._record_count
 
     @property
     def unconfirmed_records(self) -> int:
@@ -457,62 +456,62 @@ class DeviceSession:
     # -- records and commit ------------------------------------------------------
 
     def _keep(self, frame: Frame) -> None:
-        if frame.type == MessageType.FIXED_RECORDS:
-            records = parse_fixed_records(frame.payload)
-            self._check_fixed_checksums(records)
-        else:
-            records = parse_data_records(frame.payload)
-            self._report_short_fields(records)
+        shape = frame_shape(frame)
+        if shape.short_fields:
+            self._report_short_fields(shape.short_fields)
+        if shape.bad_checksums:
+            self._check_fixed_checksums(shape.bad_checksums)
         self._pending_bytes += len(frame.payload)
         if self._pending_bytes > self._max_uncommitted_bytes:
             raise ProtocolError(
                 f"more than {self._max_uncommitted_bytes} bytes of records without"
                 " a commit request"
             )
-        if len(self._records) + len(records) > self._max_records_per_upload:
+        if self._record_count + shape.record_count > self._max_records_per_upload:
             raise ProtocolError(
                 f"more than max_records_per_upload {self._max_records_per_upload}"
                 " records without a commit request"
             )
         # Decoded records cost many times their wire size (an empty field is
         # 2 bytes on the wire, an object here): the budget counts the cost.
-        self._upload_memory += decoded_cost(records, len(frame.payload))
+        self._upload_memory += upload_cost(
+            shape.record_count, shape.field_count, len(frame.payload)
+        )
         if self._upload_memory > self._max_upload_memory:
             raise ProtocolError(
                 f"records decoding to more than max_upload_memory"
                 f" {self._max_upload_memory} bytes without a commit request"
             )
         self._frames.append(frame)
-        self._records.extend(records)
-        self._unconfirmed_records += len(records)
+        if self._first_seq is None:
+            self._first_seq = shape.first_seq
+        self._record_count += shape.record_count
+        self._unconfirmed_records += shape.record_count
 
-    def _report_short_fields(self, records: list[Record]) -> None:
-        for record in records:
-            for short in record.short_fields:
-                if self._relay.first_report(self.hello.serial, short.field_id):
-                    log.warn(
-                        "device {serial} from {peer}: field {field_id} has {size}"
-                        " bytes, fewer than its layout; forwarded as FType 257"
-                        " (ShortOf {field_id}); logged once per device and field",
-                        serial=self.serial,
-                        peer=self.peer,
-                        field_id=short.field_id,
-                        size=len(short.data),
-                    )
-
-    def _check_fixed_checksums(self, records: list[Record]) -> None:
-        for record in records:
-            extras = record.fields[-1]
-            if isinstance(extras, FixedRecordExtras) and not extras.checksum_ok:
-                # Forwarded anyway: the checksum rule is inferred, and refusing
-                # the record would make the device resend it forever.
+    def _report_short_fields(self, short_fields: tuple[tuple[int, int], ...]) -> None:
+        for field_id, size in short_fields:
+            if self._relay.first_report(self.hello.serial, field_id):
                 log.warn(
-                    "device {serial} from {peer}: checksum mismatch in fixed"
-                    " record {index}; forwarding it unchanged",
+                    "device {serial} from {peer}: field {field_id} has {size}"
+                    " bytes, fewer than its layout; forwarded as FType 257"
+                    " (ShortOf {field_id}); logged once per device and field",
                     serial=self.serial,
                     peer=self.peer,
-                    index=record.seq,
+                    field_id=field_id,
+                    size=size,
                 )
+
+    def _check_fixed_checksums(self, bad_checksums: tuple[int, ...]) -> None:
+        for index in bad_checksums:
+            # Forwarded anyway: the checksum rule is inferred, and refusing
+            # the record would make the device resend it forever.
+            log.warn(
+                "device {serial} from {peer}: checksum mismatch in fixed"
+                " record {index}; forwarding it unchanged",
+                serial=self.serial,
+                peer=self.peer,
+                index=index,
+            )
 
     def _pause(self, _: object) -> None:
         self._channel.pause()
@@ -521,11 +520,14 @@ class DeviceSession:
         upload = Upload(
             self.hello,
             tuple(self._frames),
-            tuple(self._records),
+            None,
             self._clock.seconds(),
+            record_count=self._record_count,
+            first_seq=self._first_seq,
         )
         # The byte budget is per upload: a long-lived connection starts afresh.
-        self._frames, self._records, self._pending_bytes = [], [], 0
+        self._frames, self._pending_bytes = [], 0
+        self._record_count, self._first_seq = 0, None
         self._upload_memory = 0
         self._observers.upload_received(upload)
         self._delivery = delivery = self._route.deliver(upload)
@@ -588,7 +590,7 @@ class DeviceSession:
 
     def _commit(self, upload: Upload) -> None:
         self._channel.send(COMMIT_SUCCESS)
-        self._unconfirmed_records -= len(upload.records)
+        self._unconfirmed_records -= upload.record_count
         # No log line per commit: twistd logs every level, and commits are
         # the hot path; the registry counts them.
         self._route.committed(upload)
@@ -604,7 +606,7 @@ class DeviceSession:
             " closing so the device resends: {reason}",
             serial=self.serial,
             peer=self.peer,
-            count=len(upload.records),
+            count=upload.record_count,
             reason=reason,
         )
 
@@ -613,7 +615,7 @@ class DeviceSession:
             "device {serial}: {count} records delivered after the device"
             " left; it will send them again",
             serial=self.serial,
-            count=len(upload.records),
+            count=upload.record_count,
         )
 
     # -- frames waiting for a commit or an async session --------------------------
@@ -763,7 +765,8 @@ class DeviceSession:
     def _discard(self, _: object) -> None:
         if self._hello_deadline.active():
             self._hello_deadline.cancel()
-        self._frames, self._records, self._pending_bytes = [], [], 0
+        self._frames, self._pending_bytes = [], 0
+        self._record_count, self._first_seq = 0, None
         self._upload_memory = 0
         self._waiting.clear()
         if self._awaited_response is not None:

@@ -23,7 +23,7 @@ from twisted.python.failure import Failure
 
 from ..codec import Hello
 from ..config import FileConnectorConfig
-from ..oem_json import oem_document
+from ..oem_json import oem_document_of_frames
 from ..relay import DeliveryFailed, DeviceProfile, StatelessLink, Upload
 
 log = Logger(namespace="oemrelay.connectors.file")
@@ -119,7 +119,7 @@ class FileConnector(Service):
             # The writer thread is going; the device keeps its records.
             return fail(DeliveryFailed(f"connector {self.name}: shutting down", "stopping"))
         done: Deferred[None] = Deferred()
-        self._queued.append((oem_document(upload.hello, upload.records) + b"\n", done))
+        self._queued.append((oem_document_of_frames(upload.hello, upload.frames) + b"\n", done))
         if not self._writing:
             self._write_queued()
         return done

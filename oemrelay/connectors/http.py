@@ -51,7 +51,7 @@ from ..codec import Hello
 from ..config import HttpConnectorConfig
 from ..events import RelayObserver
 from ..oneline import one_line
-from ..oem_json import oem_document
+from ..oem_json import oem_document_of_frames
 from ..relay import DeliveryFailed, DeviceProfile, StatelessLink, Upload
 from ..tls import load_client_certificate
 from ..templates import device_fields, expand, expand_url
@@ -377,7 +377,7 @@ class HttpConnector(Service):
             message_id = iothub_message_id(upload.hello.serial, upload.first_seq)
             headers[b"iothub-messageid"] = [message_id.encode("ascii")]
         headers[b"Idempotency-Key"] = [idempotency_key(upload).encode("ascii")]
-        body = oem_document(upload.hello, upload.records)
+        body = oem_document_of_frames(upload.hello, upload.frames)
         if self._config.body == "form":
             body = form_body(body)
         if self._oauth is not None:

@@ -296,7 +296,7 @@ class DatabaseSpool:
                 txn,
                 "INSERT INTO spooled (serial, connector, hello, frames, records,"
                 " received_at, age_from, next_attempt) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (upload.hello.serial, connector, hello, frames, len(upload.records),
+                (upload.hello.serial, connector, hello, frames, upload.record_count,
                  upload.received_at, upload.received_at, now),
             )
 
