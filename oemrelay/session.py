@@ -568,9 +568,9 @@ class DeviceSession:
         self._input(Input.DELIVERED, upload)
 
     def _not_delivered(self, failure: Failure, upload: Upload) -> None:
-        # A connector cancelled mid-delivery may fail with its own error
-        # (treq: DeliveryFailed wrapping ResponseNeverReceived), not
-        # CancelledError: a delivery that timed out is a timeout whatever it says.
+        # A connector cancelled mid-delivery may fail with its own error (a
+        # DeliveryFailed for the aborted POST), not CancelledError: a delivery
+        # that timed out is a timeout whatever it says.
         if self._delivery_ended() or failure.check(TimeoutError, CancelledError):
             kind = "timeout"
             reason = self._timeout_reason()
@@ -876,6 +876,8 @@ class DeviceProtocol(Protocol, TimeoutMixin):
         # connection held, where a set each took 216 bytes.
         self._paused_by: frozenset[str] = _NOT_PAUSED
         self._frame_deadline = None
+        # Whether the factory was told the device said hello.
+        self._greeted = False
         #: The peer's address, once final (at the first bytes): per-IP limits.
         self.address: str | None = None
 
@@ -937,6 +939,9 @@ class DeviceProtocol(Protocol, TimeoutMixin):
             return
         for frame in frames:
             self.session.frame_received(frame)
+        if not self._greeted and self.session.hello is not None:
+            self._greeted = True
+            self._factory.hello_received(self)
         self._watch_partial_frame(restart=bool(frames))
 
     def _watch_partial_frame(self, restart: bool) -> None:
@@ -1087,8 +1092,12 @@ class DeviceFactory(Factory):
         # One commit deadline queue for every connection (see commit_deadlines).
         self._commit_deadlines = DeadlineQueue(clock)
         self._commit_deadlines_timeout = commit_timeout
-        # Open connections, oldest first.
+        # Open connections, oldest first; and those of them yet to say hello,
+        # so the one to shed at the limit is found at once, not by a walk
+        # over every connection (a flood at the limit would pay that walk
+        # for each connection it makes).
         self._open: dict[DeviceProtocol, None] = {}
+        self._awaiting_hello: dict[DeviceProtocol, None] = {}
         self._per_address: dict[str, int] = {}
 
     def commit_deadlines(self) -> DeadlineQueue:
@@ -1109,14 +1118,13 @@ class DeviceFactory(Factory):
 
     def buildProtocol(self, addr: object) -> Protocol:
         if self.max_connections and len(self._open) >= self.max_connections:
-            waiting = next(
-                (p for p in self._open if p.session.hello is None), None
-            )
+            waiting = next(iter(self._awaiting_hello), None)
             if waiting is None:
                 host = getattr(addr, "host", str(addr))
                 self._refuse(host, "max_connections", f"max_connections {self.max_connections} reached")
                 return _Refused()
             self._open.pop(waiting)
+            self._awaiting_hello.pop(waiting)
             waiting.shed()
         return DeviceProtocol(self)
 
@@ -1152,6 +1160,11 @@ class DeviceFactory(Factory):
     def connection_made(self, protocol: DeviceProtocol) -> None:
         """``protocol`` is connected: count it."""
         self._open[protocol] = None
+        self._awaiting_hello[protocol] = None
+
+    def hello_received(self, protocol: DeviceProtocol) -> None:
+        """``protocol``'s device said hello: it is never shed for a newcomer."""
+        self._awaiting_hello.pop(protocol, None)
 
     def admit(self, protocol: DeviceProtocol, address: str) -> bool:
         """
@@ -1175,6 +1188,7 @@ class DeviceFactory(Factory):
     def connection_lost(self, protocol: DeviceProtocol) -> None:
         """``protocol`` is gone: it no longer counts; a drain waiting for the last one ends."""
         self._open.pop(protocol, None)
+        self._awaiting_hello.pop(protocol, None)
         if protocol.address is not None:
             left = self._per_address.pop(protocol.address) - 1
             if left:

@@ -237,6 +237,20 @@ class ConnectionLimitTests(HostileSessionMixin, SynchronousTestCase):
         self.assertEqual(self.factory.connections, 3)
         self.assertEqual(self.events_named("connection_closed")[-1][3], "shed")
 
+    def test_a_pre_hello_connection_that_left_is_not_the_one_shed(self) -> None:
+        """At the limit the oldest pre-hello connection still open is shed, not one that already closed."""
+        self.connect_with(max_connections=2)
+        self.greet()
+        greeted = self.transport
+        _, gone = self.connect_from()
+        gone.loseConnection()
+        _, waiting = self.connect_from()
+        _, newcomer = self.connect_from()
+        self.assertTrue(greeted.connected)
+        self.assertFalse(waiting.connected)
+        self.assertTrue(newcomer.connected)
+        self.assertEqual(self.factory.connections, 2)
+
     def test_below_the_limit_nothing_is_shed(self) -> None:
         """max_connections - 1 open connections and one more: nothing is shed or refused."""
         self.connect_with(max_connections=3)
