@@ -59,7 +59,7 @@ async def measure(port: int, devices: int, records: int, warmup: float, seconds:
         endpoint_connect(lambda: TCP4ClientEndpoint(reactor, "127.0.0.1", port, timeout=30)),
         devices,
         DeviceSettings(records=records, uploads=0, reply_timeout=60,
-                       interval=devices / rate if rate else 0.0),
+                       interval=devices / rate if rate else 0.0, spread=bool(rate)),
         serial_base,
     )
     _cheap_uploads(records)

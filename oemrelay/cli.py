@@ -406,6 +406,7 @@ async def simulate(reactor, args, stdout: IO[str], stderr: IO[str]) -> int:
         records=args.records,
         uploads=0 if args.duration else (args.uploads or 1),
         interval=args.devices / args.rate if args.rate else 0.0,
+        spread=bool(args.rate),
         backoff=args.backoff,
         reply_timeout=args.timeout,
     )

@@ -646,28 +646,39 @@ def upload_cost(record_count: int, field_count: int, wire_size: int) -> int:
     )
 
 
+def field_header(payload: bytes, at: int, end: int, seq: int, count: int) -> tuple[int, int, int]:
+    """
+    The header of the field at ``at`` in record ``seq``, which ends at
+    ``end`` and holds ``count`` fields before it: the field id, its size
+    and where its bytes begin.  Every walk of a record's fields (decoding,
+    the OEM JSON from bytes) reads headers here, so they refuse alike.
+
+    :raises ProtocolError: past :data:`MAX_FIELDS_PER_RECORD` fields, or a
+        header or field running past the record.
+    """
+    if count == MAX_FIELDS_PER_RECORD:
+        raise ProtocolError(f"record {seq} holds more than {MAX_FIELDS_PER_RECORD} fields")
+    if end - at < 2:
+        raise ProtocolError(f"truncated field header in record {seq}")
+    field_id = payload[at]
+    size = payload[at + 1]
+    at += 2
+    if size == 255:
+        if end - at < 2:
+            raise ProtocolError(f"truncated extended field length in record {seq}")
+        size = payload[at] | payload[at + 1] << 8
+        at += 2
+    if at + size > end:
+        raise ProtocolError(
+            f"field {field_id} in record {seq} declares {size} bytes, {end - at} left"
+        )
+    return field_id, size, at
+
+
 def _parse_fields(payload: bytes, offset: int, end: int, seq: int) -> tuple[Field, ...]:
     fields = []
     while offset < end:
-        if len(fields) == MAX_FIELDS_PER_RECORD:
-            raise ProtocolError(
-                f"record {seq} holds more than {MAX_FIELDS_PER_RECORD} fields"
-            )
-        if end - offset < 2:
-            raise ProtocolError(f"truncated field header in record {seq}")
-        field_id = payload[offset]
-        length = payload[offset + 1]
-        offset += 2
-        if length == 255:
-            if end - offset < 2:
-                raise ProtocolError(f"truncated extended field length in record {seq}")
-            length = payload[offset] | payload[offset + 1] << 8
-            offset += 2
-        if offset + length > end:
-            raise ProtocolError(
-                f"field {field_id} in record {seq} declares {length} bytes,"
-                f" {end - offset} left"
-            )
+        field_id, length, offset = field_header(payload, offset, end, seq, len(fields))
         fields.append(decode_field(field_id, payload[offset : offset + length]))
         offset += length
     return tuple(fields)

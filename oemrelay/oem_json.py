@@ -34,7 +34,6 @@ from json.encoder import encode_basestring_ascii
 from .codec import (
     EMPTY_FIELD_IDS,
     FIELD_MIN_SIZE,
-    MAX_FIELDS_PER_RECORD,
     SIGNED_ANALOGUE,
     Analogues,
     DebugText,
@@ -52,6 +51,7 @@ from .codec import (
     ProtocolError,
     ShortField,
     TripSummary,
+    field_header,
     parse_fixed_records,
 )
 
@@ -275,26 +275,8 @@ def _record_json_from_bytes(
     min_size = FIELD_MIN_SIZE
     fields: list[str] = []
     while at < record_end:
-        if len(fields) == MAX_FIELDS_PER_RECORD:
-            raise ProtocolError(
-                f"record {seq} holds more than {MAX_FIELDS_PER_RECORD} fields"
-            )
-        if record_end - at < 2:
-            raise ProtocolError(f"truncated field header in record {seq}")
-        field_id = payload[at]
-        size = payload[at + 1]
-        at += 2
-        if size == 255:
-            if record_end - at < 2:
-                raise ProtocolError(f"truncated extended field length in record {seq}")
-            size = payload[at] | payload[at + 1] << 8
-            at += 2
+        field_id, size, at = field_header(payload, at, record_end, seq, len(fields))
         field_end = at + size
-        if field_end > record_end:
-            raise ProtocolError(
-                f"field {field_id} in record {seq} declares {size} bytes,"
-                f" {record_end - at} left"
-            )
         if size < min_size[field_id] and (size or field_id not in EMPTY_FIELD_IDS):
             fields.append(
                 f'{{"Raw":"{_base64(payload[at:field_end])}","ShortOf":{field_id},'
@@ -505,28 +487,10 @@ def _data_records_json(payload: bytes, out: list[str], times: dict, days: dict) 
         key: list[int] = []
         extended = False
         while at < record_end:
-            if len(key) == MAX_FIELDS_PER_RECORD:
-                raise ProtocolError(
-                    f"record {seq} holds more than {MAX_FIELDS_PER_RECORD} fields"
-                )
-            if record_end - at < 2:
-                raise ProtocolError(f"truncated field header in record {seq}")
-            field_id = payload[at]
-            size = payload[at + 1]
-            at += 2
-            if size == 255:
-                if record_end - at < 2:
-                    raise ProtocolError(f"truncated extended field length in record {seq}")
-                size = payload[at] | payload[at + 1] << 8
-                at += 2
-                extended = True
-            if at + size > record_end:
-                raise ProtocolError(
-                    f"field {field_id} in record {seq} declares {size} bytes,"
-                    f" {record_end - at} left"
-                )
+            field_id, size, data_at = field_header(payload, at, record_end, seq, len(key))
+            extended = extended or data_at - at == 4  # a 255-escaped length
             key.append(field_id << 16 | size)
-            at += size
+            at = data_at + size
         writer = None
         if not extended:
             layout = tuple(key)

@@ -209,6 +209,10 @@ class DeviceSettings:
     uploads: int = 1
     #: Seconds between a commit and the next upload on the same connection.
     interval: float = 0.0
+    #: Whether each device's first upload waits a part of ``interval`` of
+    #: its own (from its serial): a fleet started together then uploads
+    #: evenly instead of in bursts of every device at once (``--rate``).
+    spread: bool = False
     #: Seconds before reconnecting after a withheld commit or failed connect.
     backoff: float = 1.0
     #: Seconds to wait for a hello response or a commit answer.
@@ -258,6 +262,7 @@ class SimulatedDevice:
         self._timer = None
         self._commit_sent_at = 0.0
         self._stopping = False
+        self._spread_done = False
 
     # -- driven by the fleet ----------------------------------------------------
 
@@ -291,6 +296,12 @@ class SimulatedDevice:
         """One message from the relay."""
         if frame.type == MessageType.HELLO_RESPONSE and self.state == "hello":
             self._cancel_timer()
+            if self._settings.spread and not self._spread_done:
+                self._spread_done = True
+                self.state = "waiting"
+                phase = random.Random(self.serial).random() * self._settings.interval
+                self._timer = self._clock.callLater(phase, self._next_upload)
+                return
             self._send_upload()
         elif frame.type == MessageType.COMMIT_RESPONSE and self.state == "commit":
             self._cancel_timer()

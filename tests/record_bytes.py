@@ -18,13 +18,18 @@ from hypothesis import strategies as st
 
 from oemrelay.codec import FIELD_MIN_SIZE, SIGNED_ANALOGUE, encode_fixed_record
 
-BOUNDED = settings(
-    max_examples=150,
-    derandomize=True,
-    database=None,
-    deadline=None,
-    suppress_health_check=[HealthCheck.too_slow],
-)
+def bounded(examples: int) -> settings:
+    """Bounded and repeatable: the same ``examples`` every run, nothing stored on disk."""
+    return settings(
+        max_examples=examples,
+        derandomize=True,
+        database=None,
+        deadline=None,
+        suppress_health_check=[HealthCheck.too_slow],
+    )
+
+
+BOUNDED = bounded(150)
 
 u8 = st.integers(0, 0xFF)
 u16 = st.integers(0, 0xFFFF)

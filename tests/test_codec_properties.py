@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import struct
 
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -51,18 +51,9 @@ from oemrelay.codec import (
     parse_hello,
 )
 
-#: Bounded and repeatable: the same examples every run, nothing stored on disk.
-BOUNDED = settings(
-    max_examples=100,
-    derandomize=True,
-    database=None,
-    deadline=None,
-    suppress_health_check=[HealthCheck.too_slow],
-)
+from .record_bytes import bounded, u8, u16, u32
 
-u8 = st.integers(0, 0xFF)
-u16 = st.integers(0, 0xFFFF)
-u32 = st.integers(0, 0xFFFFFFFF)
+BOUNDED = bounded(100)
 i16 = st.integers(-0x8000, 0x7FFF)
 i32 = st.integers(-0x80000000, 0x7FFFFFFF)
 small_bytes = st.binary(max_size=40)

@@ -4,6 +4,8 @@ Tests for oemrelay.simulator: simulated devices on StringTransport and task.Cloc
 
 from __future__ import annotations
 
+import random
+
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.task import Clock
@@ -245,6 +247,20 @@ class SimulatedDeviceTests(SynchronousTestCase):
         self.assertEqual(sent_seqs(harness.sent()), [3, 4])
         self.assertEqual(len(harness.transports), 1)
         self.assertNoResult(harness.device.finished)
+
+    def test_spread_first_upload_waits_its_phase(self) -> None:
+        """With spread, the first upload waits the device's own part of the interval; later ones the whole interval."""
+        harness = _Harness(DeviceSettings(records=2, uploads=0, interval=10, spread=True))
+        phase = random.Random(1).random() * 10
+        harness.device.start()
+        self.assertEqual(harness.greet(), b"")
+        harness.clock.advance(phase - 0.001)
+        self.assertEqual(harness.sent(), b"")
+        harness.clock.advance(0.001)
+        self.assertEqual(sent_seqs(harness.sent()), [1, 2])
+        answer(harness.device, COMMITTED)
+        harness.clock.advance(10)
+        self.assertEqual(sent_seqs(harness.sent()), [3, 4])
 
     def test_refused_commit_resends_same_records(self) -> None:
         """06 00: counted withheld once, the device hangs up, reconnects after the back-off and resends."""
