@@ -177,13 +177,15 @@ def _http_url(value: str) -> str:
         shown = f"{parts.scheme}:" if parts.scheme else "no scheme"
         raise ValueError(f"must be an http:// or https:// URL, got {shown}")
     if "@" in parts.netloc:
-        # treq drops the password and the request fails; say what works.
+        # Credentials in the URL are never sent (the connector's client, and
+        # treq for token endpoints, drop them); say what works.
         raise ValueError("must not hold user:password@; set username and password instead")
     if has_placeholders(parts.netloc):
         raise ValueError("the host part must not contain placeholders")
     if parts.netloc.startswith("["):
-        # treq's URL library IDNA-encodes every host and fails on IPv6
-        # literals (python-hyper/hyperlink#68), so each POST would fail.
+        # treq (token endpoints) IDNA-encodes every host and fails on IPv6
+        # literals (python-hyper/hyperlink#68); the upload client was never
+        # tried with them either.  One rule for every URL key.
         raise ValueError("IPv6 literal hosts are not supported; use a host name")
     try:
         port = parts.port
@@ -192,7 +194,7 @@ def _http_url(value: str) -> str:
     if port == 0:
         raise ValueError("the port must be a number from 1 to 65535")
     try:
-        # What treq does to every request's URL: refused here, not per upload.
+        # The host as treq encodes it (token endpoints): refused here, not per request.
         EncodedURL.from_text(f"{parts.scheme}://{parts.netloc}/").to_uri()
         valid = bool(parts.hostname)
     except Exception:
