@@ -122,7 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
     until.add_argument("--duration", type=_positive_float, help="seconds to run instead")
     simulate.add_argument(
         "--rate", type=_positive_float,
-        help="uploads per second for the whole fleet (default: each as soon as the last committed)",
+        help="uploads per second for the whole fleet, evenly, each device on its own cadence"
+        " (default: each as soon as the last committed)",
     )
     simulate.add_argument("--serial-base", type=_serial, default=100000, help="first serial (100000)")
     simulate.add_argument("--backoff", type=_positive_float, default=1.0,

@@ -209,9 +209,10 @@ class DeviceSettings:
     uploads: int = 1
     #: Seconds between a commit and the next upload on the same connection.
     interval: float = 0.0
-    #: Whether each device's first upload waits a part of ``interval`` of
-    #: its own (from its serial): a fleet started together then uploads
-    #: evenly instead of in bursts of every device at once (``--rate``).
+    #: A steady rate (``--rate``): each device's first upload waits a part
+    #: of ``interval`` of its own (from its serial), and each next one is
+    #: due ``interval`` after the last was sent, not after its commit, so a
+    #: fleet started together uploads evenly instead of in bursts.
     spread: bool = False
     #: Seconds before reconnecting after a withheld commit or failed connect.
     backoff: float = 1.0
@@ -377,7 +378,15 @@ class SimulatedDevice:
             self._finish()
             return
         self.state = "waiting"
-        self._timer = self._clock.callLater(self._settings.interval, self._next_upload)
+        wait = self._settings.interval
+        if self._settings.spread:
+            # A cadence, as a device logging on a timer keeps: the next upload
+            # is due ``interval`` after this one was sent, however long its
+            # commit took (at once if longer).  Waiting the interval after
+            # each commit would let devices answered together come back
+            # together, and a steady rate would bunch up into bursts.
+            wait = max(0.0, self._commit_sent_at + wait - self._clock.seconds())
+        self._timer = self._clock.callLater(wait, self._next_upload)
 
     def _next_upload(self) -> None:
         self._timer = None

@@ -249,7 +249,11 @@ class SimulatedDeviceTests(SynchronousTestCase):
         self.assertNoResult(harness.device.finished)
 
     def test_spread_first_upload_waits_its_phase(self) -> None:
-        """With spread, the first upload waits the device's own part of the interval; later ones the whole interval."""
+        """
+        With spread, the first upload waits the device's own part of the
+        interval; each next one is due the interval after the last was sent,
+        at once if its commit took longer.
+        """
         harness = _Harness(DeviceSettings(records=2, uploads=0, interval=10, spread=True))
         phase = random.Random(1).random() * 10
         harness.device.start()
@@ -258,9 +262,16 @@ class SimulatedDeviceTests(SynchronousTestCase):
         self.assertEqual(harness.sent(), b"")
         harness.clock.advance(0.001)
         self.assertEqual(sent_seqs(harness.sent()), [1, 2])
-        answer(harness.device, COMMITTED)
-        harness.clock.advance(10)
+        harness.clock.advance(4)
+        answer(harness.device, COMMITTED)  # 4 s after it was sent
+        harness.clock.advance(5.9)
+        self.assertEqual(harness.sent(), b"")
+        harness.clock.advance(0.2)  # 10 s after the first was sent, 6 after its commit
         self.assertEqual(sent_seqs(harness.sent()), [3, 4])
+        harness.clock.advance(12)
+        answer(harness.device, COMMITTED)  # later than the interval: the next goes at once
+        harness.clock.advance(0)
+        self.assertEqual(sent_seqs(harness.sent()), [5, 6])
 
     def test_refused_commit_resends_same_records(self) -> None:
         """06 00: counted withheld once, the device hangs up, reconnects after the back-off and resends."""
