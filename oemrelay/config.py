@@ -472,7 +472,8 @@ class RelayConfig:
         _positive_number,
         "600",
         "Seconds a device connection may stay silent before the relay closes"
-        " it; must be longer than ``commit_timeout``.  Devices close their own"
+        " it (checked once a second, so up to a second later); must be longer"
+        " than ``commit_timeout``.  Devices close their own"
         " connection after an upload; this frees the connections of devices"
         " that vanished (lost coverage, lost power) without closing.",
     )

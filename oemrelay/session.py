@@ -29,7 +29,6 @@ from twisted.internet.defer import CancelledError, Deferred, TimeoutError
 from twisted.internet.interfaces import IPushProducer, IReactorTime, ISSLTransport
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
-from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -858,6 +857,10 @@ def _address_of(peer: str) -> str:
 
 _NOT_PAUSED: frozenset[str] = frozenset()
 
+#: Seconds between two sweeps for connections silent for idle_timeout (or
+#: idle_timeout, if shorter): a silent device is closed at most this late.
+IDLE_SWEEP_INTERVAL = 1.0
+
 
 class _Refused(Protocol):
     """A connection over the limit: closed at once, before it is read."""
@@ -867,7 +870,7 @@ class _Refused(Protocol):
 
 
 @implementer(IPushProducer)
-class DeviceProtocol(Protocol, TimeoutMixin):
+class DeviceProtocol(Protocol):
     """
     Feeds a device's bytes to its session; the session's channel to it.
 
@@ -882,7 +885,8 @@ class DeviceProtocol(Protocol, TimeoutMixin):
         self._factory = factory
         self._decoder = FrameDecoder(factory.max_message)
         self.session: DeviceSession | None = None
-        self.callLater = factory.clock.callLater
+        #: When the device was last heard from (the factory's idle sweep reads it).
+        self.last_heard = 0.0
         # Why reading is paused: "session" (a commit or async session under
         # way), "writes" (answers queued for the device beyond the mark).  A
         # frozenset replaced on change: one empty one is shared by every
@@ -917,7 +921,6 @@ class DeviceProtocol(Protocol, TimeoutMixin):
             ),
         )
         self.transport.registerProducer(self, True)
-        self.setTimeout(self._factory.idle_timeout)
         self._factory.connection_made(self)
         self._factory.relay.observers.connection_opened(self.session.peer)
 
@@ -942,7 +945,7 @@ class DeviceProtocol(Protocol, TimeoutMixin):
             self._peer_final = True
             if not self._factory.admit(self, _address_of(self.session.peer)):
                 return
-        self.resetTimeout()
+        self._factory.heard(self)
         try:
             frames = self._decoder.feed(data)
         except FramingError as error:
@@ -969,7 +972,7 @@ class DeviceProtocol(Protocol, TimeoutMixin):
             and self._decoder.buffered
             and self.session.state is not State.CLOSED
         ):
-            self._frame_deadline = self.callLater(
+            self._frame_deadline = self._factory.clock.callLater(
                 self._factory.frame_timeout, self._frame_timed_out
             )
 
@@ -982,7 +985,8 @@ class DeviceProtocol(Protocol, TimeoutMixin):
             "frame_timeout", "frame not completed within frame_timeout", self._factory.frame_timeout
         )
 
-    def timeoutConnection(self) -> None:
+    def idle_timed_out(self) -> None:
+        """Silent for idle_timeout (the factory's sweep found it)."""
         self._abort("idle", "silent for", self._factory.idle_timeout)
 
     def _abort(self, outcome: str, what: str, seconds: float) -> None:
@@ -1002,7 +1006,6 @@ class DeviceProtocol(Protocol, TimeoutMixin):
         self.transport.abortConnection()
 
     def connectionLost(self, reason: Failure = None) -> None:
-        self.setTimeout(None)
         if self._frame_deadline is not None and self._frame_deadline.active():
             self._frame_deadline.cancel()
         self.session.connection_lost()
@@ -1037,7 +1040,7 @@ class DeviceProtocol(Protocol, TimeoutMixin):
         self.transport.write(data)
 
     def close(self) -> None:
-        self.setTimeout(None)
+        self._factory.not_idle_watched(self)
         # A registered producer holds loseConnection open until it leaves.
         self.transport.unregisterProducer()
         self.transport.loseConnection()
@@ -1111,6 +1114,12 @@ class DeviceFactory(Factory):
         # for each connection it makes).
         self._open: dict[DeviceProtocol, None] = {}
         self._awaiting_hello: dict[DeviceProtocol, None] = {}
+        # The connections watched for idle_timeout, least recently heard
+        # from first (each read moves one to the end), and the one timer
+        # that sweeps them: a timer per connection, reset on every read,
+        # cost 600 bytes per connection held and a heap update per read.
+        self._by_last_heard: dict[DeviceProtocol, None] = {}
+        self._idle_sweep = None
         self._per_address: dict[str, int] = {}
 
     def commit_deadlines(self) -> DeadlineQueue:
@@ -1171,9 +1180,44 @@ class DeviceFactory(Factory):
 
 
     def connection_made(self, protocol: DeviceProtocol) -> None:
-        """``protocol`` is connected: count it."""
+        """``protocol`` is connected: count it, and watch it for idle_timeout."""
         self._open[protocol] = None
         self._awaiting_hello[protocol] = None
+        self.heard(protocol)
+
+    def heard(self, protocol: DeviceProtocol) -> None:
+        """``protocol``'s device sent bytes: its idle_timeout starts again."""
+        protocol.last_heard = self.clock.seconds()
+        by_last_heard = self._by_last_heard
+        by_last_heard.pop(protocol, None)
+        by_last_heard[protocol] = None
+        if self._idle_sweep is None:
+            self._idle_sweep = self.clock.callLater(self._sweep_interval(), self._sweep_idle)
+
+    def not_idle_watched(self, protocol: DeviceProtocol) -> None:
+        """``protocol`` is closing: no idle_timeout for it any more."""
+        self._by_last_heard.pop(protocol, None)
+        if not self._by_last_heard and self._idle_sweep is not None:
+            if self._idle_sweep.active():
+                self._idle_sweep.cancel()
+            self._idle_sweep = None
+
+    def _sweep_interval(self) -> float:
+        return min(IDLE_SWEEP_INTERVAL, self.idle_timeout)
+
+    def _sweep_idle(self) -> None:
+        # Least recently heard from first: stop at the first still in time.
+        self._idle_sweep = None
+        silent_since = self.clock.seconds() - self.idle_timeout
+        by_last_heard = self._by_last_heard
+        while by_last_heard:
+            protocol = next(iter(by_last_heard))
+            if protocol.last_heard > silent_since:
+                break
+            del by_last_heard[protocol]
+            protocol.idle_timed_out()
+        if by_last_heard:
+            self._idle_sweep = self.clock.callLater(self._sweep_interval(), self._sweep_idle)
 
     def hello_received(self, protocol: DeviceProtocol) -> None:
         """``protocol``'s device said hello: it is never shed for a newcomer."""
@@ -1202,6 +1246,7 @@ class DeviceFactory(Factory):
         """``protocol`` is gone: it no longer counts; a drain waiting for the last one ends."""
         self._open.pop(protocol, None)
         self._awaiting_hello.pop(protocol, None)
+        self.not_idle_watched(protocol)
         if protocol.address is not None:
             left = self._per_address.pop(protocol.address) - 1
             if left:

@@ -400,8 +400,10 @@ class CommitTests(SessionTestMixin, SynchronousTestCase):
         self.send(DATA_2 + COMMIT + TIME_REQUEST)
         self.assertEqual(self.take(), COMMIT_OK + time_reply(NOW))
         self.assertEqual(self.transport.producerState, "producing")
+        # No commit deadline left: the one timer is the idle sweep's.
         self.assertEqual(
-            [call.getTime() for call in self.clock.getDelayedCalls()], [NOW + IDLE_TIMEOUT]
+            [call.getTime() for call in self.clock.getDelayedCalls()],
+            [NOW + session_module.IDLE_SWEEP_INTERVAL],
         )
 
 
@@ -856,6 +858,46 @@ class IdleTimeoutTests(SessionTestMixin, SynchronousTestCase):
         self.assertFalse(self.is_open)
         self.assertTrue(self.transport.disconnected)
         self.assertEqual(link.closed, 1)
+
+    def test_closed_at_most_one_sweep_late_never_early(self) -> None:
+        """Heard from between two sweeps: closed at the first sweep after idle_timeout, not before."""
+        self.greet()
+        self.clock.advance(0.5)
+        self.send(TIME_REQUEST)  # heard at NOW + 0.5: silent for idle_timeout at NOW + 600.5
+        self.clock.advance(IDLE_TIMEOUT - 0.001)
+        self.assertTrue(self.is_open)
+        self.clock.advance(session_module.IDLE_SWEEP_INTERVAL)
+        self.assertFalse(self.is_open)
+
+    def test_each_connection_by_its_own_silence(self) -> None:
+        """The sweep closes the silent connection and keeps an older one that was heard from since."""
+        first_transport = self.transport
+        self.greet()
+        self.clock.advance(10)
+        self.protocol, self.transport = self.connect()
+        self.greet()
+        self.clock.advance(IDLE_TIMEOUT - 20)
+        first_transport.protocol.dataReceived(TIME_REQUEST)  # the older one, heard again
+        self.clock.advance(20)  # the newer one silent for idle_timeout now
+        self.assertFalse(self.is_open)
+        self.assertTrue(first_transport.connected)
+
+    def test_sweep_as_often_as_a_short_idle_timeout(self) -> None:
+        """With idle_timeout under the sweep interval, the sweep runs every idle_timeout."""
+        short = session_module.IDLE_SWEEP_INTERVAL / 4
+        self.factory = DeviceFactory(
+            self.relay, self.clock, commit_timeout=short / 2, idle_timeout=short,
+            max_message=self.max_message,
+        )
+        self.protocol, self.transport = self.connect()
+        self.clock.advance(short)
+        self.assertFalse(self.is_open)
+
+    def test_no_sweep_once_every_connection_closed(self) -> None:
+        """The sweep's timer goes with the last connection."""
+        self.greet()
+        self.transport.loseConnection()
+        self.assertEqual(self.clock.getDelayedCalls(), [])
 
     def test_idle_abort_during_commit_no_commit(self) -> None:
         """A connection aborted while its commit is pending never gets the 0x06."""
