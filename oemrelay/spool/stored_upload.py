@@ -10,17 +10,7 @@ and an HTTP one the same JSON it would have had at once.
 
 from __future__ import annotations
 
-from ..codec import (
-    MAX_PAYLOAD,
-    Frame,
-    FrameDecoder,
-    MessageType,
-    ProtocolError,
-    Record,
-    parse_data_records,
-    parse_fixed_records,
-    parse_hello,
-)
+from ..codec import MAX_PAYLOAD, Frame, FrameDecoder, ProtocolError, parse_hello, parse_records
 from ..relay import Upload
 
 
@@ -39,12 +29,5 @@ def rebuild_upload(hello_payload: bytes, frames: bytes, received_at: float) -> U
     decoded = tuple(decoder.feed(frames))
     if decoder.buffered:
         raise ProtocolError(f"stored upload ends in {decoder.buffered} bytes of a partial frame")
-    records: list[Record] = []
-    for frame in decoded:
-        if frame.type == MessageType.FIXED_RECORDS:
-            records.extend(parse_fixed_records(frame.payload))
-        elif frame.type == MessageType.DATA_RECORDS:
-            records.extend(parse_data_records(frame.payload))
-        else:
-            raise ProtocolError(f"stored upload holds message type 0x{frame.type:02x}")
-    return Upload(parse_hello(hello_payload), decoded, tuple(records), received_at)
+    records = tuple(parse_records(decoded))
+    return Upload(parse_hello(hello_payload), decoded, records, received_at)
