@@ -1216,7 +1216,7 @@ class DeviceFactory(Factory):
                 break
             del by_last_heard[protocol]
             protocol.idle_timed_out()
-        if by_last_heard:
+        if by_last_heard and self._idle_sweep is None:
             self._idle_sweep = self.clock.callLater(self._sweep_interval(), self._sweep_idle)
 
     def hello_received(self, protocol: DeviceProtocol) -> None:
