@@ -212,3 +212,41 @@ class FileLimitTests(SynchronousTestCase):
     def test_no_limit_configured(self) -> None:
         """max_connections = 0 (no limit) asks nothing of the file limit."""
         self.assertIsNone(self.fit(0, 16, 16))
+
+
+class CollectorTuningTests(SynchronousTestCase):
+    """The garbage collector's thresholds while the relay serves devices."""
+
+    def setUp(self) -> None:
+        import gc
+
+        self.addCleanup(gc.set_threshold, *gc.get_threshold())
+
+    def test_set_while_running_restored_when_stopped(self) -> None:
+        """Started: GC_THRESHOLDS; stopped: what was there before."""
+        import gc
+
+        from oemrelay.service import GC_THRESHOLDS, CollectorTuning
+
+        gc.set_threshold(700, 10, 10)
+        tuning = CollectorTuning()
+        tuning.startService()
+        self.assertEqual(gc.get_threshold(), GC_THRESHOLDS)
+        tuning.stopService()
+        self.assertEqual(gc.get_threshold(), (700, 10, 10))
+
+    def test_part_of_the_relay(self) -> None:
+        """build_service's tree holds it, so the daemon and each worker tune their collector."""
+        from twisted.internet.testing import MemoryReactorClock
+
+        from oemrelay.config import config_from_string
+        from oemrelay.service import CollectorTuning, build_service
+
+        from .test_config import FILE_CONNECTOR
+
+        config = config_from_string(
+            f"[relay]\nlisten = tcp:0:interface=127.0.0.1\nregistry = sqlite:{self.mktemp()}\n"
+            + FILE_CONNECTOR
+        )
+        top = build_service(config, MemoryReactorClock())
+        self.assertTrue(any(isinstance(child, CollectorTuning) for child in top))
