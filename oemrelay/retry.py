@@ -92,58 +92,52 @@ def deliver_with_retries(
     )
 
 
-def _retry_after_failure(
-    failure: Failure,
-    attempt: Callable[[], Deferred[None]],
-    policy: RetryPolicy,
-    deadline: float,
-    started: float,
-    connector: str,
-    serial: int,
-    observers: RelayObserver,
-) -> Deferred[None]:
+def _retry_after_failure(failure: Failure, *context: object) -> Deferred[None]:
+    # ``context`` is _Retries' fields, carried as the errback's arguments so
+    # the common case (the first attempt succeeds) builds nothing more.
     failure.trap(relay.DeliveryFailed)  # anything else is not retried
-    return Deferred.fromCoroutine(
-        _retry(failure.value, attempt, policy, deadline, started, connector, serial, observers)
-    )
+    return Deferred.fromCoroutine(_Retries(*context).after(failure.value))
 
 
-async def _retry(
-    failure: relay.DeliveryFailed,
-    attempt: Callable[[], Deferred[None]],
-    policy: RetryPolicy,
-    deadline: float,
-    started: float,
-    connector: str,
-    serial: int,
-    observers: RelayObserver,
-) -> None:
-    """Retry after the first attempt failed with ``failure``."""
-    clock = policy.clock
-    attempts = 1
-    while True:
-        wait = _wait_before_retry(failure, policy, attempts)
-        if wait is None or clock.seconds() + wait >= deadline:
-            if attempts == 1:
-                raise failure
-            raise failure.after_attempts(attempts) from None
-        observers.delivery_retried(connector)
-        await deferLater(clock, wait)
-        attempts += 1
-        try:
-            await attempt()
-        except relay.DeliveryFailed as error:
-            failure = error
-            continue
-        log.info(
-            "device {serial}: connector {connector} accepted the upload after"
-            " {attempts} attempts in {seconds:.1f}s",
-            serial=serial,
-            connector=connector,
-            attempts=attempts,
-            seconds=clock.seconds() - started,
-        )
-        return
+@dataclass(frozen=True, slots=True)
+class _Retries:
+    """One upload's retries to one connector, once its first attempt failed."""
+
+    attempt: Callable[[], Deferred[None]]
+    policy: RetryPolicy
+    deadline: float
+    started: float
+    connector: str
+    serial: int
+    observers: RelayObserver
+
+    async def after(self, failure: relay.DeliveryFailed) -> None:
+        """Retry after the first attempt failed with ``failure``."""
+        clock = self.policy.clock
+        attempts = 1
+        while True:
+            wait = _wait_before_retry(failure, self.policy, attempts)
+            if wait is None or clock.seconds() + wait >= self.deadline:
+                if attempts == 1:
+                    raise failure
+                raise failure.after_attempts(attempts) from None
+            self.observers.delivery_retried(self.connector)
+            await deferLater(clock, wait)
+            attempts += 1
+            try:
+                await self.attempt()
+            except relay.DeliveryFailed as error:
+                failure = error
+                continue
+            log.info(
+                "device {serial}: connector {connector} accepted the upload after"
+                " {attempts} attempts in {seconds:.1f}s",
+                serial=self.serial,
+                connector=self.connector,
+                attempts=attempts,
+                seconds=clock.seconds() - self.started,
+            )
+            return
 
 
 def _wait_before_retry(
