@@ -156,9 +156,15 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
 
 
 @functools.lru_cache(maxsize=256)
+@functools.lru_cache(maxsize=256)
 def _format_paramstyle(sql: str) -> str:
     """``?`` placeholders as ``%s`` (and a literal ``%`` doubled), for psycopg."""
     return sql.replace("%", "%%").replace("?", "%s")
+
+
+def sql_for(dbapi: Any) -> Callable[[str], str]:
+    """Statements written with ``?`` placeholders, as ``dbapi``'s paramstyle wants them."""
+    return _format_paramstyle if dbapi.paramstyle in ("format", "pyformat") else str
 
 
 def _sqlite_pool_args(path: str) -> tuple[tuple[Any, ...], dict[str, Any]]:
@@ -213,10 +219,7 @@ class Database:
         self.connect_args: tuple[tuple[Any, ...], dict[str, Any]] | None = None
         # Calls made before start() finished wait here; None once it has.
         self._not_started: list[Deferred[None]] | None = []
-        if pool.dbapi.paramstyle in ("format", "pyformat"):
-            self.sql: Callable[[str], str] = _format_paramstyle
-        else:
-            self.sql = str
+        self.sql: Callable[[str], str] = sql_for(pool.dbapi)
 
     @classmethod
     def from_url(cls, url: str, reactor: Any = None) -> Database:

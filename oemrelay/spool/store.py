@@ -32,6 +32,7 @@ from twisted.enterprise import adbapi
 from twisted.internet.defer import Deferred
 
 from ..owner_only import create_owner_only
+from ..registry.database import sql_for
 from ..relay import SpoolFull as RelaySpoolFull
 from ..registry_url import postgresql_pool_args, url_without_password
 from ..relay import Upload
@@ -168,11 +169,6 @@ _CLAIMABLE = """
 _DEAD_COLUMNS = "id, serial, connector, records, received_at, dead_at, attempts, last_error"
 
 
-@functools.lru_cache(maxsize=64)
-def _format_paramstyle(sql: str) -> str:
-    return sql.replace("%", "%%").replace("?", "%s")
-
-
 def _sqlite_connection_setup(connection: Any) -> None:
     connection.execute("PRAGMA journal_mode=WAL")
     # FULL: every commit is fsync'd, so a put that fired survives a power cut.
@@ -206,9 +202,7 @@ class DatabaseSpool:
         self._lease = lease
         self._prepare = prepare
         self._closed = False
-        self._sql: Callable[[str], str] = (
-            _format_paramstyle if pool.dbapi.paramstyle in ("format", "pyformat") else str
-        )
+        self._sql: Callable[[str], str] = sql_for(pool.dbapi)
 
     @classmethod
     def from_url(
