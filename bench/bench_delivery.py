@@ -25,10 +25,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import Clock
-from twisted.internet.testing import StringTransport
 
 from oemrelay.activity import FleetActivity
-from oemrelay.codec import COMMIT_REQUEST, Hello
+from oemrelay.codec import COMMIT_REQUEST
 from oemrelay.events import Observers
 from oemrelay.live import LiveHub
 from oemrelay.metrics import RelayMetrics
@@ -38,6 +37,9 @@ from oemrelay.relay import DeviceProfile, Relay, StatelessLink
 from oemrelay.retry import RetryPolicy
 from oemrelay.session import DeviceFactory
 from tests.vectors import capture
+
+sys.path.insert(0, os.path.dirname(__file__))
+from bench_pipeline import greeted_devices  # noqa: E402
 
 #: Long: the reactor's clock is real time, and under callgrind a round of
 #: uploads in flight takes many seconds; none may time out.
@@ -51,11 +53,14 @@ class MemoryRegistry:
         self.devices = self
         self.activity_rows = 0
 
-    def profile_for(self, hello):
-        return succeed(DeviceProfile("key", "", "", None, True))
+    def profiles_for(self, serials):
+        return succeed({serial: DeviceProfile("key", "", "", None, True) for serial in serials})
 
     def record_activity(self, rows):
         self.activity_rows += len(rows)
+        return succeed(None)
+
+    def record_presence(self, rows):
         return succeed(None)
 
     def on_devices_changed(self, listener):
@@ -140,15 +145,7 @@ def run(uploads: int, json: bool, at_once: bool = False, small: bool = False) ->
         + COMMIT_REQUEST
     )
     devices = 500
-    sessions = []
-    for serial in range(devices):
-        protocol = factory.buildProtocol(None)
-        transport = StringTransport()
-        protocol.makeConnection(transport)
-        protocol.dataReceived(
-            Hello(serial, "353323081669730", "89610185001824844630", 34, 2, 1, 9).to_frame()
-        )
-        sessions.append((protocol, transport))
+    sessions = greeted_devices(factory, devices)
 
     started_cpu = time.process_time()
     for i in range(uploads):

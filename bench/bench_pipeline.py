@@ -76,6 +76,20 @@ def upload_data(load: str) -> tuple[bytes, int]:
     )
 
 
+def greeted_devices(factory: DeviceFactory, devices: int) -> list[tuple]:
+    """``devices`` connections of ``factory``, each past its hello: (protocol, transport)."""
+    sessions = []
+    for serial in range(devices):
+        protocol = factory.buildProtocol(None)
+        transport = StringTransport()
+        protocol.makeConnection(transport)
+        protocol.dataReceived(
+            Hello(serial, "353323081669730", "89610185001824844630", 34, 2, 1, 9).to_frame()
+        )
+        sessions.append((protocol, transport))
+    return sessions
+
+
 def run_pipeline(uploads: int, data: bytes) -> int:
     """Every upload through a session; the JSON bytes written."""
     sink = JsonSink()
@@ -88,15 +102,7 @@ def run_pipeline(uploads: int, data: bytes) -> int:
     )
     data += COMMIT_REQUEST
     devices = 100
-    sessions = []
-    for serial in range(devices):
-        protocol = factory.buildProtocol(None)
-        transport = StringTransport()
-        protocol.makeConnection(transport)
-        protocol.dataReceived(
-            Hello(serial, "353323081669730", "89610185001824844630", 34, 2, 1, 9).to_frame()
-        )
-        sessions.append((protocol, transport))
+    sessions = greeted_devices(factory, devices)
     for i in range(uploads):
         protocol, transport = sessions[i % devices]
         protocol.dataReceived(data)
