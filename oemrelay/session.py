@@ -63,6 +63,7 @@ from .config import (
 )
 from .relay import DeliveryFailed, DeviceRoute, Relay, Upload, describe_failure
 from .tls import certificate_names
+from .writes import write_now
 
 log = Logger(namespace="oemrelay.session")
 
@@ -1037,7 +1038,7 @@ class DeviceProtocol(Protocol):
     # DeviceChannel
 
     def send(self, data: bytes) -> None:
-        self.transport.write(data)
+        write_now(self.transport, data)
 
     def close(self) -> None:
         self._factory.not_idle_watched(self)
