@@ -9,10 +9,10 @@ through the narrow :class:`DeviceChannel` interface, so it is tested without
 sockets.  :class:`DeviceProtocol` is the thin Twisted protocol that feeds it
 frames.
 
-While a commit is being delivered the session reads nothing further from the
-device: frames already received wait in order, and the transport is paused.
-A device waits for the commit answer anyway, and this bounds what one device
-can make the relay hold.
+While a commit is being delivered, frames the device sends wait in order
+for its end; once more than ``max_waiting_frames`` wait, the transport is
+paused until then.  A device waits for the commit answer anyway, and this
+bounds what one device can make the relay hold.
 
 An async session request (0x22) sends the device's due commands from the
 registry, one 0x20 at a time, each waiting for the device's 0x21, then 0x23.
@@ -86,7 +86,7 @@ class State(Enum):
     #: The hello's route is being opened (synchronously; a link may fail meanwhile).
     OPENING = "opening"
     IDLE = "idle"
-    #: An upload is being delivered; reading is paused, frames wait.
+    #: An upload is being delivered; frames wait (reading pauses past max_waiting_frames).
     COMMITTING = "committing"
     #: Due commands are being sent; frames other than 0x21 wait.
     ASYNC_SESSION = "async session"
@@ -210,7 +210,7 @@ class DeviceSession:
         (State.OPENING,       Input.ROUTE_OPENED,   State.IDLE,          ("_keep_route", "_answer_hello")),
         (State.IDLE,          Input.HELLO,          State.IDLE,          ("_hello_again",)),
         (State.IDLE,          Input.DATA,           State.IDLE,          ("_keep",)),
-        (State.IDLE,          Input.COMMIT,         State.COMMITTING,    ("_pause", "_deliver")),
+        (State.IDLE,          Input.COMMIT,         State.COMMITTING,    ("_deliver",)),
         (State.IDLE,          Input.EMPTY_COMMIT,   State.IDLE,          ("_answer_commit",)),
         (State.IDLE,          Input.VERSION,        State.IDLE,          ("_answer_version",)),
         (State.IDLE,          Input.TIME,           State.IDLE,          ("_answer_time",)),
@@ -526,9 +526,6 @@ class DeviceSession:
                 index=index,
             )
 
-    def _pause(self, _: object) -> None:
-        self._channel.pause()
-
     def _deliver(self, _: object) -> None:
         upload = Upload(
             self.hello,
@@ -634,6 +631,9 @@ class DeviceSession:
     # -- frames waiting for a commit or an async session --------------------------
 
     def _wait(self, frame: Frame) -> None:
+        # Reading goes on (devices wait for their answer; pausing and
+        # resuming for every commit would cost two system calls) until
+        # more than max_waiting_frames wait.
         self._waiting.append(frame)
         if len(self._waiting) > self._max_waiting_frames:
             self._channel.pause()
@@ -888,10 +888,11 @@ class DeviceProtocol(Protocol):
         self.session: DeviceSession | None = None
         #: When the device was last heard from (the factory's idle sweep reads it).
         self.last_heard = 0.0
-        # Why reading is paused: "session" (a commit or async session under
-        # way), "writes" (answers queued for the device beyond the mark).  A
-        # frozenset replaced on change: one empty one is shared by every
-        # connection held, where a set each took 216 bytes.
+        # Why reading is paused: "session" (frames waiting for a commit or
+        # async session beyond max_waiting_frames), "writes" (answers queued
+        # for the device beyond the mark).  A frozenset replaced on change:
+        # one empty one is shared by every connection held, where a set each
+        # took 216 bytes.
         self._paused_by: frozenset[str] = _NOT_PAUSED
         self._frame_deadline = None
         # Whether the factory was told the device said hello.

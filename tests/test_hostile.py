@@ -39,11 +39,13 @@ from .test_session import (
     COMMIT_OK,
     DART_HELLO,
     DATA_2,
+    NOW,
     PEER,
     PEER_TEXT,
     TIME_REQUEST,
     SessionTestMixin,
     payload,
+    time_reply,
 )
 
 
@@ -85,9 +87,11 @@ class WriteBackpressureTests(HostileSessionMixin, SynchronousTestCase):
         self.assertEqual(self.transport.producerState, "producing")
 
     def test_drained_writes_keep_a_commit_paused(self) -> None:
-        """Answers drained during a commit do not resume reading; the commit's end does."""
+        """Answers drained during a commit with frames waiting do not resume reading; the commit's end does."""
+        self.connect_with(max_waiting_frames=1)
         link = self.greet()
-        self.send(DATA_2, COMMIT)
+        self.send(DATA_2, COMMIT, TIME_REQUEST, TIME_REQUEST)
+        self.assertEqual(self.transport.producerState, "paused")
         self.protocol.pauseProducing()
         self.protocol.resumeProducing()
         self.assertEqual(self.transport.producerState, "paused")
@@ -192,14 +196,15 @@ class FrameTimeoutTests(HostileSessionMixin, SynchronousTestCase):
         self.assertTrue(self.is_open)
 
     def test_not_while_the_relay_is_not_reading(self) -> None:
-        """A partial frame left while a commit pauses reading is not the device's fault."""
-        self.connect_with(frame_timeout=COMMIT_WAIT / 2)
+        """A partial frame left while frames waiting for a commit pause reading is not the device's fault."""
+        self.connect_with(frame_timeout=COMMIT_WAIT / 2, max_waiting_frames=1)
         link = self.greet()
-        self.send(DATA_2 + COMMIT + TIME_REQUEST[:2])
+        self.send(DATA_2 + COMMIT + TIME_REQUEST * 2 + TIME_REQUEST[:2])
+        self.assertEqual(self.transport.producerState, "paused")
         self.clock.advance(COMMIT_WAIT)
         self.assertTrue(self.is_open)
         link.answer().callback(None)
-        self.assertEqual(self.take(), COMMIT_OK)
+        self.assertEqual(self.take(), COMMIT_OK + time_reply(NOW + COMMIT_WAIT) * 2)
         self.clock.advance(COMMIT_WAIT / 2)
         self.assertFalse(self.is_open)
 
