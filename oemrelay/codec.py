@@ -98,6 +98,9 @@ class FrameDecoder:
     is refused before any of its payload is buffered.
     """
 
+    # Two per raw TCP device connection held: slotted.
+    __slots__ = ("_unprocessed", "max_payload")
+
     def __init__(self, max_payload: int = MAX_PAYLOAD) -> None:
         self.max_payload = max_payload
         self._unprocessed = b""

