@@ -20,7 +20,6 @@ from types import MappingProxyType
 from urllib.parse import urlsplit
 
 from hyperlink import EncodedURL
-from OpenSSL import SSL
 from twisted.internet.endpoints import (
     TCP4ServerEndpoint,
     TCP6ServerEndpoint,
@@ -36,7 +35,6 @@ from .iothub import SAS_PREFIX, decode_sas_key, default_sas_resource, iothub_url
 from .oneline import one_line
 from .registry_url import check_postgresql_url
 from .templates import has_placeholders
-from .tls import MIN_VERSIONS, load_client_certificate, server_tls_options
 
 
 #: ``[relay] commit_policy`` values.
@@ -236,6 +234,8 @@ def _readable_file(value: str) -> str:
 
 def _ca_file(value: str) -> str:
     if _readable_file(value):
+        from OpenSSL import SSL  # here only: see oemrelay.tls
+
         try:
             SSL.Context(SSL.TLS_METHOD).load_verify_locations(value)
         except Exception:
@@ -370,9 +370,14 @@ def _connection_limit(value: str) -> int:
 def _byte_count(value: str) -> int:
     return _whole_number(value, "bytes", 1)
 
+#: ``tls_min_version`` values (oemrelay.tls.MIN_VERSIONS maps them to
+#: protocol versions; named here so reading a configuration loads no TLS).
+TLS_MIN_VERSIONS = ("1.2", "1.3")
+
+
 def _tls_version(value: str) -> str:
-    if value not in MIN_VERSIONS:
-        raise ValueError(f"must be one of {', '.join(MIN_VERSIONS)}, got {value!r}")
+    if value not in TLS_MIN_VERSIONS:
+        raise ValueError(f"must be one of {', '.join(TLS_MIN_VERSIONS)}, got {value!r}")
     return value
 
 
@@ -793,6 +798,25 @@ class HttpConnectorConfig:
             return self.auth
         return "basic" if self.username or self.password else "none"
 
+    @property
+    def uses_tls(self) -> bool:
+        """Whether it may speak TLS: an ``https`` URL or token URL, a CA file, a client certificate."""
+        return bool(
+            _is_https(self.url)
+            or _is_https(self.token_url)
+            or self.ca_file
+            or self.client_cert
+        )
+
+
+def _is_https(url: str) -> bool:
+    return urlsplit(url).scheme == "https"
+
+
+def _is_tls_endpoint(description: str) -> bool:
+    """A ``tls:``/``ssl:`` endpoint, or one wrapping it (``haproxy:ssl:...``)."""
+    return not {"tls", "ssl"}.isdisjoint(description.split(":"))
+
 
 @dataclass(frozen=True)
 class TcpConnectorConfig:
@@ -851,6 +875,26 @@ class Config:
     api: ApiConfig = field(default_factory=ApiConfig)
     #: Each connector's ``role``; a connector not listed is required.
     roles: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+
+    @property
+    def devices_use_tls(self) -> bool:
+        """
+        Whether serving devices may need TLS (pyOpenSSL): a TLS listener, a
+        ``tls:`` endpoint, an HTTPS end server.  A connector type not known
+        here counts as needing it.  (The management API is the parent's.)
+        """
+        if self.relay.tls_listen or any(_is_tls_endpoint(d) for d in self.relay.listen):
+            return True
+        for connector in self.connectors.values():
+            if isinstance(connector, HttpConnectorConfig):
+                if connector.uses_tls:
+                    return True
+            elif isinstance(connector, TcpConnectorConfig):
+                if _is_tls_endpoint(connector.endpoint):
+                    return True
+            elif not isinstance(connector, FileConnectorConfig):
+                return True
+        return False
 
 
 _Schema = Mapping[str, Key]
@@ -1245,6 +1289,8 @@ def _check_tls(values: dict) -> None:
         return
     if not values["tls_cert"]:
         raise _KeyProblem("tls_cert", "missing; tls_listen needs a certificate")
+    from .tls import load_client_certificate, server_tls_options
+
     try:
         load_client_certificate(values["tls_cert"], values["tls_key"])
     except Exception as error:
@@ -1276,6 +1322,8 @@ def _check_client_certificate(cert_file: str, key_file: str) -> None:
         raise _KeyProblem("client_key", "needs client_cert")
     if not cert_file:
         return
+    from .tls import load_client_certificate
+
     try:
         load_client_certificate(cert_file, key_file)
     except Exception as error:

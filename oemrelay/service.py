@@ -31,9 +31,9 @@ from twisted.internet.defer import CancelledError, Deferred, maybeDeferred
 from twisted.internet.interfaces import IStreamServerEndpoint
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import CannotListenError
+from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.protocols.haproxy._wrapper import HAProxyWrappingFactory
-from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -55,7 +55,6 @@ from .spool import BackgroundDelivery, DatabaseSpool, LatestSpoolFigures
 from .spool import RetryPolicy as SpooledRetryPolicy
 from .spool.background import Deliver
 from .spool.store import DEFAULT_LEASE
-from .tls import server_tls_options
 
 log = Logger(namespace="oemrelay.service")
 
@@ -480,15 +479,23 @@ def fit_file_limit(
     )
 
 
-def device_tls_options(relay: RelayConfig):
-    """The TLS policy of ``[relay] tls_listen``, from its keys."""
-    return server_tls_options(
+def tls_devices(relay: RelayConfig, devices: Factory) -> Factory:
+    """``devices`` behind the TLS policy of ``[relay] tls_listen``, from its keys."""
+    # Imported here: a relay without TLS loads no pyOpenSSL (see oemrelay.tls).
+    from twisted.protocols.tls import TLSMemoryBIOFactory
+
+    from .tls import server_tls_options
+
+    options = server_tls_options(
         relay.tls_cert,
         relay.tls_key,
         min_version=relay.tls_min_version,
         ciphers=relay.tls_ciphers,
         client_ca=relay.client_ca,
     )
+    factory = TLSMemoryBIOFactory(options, False, devices)
+    factory.noisy = False
+    return factory
 
 
 def add_registry(
@@ -604,10 +611,9 @@ def build_service(config: Config, reactor, *, adopted=None) -> MultiService:
         listener.setServiceParent(device_service)
         listeners.append(listener)
     if config.relay.tls_listen:
-        tls_devices = TLSMemoryBIOFactory(device_tls_options(config.relay), False, devices)
-        tls_devices.noisy = False
+        over_tls = tls_devices(config.relay, devices)
         for description in config.relay.tls_listen:
-            listener = Listener("relay", description, tls_devices, reactor, on_start_failure)
+            listener = Listener("relay", description, over_tls, reactor, on_start_failure)
             listener.setServiceParent(device_service)
             listeners.append(listener)
     if config.api.listen:

@@ -62,7 +62,6 @@ from .config import (
     MAX_UPLOAD_MEMORY,
 )
 from .relay import DeliveryFailed, DeviceRoute, Relay, Upload, describe_failure
-from .tls import certificate_names
 from .writes import write_now
 
 log = Logger(namespace="oemrelay.session")
@@ -938,6 +937,8 @@ class DeviceProtocol(Protocol):
         certificate = self.transport.getPeerCertificate()
         if certificate is None:
             return frozenset()
+        from .tls import certificate_names
+
         return certificate_names(certificate.to_cryptography())
 
     def _peer_text(self) -> str:

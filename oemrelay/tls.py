@@ -1,8 +1,14 @@
 """
 TLS material read from PEM files, shared by the configuration checks and the
-connectors that present it, and the device listeners' TLS policy: the
-lowest protocol version, the cipher suites, and device certificates (mutual
-TLS) whose names are checked against the serial a device says hello with.
+connectors that present it; the HTTPS connectors' trust (the platform's CAs,
+``ca_file``, a client certificate); and the device listeners' TLS policy:
+the lowest protocol version, the cipher suites, and device certificates
+(mutual TLS) whose names are checked against the serial a device says hello
+with.
+
+Only this module imports pyOpenSSL and cryptography, and the others import it
+where TLS is configured, not at their top: a worker whose relay uses no TLS
+leaves them unloaded (:mod:`oemrelay.worker_main`).
 """
 
 from __future__ import annotations
@@ -10,14 +16,23 @@ from __future__ import annotations
 from cryptography import x509
 from cryptography.x509.oid import NameOID
 from OpenSSL import SSL
+# Twisted exports no public way to add one CA to the platform's; its trust-root
+# interface has been stable since 14.0.
+from twisted.internet._sslverify import IOpenSSLTrustRoot
 from twisted.internet.ssl import (
     Certificate,
     CertificateOptions,
     PrivateCertificate,
     TLSVersion,
+    optionsForClientTLS,
+    platformTrust,
 )
+from twisted.web.client import BrowserLikePolicyForHTTPS
+from twisted.web.iweb import IPolicyForHTTPS
+from zope.interface import implementer
 
-#: ``tls_min_version`` values and the protocol version each stands for.
+#: ``tls_min_version`` values (oemrelay.config.TLS_MIN_VERSIONS) and the
+#: protocol version each stands for.
 MIN_VERSIONS = {"1.2": TLSVersion.TLSv1_2, "1.3": TLSVersion.TLSv1_3}
 
 
@@ -29,6 +44,44 @@ def load_client_certificate(cert_file: str, key_file: str = "") -> PrivateCertif
         with open(key_file, "rb") as f:
             pem += b"\n" + f.read()
     return PrivateCertificate.loadPEM(pem)
+
+
+@implementer(IOpenSSLTrustRoot)
+class PlatformTrustPlusCA:
+    """Trust the system's CAs and one more, from ``ca_file`` (a private CA)."""
+
+    def __init__(self, ca_file: str) -> None:
+        self._ca_file = ca_file
+
+    def _addCACertsToContext(self, context) -> None:  # noqa: N802 - Twisted's name
+        context.set_default_verify_paths()
+        context.load_verify_locations(self._ca_file)
+
+
+@implementer(IPolicyForHTTPS)
+class ClientCertificatePolicy:
+    """Verified HTTPS that also presents a client certificate (mutual TLS)."""
+
+    def __init__(self, trust_root, client_certificate: PrivateCertificate) -> None:
+        self._trust_root = trust_root
+        self._client_certificate = client_certificate
+
+    def creatorForNetloc(self, hostname: bytes, port: int):  # noqa: N802 - Twisted's name
+        return optionsForClientTLS(
+            hostname.decode("ascii"),
+            trustRoot=self._trust_root,
+            clientCertificate=self._client_certificate,
+        )
+
+
+def client_tls_policy(ca_file: str, client_cert: str, client_key: str) -> IPolicyForHTTPS:
+    """How HTTPS is verified: the platform's CAs plus ``ca_file``; ``client_cert`` presented."""
+    trust = PlatformTrustPlusCA(ca_file) if ca_file else None
+    if client_cert:
+        return ClientCertificatePolicy(
+            trust or platformTrust(), load_client_certificate(client_cert, client_key)
+        )
+    return BrowserLikePolicyForHTTPS(trustRoot=trust)
 
 
 def server_tls_options(

@@ -4,9 +4,11 @@ Several worker processes serving devices on the same listening sockets
 
 The process twistd runs (the parent) opens each ``[relay] listen`` socket,
 never accepts on it, and starts the workers: each is ``python -m
-oemrelay.workers`` running the normal :func:`~oemrelay.service.build_service`
+oemrelay.worker_main`` running the normal :func:`~oemrelay.service.build_service`
 on sockets it inherits (``adoptStreamPort``), with its own HTTP pools and
 profile cache; the kernel hands each new device connection to one of them.
+A relay whose devices need no TLS starts workers without pyOpenSSL
+(:mod:`oemrelay.worker_main`).
 The parent alone releases this node's stale registry entries at start, serves
 the management API and tells every worker, over its stdin, which devices the
 API changed (so their profile caches forget them at once).
@@ -167,15 +169,14 @@ def _log_to_stdout(event: dict) -> None:
     sys.stdout.flush()
 
 
-def worker_main(argv: list[str]) -> None:
-    """``python -m oemrelay.workers SPEC``: run one worker (started by the parent)."""
+def worker_main(spec: Mapping[str, object]) -> None:
+    """Run one worker (``python -m oemrelay.worker_main SPEC``, started by the parent)."""
     from twisted.application.service import Application, IService
     from twisted.internet import reactor
 
     from .config import load_config
     from .service import build_service
 
-    spec = json.loads(argv[0])
     _widen_log_pipe(sys.stdout.fileno())
     globalLogBeginner.beginLoggingTo([_log_to_stdout], redirectStandardIO=False)
     config = load_config(spec["config"])
@@ -259,7 +260,7 @@ class WorkerSupervisor(Service):
         self._count = count
         self._spec = dict(spec)
         self._stop_timeout = stop_timeout
-        self._command = command or (lambda spec: [sys.executable, "-m", "oemrelay.workers", spec])
+        self._command = command or (lambda spec: [sys.executable, "-m", "oemrelay.worker_main", spec])
         self._restart_delay = restart_delay
         self._ports: list = []
         self._sockets: dict[str, tuple[int, int]] = {}
@@ -386,7 +387,7 @@ def build_supervisor(config: Config, reactor, on_start_failure: Callable[[], Non
         reactor,
         config.relay.listen,
         config.relay.workers,
-        {"config": os.path.abspath(config.source)},
+        {"config": os.path.abspath(config.source), "tls": config.devices_use_tls},
         stop_timeout=config.relay.commit_timeout + STOP_GRACE,
         on_worker_exit=lambda pid: mark_process_dead(pid, metrics_dir),
     )
@@ -410,6 +411,3 @@ def build_supervisor(config: Config, reactor, on_start_failure: Callable[[], Non
     StartupSummary(config, registry.url_for_logs).setServiceParent(top)
     return top
 
-
-if __name__ == "__main__":
-    worker_main(sys.argv[1:])

@@ -1597,3 +1597,64 @@ class UnknownDevicesConfigTests(ConfigErrorAssertions, SynchronousTestCase):
         self.assert_error(
             "[relay]\nunknown_devices = maybe\n" + FILE_CONNECTOR, "[relay] unknown_devices"
         )
+
+
+class DevicesUseTlsTests(SynchronousTestCase):
+    """devices_use_tls: whether workers must load pyOpenSSL (oemrelay.worker_main)."""
+
+    def uses(self, text: str, relay: str = "") -> bool:
+        return config_from_string(f"[relay]\nconnector = x\n{relay}" + text).devices_use_tls
+
+    def test_plain_connectors_and_listeners(self) -> None:
+        """http://, a tcp: endpoint and a file connector need no TLS."""
+        self.assertFalse(
+            self.uses(
+                "[connector:x]\ntype = http\nurl = http://end.example.com/dm/[SERIAL]\n"
+                "[connector:t]\ntype = tcp\nendpoint = tcp:host=127.0.0.1:port=5027\n"
+                + FILE_CONNECTOR,
+                "listen = tcp:20500 haproxy:tcp:20501\n",
+            )
+        )
+
+    def test_each_tls_use(self) -> None:
+        """An https URL (any case), token URL, ca_file, client_cert, IoT Hub, tls: endpoint or tls_listen each do."""
+        cert = write_temp(self, b"".join(client_certificate_pem()))
+        plain = "[connector:x]\ntype = http\nurl = http://end.example.com/dm\n"
+        for text, relay in [
+            (HTTP_X, ""),
+            ("[connector:x]\ntype = http\nurl = HTTPS://end.example.com/dm\n", ""),
+            (plain + "auth = oauth2\ntoken_url = https://id.example.com/token\n"
+             "client_id = relay\nclient_secret = s\n", ""),
+            (plain + f"ca_file = {cert}\n", ""),
+            (plain + f"client_cert = {cert}\n", ""),
+            ("[connector:x]\ntype = azure-iothub\nhub = myhub\nsas_key = c2VjcmV0\n", ""),
+            (plain + "[connector:t]\ntype = tcp\nendpoint = tls:host=127.0.0.1:port=5028\n", ""),
+            (plain, f"listen = ssl:20500:privateKey={cert}\n"),
+        ]:
+            with self.subTest(text=text, relay=relay):
+                self.assertTrue(self.uses(text, relay))
+
+    def test_tls_listen(self) -> None:
+        """[relay] tls_listen does."""
+        cert = write_temp(self, b"".join(client_certificate_pem()))
+        text = "[connector:x]\ntype = http\nurl = http://end.example.com/dm\n"
+        self.assertTrue(self.uses(text, f"tls_listen = tcp:20501\ntls_cert = {cert}\n"))
+
+    def test_unknown_connector_type_counts_as_tls(self) -> None:
+        """A connector type the check does not know (a future broker's) counts as needing TLS."""
+        config = config_from_string("[relay]\nconnector = main\n" + FILE_CONNECTOR)
+        self.assertFalse(config.devices_use_tls)
+
+        @dataclasses.dataclass(frozen=True)
+        class BrokerConnectorConfig:
+            name: str = "broker"
+
+        self.assertTrue(
+            dataclasses.replace(config, connectors={"main": BrokerConnectorConfig()}).devices_use_tls
+        )
+
+    def test_tls_versions_named_alike(self) -> None:
+        """The versions the configuration accepts are the ones oemrelay.tls maps."""
+        from oemrelay import config, tls
+
+        self.assertEqual(tuple(tls.MIN_VERSIONS), config.TLS_MIN_VERSIONS)

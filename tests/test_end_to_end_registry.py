@@ -948,11 +948,9 @@ class WorkersEndToEndTests(_RegistryTestCase):
             workers=2,
         )
         relay = await self.start_relay(config, token)
-        await self.wait_until(
-            lambda: set(re.findall(rb"worker (\d) \(pid \d+\) serving", relay.daemon.output))
-            == {b"1", b"2"},
-            "both workers to serve",
-        )
+        for pid in await self.worker_pids(relay):
+            # No TLS configured: the workers never loaded pyOpenSSL and cryptography.
+            self.assertNotIn("cryptography", self.mapped_files(pid))
         code, _ = await self.api(relay, "PUT", f"/api/devices/{DART_SERIAL}", {"custom1": "truck-9"})
         self.assertEqual(code, 201)
         device = await self.hello(relay)
@@ -965,6 +963,34 @@ class WorkersEndToEndTests(_RegistryTestCase):
         await self.upload(device, AUCKLAND)
         self.assertEqual([post.uri for post in server.requests], ["/dm/truck-9", "/dm/truck-10"])
         await self.assert_secrets_not_logged()
+
+    async def test_workers_load_tls_where_an_end_server_needs_it(self) -> None:
+        """With an https:// connector configured the workers have pyOpenSSL's cryptography loaded."""
+        server = self.start_http_server()
+        config, token = self.relay_config(
+            templated_http_connector("platform", server.port)
+            + "\n[connector:secure]\ntype = http\nurl = https://127.0.0.1:9/dm\n",
+            registry=self.sqlite_registry(),
+            default="platform",
+            workers=2,
+        )
+        relay = await self.start_relay(config, token)
+        for pid in await self.worker_pids(relay):
+            self.assertIn("cryptography", self.mapped_files(pid))
+
+    async def worker_pids(self, relay) -> list[int]:
+        """The pids of ``relay``'s two workers, once both serve."""
+        serving = rb"worker (\d) \(pid (\d+)\) serving"
+        await self.wait_until(
+            lambda: {index for index, _ in re.findall(serving, relay.daemon.output)} == {b"1", b"2"},
+            "both workers to serve",
+        )
+        return [int(pid) for _, pid in re.findall(serving, relay.daemon.output)]
+
+    @staticmethod
+    def mapped_files(pid: int) -> str:
+        with open(f"/proc/{pid}/maps") as maps:
+            return maps.read()
 
 
 class SharedRegistryEndToEndTests(_RegistryTestCase):

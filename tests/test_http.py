@@ -40,10 +40,9 @@ from oemrelay.codec import Frame, FrameDecoder, Hello, MessageType, parse_data_r
 from oemrelay.config import HttpConnectorConfig, config_from_string
 from oemrelay.connectors import build_connector
 from oemrelay.connectors import http as http_module
+from oemrelay import tls as tls_module
 from oemrelay.connectors.http import (
-    ClientCertificatePolicy,
     HttpConnector,
-    PlatformTrustPlusCA,
     build_http_client,
     build_token_client,
     form_body,
@@ -51,6 +50,7 @@ from oemrelay.connectors.http import (
 from oemrelay.connectors.http_client import HttpClient
 from oemrelay.oem_json import oem_document
 from oemrelay.relay import DeliveryFailed, DeviceProfile, StatelessLink, Upload
+from oemrelay.tls import ClientCertificatePolicy, PlatformTrustPlusCA
 
 from .fake_azure import FakeIoTHub
 from .fake_oauth import FakeOAuth
@@ -547,13 +547,13 @@ class BuildHttpClientTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.reactor = MemoryReactorClock()
         self.trust_roots: list = []
-        real_policy = http_module.BrowserLikePolicyForHTTPS
+        real_policy = tls_module.BrowserLikePolicyForHTTPS
 
         def recording_policy(trustRoot=None):  # noqa: N803 - Twisted's name
             self.trust_roots.append(trustRoot)
             return real_policy(trustRoot=trustRoot)
 
-        self.patch(http_module, "BrowserLikePolicyForHTTPS", recording_policy)
+        self.patch(tls_module, "BrowserLikePolicyForHTTPS", recording_policy)
 
     def post(self, client: HttpClient, url: str = "http://end.example.com/dm") -> Deferred:
         return client.post(url, {}, b"{}", 10)
@@ -1001,7 +1001,7 @@ class ClientCertificateTests(SynchronousTestCase):
                 self.trust_root = trust_root
                 policies.append(self)
 
-        self.patch(http_module, "ClientCertificatePolicy", RecordingPolicy)
+        self.patch(tls_module, "ClientCertificatePolicy", RecordingPolicy)
 
     def policy_for(self, **settings) -> ClientCertificatePolicy:
         build_http_client(self.reactor, HttpConnectorConfig("h", "https://h/", **settings))

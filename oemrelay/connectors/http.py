@@ -28,21 +28,15 @@ from urllib.parse import quote, quote_plus, unquote, urlsplit
 
 from twisted.application.service import Service
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError, fail
-# Twisted exports no public way to add one CA to the platform's; its trust-root
-# interface has been stable since 14.0.
-from twisted.internet._sslverify import IOpenSSLTrustRoot
 from twisted.internet.interfaces import IReactorTime
-from twisted.internet.ssl import PrivateCertificate, optionsForClientTLS, platformTrust
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.client import (
     Agent,
-    BrowserLikePolicyForHTTPS,
     HTTPConnectionPool,
     _HTTP11ClientFactory,
 )
 from twisted.web.iweb import IPolicyForHTTPS
-from zope.interface import implementer
 
 from treq.client import HTTPClient
 
@@ -53,7 +47,6 @@ from ..events import RelayObserver
 from ..oneline import one_line
 from ..oem_json import oem_document_of_frames
 from ..relay import DeliveryFailed, DeviceProfile, StatelessLink, Upload
-from ..tls import load_client_certificate
 from ..templates import device_fields, expand, expand_url
 from .http_client import Answer, HttpClient
 
@@ -187,34 +180,6 @@ def retry_after_seconds(value: bytes | None, now: float) -> float | None:
     return max(0.0, when.timestamp() - now)
 
 
-@implementer(IOpenSSLTrustRoot)
-class PlatformTrustPlusCA:
-    """Trust the system's CAs and one more, from ``ca_file`` (a private CA)."""
-
-    def __init__(self, ca_file: str) -> None:
-        self._ca_file = ca_file
-
-    def _addCACertsToContext(self, context) -> None:  # noqa: N802 - Twisted's name
-        context.set_default_verify_paths()
-        context.load_verify_locations(self._ca_file)
-
-
-@implementer(IPolicyForHTTPS)
-class ClientCertificatePolicy:
-    """Verified HTTPS that also presents a client certificate (mutual TLS)."""
-
-    def __init__(self, trust_root, client_certificate: PrivateCertificate) -> None:
-        self._trust_root = trust_root
-        self._client_certificate = client_certificate
-
-    def creatorForNetloc(self, hostname: bytes, port: int):  # noqa: N802 - Twisted's name
-        return optionsForClientTLS(
-            hostname.decode("ascii"),
-            trustRoot=self._trust_root,
-            clientCertificate=self._client_certificate,
-        )
-
-
 class _QuietClientFactory(_HTTP11ClientFactory):
     """The token pool's per-connection factory, without a "Starting factory" line per connection."""
 
@@ -225,15 +190,17 @@ class _QuietConnectionPool(HTTPConnectionPool):
     _factory = _QuietClientFactory
 
 
-def tls_policy(config: HttpConnectorConfig) -> IPolicyForHTTPS:
-    """How HTTPS is verified: the platform's CAs plus ``ca_file``; ``client_cert`` presented."""
-    trust = PlatformTrustPlusCA(config.ca_file) if config.ca_file else None
-    if config.client_cert:
-        return ClientCertificatePolicy(
-            trust or platformTrust(),
-            load_client_certificate(config.client_cert, config.client_key),
-        )
-    return BrowserLikePolicyForHTTPS(trustRoot=trust)
+def tls_policy(config: HttpConnectorConfig) -> IPolicyForHTTPS | None:
+    """
+    How HTTPS is verified (:func:`oemrelay.tls.client_tls_policy`); None for
+    an ``http://`` end server with no TLS keys, which then never loads
+    pyOpenSSL.
+    """
+    if not config.uses_tls:
+        return None
+    from ..tls import client_tls_policy
+
+    return client_tls_policy(config.ca_file, config.client_cert, config.client_key)
 
 
 def build_http_client(reactor, config: HttpConnectorConfig) -> HttpClient:
@@ -254,7 +221,8 @@ def build_token_client(reactor, config: HttpConnectorConfig) -> HTTPClient:
     kept.
     """
     pool = _QuietConnectionPool(reactor, persistent=False)
-    agent = Agent(reactor, tls_policy(config), pool=pool)
+    policy = tls_policy(config)
+    agent = Agent(reactor, policy, pool=pool) if policy else Agent(reactor, pool=pool)
     # The token endpoint's cookies must never travel with a later request.
     no_cookies = CookieJar(DefaultCookiePolicy(allowed_domains=[]))
     return HTTPClient(agent, cookiejar=no_cookies)
