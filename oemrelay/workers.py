@@ -2,11 +2,16 @@
 Several worker processes serving devices on the same listening sockets
 (``[relay] workers``), for a relay that needs more than one core.
 
-The process twistd runs (the parent) opens each ``[relay] listen`` socket,
-never accepts on it, and starts the workers: each is ``python -m
-oemrelay.worker_main`` running the normal :func:`~oemrelay.service.build_service`
-on sockets it inherits (``adoptStreamPort``), with its own HTTP pools and
-profile cache; the kernel hands each new device connection to one of them.
+The process twistd runs (the parent) opens each ``[relay] listen`` socket
+once per worker, all with ``SO_REUSEPORT`` on the same address, never accepts
+on them, and starts the workers: each is ``python -m oemrelay.worker_main``
+running the normal :func:`~oemrelay.service.build_service` on its own
+sockets, inherited (``adoptStreamPort``), with its own HTTP pools and profile
+cache.  The kernel spreads new device connections evenly over the sockets (by
+address hash); one socket shared by all, as before, let the worker that woke
+first take most (19,025, 15,945 and 13,135 of 48,105 held devices), and the
+busiest reached ``max_connections`` first.  A restarted worker inherits its
+predecessor's sockets, and the connections waiting in them.
 A relay whose devices need no TLS starts workers without pyOpenSSL
 (:mod:`oemrelay.worker_main`).
 The parent alone releases this node's stale registry entries at start, serves
@@ -30,6 +35,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import sys
 import tempfile
 from collections.abc import Callable, Iterable, Mapping
@@ -37,6 +43,7 @@ from typing import TYPE_CHECKING
 
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService, Service
+from twisted.internet import tcp
 from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.internet.endpoints import _WrapperServerEndpoint, serverFromString
 from twisted.internet.error import CannotListenError, ProcessDone
@@ -232,6 +239,35 @@ class _NeverAccepts(Factory):
 _NEVER_ACCEPTS = _NeverAccepts()
 
 
+class _ReusePort(tcp.Port):
+    """A listening TCP port whose socket shares its address (SO_REUSEPORT)."""
+
+    def createInternetSocket(self):  # noqa: N802 - Twisted's name
+        skt = super().createInternetSocket()
+        skt.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        return skt
+
+
+class _ReusePortListener:
+    """
+    The reactor as a TCP endpoint sees it, listening with SO_REUSEPORT; after
+    the first port, on the port number that one got (``tcp:0`` picks one).
+    """
+
+    def __init__(self, reactor) -> None:
+        self._reactor = reactor
+        self._port_number: int | None = None
+
+    def listenTCP(self, port: int, factory, backlog: int = 50, interface: str = ""):  # noqa: N802
+        listening = _ReusePort(
+            port if self._port_number is None else self._port_number,
+            factory, backlog, interface, self._reactor,
+        )
+        listening.startListening()
+        self._port_number = listening.getHost().port
+        return listening
+
+
 class WorkerSupervisor(Service):
     """
     Opens the shared listening sockets, starts ``count`` workers and keeps
@@ -263,7 +299,10 @@ class WorkerSupervisor(Service):
         self._command = command or (lambda spec: [sys.executable, "-m", "oemrelay.worker_main", spec])
         self._restart_delay = restart_delay
         self._ports: list = []
-        self._sockets: dict[str, tuple[int, int]] = {}
+        #: Each worker's sockets, by index: description -> (fd, family).
+        self._sockets: dict[int, dict[str, tuple[int, int]]] = {
+            index: {} for index in range(1, count + 1)
+        }
         #: The running workers, by index.
         self.workers: dict[int, tuple[object, _WorkerProcess]] = {}
         self._restarts: dict[int, object] = {}
@@ -271,20 +310,27 @@ class WorkerSupervisor(Service):
     def privilegedStartService(self) -> None:
         super().privilegedStartService()
         for description in self._descriptions:
-            endpoint = tcp_endpoint(serverFromString(self._reactor, description))
-            outcome: list = []
-            # A TCP endpoint listens at once: its Deferred has fired on return.
-            endpoint.listen(_NEVER_ACCEPTS).addBoth(outcome.append)
-            [port] = outcome
-            if isinstance(port, Failure):
-                error = port.value
-                reason = error.socketError if isinstance(error, CannotListenError) else error
-                sys.stderr.write(f"oemrelay: [relay] listen: {description}: cannot listen: {reason}\n")
-                raise SystemExit(START_FAILED)
-            # The parent never accepts: the workers do.
-            port.stopReading()
-            self._ports.append(port)
-            self._sockets[description] = (port.fileno(), port.addressFamily)
+            listener = _ReusePortListener(self._reactor)
+            endpoint = tcp_endpoint(serverFromString(listener, description))
+            for sockets in self._sockets.values():
+                port = self._listen(endpoint, description)
+                self._ports.append(port)
+                sockets[description] = (port.fileno(), port.addressFamily)
+
+    @staticmethod
+    def _listen(endpoint, description: str):
+        outcome: list = []
+        # A TCP endpoint listens at once: its Deferred has fired on return.
+        endpoint.listen(_NEVER_ACCEPTS).addBoth(outcome.append)
+        [port] = outcome
+        if isinstance(port, Failure):
+            error = port.value
+            reason = error.socketError if isinstance(error, CannotListenError) else error
+            sys.stderr.write(f"oemrelay: [relay] listen: {description}: cannot listen: {reason}\n")
+            raise SystemExit(START_FAILED)
+        # The parent never accepts: the workers do.
+        port.stopReading()
+        return port
 
     def startService(self) -> None:
         super().startService()
@@ -300,9 +346,10 @@ class WorkerSupervisor(Service):
 
     def _spawn(self, index: int) -> None:
         self._restarts.pop(index, None)
-        spec = json.dumps({**self._spec, "index": index, "sockets": self._sockets})
+        sockets = self._sockets[index]
+        spec = json.dumps({**self._spec, "index": index, "sockets": sockets})
         protocol = _WorkerProcess(self, index)
-        fds = {0: "w", 1: "r", 2: "r", **{fd: fd for fd, _ in self._sockets.values()}}
+        fds = {0: "w", 1: "r", 2: "r", **{fd: fd for fd, _ in sockets.values()}}
         argv = self._command(spec)
         process = self._reactor.spawnProcess(
             protocol, argv[0], argv, env=dict(os.environ), childFDs=fds

@@ -122,19 +122,25 @@ class ParentLinesTests(SynchronousTestCase):
         self.assertEqual(self.lost, [True])
 
 
-#: A stand-in worker: records its start, the port of the inherited socket and
-#: what the parent sends; the first one started exits at once with status 3.
+#: A stand-in worker: records its start, the inherited socket (descriptor,
+#: port, whether it has SO_REUSEPORT) and what the parent sends; worker 1's
+#: first start exits at once with status 3.
 _FAKE_WORKER = textwrap.dedent(
     """
     import json, os, signal, socket, sys
     spec = json.loads(sys.argv[1])
     out = spec["out"]
-    first = not os.path.exists(out)
+    index = spec["index"]
+    first = not os.path.exists(f"{out}.{index}")
+    open(f"{out}.{index}", "w").close()
     [(fd, family)] = spec["sockets"].values()
-    port = socket.socket(fileno=fd).getsockname()[1]
+    listening = socket.socket(fileno=fd)
+    port = listening.getsockname()[1]
+    shared = listening.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT)
+    listening.detach()
     with open(out, "a") as f:
-        f.write(f"started {spec['index']} {port}\\n")
-    if first:
+        f.write(f"started {index} {fd} {port} {shared}\\n")
+    if first and index == 1:
         sys.exit(3)
     def stop(signum, frame):
         with open(out, "a") as f:
@@ -167,7 +173,7 @@ class WorkerSupervisorTests(TestCase):
             return f.read().splitlines()
 
     async def test_lifecycle(self) -> None:
-        """A worker that exits is restarted and logged; forget reaches it; stopping ends it."""
+        """Each worker has its own socket on the port; one that exits is restarted on it and logged; forget reaches them; stopping ends them."""
         self.out = os.path.abspath(self.mktemp())
         events: list = []
         globalLogPublisher.addObserver(events.append)
@@ -175,7 +181,7 @@ class WorkerSupervisorTests(TestCase):
         supervisor = WorkerSupervisor(
             reactor,
             ("tcp:0:interface=127.0.0.1",),
-            1,
+            2,
             {"out": self.out},
             stop_timeout=10,
             command=lambda spec: [sys.executable, "-c", _FAKE_WORKER, spec],
@@ -183,23 +189,34 @@ class WorkerSupervisorTests(TestCase):
         )
         supervisor.startService()
         self.addCleanup(lambda: supervisor.stopService() if supervisor.running else None)
-        await self.wait_for("the restart", lambda: len(self.lines()) >= 2)
-        first, second = self.lines()[:2]
-        self.assertEqual(first, second)  # same index, same inherited socket
+        await self.wait_for("the restart", lambda: len(self.started()) >= 3)
         listening = supervisor._ports[0].getHost().port
-        self.assertEqual(first, f"started 1 {listening}")
+        starts = [line.split()[1:] for line in self.started()]
+        by_worker = {index: {tuple(rest) for i, *rest in starts if i == index} for index in "12"}
+        # One socket each, SO_REUSEPORT on the same port; the restart inherits worker 1's.
+        [(fd_1, port_1, shared_1)] = by_worker["1"]
+        [(fd_2, port_2, shared_2)] = by_worker["2"]
+        self.assertNotEqual(fd_1, fd_2)
+        self.assertEqual((port_1, port_2), (str(listening), str(listening)))
+        self.assertEqual((shared_1, shared_2), ("1", "1"))
+        self.assertEqual(len([start for start in starts if start[0] == "1"]), 2)
         self.assertTrue(
             any(e.get("log_format", "").startswith("worker {index} ended") for e in events)
         )
         await self.wait_for("the worker to run", lambda: 1 in supervisor.workers)
         supervisor.forget([5, 6])
         supervisor.forget(None)
-        await self.wait_for("the forget lines", lambda: "got forget *" in self.lines())
-        self.assertIn("got forget 5 6", self.lines())
+        await self.wait_for(
+            "the forget lines", lambda: self.lines().count("got forget *") == 2
+        )
+        self.assertEqual(self.lines().count("got forget 5 6"), 2)
         await supervisor.stopService()
-        self.assertEqual(self.lines()[-1], "terminated")
+        self.assertEqual(self.lines().count("terminated"), 2)
         self.assertEqual(supervisor.workers, {})
-        self.assertEqual(len([line for line in self.lines() if line.startswith("started")]), 2)
+        self.assertEqual(len(self.started()), 3)
+
+    def started(self) -> list[str]:
+        return [line for line in self.lines() if line.startswith("started")]
 
 
 class LogPipeTests(SynchronousTestCase):
