@@ -52,19 +52,19 @@ def main() -> None:
     endpoint = (TCP6ClientEndpoint if ":" in host else TCP4ClientEndpoint)(reactor, host, port, timeout=60)
     gate = DeferredSemaphore(CONNECTING)
     round_trips: list[float] = []
-    failed = 0
+    failures: dict[str, int] = {}
     held = []
 
     async def one(serial: int) -> None:
-        nonlocal failed
         await gate.acquire()
         try:
             holder = _Holder(serial)
             held.append(holder)
             await connectProtocol(endpoint, holder)
             round_trips.append(await holder.answered)
-        except Exception:
-            failed += 1
+        except Exception as error:
+            reason = type(error).__name__
+            failures[reason] = failures.get(reason, 0) + 1
         finally:
             gate.release()
 
@@ -74,7 +74,7 @@ def main() -> None:
         await gatherResults([Deferred.fromCoroutine(one(base + n)) for n in range(count)])
         print(json.dumps({
             "connected": len(round_trips),
-            "failed": failed,
+            "failed": failures,
             "hello_p99_ms": percentile(round_trips, 99) * 1000,
         }), flush=True)
 
