@@ -756,15 +756,53 @@ def _remember_layout(length: int, headers: list[int], short: tuple[tuple[int, in
     )
 
 
+class _KnownFrame(NamedTuple):
+    """A whole 0x04 payload's layout walked before: every record length and field header."""
+
+    headers: struct.Struct
+    expected: tuple[int, ...]
+    shape: FrameShape
+
+
+#: The payload layout last walked for each payload length, tried before the
+#: records': a device logs records of one layout, and uploads as many at a
+#: time, so most payloads match one in a single unpack.  Keyed on layout,
+#: never values (the first seq is read afresh); bounded.
+_FRAME_BY_LENGTH: dict[int, _KnownFrame] = {}
+_MAX_KNOWN_FRAMES = 512
+
+
+def _remember_frame(length: int, records: list[tuple[int, tuple[int, ...]]], shape: FrameShape) -> None:
+    if length not in _FRAME_BY_LENGTH and len(_FRAME_BY_LENGTH) >= _MAX_KNOWN_FRAMES:
+        return
+    layout = ["<"]
+    expected: list[int] = []
+    for record_length, headers in records:
+        # The record's length, the rest of its header, then each field's
+        # header and the bytes it declares.
+        layout.append(f"H{_RECORD_HEADER.size - 2}x")
+        layout.extend(f"H{header >> 8}x" for header in headers)
+        expected.append(record_length)
+        expected.extend(headers)
+    _FRAME_BY_LENGTH[length] = _KnownFrame(
+        struct.Struct("".join(layout)), tuple(expected), shape._replace(first_seq=None)
+    )
+
+
 def data_records_shape(payload: bytes) -> FrameShape:
     """
     The shape of a 0x04 payload, validated exactly as parse_data_records
     validates it (the same ProtocolError, with the same message).
     """
+    end = len(payload)
+    frame = _FRAME_BY_LENGTH.get(end)
+    if frame is not None and frame.headers.unpack_from(payload) == frame.expected:
+        return frame.shape._replace(first_seq=_seq_at(payload, 0))
     records = fields = 0
     short: list[tuple[int, int]] = []
+    # Each record's length and field headers, while all are in the short form.
+    layouts: list[tuple[int, tuple[int, ...]]] | None = []
     offset = 0
-    end = len(payload)
     min_size = FIELD_MIN_SIZE
     known_layouts = _LAYOUT_BY_LENGTH
     while offset < end:
@@ -783,6 +821,8 @@ def data_records_shape(payload: bytes) -> FrameShape:
             fields += known.field_count
             if known.short_fields:
                 short.extend(known.short_fields)
+            if layouts is not None:
+                layouts.append((length, known.expected))
             offset = record_end
             continue
         at = offset + _RECORD_HEADER.size
@@ -825,12 +865,17 @@ def data_records_shape(payload: bytes) -> FrameShape:
             count += 1
         if headers is not None:
             _remember_layout(length, headers, tuple(short[record_short:]))
+            if layouts is not None:
+                layouts.append((length, tuple(headers)))
+        else:
+            layouts = None
         records += 1
         fields += count
         offset = record_end
-    return FrameShape(
-        records, fields, _seq_at(payload, 0) if records else None, tuple(short)
-    )
+    shape = FrameShape(records, fields, _seq_at(payload, 0) if records else None, tuple(short))
+    if layouts:
+        _remember_frame(end, layouts, shape)
+    return shape
 
 
 def fixed_records_shape(payload: bytes) -> FrameShape:

@@ -252,6 +252,7 @@ class KnownLayoutTests(SynchronousTestCase):
 
         self.codec = codec
         self.patch(codec, "_LAYOUT_BY_LENGTH", {})
+        self.patch(codec, "_FRAME_BY_LENGTH", {})
 
     def record(self, body: bytes, seq: int = 9) -> bytes:
         return struct.pack("<HIIB", 11 + len(body), seq, 0, 1) + body
@@ -288,6 +289,50 @@ class KnownLayoutTests(SynchronousTestCase):
         with self.assertRaises(ProtocolError) as decoded:
             parse_data_records(damaged_record)
         self.assertEqual(str(walked.exception), str(decoded.exception))
+
+    def test_known_frame_reads_its_own_first_seq(self) -> None:
+        """A payload laid out like one walked before keeps its counts and short fields, with its own first seq."""
+        body = b"\x02\x02" + bytes(2) + b"\x1a\x08" + bytes(8)
+        data_records_shape(self.record(body, seq=9) + self.record(body, seq=10))
+        self.assertEqual(len(self.codec._FRAME_BY_LENGTH), 1)
+        self.assertEqual(
+            data_records_shape(self.record(body, seq=500) + self.record(body, seq=501)),
+            (2, 4, 500, ((2, 2), (2, 2)), ()),
+        )
+
+    def test_same_payload_length_other_layout(self) -> None:
+        """A payload as long as a known one but laid out otherwise is walked: its own fields."""
+        data_records_shape(self.record(b"\x02\x08" + bytes(8)) * 2)
+        other = self.record(b"\x02\x02" + bytes(2)) + self.record(b"\x09\x0e" + bytes(14))
+        self.assertSameAs(other, (2, 2, 9, ((2, 2),), ()))
+
+    def test_damaged_payload_of_known_length(self) -> None:
+        """A payload of a known length whose field overruns its record gets the decoder's error."""
+        data_records_shape(self.record(b"\x02\x08" + bytes(8)) * 2)
+        damaged_payload = self.record(b"\x02\x08" + bytes(8)) + self.record(b"\x02\x09" + bytes(8))
+        with self.assertRaises(ProtocolError) as walked:
+            data_records_shape(damaged_payload)
+        with self.assertRaises(ProtocolError) as decoded:
+            parse_data_records(damaged_payload)
+        self.assertEqual(str(walked.exception), str(decoded.exception))
+
+    def test_payload_with_extended_length_never_remembered(self) -> None:
+        """A payload holding an extended-length field is walked every time."""
+        data_records_shape(self.record(b"\x02\x08" + bytes(8)) + self.record(b"\x09\xff\x02\x00\xaa\xbb"))
+        self.assertEqual(self.codec._FRAME_BY_LENGTH, {})
+
+    def test_frames_bounded(self) -> None:
+        """At the bound new payload lengths are not remembered, and are walked right."""
+        self.patch(self.codec, "_MAX_KNOWN_FRAMES", 2)
+        for size in (1, 2, 3):
+            data_records_shape(self.record(b"\x09" + bytes([size]) + bytes(size)) * 2)
+        self.assertEqual(sorted(self.codec._FRAME_BY_LENGTH), [28, 30])
+        self.assertSameAs(self.record(b"\x09\x03" + bytes(3)) * 2, (2, 2, 9, (), ()))
+
+    def assertSameAs(self, payload: bytes, shape: tuple) -> None:
+        self.assertEqual(data_records_shape(payload), shape)
+        records = parse_data_records(payload)
+        self.assertEqual((len(records), sum(len(r.fields) for r in records)), shape[:2])
 
     def test_bounded(self) -> None:
         """At the bound, new lengths are not remembered; known ones are still updated."""
