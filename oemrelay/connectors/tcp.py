@@ -36,6 +36,7 @@ from twisted.python.failure import Failure
 from ..codec import COMMIT_REQUEST, Frame, FrameDecoder, Hello, MessageType, ProtocolError
 from ..config import TcpConnectorConfig
 from ..relay import DeliveryFailed, DeviceProfile, Upload
+from ..writes import write_now
 
 log = Logger(namespace="oemrelay.connectors.tcp")
 
@@ -268,21 +269,23 @@ class TcpLink:
         self._unsent.append(frame)
 
     def _write_frame(self, frame: Frame) -> None:
-        self._protocol.transport.write(frame.to_bytes())
+        write_now(self._protocol.transport, frame.to_bytes())
 
     def _send_hello(self, protocol: _EndServerProtocol) -> None:
         self._protocol = protocol
         unsent, self._unsent = self._unsent, []
-        protocol.transport.write(
-            self._hello_frame + b"".join(frame.to_bytes() for frame in unsent)
+        write_now(
+            protocol.transport,
+            self._hello_frame + b"".join(frame.to_bytes() for frame in unsent),
         )
 
     def _drop_late_connection(self, protocol: _EndServerProtocol) -> None:
         protocol.transport.loseConnection()
 
     def _send_upload(self, *_: object) -> None:
-        self._protocol.transport.write(
-            b"".join(frame.to_bytes() for frame in self._upload.frames) + COMMIT_REQUEST
+        write_now(
+            self._protocol.transport,
+            b"".join(frame.to_bytes() for frame in self._upload.frames) + COMMIT_REQUEST,
         )
 
     def _answer_upload(self, status: bytes) -> None:
