@@ -6,10 +6,12 @@ One load process of the benchmark: a fleet of simulated devices
 
 The devices (each sending the same pre-encoded records every time, see
 :func:`_cheap_uploads`) connect and upload as fast as the relay commits (or, with RATE,
-that many uploads per second in all); after WARMUP seconds it prints
+that many uploads per second in all); after WARMUP seconds, and once every
+device is connected and has had an upload committed, it prints
 ``measuring`` (the caller samples the relay's CPU then), and after SECONDS
-more one JSON line: records and uploads committed in the window, its length
-and the commit latency percentiles of the window's commits.
+more one JSON line: records and uploads committed in the window, its length,
+the commit latency percentiles of the window's commits and the devices that
+had to reconnect in it.
 """
 
 from __future__ import annotations
@@ -67,7 +69,14 @@ async def measure(port: int, devices: int, records: int, warmup: float, seconds:
     running = Deferred.fromCoroutine(fleet.run())
     await task.deferLater(reactor, warmup, lambda: None)
     stats = fleet.stats
+    # The window opens once every device is connected and has had an upload
+    # committed: no connection storm inside it.
+    for _ in range(600):
+        if stats.connected >= devices and stats.uploads >= devices:
+            break
+        await task.deferLater(reactor, 0.1, lambda: None)
     records_before, uploads_before, latencies_before = stats.records, stats.uploads, len(stats.latencies)
+    reconnects_before = stats.reconnects
     print("measuring", flush=True)
     started = time.monotonic()
     await task.deferLater(reactor, seconds, lambda: None)
@@ -78,6 +87,7 @@ async def measure(port: int, devices: int, records: int, warmup: float, seconds:
         "uploads": stats.uploads - uploads_before,
         "seconds": elapsed,
         "withheld": stats.withheld,
+        "reconnects": stats.reconnects - reconnects_before,
         "p50": percentile(window, 50) * 1000,
         "p99": percentile(window, 99) * 1000,
     }
