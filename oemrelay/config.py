@@ -370,6 +370,7 @@ def _connection_limit(value: str) -> int:
 def _byte_count(value: str) -> int:
     return _whole_number(value, "bytes", 1)
 
+
 #: ``tls_min_version`` values (oemrelay.tls.MIN_VERSIONS maps them to
 #: protocol versions; named here so reading a configuration loads no TLS).
 TLS_MIN_VERSIONS = ("1.2", "1.3")

@@ -1,5 +1,5 @@
 """
-Several worker processes serving devices on the same listening sockets
+Several worker processes serving devices on the same listening addresses
 (``[relay] workers``), for a relay that needs more than one core.
 
 The process twistd runs (the parent) opens each ``[relay] listen`` socket
@@ -11,9 +11,10 @@ cache.  The kernel spreads new device connections evenly over the sockets (by
 address hash); one socket shared by all, as before, let the worker that woke
 first take most (19,025, 15,945 and 13,135 of 48,105 held devices), and the
 busiest reached ``max_connections`` first.  A restarted worker inherits its
-predecessor's sockets, and the connections waiting in them.
-A relay whose devices need no TLS starts workers without pyOpenSSL
+predecessor's sockets, and the connections waiting in them.  A relay whose
+devices need no TLS starts workers without pyOpenSSL
 (:mod:`oemrelay.worker_main`).
+
 The parent alone releases this node's stale registry entries at start, serves
 the management API and tells every worker, over its stdin, which devices the
 API changed (so their profile caches forget them at once).
@@ -270,7 +271,7 @@ class _ReusePortListener:
 
 class WorkerSupervisor(Service):
     """
-    Opens the shared listening sockets, starts ``count`` workers and keeps
+    Opens each worker's listening sockets, starts ``count`` workers and keeps
     them running; stopping it stops them.
 
     :param command: the worker's argv for a spec (JSON text); a test passes
@@ -457,4 +458,3 @@ def build_supervisor(config: Config, reactor, on_start_failure: Callable[[], Non
             Listener("api", description, api, reactor, on_start_failure).setServiceParent(top)
     StartupSummary(config, registry.url_for_logs).setServiceParent(top)
     return top
-
