@@ -249,6 +249,22 @@ class _ReusePort(tcp.Port):
         return skt
 
 
+def _refuse_if_taken(port: int, interface: str) -> None:
+    """
+    CannotListenError if something listens on the address already.  Another
+    relay's SO_REUSEPORT sockets would otherwise let this one join them and
+    split its devices, where a second relay on a port should fail to start.
+    """
+    family = socket.AF_INET6 if ":" in interface else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        # As Twisted's listening sockets: connections in TIME_WAIT do not count.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((interface, port))
+        except OSError as error:
+            raise CannotListenError(interface, port, error) from None
+
+
 class _ReusePortListener:
     """
     The reactor as a TCP endpoint sees it, listening with SO_REUSEPORT; after
@@ -260,6 +276,8 @@ class _ReusePortListener:
         self._port_number: int | None = None
 
     def listenTCP(self, port: int, factory, backlog: int = 50, interface: str = ""):  # noqa: N802
+        if self._port_number is None and port:
+            _refuse_if_taken(port, interface)
         listening = _ReusePort(
             port if self._port_number is None else self._port_number,
             factory, backlog, interface, self._reactor,

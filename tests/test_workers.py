@@ -6,6 +6,7 @@ short-lived subprocesses on loopback.
 
 from __future__ import annotations
 
+import io
 import os
 import socket
 import sys
@@ -214,6 +215,26 @@ class WorkerSupervisorTests(TestCase):
         self.assertEqual(self.lines().count("terminated"), 2)
         self.assertEqual(supervisor.workers, {})
         self.assertEqual(len(self.started()), 3)
+
+    def test_port_taken_by_another_relay(self) -> None:
+        """A port another relay's SO_REUSEPORT workers listen on is refused, not shared."""
+        other = socket.socket()
+        self.addCleanup(other.close)
+        other.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        other.bind(("127.0.0.1", 0))
+        other.listen(5)
+        port = other.getsockname()[1]
+        supervisor = WorkerSupervisor(
+            reactor, (f"tcp:{port}:interface=127.0.0.1",), 2, {}, stop_timeout=10,
+            command=lambda spec: [sys.executable, "-c", "pass"],
+        )
+        errors = io.StringIO()
+        self.patch(sys, "stderr", errors)
+        with self.assertRaises(SystemExit):
+            supervisor.privilegedStartService()
+        self.assertIn(f"tcp:{port}:interface=127.0.0.1: cannot listen", errors.getvalue())
+        self.assertIn("Address already in use", errors.getvalue())
+        self.assertEqual(supervisor._ports, [])
 
     def started(self) -> list[str]:
         return [line for line in self.lines() if line.startswith("started")]
