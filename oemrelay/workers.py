@@ -11,7 +11,8 @@ cache.  The kernel spreads new device connections evenly over the sockets (by
 address hash); one socket shared by all, as before, let the worker that woke
 first take most (19,025, 15,945 and 13,135 of 48,105 held devices), and the
 busiest reached ``max_connections`` first.  A restarted worker inherits its
-predecessor's sockets, and the connections waiting in them.  A relay whose
+predecessor's sockets, and the connections waiting in them.  An address
+something already listens on is refused, as without SO_REUSEPORT.  A relay whose
 devices need no TLS starts workers without pyOpenSSL
 (:mod:`oemrelay.worker_main`).
 
