@@ -283,12 +283,7 @@ class KnownLayoutTests(SynchronousTestCase):
     def test_damaged_record_of_known_length(self) -> None:
         """A record of a known length whose field overruns it gets the decoder's error."""
         data_records_shape(self.record(b"\x02\x08" + bytes(8)))
-        damaged_record = self.record(b"\x02\x09" + bytes(8))
-        with self.assertRaises(ProtocolError) as walked:
-            data_records_shape(damaged_record)
-        with self.assertRaises(ProtocolError) as decoded:
-            parse_data_records(damaged_record)
-        self.assertEqual(str(walked.exception), str(decoded.exception))
+        self.assertRefusedAsDecoded(self.record(b"\x02\x09" + bytes(8)))
 
     def test_known_frame_reads_its_own_first_seq(self) -> None:
         """A payload laid out like one walked before keeps its counts and short fields, with its own first seq."""
@@ -309,12 +304,9 @@ class KnownLayoutTests(SynchronousTestCase):
     def test_damaged_payload_of_known_length(self) -> None:
         """A payload of a known length whose field overruns its record gets the decoder's error."""
         data_records_shape(self.record(b"\x02\x08" + bytes(8)) * 2)
-        damaged_payload = self.record(b"\x02\x08" + bytes(8)) + self.record(b"\x02\x09" + bytes(8))
-        with self.assertRaises(ProtocolError) as walked:
-            data_records_shape(damaged_payload)
-        with self.assertRaises(ProtocolError) as decoded:
-            parse_data_records(damaged_payload)
-        self.assertEqual(str(walked.exception), str(decoded.exception))
+        self.assertRefusedAsDecoded(
+            self.record(b"\x02\x08" + bytes(8)) + self.record(b"\x02\x09" + bytes(8))
+        )
 
     def test_payload_with_extended_length_never_remembered(self) -> None:
         """A payload holding an extended-length field is walked every time."""
@@ -328,6 +320,13 @@ class KnownLayoutTests(SynchronousTestCase):
             data_records_shape(self.record(b"\x09" + bytes([size]) + bytes(size)) * 2)
         self.assertEqual(sorted(self.codec._FRAME_BY_LENGTH), [28, 30])
         self.assertSameAs(self.record(b"\x09\x03" + bytes(3)) * 2, (2, 2, 9, (), ()))
+
+    def assertRefusedAsDecoded(self, payload: bytes) -> None:
+        with self.assertRaises(ProtocolError) as walked:
+            data_records_shape(payload)
+        with self.assertRaises(ProtocolError) as decoded:
+            parse_data_records(payload)
+        self.assertEqual(str(walked.exception), str(decoded.exception))
 
     def assertSameAs(self, payload: bytes, shape: tuple) -> None:
         self.assertEqual(data_records_shape(payload), shape)
