@@ -156,7 +156,6 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
 
 
 @functools.lru_cache(maxsize=256)
-@functools.lru_cache(maxsize=256)
 def _format_paramstyle(sql: str) -> str:
     """``?`` placeholders as ``%s`` (and a literal ``%`` doubled), for psycopg."""
     return sql.replace("%", "%%").replace("?", "%s")

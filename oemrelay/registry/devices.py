@@ -487,13 +487,21 @@ class DeviceStore:
         return self._database.interaction(self._txn_record_presence, presence)
 
     def _txn_record_presence(self, txn: adbapi.Transaction, presence: list) -> None:
-        for serial, hello, node, first_connected, connected, disconnected in presence:
-            if hello is not None:
-                self._database.execute(
-                    txn, _RECORD_HELLO, _hello_values(hello, node, first_connected, connected)
-                )
-            if disconnected is not None:
-                self._database.execute(txn, _RECORD_DISCONNECTED, (False, disconnected, serial, node))
+        # Each serial is in the batch once: every hello before every
+        # disconnection keeps each device's own hello before its disconnection.
+        hellos = [
+            _hello_values(hello, node, first_connected, connected)
+            for _, hello, node, first_connected, connected, _ in presence
+            if hello is not None
+        ]
+        disconnections = [
+            (False, disconnected, serial, node)
+            for serial, _, node, _, _, disconnected in presence
+            if disconnected is not None
+        ]
+        for sql, rows in ((_RECORD_HELLO, hellos), (_RECORD_DISCONNECTED, disconnections)):
+            if rows:
+                self._database.execute_many(txn, sql, rows)
 
     def record_activity(
         self, activity: list[tuple[int, int, float | None, float, str | None]]

@@ -61,10 +61,10 @@ class ProfileCache:
         self._profiles: dict[int, tuple[float, DeviceProfile]] = {}
         # Bumped by forget(): a lookup begun before then is not kept.
         self._forgotten = 0
-        # Serials waiting for the next lookup, with who waits for each.
+        # Serials waiting for the next lookup, with who waits for each; and
+        # those of the lookup under way (empty: none is).
         self._wanted: dict[int, list[Deferred[DeviceProfile]]] = {}
         self._in_flight: dict[int, list[Deferred[DeviceProfile]]] = {}
-        self._looking_up = False
 
     def cached_profile(self, hello: Hello) -> DeviceProfile | None:
         """The device's profile if held and fresh, else None (no lookup begun)."""
@@ -75,23 +75,22 @@ class ProfileCache:
 
     def profile_for(self, hello: Hello) -> Deferred[DeviceProfile]:
         """The device's profile: from memory if fresh, else from the registry."""
-        cached = self._profiles.get(hello.serial)
-        if cached is not None and self._clock.seconds() - cached[0] < self._max_age:
-            return succeed(cached[1])
+        profile = self.cached_profile(hello)
+        if profile is not None:
+            return succeed(profile)
         answer: Deferred[DeviceProfile] = Deferred()
         in_flight = self._in_flight.get(hello.serial)
         if in_flight is not None:
             in_flight.append(answer)  # its answer serves this caller too
             return answer
         self._wanted.setdefault(hello.serial, []).append(answer)
-        if not self._looking_up:
+        if not self._in_flight:
             self._look_up_wanted()
         return answer
 
     def _look_up_wanted(self) -> None:
         wanted, self._wanted = self._wanted, {}
         self._in_flight = wanted
-        self._looking_up = True
         began, forgotten = self._clock.seconds(), self._forgotten
 
         def answered(profiles: dict[int, DeviceProfile]) -> None:
@@ -109,7 +108,6 @@ class ProfileCache:
                     answer.errback(failure)
 
         def next_lookup(_: object) -> None:
-            self._looking_up = False
             self._in_flight = {}
             if self._wanted:
                 self._look_up_wanted()
@@ -194,27 +192,18 @@ class ActivityBatch(TimerService):
 
     def device_connected(self, hello: Hello, node: str, now: float) -> Deferred[None]:
         """Record the device's hello: connected to ``node`` since ``now``."""
-        check_serial(hello.serial)
-        return self._add_presence(hello.serial, _Presence(hello, node, now, now))
+        return self._add(self._presence, hello.serial, _Presence(hello, node, now, now))
 
     def device_disconnected(self, serial: int, node: str, now: float) -> Deferred[None]:
         """Record the device disconnected from ``node`` (unless another node holds it)."""
-        check_serial(serial)
-        return self._add_presence(serial, _Presence(None, node, disconnected=now))
-
-    def _add_presence(self, serial: int, presence: _Presence) -> Deferred[None]:
-        earlier = self._presence.get(serial)
-        self._presence[serial] = presence if earlier is None else earlier.then(presence)
-        if not self.running:
-            return self.flush()
-        return succeed(None)
+        return self._add(self._presence, serial, _Presence(None, node, disconnected=now))
 
     def upload_committed(self, serial: int, record_count: int, now: float) -> Deferred[None]:
         """Count ``record_count`` records delivered and clear the device's last error."""
         check_count("record_count", record_count)
         pending = self._pending.get(serial)
         if pending is None or not self.running:
-            return self._add(serial, _Activity(record_count, now, now, None))
+            return self._add(self._pending, serial, _Activity(record_count, now, now, None))
         # The device's entry is this batch's own (a flush takes the dict):
         # added to in place, as then() would, with nothing allocated.
         pending.records += record_count
@@ -226,12 +215,15 @@ class ActivityBatch(TimerService):
 
     def delivery_failed(self, serial: int, reason: str, now: float) -> Deferred[None]:
         """Keep why an upload was not delivered."""
-        return self._add(serial, _Activity(0, None, now, str(reason).replace("\x00", "\\x00")))
+        return self._add(
+            self._pending, serial, _Activity(0, None, now, str(reason).replace("\x00", "\\x00"))
+        )
 
-    def _add(self, serial: int, activity: _Activity) -> Deferred[None]:
+    def _add(self, pending: dict, serial: int, entry: _Activity | _Presence) -> Deferred[None]:
+        """``entry`` merged into ``pending``'s for the device (Activity or Presence)."""
         check_serial(serial)
-        earlier = self._pending.get(serial)
-        self._pending[serial] = activity if earlier is None else earlier.then(activity)
+        earlier = pending.get(serial)
+        pending[serial] = entry if earlier is None else earlier.then(entry)
         if not self.running:
             return self.flush()
         return succeed(None)
