@@ -53,11 +53,11 @@ class FleetActivity(RelayObserver):
             latest = self._minutes[-1]
             if latest.start <= now < latest.start + 60:
                 return latest
+        # Not in the latest minute (or none yet): a new one begins.
         start = int(now // 60) * 60
-        if not self._minutes or self._minutes[-1].start != start:
-            self._minutes.append(_Minute(start))
-            while self._minutes[0].start <= start - WINDOW_MINUTES * 60:
-                self._minutes.popleft()
+        self._minutes.append(_Minute(start))
+        while self._minutes[0].start <= start - WINDOW_MINUTES * 60:
+            self._minutes.popleft()
         return self._minutes[-1]
 
     # -- events --

@@ -324,14 +324,13 @@ GC_THRESHOLDS = (10_000, 20, 100)
 class CollectorTuning(Service):
     """Sets :data:`GC_THRESHOLDS` while running; puts the previous ones back when stopped."""
 
-    def __init__(self, thresholds: tuple[int, int, int] = GC_THRESHOLDS) -> None:
-        self._thresholds = thresholds
+    def __init__(self) -> None:
         self._previous: tuple[int, int, int] | None = None
 
     def startService(self) -> None:
         super().startService()
         self._previous = gc.get_threshold()
-        gc.set_threshold(*self._thresholds)
+        gc.set_threshold(*GC_THRESHOLDS)
 
     def stopService(self) -> None:
         super().stopService()
