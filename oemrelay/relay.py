@@ -558,7 +558,7 @@ class DeviceRoute:
                 return
             if not self._present:
                 self._mark_present()
-            for name in self._connectors_of(profile):
+            for name in self._relay.plan_for(profile.connector).names:
                 if not self._closed and name in self._relay.connectors:
                     self.link_for(name)
 
@@ -571,9 +571,6 @@ class DeviceRoute:
         # A failed lookup is retried, and reported, by the upload's own.
         lookup = self._registry.profile_for(self._hello)
         lookup.addCallbacks(open_links, lambda _: None).addCallback(opened)
-
-    def _connectors_of(self, profile: DeviceProfile) -> tuple[str, ...]:
-        return connector_names(profile.connector or self._relay.default_connector)
 
     def link_for(self, connector_name: str) -> Link:
         """This connection's link to ``connector_name``, opened on first use."""

@@ -27,7 +27,7 @@ from collections import deque
 from collections.abc import Callable, Mapping
 from urllib.parse import quote
 
-from twisted.internet.defer import Deferred, TimeoutError, succeed
+from twisted.internet.defer import Deferred, DeferredList, TimeoutError, succeed
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.protocol import Factory, Protocol
 
@@ -108,6 +108,19 @@ class Answer:
 _HEAD, _LENGTH, _CHUNK_SIZE, _CHUNK_DATA, _CHUNK_END, _TRAILERS, _UNTIL_CLOSE, _DONE = range(8)
 
 
+def _end_within(buffer: bytes, marker: bytes, limit: int, too_long: str) -> int:
+    """
+    Where ``marker`` (ending a head, trailers or a chunk size line) starts in
+    ``buffer``, -1 if not there yet; BadAnswer (``too_long``, its ``{limit}``
+    filled in) if what it ends is over ``limit`` bytes, or must be, as an
+    unended one is at least all but a part of the marker.
+    """
+    end = buffer.find(marker)
+    if (end if end >= 0 else len(buffer) - len(marker) + 1) > limit:
+        raise BadAnswer(too_long.format(limit=limit))
+    return end
+
+
 class ResponseParser:
     """
     Reads one HTTP/1.x answer to a POST from bytes fed in any pieces.
@@ -156,10 +169,10 @@ class ResponseParser:
                 if buffer[:2] == b"\r\n":
                     # Stray empty lines before a status line are ignored (RFC 9112 2.2).
                     buffer = buffer.lstrip(b"\r\n")
-                end = buffer.find(b"\r\n\r\n")
-                # Unended, the head is at least all but 3 bytes (a part of its end).
-                if (end if end >= 0 else len(buffer) - 3) > self._max_head:
-                    raise BadAnswer(f"the answer's header is over {self._max_head} bytes")
+                end = _end_within(
+                    buffer, b"\r\n\r\n", self._max_head,
+                    "the answer's header is over {limit} bytes",
+                )
                 if end < 0:
                     self._buffer = buffer
                     return False
@@ -175,9 +188,9 @@ class ResponseParser:
                 buffer = buffer[remaining:]
                 self._state = _DONE if state == _LENGTH else _CHUNK_END
             elif state == _CHUNK_SIZE:
-                end = buffer.find(b"\r\n")
-                if (end if end >= 0 else len(buffer) - 1) > _MAX_CHUNK_LINE:
-                    raise BadAnswer("a chunk size line of the answer is too long")
+                end = _end_within(
+                    buffer, b"\r\n", _MAX_CHUNK_LINE, "a chunk size line of the answer is too long"
+                )
                 if end < 0:
                     self._buffer = buffer
                     return False
@@ -203,9 +216,10 @@ class ResponseParser:
                     buffer = buffer[2:]
                 else:
                     # Trailer fields are read past and dropped.
-                    end = buffer.find(b"\r\n\r\n")
-                    if (end if end >= 0 else len(buffer) - 3) > self._max_head:
-                        raise BadAnswer(f"the answer's trailers are over {self._max_head} bytes")
+                    end = _end_within(
+                        buffer, b"\r\n\r\n", self._max_head,
+                        "the answer's trailers are over {limit} bytes",
+                    )
                     if end < 0:
                         self._buffer = buffer
                         return False
@@ -681,16 +695,4 @@ class HttpClient:
         connection has closed.
         """
         closing = [server.close() for server in self._servers.values()]
-        done: Deferred[None] = Deferred()
-        remaining = [len(closing)]
-
-        def one_closed(_) -> None:
-            remaining[0] -= 1
-            if remaining[0] == 0:
-                done.callback(None)
-
-        for closed in closing:
-            closed.addCallback(one_closed)
-        if not closing:
-            done.callback(None)
-        return done
+        return DeferredList(closing).addCallback(lambda _: None)
