@@ -51,6 +51,7 @@ from .codec import (
     ProtocolError,
     ShortField,
     TripSummary,
+    _RECORD_HEADER,
     field_header,
     parse_fixed_records,
 )
@@ -228,17 +229,17 @@ def oem_document(hello: Hello, records: Iterable[Record]) -> bytes:
 # twin of the object writer above (the property tests in
 # tests/test_oem_json_bytes.py hold them to the same output, byte for byte).
 
-_RECORD_HEADER = struct.Struct("<HIIB")
-_GPS = struct.Struct("<IiihHBBBBB")
-_DIGITAL = struct.Struct("<IHH")
-_PAIR = struct.Struct("<II")
-_ANALOGUE_ITEM_SIZE = {6: 3, 7: 5}
+# The codec's own layouts, so the two cannot disagree.
+_GPS = GpsFix._LAYOUT
+_DIGITAL = Digital._LAYOUT
+_PAIR = TripSummary._LAYOUT  # and OdometerRunHours'
+_ANALOGUE_ITEM_SIZE = {field_id: item.size for field_id, item in Analogues._ITEMS.items()}
 #: Analogue fields of up to this many readings unpack through one Struct
 #: (and format through one template) each; longer ones item by item.
 _PRECOMPILED_READINGS = 16
 _READINGS_LAYOUT = {
-    (field_id, count): struct.Struct("<" + item * count)
-    for field_id, item in ((6, "BH"), (7, "Bi"))
+    (field_id, count): struct.Struct("<" + item.format[1:] * count)
+    for field_id, item in Analogues._ITEMS.items()
     for count in range(_PRECOMPILED_READINGS + 1)
 }
 _READINGS_TEMPLATE = tuple(
@@ -288,10 +289,7 @@ def _record_json_from_bytes(
             fix_utc = times.get(fix_time)
             if fix_utc is None:
                 fix_utc = times[fix_time] = device_time(fix_time, days)
-            extra = (
-                f'"ExtraRaw":"{_base64(payload[at + 21:field_end])}",'
-                if size > 21 else ""
-            )
+            extra = _extra(payload[at + _GPS.size : field_end])
             fields.append(
                 f'{{"GpsUTC":"{fix_utc}","Lat":{degrees(latitude)},'
                 f'"Long":{degrees(longitude)},"Alt":{altitude},"Spd":{speed},'
@@ -302,20 +300,14 @@ def _record_json_from_bytes(
             item_size = _ANALOGUE_ITEM_SIZE[field_id]
             count = size // item_size
             whole_end = at + count * item_size
-            extra = (
-                f'"ExtraRaw":"{_base64(payload[whole_end:field_end])}",'
-                if whole_end < field_end else ""
-            )
+            extra = _extra(payload[whole_end:field_end])
             fields.append(
                 f'{{"AnalogueData":{{{_readings(field_id, payload, at, count)}}},'
                 f'{extra}"FType":{field_id}}}'
             )
         elif field_id == 2:
             inputs, outputs, status = _DIGITAL.unpack_from(payload, at)
-            extra = (
-                f'"ExtraRaw":"{_base64(payload[at + 8:field_end])}",'
-                if size > 8 else ""
-            )
+            extra = _extra(payload[at + _DIGITAL.size : field_end])
             fields.append(
                 f'{{"DIn":{inputs},"DOut":{outputs},"DevStat":{status},'
                 f'{extra}"FType":2}}'
@@ -331,10 +323,7 @@ def _record_json_from_bytes(
             )
         elif field_id == 26 or field_id == 27:
             first, second = _PAIR.unpack_from(payload, at)
-            extra = (
-                f'"ExtraRaw":"{_base64(payload[at + 8:field_end])}",'
-                if size > 8 else ""
-            )
+            extra = _extra(payload[at + _PAIR.size : field_end])
             keys = ('"TripDist":', ',"TripDur":') if field_id == 26 else ('"Odo":', ',"RunHrs":')
             fields.append(
                 f'{{{keys[0]}{first}{keys[1]}{second},{extra}"FType":{field_id}}}'
@@ -384,8 +373,8 @@ def _compile_record_writer(key: tuple[int, ...]) -> Callable[..., str] | None:
         formats.append("H")
         names.append(f"h{number}")
         headers.append(f"h{number} == {field_id | size << 8}")
-        if field_id == 0 and size == 21:
-            formats.append("IiihHBBBBB")
+        if field_id == 0 and size == _GPS.size:
+            formats.append(_GPS.format[1:])
             names += v[:10]
             lines.append(
                 f"    fix = times.get({v[0]})\n"
@@ -399,8 +388,8 @@ def _compile_record_writer(key: tuple[int, ...]) -> Callable[..., str] | None:
                 f'"SpdAcc":{{{v[5]}}},"Head":{{{v[6]}}},"PDOP":{{{v[7]}}},'
                 f'"PosAcc":{{{v[8]}}},"GpsStat":{{{v[9]}}},"FType":0}}}}'
             )
-        elif field_id == 2 and size == 8:
-            formats.append("IHH")
+        elif field_id == 2 and size == _DIGITAL.size:
+            formats.append(_DIGITAL.format[1:])
             names += v[:3]
             parts.append(
                 f'{{{{"DIn":{{{v[0]}}},"DOut":{{{v[1]}}},"DevStat":{{{v[2]}}},"FType":2}}}}'
@@ -409,7 +398,7 @@ def _compile_record_writer(key: tuple[int, ...]) -> Callable[..., str] | None:
             count = size // _ANALOGUE_ITEM_SIZE[field_id]
             if count > _PRECOMPILED_READINGS:
                 return None
-            formats.append(("BH" if field_id == 6 else "Bi") * count)
+            formats.append(Analogues._ITEMS[field_id].format[1:] * count)
             names += v[: 2 * count]
             if field_id == 6:
                 for i in range(count):
@@ -422,8 +411,8 @@ def _compile_record_writer(key: tuple[int, ...]) -> Callable[..., str] | None:
                 f'"{{{v[2 * i]}}}":{{{v[2 * i + 1]}}}' for i in range(count)
             )
             parts.append(f'{{{{"AnalogueData":{{{{{readings}}}}},"FType":{field_id}}}}}')
-        elif field_id in (26, 27) and size == 8:
-            formats.append("II")
+        elif field_id in (26, 27) and size == _PAIR.size:
+            formats.append(_PAIR.format[1:])
             names += v[:2]
             first, second = ("TripDist", "TripDur") if field_id == 26 else ("Odo", "RunHrs")
             parts.append(
@@ -483,7 +472,7 @@ def _data_records_json(payload: bytes, out: list[str], times: dict, days: dict) 
                 offset = record_end
                 continue
         # The record's layout, checked as parse_data_records checks it.
-        at = offset + 11
+        at = offset + _RECORD_HEADER.size
         key: list[int] = []
         extended = False
         while at < record_end:
@@ -508,7 +497,7 @@ def _data_records_json(payload: bytes, out: list[str], times: dict, days: dict) 
         if writer is None:
             out.append(
                 _record_json_from_bytes(
-                    payload, offset + 11, record_end, seq, time, reason, times, days
+                    payload, offset + _RECORD_HEADER.size, record_end, seq, time, reason, times, days
                 )
             )
         else:
