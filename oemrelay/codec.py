@@ -773,8 +773,6 @@ _MAX_KNOWN_FRAMES = 512
 
 
 def _remember_frame(length: int, records: list[tuple[int, tuple[int, ...]]], shape: FrameShape) -> None:
-    if length not in _FRAME_BY_LENGTH and len(_FRAME_BY_LENGTH) >= _MAX_KNOWN_FRAMES:
-        return
     layout = ["<"]
     expected: list[int] = []
     for record_length, headers in records:
@@ -800,10 +798,12 @@ def data_records_shape(payload: bytes) -> FrameShape:
         return frame.shape._replace(first_seq=_seq_at(payload, 0))
     records = fields = 0
     short: list[tuple[int, int]] = []
-    # Each record's length and field headers, while all are in the short form.
-    layouts: list[tuple[int, tuple[int, ...]]] | None = []
+    # Each record's length and field headers, while all are in the short
+    # form (None: not to be remembered, or no room for another length).
+    layouts: list[tuple[int, tuple[int, ...]]] | None = (
+        [] if frame is not None or len(_FRAME_BY_LENGTH) < _MAX_KNOWN_FRAMES else None
+    )
     offset = 0
-    min_size = FIELD_MIN_SIZE
     known_layouts = _LAYOUT_BY_LENGTH
     while offset < end:
         if end - offset < _RECORD_HEADER.size:
@@ -826,42 +826,20 @@ def data_records_shape(payload: bytes) -> FrameShape:
             offset = record_end
             continue
         at = offset + _RECORD_HEADER.size
+        seq = _seq_at(payload, offset)
         count = 0
         # Each field's id | length byte << 8, while only the short form is seen.
         headers: list[int] | None = []
         record_short = len(short)
         while at < record_end:
-            if count == MAX_FIELDS_PER_RECORD:
-                raise ProtocolError(
-                    f"record {_seq_at(payload, offset)} holds more than"
-                    f" {MAX_FIELDS_PER_RECORD} fields"
-                )
-            if record_end - at < 2:
-                raise ProtocolError(
-                    f"truncated field header in record {_seq_at(payload, offset)}"
-                )
-            field_id = payload[at]
-            size = payload[at + 1]
-            at += 2
-            if size == 255:
-                if record_end - at < 2:
-                    raise ProtocolError(
-                        "truncated extended field length in record"
-                        f" {_seq_at(payload, offset)}"
-                    )
-                size = payload[at] | payload[at + 1] << 8
-                at += 2
-                headers = None
+            field_id, size, data_at = field_header(payload, at, record_end, seq, count)
+            if data_at - at == 4:
+                headers = None  # an extended length
             elif headers is not None:
                 headers.append(field_id | size << 8)
-            if at + size > record_end:
-                raise ProtocolError(
-                    f"field {field_id} in record {_seq_at(payload, offset)} declares"
-                    f" {size} bytes, {record_end - at} left"
-                )
-            if size < min_size[field_id] and (size or field_id not in EMPTY_FIELD_IDS):
+            if is_short_field(field_id, size):
                 short.append((field_id, size))
-            at += size
+            at = data_at + size
             count += 1
         if headers is not None:
             _remember_layout(length, headers, tuple(short[record_short:]))

@@ -51,7 +51,7 @@ from .codec import (
     ProtocolError,
     ShortField,
     TripSummary,
-    _RECORD_HEADER,
+    _RECORD_HEADER as _CODEC_RECORD_HEADER,
     field_header,
     parse_fixed_records,
 )
@@ -229,11 +229,17 @@ def oem_document(hello: Hello, records: Iterable[Record]) -> bytes:
 # twin of the object writer above (the property tests in
 # tests/test_oem_json_bytes.py hold them to the same output, byte for byte).
 
-# The codec's own layouts, so the two cannot disagree.
+# The codec's own layouts, so the two cannot disagree.  (The record header
+# is a Struct of its own with the codec's format: sharing the codec's one
+# measured 4.8k more instructions per 10-record upload under callgrind.)
+_RECORD_HEADER = struct.Struct(_CODEC_RECORD_HEADER.format)
 _GPS = GpsFix._LAYOUT
 _DIGITAL = Digital._LAYOUT
 _PAIR = TripSummary._LAYOUT  # and OdometerRunHours'
 _ANALOGUE_ITEM_SIZE = {field_id: item.size for field_id, item in Analogues._ITEMS.items()}
+# Their sizes as plain globals for the per-field and per-record paths.
+_GPS_SIZE, _DIGITAL_SIZE, _PAIR_SIZE = _GPS.size, _DIGITAL.size, _PAIR.size
+_RECORD_HEADER_SIZE = _RECORD_HEADER.size
 #: Analogue fields of up to this many readings unpack through one Struct
 #: (and format through one template) each; longer ones item by item.
 _PRECOMPILED_READINGS = 16
@@ -289,7 +295,8 @@ def _record_json_from_bytes(
             fix_utc = times.get(fix_time)
             if fix_utc is None:
                 fix_utc = times[fix_time] = device_time(fix_time, days)
-            extra = _extra(payload[at + _GPS.size : field_end])
+            # Most fields hold no bytes past their layout: no slice, no call.
+            extra = _extra(payload[at + _GPS_SIZE : field_end]) if size > _GPS_SIZE else ""
             fields.append(
                 f'{{"GpsUTC":"{fix_utc}","Lat":{degrees(latitude)},'
                 f'"Long":{degrees(longitude)},"Alt":{altitude},"Spd":{speed},'
@@ -300,14 +307,14 @@ def _record_json_from_bytes(
             item_size = _ANALOGUE_ITEM_SIZE[field_id]
             count = size // item_size
             whole_end = at + count * item_size
-            extra = _extra(payload[whole_end:field_end])
+            extra = _extra(payload[whole_end:field_end]) if whole_end < field_end else ""
             fields.append(
                 f'{{"AnalogueData":{{{_readings(field_id, payload, at, count)}}},'
                 f'{extra}"FType":{field_id}}}'
             )
         elif field_id == 2:
             inputs, outputs, status = _DIGITAL.unpack_from(payload, at)
-            extra = _extra(payload[at + _DIGITAL.size : field_end])
+            extra = _extra(payload[at + _DIGITAL_SIZE : field_end]) if size > _DIGITAL_SIZE else ""
             fields.append(
                 f'{{"DIn":{inputs},"DOut":{outputs},"DevStat":{status},'
                 f'{extra}"FType":2}}'
@@ -323,7 +330,7 @@ def _record_json_from_bytes(
             )
         elif field_id == 26 or field_id == 27:
             first, second = _PAIR.unpack_from(payload, at)
-            extra = _extra(payload[at + _PAIR.size : field_end])
+            extra = _extra(payload[at + _PAIR_SIZE : field_end]) if size > _PAIR_SIZE else ""
             keys = ('"TripDist":', ',"TripDur":') if field_id == 26 else ('"Odo":', ',"RunHrs":')
             fields.append(
                 f'{{{keys[0]}{first}{keys[1]}{second},{extra}"FType":{field_id}}}'
@@ -472,7 +479,7 @@ def _data_records_json(payload: bytes, out: list[str], times: dict, days: dict) 
                 offset = record_end
                 continue
         # The record's layout, checked as parse_data_records checks it.
-        at = offset + _RECORD_HEADER.size
+        at = offset + _RECORD_HEADER_SIZE
         key: list[int] = []
         extended = False
         while at < record_end:
@@ -497,7 +504,7 @@ def _data_records_json(payload: bytes, out: list[str], times: dict, days: dict) 
         if writer is None:
             out.append(
                 _record_json_from_bytes(
-                    payload, offset + _RECORD_HEADER.size, record_end, seq, time, reason, times, days
+                    payload, offset + _RECORD_HEADER_SIZE, record_end, seq, time, reason, times, days
                 )
             )
         else:
