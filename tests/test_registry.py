@@ -34,6 +34,7 @@ from oemrelay.relay import DeviceProfile
 
 from oemrelay.registry.devices import device_fields_table, device_json, device_schema
 
+from oemrelay.registry.database import _POSTGRESQL, _SQLITE, ROWS_PER_STATEMENT, Database
 from .postgres import fresh_schema_url
 
 API_DOC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "api.rst")
@@ -268,6 +269,27 @@ class RegistryScenariosMixin:
         await self.registry.devices.record_presence([(9, hello(9), "node-a", NOW, NOW, None)])
         await self.registry.devices.record_activity([(9, 12, NOW + 1, NOW + 1, None)])
         self.assertEqual((await self.registry.get_device(9)).records_committed, 12)
+
+    async def test_record_activity_of_more_devices_than_one_statement_takes(self) -> None:
+        """
+        record_activity records every device of a batch larger than one
+        statement carries (ROWS_PER_STATEMENT on SQLite), with its own figures.
+        """
+        count = ROWS_PER_STATEMENT + 300
+        await self.registry.devices.record_presence(
+            [(serial, hello(serial), "node-a", NOW, NOW, None) for serial in range(1, count + 1)]
+        )
+        await self.registry.devices.record_activity(
+            [(serial, serial, NOW + serial, NOW + serial, None if serial % 7 else f"error {serial}")
+             for serial in range(1, count + 1)]
+        )
+        devices = await self.registry.list_devices(count + 1)
+        self.assertEqual(
+            [(d.serial, d.records_committed, d.last_upload, d.last_seen, d.last_error)
+             for d in devices],
+            [(serial, serial, NOW + serial, NOW + serial, None if serial % 7 else f"error {serial}")
+             for serial in range(1, count + 1)],
+        )
 
     async def test_node_started(self) -> None:
         """node_started disconnects this node's devices and no other node's."""
@@ -729,6 +751,80 @@ class PostgreSQLRegistryTests(RegistryScenariosMixin, TestCase):
         # Only this test's serials: the channel is the whole database's, and
         # tests running beside this one (trial -j) notify on it too.
         self.assertEqual([change for change in told if change and {6, 7} & set(change)], [])
+
+
+class _RecordingTransaction:
+    """A transaction that keeps the statements it was given."""
+
+    def __init__(self) -> None:
+        self.statements: list[tuple[str, str, list]] = []
+
+    def execute(self, sql: str, params) -> None:
+        self.statements.append(("execute", sql, list(params)))
+
+    def executemany(self, sql: str, rows) -> None:
+        self.statements.append(("executemany", sql, list(rows)))
+
+
+class _Pool:
+    def __init__(self, dbapi) -> None:
+        self.dbapi = dbapi
+
+
+class ExecuteRowsTests(SynchronousTestCase):
+    """Database.execute_rows: how a batch of rows becomes statements on each database."""
+
+    @staticmethod
+    def statement_for(rows: int) -> str:
+        return f"statement of {rows} rows ?"
+
+    def run_rows(self, dialect, rows: list) -> list:
+        import sqlite3
+
+        import psycopg
+
+        dbapi = sqlite3 if dialect is _SQLITE else psycopg
+        database = Database(_Pool(dbapi), dialect, "test", reactor)
+        txn = _RecordingTransaction()
+        database.execute_rows(txn, self.statement_for, rows)
+        return txn.statements
+
+    def test_sqlite_one_statement_padded_to_a_power_of_two(self) -> None:
+        """Three rows on SQLite: one statement of four rows, the fourth all NULLs."""
+        self.assertEqual(
+            self.run_rows(_SQLITE, [(1, "a"), (2, "b"), (3, "c")]),
+            [("execute", "statement of 4 rows ?", [1, "a", 2, "b", 3, "c", None, None])],
+        )
+
+    def test_sqlite_single_row_not_padded(self) -> None:
+        self.assertEqual(
+            self.run_rows(_SQLITE, [(1, "a")]), [("execute", "statement of 1 rows ?", [1, "a"])]
+        )
+
+    def test_sqlite_statement_boundary(self) -> None:
+        """ROWS_PER_STATEMENT rows are one statement; one more starts a second."""
+        rows = [(serial,) for serial in range(ROWS_PER_STATEMENT + 1)]
+        whole = self.run_rows(_SQLITE, rows[:-1])
+        self.assertEqual([(kind, sql) for kind, sql, _ in whole],
+                         [("execute", f"statement of {ROWS_PER_STATEMENT} rows ?")])
+        self.assertEqual(whole[0][2], list(range(ROWS_PER_STATEMENT)))
+        split = self.run_rows(_SQLITE, rows)
+        self.assertEqual(
+            [(sql, values) for _, sql, values in split],
+            [(f"statement of {ROWS_PER_STATEMENT} rows ?", list(range(ROWS_PER_STATEMENT))),
+             ("statement of 1 rows ?", [ROWS_PER_STATEMENT])],
+        )
+
+    def test_postgresql_one_row_statement_per_row(self) -> None:
+        """On PostgreSQL each row is the one-row statement, pipelined by executemany."""
+        self.assertEqual(
+            self.run_rows(_POSTGRESQL, [(1, "a"), (2, "b"), (3, "c")]),
+            [("executemany", "statement of 1 rows %s", [(1, "a"), (2, "b"), (3, "c")])],
+        )
+
+    def test_no_rows_no_statement(self) -> None:
+        for dialect in (_SQLITE, _POSTGRESQL):
+            self.assertEqual(self.run_rows(dialect, []), [])
 
 
 class DeviceFieldsTests(SynchronousTestCase):

@@ -31,6 +31,10 @@ from ..registry_url import (  # noqa: F401  (check_postgresql_url: part of this 
 #: The schema version this code creates and understands.
 SCHEMA_VERSION = 2
 
+#: The most rows one statement of :meth:`Database.execute_rows` carries on
+#: SQLite, for rows of up to 31 values (SQLite takes at most 32,766).
+ROWS_PER_STATEMENT = 1024
+
 _log = Logger()
 
 _P = ParamSpec("_P")
@@ -287,6 +291,34 @@ class Database:
     ) -> None:
         """Run one statement written with ``?`` placeholders once per row of ``rows``."""
         txn.executemany(self.sql(sql), rows)
+
+    def execute_rows(
+        self, txn: adbapi.Transaction, statement_for: Callable[[int], str], rows: list[tuple[Any, ...]]
+    ) -> None:
+        """
+        Run ``statement_for(n)``, a statement (``?`` placeholders) taking the
+        values of ``n`` rows in turn, over every row of ``rows``; a row of
+        NULLs must change nothing.
+
+        On PostgreSQL a one-row statement per row: psycopg pipelines them.
+        On SQLite one statement for up to :data:`ROWS_PER_STATEMENT` rows,
+        padded with rows of NULLs to a power of two (so a few statements are
+        prepared, not one per batch size): the sqlite3 module lets go of the
+        GIL for each statement, and a statement per row (executemany) had the
+        pool thread take it back from the reactor's thread once per row.
+        """
+        if not rows:
+            return
+        if self._dialect is _POSTGRESQL:
+            txn.executemany(self.sql(statement_for(1)), rows)
+            return
+        width = len(rows[0])
+        for start in range(0, len(rows), ROWS_PER_STATEMENT):
+            chunk = rows[start : start + ROWS_PER_STATEMENT]
+            count = 1 << (len(chunk) - 1).bit_length()
+            values = [value for row in chunk for value in row]
+            values += [None] * (width * (count - len(chunk)))
+            txn.execute(statement_for(count), values)
 
     def fetch_all(
         self, txn: adbapi.Transaction, sql: str, params: tuple[Any, ...] = ()
