@@ -54,6 +54,9 @@ class Options(usage.Options):
 
 def makeService(options: Options):
     """Build the relay for the loaded configuration."""
+    from . import reactor as relay_reactor
+
+    relay_reactor.install()
     from twisted.internet import reactor
 
     from .service import build_service

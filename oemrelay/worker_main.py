@@ -17,6 +17,9 @@ def main(argv: list[str]) -> None:
     spec = json.loads(argv[0])
     if not spec.get("tls", True):
         sys.modules["OpenSSL"] = None  # importing it now fails at once
+    from . import reactor
+
+    reactor.install()
     from .workers import worker_main
 
     worker_main(spec)

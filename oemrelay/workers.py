@@ -198,7 +198,10 @@ def worker_main(spec: Mapping[str, object]) -> None:
     top.privilegedStartService()
     top.startService()
     reactor.addSystemEventTrigger("before", "shutdown", top.stopService)
-    log.info("worker {index} (pid {pid}) serving", index=spec["index"], pid=os.getpid())
+    log.info(
+        "worker {index} (pid {pid}) serving, reactor {reactor}",
+        index=spec["index"], pid=os.getpid(), reactor=type(reactor).__name__,
+    )
     reactor.run()
 
 

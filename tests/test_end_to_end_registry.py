@@ -951,6 +951,9 @@ class WorkersEndToEndTests(_RegistryTestCase):
         for pid in await self.worker_pids(relay):
             # No TLS configured: the workers never loaded pyOpenSSL and cryptography.
             self.assertNotIn("cryptography", self.mapped_files(pid))
+        # The parent and both workers run on the relay's own reactor.
+        self.assertIn(b"reactor class: oemrelay.reactor.RelayReactor", relay.daemon.output)
+        self.assertEqual(len(re.findall(rb"serving, reactor RelayReactor", relay.daemon.output)), 2)
         code, _ = await self.api(relay, "PUT", f"/api/devices/{DART_SERIAL}", {"custom1": "truck-9"})
         self.assertEqual(code, 201)
         device = await self.hello(relay)
