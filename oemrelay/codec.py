@@ -795,7 +795,11 @@ def data_records_shape(payload: bytes) -> FrameShape:
     end = len(payload)
     frame = _FRAME_BY_LENGTH.get(end)
     if frame is not None and frame.headers.unpack_from(payload) == frame.expected:
-        return frame.shape._replace(first_seq=_seq_at(payload, 0))
+        known = frame.shape  # a 0x04 payload's shape has no bad_checksums
+        # Made afresh, not _replace()d: that is a Python-level call per upload.
+        return FrameShape(
+            known.record_count, known.field_count, _seq_at(payload, 0), known.short_fields
+        )
     records = fields = 0
     short: list[tuple[int, int]] = []
     # Each record's length and field headers, while all are in the short

@@ -81,6 +81,10 @@ NOTICE_INTERVAL = 60.0
 class State(Enum):
     """Where a device connection is."""
 
+    # The transition table is looked up by state and input a few times per
+    # upload: identity hashing in C, not Enum's hash of the name in Python.
+    __hash__ = object.__hash__
+
     AWAITING_HELLO = "awaiting hello"
     #: The hello's route is being opened (synchronously; a link may fail meanwhile).
     OPENING = "opening"
@@ -96,6 +100,8 @@ class State(Enum):
 
 class Input(Enum):
     """What can happen to a device connection."""
+
+    __hash__ = object.__hash__  # as State's
 
     # Frames from the device, by message type.
     HELLO = "hello"

@@ -736,6 +736,12 @@ class StateTableTests(SessionTestMixin, SynchronousTestCase):
         with self.assertRaises(ValueError):
             session_module._compile((row, row), session_module.DeviceSession)
 
+    def test_states_and_inputs_hash_by_identity(self) -> None:
+        """The table's keys hash in C (object's hash), not through Enum's Python __hash__."""
+        for member in (*State, *Input):
+            self.assertIs(type(member).__hash__, object.__hash__)
+            self.assertEqual(hash(member), object.__hash__(member))
+
     def test_a_session_has_no_instance_dict(self) -> None:
         """Sessions are slotted: one per connection held, a dict each would cost 1.6 KB."""
         self.greet()
