@@ -503,6 +503,34 @@ class HttpClientTests(SynchronousTestCase):
         self.successResultOf(done)
         self.assertEqual(self.clock.getDelayedCalls(), [])
 
+    def test_requests_share_one_timer(self) -> None:
+        """
+        Requests of one timeout hold one reactor timer between them, and each
+        still times out at its own deadline, the others unharmed.
+        """
+        first = self.post(timeout=5)
+        self.clock.advance(1)
+        second, third = self.post(timeout=5), self.post(timeout=5)
+        self.assertEqual(len(self.clock.getDelayedCalls()), 1)
+        self.answer(index=2)
+        self.successResultOf(third)
+        self.clock.advance(3.999)
+        self.assertNoResult(first)
+        self.clock.advance(0.001)
+        self.failureResultOf(first, TimeoutError)
+        self.assertNoResult(second)
+        self.clock.advance(1)
+        self.failureResultOf(second, TimeoutError)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_shorter_timeout_not_held_behind_a_longer(self) -> None:
+        """A request with a shorter timeout, posted after one with a longer, times out at its own."""
+        longer = self.post(timeout=10)
+        shorter = self.post(timeout=2)
+        self.clock.advance(2)
+        self.failureResultOf(shorter, TimeoutError)
+        self.assertNoResult(longer)
+
     def test_late_answer_ignored(self) -> None:
         """An answer arriving after the timeout does not fire the request again."""
         done = self.post(timeout=1)

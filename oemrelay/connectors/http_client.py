@@ -13,8 +13,9 @@ what the connector needs:
 - the answer is read by :class:`ResponseParser`, a small sans-I/O machine
   (status, headers, a body by ``Content-Length``, chunked or until close),
   keeping at most ``max_kept_body`` bytes of the body;
-- one timer per request covers the wait for a slot, the connect, the answer
-  and its body.
+- one deadline per request covers the wait for a slot, the connect, the
+  answer and its body; the requests of one timeout share a
+  :class:`~oemrelay.deadlines.DeadlineQueue` (one reactor timer for all).
 
 No cookies, no redirects, no content decoding: the connector decides what
 an answer means.
@@ -31,6 +32,7 @@ from twisted.internet.defer import Deferred, DeferredList, TimeoutError, succeed
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.protocol import Factory, Protocol
 
+from ..deadlines import DeadlineQueue, Entry
 from ..oneline import one_line
 
 #: The most bytes of a status line and headers (and of a chunked body's trailers).
@@ -325,20 +327,23 @@ _WAITING, _ACTIVE, _FINISHED = range(3)
 
 
 class _Exchange:
-    """One request: its bytes, its timer, and where it is (waiting, active, done)."""
+    """One request: its bytes, its deadline, and where it is (waiting, active, done)."""
 
     __slots__ = (
         "server",
         "request",
         "deferred",
-        "timer",
+        "deadlines",
+        "deadline",
         "timeout",
         "state",
         "connection",
         "connecting",
     )
 
-    def __init__(self, server: _Server, request: bytes, timeout: float, clock) -> None:
+    def __init__(
+        self, server: _Server, request: bytes, timeout: float, deadlines: DeadlineQueue, now: float
+    ) -> None:
         self.server = server
         self.request = request
         self.timeout = timeout
@@ -346,7 +351,8 @@ class _Exchange:
         self.connection: _Connection | None = None
         self.connecting: Deferred | None = None
         self.deferred: Deferred[Answer] = Deferred(self._cancelled)
-        self.timer = clock.callLater(timeout, self._timed_out)
+        self.deadlines = deadlines
+        self.deadline: Entry = deadlines.add(now + timeout, self._timed_out)
 
     def answered(self, answer: Answer) -> None:
         if self._finish():
@@ -357,14 +363,13 @@ class _Exchange:
             self.deferred.errback(error)
 
     def _finish(self) -> bool:
-        """Stop the timer and free the slot; False if already finished."""
+        """Settle the deadline and free the slot; False if already finished."""
         state = self.state
         if state == _FINISHED:
             return False
         self.state = _FINISHED
         self.connection = None
-        if self.timer.active():
-            self.timer.cancel()
+        self.deadlines.settle(self.deadline)  # nothing if it is what expired
         if state == _ACTIVE:
             self.server.release()
         else:
@@ -613,6 +618,8 @@ class HttpClient:
         #: scheme://netloc -> its server; several may name one server.
         self._prefixes: dict[str, _Server] = {}
         self._servers: dict[tuple[str, str, int], _Server] = {}
+        #: The requests' deadlines, by timeout (a connector uses one).
+        self._deadlines: dict[float, DeadlineQueue] = {}
 
     def post(
         self, url: str, headers: Mapping[bytes, list[bytes]], body: bytes, timeout: float
@@ -635,7 +642,11 @@ class HttpClient:
             for value in values:
                 parts += (name, b": ", value, b"\r\n")
         parts += (b"\r\n", body)
-        exchange = _Exchange(server, b"".join(parts), timeout, self._clock)
+        deadlines = self._deadlines.get(timeout)
+        if deadlines is None:
+            # A queue per timeout: its deadlines then fall due in the order added.
+            deadlines = self._deadlines[timeout] = DeadlineQueue(self._clock)
+        exchange = _Exchange(server, b"".join(parts), timeout, deadlines, self._clock.seconds())
         server.submit(exchange)
         return exchange.deferred
 
