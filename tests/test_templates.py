@@ -90,6 +90,15 @@ class ExpandTests(SynchronousTestCase):
         """A placeholder used twice is replaced twice."""
         self.assertEqual(expand("[SERIAL]-[SERIAL]", FIELDS), "129336-129336")
 
+    def test_adjacent_and_at_the_ends(self) -> None:
+        """Placeholders side by side, first and last, keep the text between them."""
+        self.assertEqual(expand("[SERIAL][CUSTOM1]/x/[CUSTOM2]", FIELDS), "129336one/x/two")
+
+    def test_same_template_other_device(self) -> None:
+        """A template expanded for one device expands afresh for the next (it is split once, not its result kept)."""
+        self.assertEqual(expand("d/[SERIAL]", FIELDS), "d/129336")
+        self.assertEqual(expand("d/[SERIAL]", dict(FIELDS, SERIAL="7")), "d/7")
+
     def test_verbatim(self) -> None:
         """Without an escape function values are inserted as they are."""
         fields = dict(FIELDS, CUSTOM1="a/b c&d")
