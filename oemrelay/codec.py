@@ -73,9 +73,14 @@ class FramingError(ProtocolError):
         self.frames = frames
 
 
-@dataclass(frozen=True, slots=True)
-class Frame:
-    """One protocol message: its type byte and payload."""
+class Frame(NamedTuple):
+    """
+    One protocol message: its type byte and payload.
+
+    A NamedTuple rather than a frozen dataclass: as immutable, and made in
+    half the time (a frozen dataclass sets each field through
+    ``object.__setattr__``; three frames are made per raw TCP upload).
+    """
 
     type: int
     payload: bytes
@@ -121,7 +126,7 @@ class FrameDecoder:
         offset = 0
         end = len(buffer)
         while end - offset >= HEADER_SIZE:
-            if buffer[offset : offset + 2] != SYNC:
+            if not buffer.startswith(SYNC, offset):
                 raise FramingError(
                     f"bad sync bytes {bytes(buffer[offset:offset + 2]).hex()}", frames
                 )
@@ -138,6 +143,9 @@ class FrameDecoder:
                 break
             frames.append(Frame(message_type, bytes(buffer[start : start + length])))
             offset = start + length
+        if offset == end:  # the common case: the data ended with a frame
+            self._unprocessed = b""
+            return frames
         partial_sync = bytes(buffer[offset : offset + 2])
         if partial_sync and not SYNC.startswith(partial_sync):
             # Fail at the first wrong byte rather than once five have arrived.
