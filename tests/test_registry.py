@@ -270,6 +270,24 @@ class RegistryScenariosMixin:
         await self.registry.devices.record_activity([(9, 12, NOW + 1, NOW + 1, None)])
         self.assertEqual((await self.registry.get_device(9)).records_committed, 12)
 
+    async def test_record_presence_of_more_devices_than_one_statement_takes(self) -> None:
+        """
+        record_presence records every hello and disconnection of a batch
+        larger than one statement carries, each once (a padded statement
+        repeats a hello).
+        """
+        count = ROWS_PER_STATEMENT + 300
+        await self.registry.devices.record_presence(
+            [(serial, hello(serial), "node-a", NOW, NOW + 1, NOW + 2 if serial % 3 == 0 else None)
+             for serial in range(1, count + 1)]
+        )
+        devices = await self.registry.list_devices(count + 1)
+        self.assertEqual(
+            [(d.serial, d.first_seen, d.last_seen, d.connected, d.node) for d in devices],
+            [(serial, NOW, NOW + 2 if serial % 3 == 0 else NOW + 1, serial % 3 != 0, "node-a")
+             for serial in range(1, count + 1)],
+        )
+
     async def test_record_activity_of_more_devices_than_one_statement_takes(self) -> None:
         """
         record_activity records every device of a batch larger than one
@@ -813,6 +831,16 @@ class ExecuteRowsTests(SynchronousTestCase):
             [(sql, values) for _, sql, values in split],
             [(f"statement of {ROWS_PER_STATEMENT} rows ?", list(range(ROWS_PER_STATEMENT))),
              ("statement of 1 rows ?", [ROWS_PER_STATEMENT])],
+        )
+
+    def test_sqlite_padded_with_the_last_row(self) -> None:
+        """With pad_with_last the padding repeats the chunk's last row instead of NULLs."""
+        database = Database(_Pool(__import__("sqlite3")), _SQLITE, "test", reactor)
+        txn = _RecordingTransaction()
+        database.execute_rows(txn, self.statement_for, [(1, "a"), (2, "b"), (3, "c")], pad_with_last=True)
+        self.assertEqual(
+            txn.statements,
+            [("execute", "statement of 4 rows ?", [1, "a", 2, "b", 3, "c", 3, "c"])],
         )
 
     def test_postgresql_one_row_statement_per_row(self) -> None:

@@ -286,26 +286,25 @@ class Database:
         """Run one statement written with ``?`` placeholders."""
         txn.execute(self.sql(sql), params)
 
-    def execute_many(
-        self, txn: adbapi.Transaction, sql: str, rows: list[tuple[Any, ...]]
-    ) -> None:
-        """Run one statement written with ``?`` placeholders once per row of ``rows``."""
-        txn.executemany(self.sql(sql), rows)
-
     def execute_rows(
-        self, txn: adbapi.Transaction, statement_for: Callable[[int], str], rows: list[tuple[Any, ...]]
+        self,
+        txn: adbapi.Transaction,
+        statement_for: Callable[[int], str],
+        rows: list[tuple[Any, ...]],
+        pad_with_last: bool = False,
     ) -> None:
         """
         Run ``statement_for(n)``, a statement (``?`` placeholders) taking the
-        values of ``n`` rows in turn, over every row of ``rows``; a row of
-        NULLs must change nothing.
+        values of ``n`` rows in turn, over every row of ``rows``.
 
         On PostgreSQL a one-row statement per row: psycopg pipelines them.
         On SQLite one statement for up to :data:`ROWS_PER_STATEMENT` rows,
-        padded with rows of NULLs to a power of two (so a few statements are
-        prepared, not one per batch size): the sqlite3 module lets go of the
-        GIL for each statement, and a statement per row (executemany) had the
-        pool thread take it back from the reactor's thread once per row.
+        padded to a power of two (so a few statements are prepared, not one
+        per batch size) with rows of NULLs, which must change nothing, or
+        with ``pad_with_last`` copies of the last row, which must change
+        nothing more: the sqlite3 module lets go of the GIL for each
+        statement, and a statement per row (executemany) had the pool thread
+        take it back from the reactor's thread once per row.
         """
         if not rows:
             return
@@ -317,7 +316,7 @@ class Database:
             chunk = rows[start : start + ROWS_PER_STATEMENT]
             count = 1 << (len(chunk) - 1).bit_length()
             values = [value for row in chunk for value in row]
-            values += [None] * (width * (count - len(chunk)))
+            values += (list(chunk[-1]) if pad_with_last else [None] * width) * (count - len(chunk))
             txn.execute(statement_for(count), values)
 
     def fetch_all(

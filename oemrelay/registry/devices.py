@@ -336,10 +336,10 @@ PROFILES_PER_QUERY = 500
 
 #: A device's hello recorded: its identity, connected to a node (custom
 #: fields and the connector override left as they are).
-_RECORD_HELLO = """
+_RECORD_HELLOS = """
     INSERT INTO devices (serial, imei, iccid, product_id, hardware_rev, firmware,
                          first_seen, last_seen, connected, node)
-    VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+    VALUES {values}
     ON CONFLICT (serial) DO UPDATE SET
         imei = excluded.imei,
         iccid = excluded.iccid,
@@ -352,8 +352,35 @@ _RECORD_HELLO = """
         node = excluded.node
 """
 
+
+@functools.lru_cache(maxsize=None)
+def _hellos_statement(rows: int) -> str:
+    """
+    ``rows`` devices' hellos recorded (``_hello_values`` each); the same hello
+    twice records it once, as ``execute_rows``' padding needs.
+    """
+    return _RECORD_HELLOS.format(values=", ".join(["(?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"] * rows))
+
+
+_RECORD_HELLO = _hellos_statement(1)
+
 #: A device marked disconnected, unless another node holds it now.
 _RECORD_DISCONNECTED = "UPDATE devices SET connected = ?, last_seen = ? WHERE serial = ? AND node = ?"
+
+
+@functools.lru_cache(maxsize=None)
+def _disconnections_statement(rows: int) -> str:
+    """``rows`` devices marked disconnected as ``_RECORD_DISCONNECTED`` does, each ``(connected, last seen, serial, node)``."""
+    values = ", ".join(["(?, ?, ?, ?)"] * rows)
+    # The CASTs: PostgreSQL types a VALUES column of parameters by their values.
+    return f"""
+        WITH batch (connected, last_seen, serial, node) AS (VALUES {values})
+        UPDATE devices SET connected = CAST(batch.connected AS BOOLEAN),
+            last_seen = CAST(batch.last_seen AS DOUBLE PRECISION)
+        FROM batch
+        WHERE devices.serial = CAST(batch.serial AS BIGINT)
+            AND devices.node = CAST(batch.node AS TEXT)
+        """
 
 
 def _hello_values(hello: Hello, node: str, first_seen: float, last_seen: float) -> tuple:
@@ -523,9 +550,9 @@ class DeviceStore:
             for serial, _, node, _, _, disconnected in presence
             if disconnected is not None
         ]
-        for sql, rows in ((_RECORD_HELLO, hellos), (_RECORD_DISCONNECTED, disconnections)):
-            if rows:
-                self._database.execute_many(txn, sql, rows)
+        # One statement for many devices on SQLite (see execute_rows).
+        self._database.execute_rows(txn, _hellos_statement, hellos, pad_with_last=True)
+        self._database.execute_rows(txn, _disconnections_statement, disconnections)
 
     def record_activity(
         self, activity: list[tuple[int, int, float | None, float, str | None]]
