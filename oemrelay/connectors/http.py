@@ -11,8 +11,9 @@ Nothing that may carry a secret (the URL's path and query, header values,
 credentials) is written to logs or to failure reasons.
 
 Uploads go through :class:`~oemrelay.connectors.http_client.HttpClient`
-(pooled keep-alive connections, one deadline per POST on a timer they share); only the OAuth2 token
-endpoint, asked about once an hour, is reached through treq.
+(pooled keep-alive connections, one deadline per POST on a timer they
+share); only the OAuth2 token endpoint, asked about once an hour, is reached
+through treq.
 """
 
 from __future__ import annotations

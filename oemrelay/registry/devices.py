@@ -353,34 +353,45 @@ _RECORD_HELLOS = """
 """
 
 
+def _values(rows: int, width: int) -> str:
+    """A VALUES list of ``rows`` rows of ``width`` placeholders each."""
+    row = "(" + ", ".join(["?"] * width) + ")"
+    return ", ".join([row] * rows)
+
+
 @functools.lru_cache(maxsize=None)
 def _hellos_statement(rows: int) -> str:
     """
     ``rows`` devices' hellos recorded (``_hello_values`` each); the same hello
     twice records it once, as ``execute_rows``' padding needs.
     """
-    return _RECORD_HELLOS.format(values=", ".join(["(?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"] * rows))
-
-
-_RECORD_HELLO = _hellos_statement(1)
-
-#: A device marked disconnected, unless another node holds it now.
-_RECORD_DISCONNECTED = "UPDATE devices SET connected = ?, last_seen = ? WHERE serial = ? AND node = ?"
+    return _RECORD_HELLOS.format(values=_values(rows, 10))
 
 
 @functools.lru_cache(maxsize=None)
 def _disconnections_statement(rows: int) -> str:
-    """``rows`` devices marked disconnected as ``_RECORD_DISCONNECTED`` does, each ``(connected, last seen, serial, node)``."""
-    values = ", ".join(["(?, ?, ?, ?)"] * rows)
-    # The CASTs: PostgreSQL types a VALUES column of parameters by their values.
+    """
+    ``rows`` devices marked disconnected, each ``(connected, last seen,
+    serial, node)``, unless another node holds it now.
+    """
+    # The CASTs type the columns whatever psycopg sends: a VALUES list of
+    # parameters has no column types of its own.
     return f"""
-        WITH batch (connected, last_seen, serial, node) AS (VALUES {values})
+        WITH batch (connected, last_seen, serial, node) AS (VALUES {_values(rows, 4)})
         UPDATE devices SET connected = CAST(batch.connected AS BOOLEAN),
             last_seen = CAST(batch.last_seen AS DOUBLE PRECISION)
         FROM batch
         WHERE devices.serial = CAST(batch.serial AS BIGINT)
             AND devices.node = CAST(batch.node AS TEXT)
         """
+
+
+#: One device's hello recorded.
+_RECORD_HELLO = _hellos_statement(1)
+#: One device marked disconnected, as _disconnections_statement does many:
+#: a statement of its own, as the sqlite3 module gives the rowcount only of
+#: a statement that begins with UPDATE (not WITH).
+_RECORD_DISCONNECTED = "UPDATE devices SET connected = ?, last_seen = ? WHERE serial = ? AND node = ?"
 
 
 def _hello_values(hello: Hello, node: str, first_seen: float, last_seen: float) -> tuple:
@@ -404,10 +415,9 @@ def _activity_statement(rows: int) -> str:
     The statement recording ``rows`` devices' activity, each ``(serial,
     records, last upload, last seen, last error)`` (see ``record_activity``).
     """
-    values = ", ".join(["(?, ?, ?, ?, ?)"] * rows)
     # The CASTs: PostgreSQL types a VALUES column of NULLs as text.
     return f"""
-        WITH batch (serial, records, last_upload, last_seen, last_error) AS (VALUES {values})
+        WITH batch (serial, records, last_upload, last_seen, last_error) AS (VALUES {_values(rows, 5)})
         UPDATE devices SET
             records_committed = records_committed + CAST(batch.records AS BIGINT),
             last_upload = COALESCE(CAST(batch.last_upload AS DOUBLE PRECISION), devices.last_upload),
