@@ -32,9 +32,9 @@ from oemrelay.registry import (
 )
 from oemrelay.relay import DeviceProfile
 
+from oemrelay.registry.database import _POSTGRESQL, _SQLITE, ROWS_PER_STATEMENT, Database
 from oemrelay.registry.devices import device_fields_table, device_json, device_schema
 
-from oemrelay.registry.database import _POSTGRESQL, _SQLITE, ROWS_PER_STATEMENT, Database
 from .postgres import fresh_schema_url
 
 API_DOC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "api.rst")
@@ -796,7 +796,7 @@ class ExecuteRowsTests(SynchronousTestCase):
     def statement_for(rows: int) -> str:
         return f"statement of {rows} rows ?"
 
-    def run_rows(self, dialect, rows: list) -> list:
+    def run_rows(self, dialect, rows: list, pad_with_last: bool = False) -> list:
         import sqlite3
 
         import psycopg
@@ -804,7 +804,7 @@ class ExecuteRowsTests(SynchronousTestCase):
         dbapi = sqlite3 if dialect is _SQLITE else psycopg
         database = Database(_Pool(dbapi), dialect, "test", reactor)
         txn = _RecordingTransaction()
-        database.execute_rows(txn, self.statement_for, rows)
+        database.execute_rows(txn, self.statement_for, rows, pad_with_last)
         return txn.statements
 
     def test_sqlite_one_statement_padded_to_a_power_of_two(self) -> None:
@@ -835,11 +835,8 @@ class ExecuteRowsTests(SynchronousTestCase):
 
     def test_sqlite_padded_with_the_last_row(self) -> None:
         """With pad_with_last the padding repeats the chunk's last row instead of NULLs."""
-        database = Database(_Pool(__import__("sqlite3")), _SQLITE, "test", reactor)
-        txn = _RecordingTransaction()
-        database.execute_rows(txn, self.statement_for, [(1, "a"), (2, "b"), (3, "c")], pad_with_last=True)
         self.assertEqual(
-            txn.statements,
+            self.run_rows(_SQLITE, [(1, "a"), (2, "b"), (3, "c")], pad_with_last=True),
             [("execute", "statement of 4 rows ?", [1, "a", 2, "b", 3, "c", 3, "c"])],
         )
 
