@@ -105,3 +105,22 @@ class DeadlineQueue:
                 log.failure("deadline expiry failed")
         if entries and self._timer is None:
             self._start_timer(entries[0][0])
+
+
+class DeadlineQueues:
+    """
+    A :class:`DeadlineQueue` per timeout: deadlines of one timeout, added as
+    they arise, fall due in the order added, so each queue keeps the one
+    timer it needs.  (A timeout changed at run time starts a queue of its
+    own; the deadlines already in the old one keep it.)
+    """
+
+    def __init__(self, clock: IReactorTime) -> None:
+        self._clock = clock
+        self._queues: dict[float, DeadlineQueue] = {}
+
+    def for_timeout(self, timeout: float) -> DeadlineQueue:
+        queue = self._queues.get(timeout)
+        if queue is None:
+            queue = self._queues[timeout] = DeadlineQueue(self._clock)
+        return queue

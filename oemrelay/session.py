@@ -51,7 +51,7 @@ from .codec import (
     parse_hello,
     time_response,
 )
-from .deadlines import DeadlineQueue, Entry
+from .deadlines import DeadlineQueue, DeadlineQueues, Entry
 from .oneline import one_line
 # The limits' defaults are the configuration's (one source for each).
 from .config import (
@@ -185,7 +185,7 @@ class DeviceSession:
     __slots__ = (
         "_awaited_response", "_certificate_names", "_channel", "_clock",
         "_commit_deadlines", "_commit_timeout", "_delivery", "_delivery_deadline",
-        "_delivery_timed_out", "_first_seq", "_frames", "_hello_deadline",
+        "_delivery_timed_out", "_first_seq", "_frames", "_hello_deadline", "_hello_deadlines",
         "_hello_timeout", "_max_records_per_upload", "_max_uncommitted_bytes",
         "_max_upload_memory", "_max_waiting_frames", "_notices", "_observers",
         "_pending_bytes", "_record_count", "_relay", "_route", "_state",
@@ -262,11 +262,13 @@ class DeviceSession:
         notices: PeerNotices | None = None,
         certificate_names: Callable[[], frozenset[str]] | None = None,
         commit_deadlines: DeadlineQueue | None = None,
+        hello_deadlines: DeadlineQueue | None = None,
     ) -> None:
         """
         :param commit_deadlines: where the commit deadline of each upload
             waits (shared by the connections of one factory: one timer for
             all); None: the session's own.
+        :param hello_deadlines: where the hello deadline waits, likewise.
         """
         self.peer = peer
         self.hello: Hello | None = None
@@ -284,9 +286,12 @@ class DeviceSession:
         self._upload_memory = 0
         # Mutual TLS: the names in the device's certificate, one to be its serial.
         self._certificate_names = certificate_names
-        # Cancelled by the hello; a connection that never says hello is shed.
-        self._hello_deadline = clock.callLater(
-            hello_timeout, self._input, Input.HELLO_TIMEOUT
+        # Settled by the hello; a connection that never says hello is shed.
+        self._hello_deadlines = (
+            hello_deadlines if hello_deadlines is not None else DeadlineQueue(clock)
+        )
+        self._hello_deadline: Entry | None = self._hello_deadlines.add(
+            clock.seconds() + hello_timeout, self._hello_timed_out
         )
         self._route: DeviceRoute | None = None
         # The upload being gathered: frames since the last commit request.
@@ -394,12 +399,14 @@ class DeviceSession:
     def _note_drained(self, _: object) -> None:
         self.outcome = "drained"
 
+    def _hello_timed_out(self) -> None:
+        self._hello_deadline = None
+        self._input(Input.HELLO_TIMEOUT)
+
     def _forget_hello_deadline(self) -> None:
-        # Not kept once cancelled: a cancelled call, its arguments and its
-        # dict are 300 bytes per connection held.
+        # Not kept once settled: the entry is 100 bytes per connection held.
         if self._hello_deadline is not None:
-            if self._hello_deadline.active():
-                self._hello_deadline.cancel()
+            self._hello_deadlines.settle(self._hello_deadline)
             self._hello_deadline = None
 
     def _note_hello_timeout(self, _: object) -> None:
@@ -927,6 +934,7 @@ class DeviceProtocol(Protocol):
             hello_timeout=self._factory.hello_timeout,
             notices=self._factory.notices,
             commit_deadlines=self._factory.commit_deadlines(),
+            hello_deadlines=self._factory.hello_deadlines(),
             certificate_names=(
                 self._certificate_names
                 if self._factory.device_certificates
@@ -949,7 +957,9 @@ class DeviceProtocol(Protocol):
 
     def _peer_text(self) -> str:
         peer = self.transport.getPeer()
-        host = getattr(peer, "host", str(peer))
+        host = getattr(peer, "host", None)
+        if host is None:  # not an IP address; str() only then (attrs' repr is slow)
+            host = str(peer)
         port = getattr(peer, "port", None)
         return f"{host}:{port}" if port is not None else host
 
@@ -1121,9 +1131,10 @@ class DeviceFactory(Factory):
         #: Whether each TLS device's certificate must name its serial (mutual TLS).
         self.device_certificates = device_certificates
         self.notices = PeerNotices(clock)
-        # One commit deadline queue for every connection (see commit_deadlines).
-        self._commit_deadlines = DeadlineQueue(clock)
-        self._commit_deadlines_timeout = commit_timeout
+        # The commit and hello deadlines of every connection, one timer per
+        # timeout: a callLater per connection and upload was a heap of
+        # thousands in the reactor.
+        self._deadlines = DeadlineQueues(clock)
         # Open connections, oldest first; and those of them yet to say hello,
         # so the one to shed at the limit is found at once, not by a walk
         # over every connection (a flood at the limit would pay that walk
@@ -1140,14 +1151,14 @@ class DeviceFactory(Factory):
 
     def commit_deadlines(self) -> DeadlineQueue:
         """
-        The commit deadlines new connections share.  Deadlines must arrive
-        in order, so a changed ``commit_timeout`` starts a new queue (the
-        connections already open keep theirs).
+        The commit deadlines new connections share (a changed
+        ``commit_timeout`` starts a queue of its own).
         """
-        if self._commit_deadlines_timeout != self.commit_timeout:
-            self._commit_deadlines = DeadlineQueue(self.clock)
-            self._commit_deadlines_timeout = self.commit_timeout
-        return self._commit_deadlines
+        return self._deadlines.for_timeout(self.commit_timeout)
+
+    def hello_deadlines(self) -> DeadlineQueue:
+        """The hello deadlines new connections share, likewise."""
+        return self._deadlines.for_timeout(self.hello_timeout)
 
     @property
     def connections(self) -> int:

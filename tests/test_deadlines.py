@@ -6,7 +6,7 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from oemrelay import deadlines
-from oemrelay.deadlines import DeadlineQueue
+from oemrelay.deadlines import DeadlineQueue, DeadlineQueues
 
 
 class DeadlineQueueTests(SynchronousTestCase):
@@ -129,3 +129,20 @@ class DeadlineQueueTests(SynchronousTestCase):
         self.assertEqual(len(self.queue._entries), deadlines.COMPACT_AT)
         self.add("last", 20)
         self.assertEqual(len(self.queue._entries), 2)  # the two pending
+
+
+class DeadlineQueuesTests(SynchronousTestCase):
+    """DeadlineQueues: a queue per timeout."""
+
+    def test_one_queue_per_timeout(self) -> None:
+        """The same timeout gives the same queue; another timeout another, so neither waits behind the other."""
+        clock = Clock()
+        queues = DeadlineQueues(clock)
+        short, long = queues.for_timeout(2), queues.for_timeout(10)
+        self.assertIs(queues.for_timeout(2), short)
+        self.assertIsNot(short, long)
+        expired = []
+        long.add(10, lambda: expired.append("long"))
+        short.add(2, lambda: expired.append("short"))
+        clock.advance(2)
+        self.assertEqual(expired, ["short"])

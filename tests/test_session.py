@@ -183,6 +183,14 @@ class HelloTests(SessionTestMixin, SynchronousTestCase):
         self.send(DART_HELLO)
         self.assertEqual(self.protocol.session.peer, "203.0.113.9:5555")
 
+    def test_peer_without_an_ip_address_named_by_its_text(self) -> None:
+        """A peer that is no IP address (a UNIX socket, say) is named by its str()."""
+        from twisted.internet.address import UNIXAddress
+
+        self.transport.peerAddr = UNIXAddress(b"/run/oemrelay.sock")
+        self.send(DART_HELLO)
+        self.assertEqual(self.protocol.session.peer, str(UNIXAddress(b"/run/oemrelay.sock")))
+
     def test_hello_response_follows_the_clock(self) -> None:
         """The hello response time is the clock's time when the hello arrives."""
         self.clock.advance(20)  # within hello_timeout

@@ -32,7 +32,7 @@ from twisted.internet.defer import Deferred, DeferredList, TimeoutError, succeed
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.protocol import Factory, Protocol
 
-from ..deadlines import DeadlineQueue, Entry
+from ..deadlines import DeadlineQueue, DeadlineQueues, Entry
 from ..oneline import one_line
 
 #: The most bytes of a status line and headers (and of a chunked body's trailers).
@@ -618,8 +618,8 @@ class HttpClient:
         #: scheme://netloc -> its server; several may name one server.
         self._prefixes: dict[str, _Server] = {}
         self._servers: dict[tuple[str, str, int], _Server] = {}
-        #: The requests' deadlines, by timeout (a connector uses one).
-        self._deadlines: dict[float, DeadlineQueue] = {}
+        #: The requests' deadlines, a queue per timeout (a connector uses one).
+        self._deadlines = DeadlineQueues(reactor)
 
     def post(
         self, url: str, headers: Mapping[bytes, list[bytes]], body: bytes, timeout: float
@@ -642,11 +642,10 @@ class HttpClient:
             for value in values:
                 parts += (name, b": ", value, b"\r\n")
         parts += (b"\r\n", body)
-        deadlines = self._deadlines.get(timeout)
-        if deadlines is None:
-            # A queue per timeout: its deadlines then fall due in the order added.
-            deadlines = self._deadlines[timeout] = DeadlineQueue(self._clock)
-        exchange = _Exchange(server, b"".join(parts), timeout, deadlines, self._clock.seconds())
+        exchange = _Exchange(
+            server, b"".join(parts), timeout, self._deadlines.for_timeout(timeout),
+            self._clock.seconds(),
+        )
         server.submit(exchange)
         return exchange.deferred
 
