@@ -404,7 +404,7 @@ class DeviceSession:
         self._input(Input.HELLO_TIMEOUT)
 
     def _forget_hello_deadline(self) -> None:
-        # Not kept once settled: the entry is 100 bytes per connection held.
+        # Not kept once settled (the queue drops settled entries from its front).
         if self._hello_deadline is not None:
             self._hello_deadlines.settle(self._hello_deadline)
             self._hello_deadline = None
