@@ -50,6 +50,8 @@ if EPollReactor is not None:
                     # Catches and logs what a read or write raises itself;
                     # this catches what losing the connection then raises.
                     handle(selectable, fd, event)
+                except KeyboardInterrupt:
+                    raise  # as Twisted's log.callWithLogger lets it through
                 except BaseException:
                     log.err(None, "error handling a socket event")
 

@@ -659,7 +659,8 @@ class DeviceSession:
             self._channel.pause()
 
     def _replay_waiting(self, _: object) -> None:
-        self._channel.resume()
+        if self._waiting:  # reading is paused only with frames waiting (_wait)
+            self._channel.resume()
         # A replayed commit or async request leaves IDLE: the rest waits again.
         while self._waiting and self._state is State.IDLE:
             self.frame_received(self._waiting.pop(0))
@@ -869,6 +870,14 @@ class PeerNotices:
         }
 
 
+def _host_of(address: object) -> str:
+    """An address's host, or its text if it has none (not IP: a UNIX socket, say)."""
+    host = getattr(address, "host", None)
+    # str() only then: attrs' repr of an IP address is slow, and a storm
+    # of connections pays it per connection.
+    return str(address) if host is None else host
+
+
 def _address_of(peer: str) -> str:
     """The host part of a ``host:port`` peer text (IPv6 hosts hold colons too)."""
     host, colon, _port = peer.rpartition(":")
@@ -957,9 +966,7 @@ class DeviceProtocol(Protocol):
 
     def _peer_text(self) -> str:
         peer = self.transport.getPeer()
-        host = getattr(peer, "host", None)
-        if host is None:  # not an IP address; str() only then (attrs' repr is slow)
-            host = str(peer)
+        host = _host_of(peer)
         port = getattr(peer, "port", None)
         return f"{host}:{port}" if port is not None else host
 
@@ -1169,7 +1176,7 @@ class DeviceFactory(Factory):
         if self.max_connections and len(self._open) >= self.max_connections:
             waiting = next(iter(self._awaiting_hello), None)
             if waiting is None:
-                host = getattr(addr, "host", str(addr))
+                host = _host_of(addr)
                 self._refuse(host, "max_connections", f"max_connections {self.max_connections} reached")
                 return _Refused()
             self._open.pop(waiting)

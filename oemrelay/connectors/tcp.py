@@ -285,7 +285,8 @@ class TcpLink:
     def _send_upload(self, *_: object) -> None:
         write_now(
             self._protocol.transport,
-            b"".join(frame.to_bytes() for frame in self._upload.frames) + COMMIT_REQUEST,
+            # One join, the commit request in it: no second copy of the upload.
+            b"".join([*(frame.to_bytes() for frame in self._upload.frames), COMMIT_REQUEST]),
         )
 
     def _answer_upload(self, status: bytes) -> None:
