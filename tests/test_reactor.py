@@ -23,6 +23,8 @@ class _Reader:
         self.on_read = on_read
         self.reads = 0
         self.lost: list = []
+        #: How often the reactor asked for a log prefix (Twisted's does per event).
+        self.prefixes_asked = 0
 
     def fileno(self) -> int:
         return self.sock.fileno()
@@ -35,6 +37,7 @@ class _Reader:
         self.lost.append(reason)
 
     def logPrefix(self) -> str:  # noqa: N802 - Twisted's name
+        self.prefixes_asked += 1
         return "reader"
 
 
@@ -72,6 +75,8 @@ class RelayReactorTests(SynchronousTestCase):
         self.reactor.addReader(quiet)
         self.reactor.doPoll(0)
         self.assertEqual((ready.reads, quiet.reads), (1, 0))
+        # What it is for: no logging context built for the event.
+        self.assertEqual(ready.prefixes_asked, 0)
 
     def test_blocking_poll_returns_for_a_ready_socket(self) -> None:
         """doPoll(None) waits for an event (and there is one)."""

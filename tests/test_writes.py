@@ -89,6 +89,9 @@ class WriteNowTests(SynchronousTestCase):
         self.lose()
         write_now(self.transport, b"late")
         self.assertEqual(self.received(), b"")
+        # Dropped, not queued for a writer that will never run.
+        self.assertEqual(self.reactor.getWriters(), [])
+        self.assertEqual(self.transport._tempDataLen, 0)
 
     def test_other_transports_use_their_write(self) -> None:
         """A transport that is no plain TCP connection (TLS, a test's) gets an ordinary write."""
