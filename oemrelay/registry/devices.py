@@ -368,30 +368,29 @@ def _hellos_statement(rows: int) -> str:
     return _RECORD_HELLOS.format(values=_values(rows, 10))
 
 
+#: One device's hello recorded.
+_RECORD_HELLO = _hellos_statement(1)
+#: One device marked disconnected, unless another node holds it now.
+_RECORD_DISCONNECTED = "UPDATE devices SET connected = ?, last_seen = ? WHERE serial = ? AND node = ?"
+
+
 @functools.lru_cache(maxsize=None)
 def _disconnections_statement(rows: int) -> str:
     """
-    ``rows`` devices marked disconnected, each ``(connected, last seen,
-    serial, node)``, unless another node holds it now.
+    ``rows`` devices marked disconnected as ``_RECORD_DISCONNECTED`` marks
+    one, each ``(connected, last seen, serial, node)``.  One row is that
+    statement itself (all PostgreSQL runs, see ``execute_rows``; and the
+    sqlite3 module gives the rowcount only of a statement beginning with
+    UPDATE, as ``device_disconnected`` needs).
     """
-    # The CASTs type the columns whatever psycopg sends: a VALUES list of
-    # parameters has no column types of its own.
+    if rows == 1:
+        return _RECORD_DISCONNECTED
     return f"""
         WITH batch (connected, last_seen, serial, node) AS (VALUES {_values(rows, 4)})
-        UPDATE devices SET connected = CAST(batch.connected AS BOOLEAN),
-            last_seen = CAST(batch.last_seen AS DOUBLE PRECISION)
+        UPDATE devices SET connected = batch.connected, last_seen = batch.last_seen
         FROM batch
-        WHERE devices.serial = CAST(batch.serial AS BIGINT)
-            AND devices.node = CAST(batch.node AS TEXT)
+        WHERE devices.serial = batch.serial AND devices.node = batch.node
         """
-
-
-#: One device's hello recorded.
-_RECORD_HELLO = _hellos_statement(1)
-#: One device marked disconnected, as _disconnections_statement does many:
-#: a statement of its own, as the sqlite3 module gives the rowcount only of
-#: a statement that begins with UPDATE (not WITH).
-_RECORD_DISCONNECTED = "UPDATE devices SET connected = ?, last_seen = ? WHERE serial = ? AND node = ?"
 
 
 def _hello_values(hello: Hello, node: str, first_seen: float, last_seen: float) -> tuple:
