@@ -746,12 +746,17 @@ class _KnownLayout(NamedTuple):
 #: The layout last walked for each record length, tried first: a record of
 #: that length whose field headers (id and length bytes, short form) all
 #: match has that layout, so its fields need no walk.  Keyed on layout,
-#: never values; bounded.
+#: never values; bounded in count, and in fields per layout (a layout's
+#: Struct costs about 50 bytes a field: a hostile device's 64 KB records of
+#: one-byte fields must not each keep a megabyte).
 _LAYOUT_BY_LENGTH: dict[int, _KnownLayout] = {}
 _MAX_KNOWN_LAYOUTS = 512
+_MAX_LAYOUT_FIELDS = 255
 
 
 def _remember_layout(length: int, headers: list[int], short: tuple[tuple[int, int], ...]) -> None:
+    if len(headers) > _MAX_LAYOUT_FIELDS:
+        return
     if length not in _LAYOUT_BY_LENGTH and len(_LAYOUT_BY_LENGTH) >= _MAX_KNOWN_LAYOUTS:
         return
     layout = ["<"]
@@ -772,15 +777,22 @@ class _KnownFrame(NamedTuple):
     shape: FrameShape
 
 
-#: The payload layout last walked for each payload length, tried before the
-#: records': a device logs records of one layout, and uploads as many at a
-#: time, so most payloads match one in a single unpack.  Keyed on layout,
-#: never values (the first seq is read afresh); bounded.
+#: The payload layout first walked for each payload length, tried before
+#: the records': a device logs records of one layout, and uploads as many at
+#: a time, so most payloads match one in a single unpack.  Keyed on layout,
+#: never values (the first seq is read afresh).  The first layout of a
+#: length is kept (another of that length is walked, not rebuilt each time
+#: two alternate), and the headers kept altogether are bounded as well as
+#: the lengths, so a hostile device's largest payloads cannot fill memory.
 _FRAME_BY_LENGTH: dict[int, _KnownFrame] = {}
 _MAX_KNOWN_FRAMES = 512
+_MAX_KNOWN_FRAME_HEADERS = 65536
 
 
 def _remember_frame(length: int, records: list[tuple[int, tuple[int, ...]]], shape: FrameShape) -> None:
+    kept = sum(len(known.expected) for known in _FRAME_BY_LENGTH.values())
+    if kept + len(records) + sum(len(headers) for _, headers in records) > _MAX_KNOWN_FRAME_HEADERS:
+        return
     layout = ["<"]
     expected: list[int] = []
     for record_length, headers in records:
@@ -790,9 +802,7 @@ def _remember_frame(length: int, records: list[tuple[int, tuple[int, ...]]], sha
         layout.extend(f"H{header >> 8}x" for header in headers)
         expected.append(record_length)
         expected.extend(headers)
-    _FRAME_BY_LENGTH[length] = _KnownFrame(
-        struct.Struct("".join(layout)), tuple(expected), shape._replace(first_seq=None)
-    )
+    _FRAME_BY_LENGTH[length] = _KnownFrame(struct.Struct("".join(layout)), tuple(expected), shape)
 
 
 def data_records_shape(payload: bytes) -> FrameShape:
@@ -804,16 +814,18 @@ def data_records_shape(payload: bytes) -> FrameShape:
     frame = _FRAME_BY_LENGTH.get(end)
     if frame is not None and frame.headers.unpack_from(payload) == frame.expected:
         known = frame.shape  # a 0x04 payload's shape has no bad_checksums
-        # Made afresh, not _replace()d: that is a Python-level call per upload.
+        # Made afresh with its own first seq, not _replace()d: that is a
+        # Python-level call per upload.
         return FrameShape(
             known.record_count, known.field_count, _seq_at(payload, 0), known.short_fields
         )
     records = fields = 0
     short: list[tuple[int, int]] = []
     # Each record's length and field headers, while all are in the short
-    # form (None: not to be remembered, or no room for another length).
+    # form (None: not to be remembered: the length is known already, or
+    # there is no room for another).
     layouts: list[tuple[int, tuple[int, ...]]] | None = (
-        [] if frame is not None or len(_FRAME_BY_LENGTH) < _MAX_KNOWN_FRAMES else None
+        [] if frame is None and len(_FRAME_BY_LENGTH) < _MAX_KNOWN_FRAMES else None
     )
     offset = 0
     known_layouts = _LAYOUT_BY_LENGTH

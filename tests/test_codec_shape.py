@@ -321,6 +321,34 @@ class KnownLayoutTests(SynchronousTestCase):
         self.assertEqual(sorted(self.codec._FRAME_BY_LENGTH), [28, 30])
         self.assertSameAs(self.record(b"\x09\x03" + bytes(3)) * 2, (2, 2, 9, (), ()))
 
+    def test_first_layout_of_a_length_kept(self) -> None:
+        """Another layout of a known payload length is walked, and the first stays remembered."""
+        first = self.record(b"\x02\x08" + bytes(8)) * 2
+        data_records_shape(first)
+        kept = self.codec._FRAME_BY_LENGTH[len(first)]
+        other = self.record(b"\x02\x02" + bytes(2)) + self.record(b"\x09\x0e" + bytes(14))
+        self.assertSameAs(other, (2, 2, 9, ((2, 2),), ()))
+        self.assertIs(self.codec._FRAME_BY_LENGTH[len(first)], kept)
+
+    def test_frame_headers_bounded_altogether(self) -> None:
+        """Payloads whose headers would pass the bound on all kept are walked, not remembered."""
+        # Two records of one field: 4 headers (2 record lengths, 2 field headers) each.
+        self.patch(self.codec, "_MAX_KNOWN_FRAME_HEADERS", 8)
+        for size in (1, 2, 3):
+            data_records_shape(self.record(b"\x09" + bytes([size]) + bytes(size)) * 2)
+        self.assertEqual(sorted(self.codec._FRAME_BY_LENGTH), [28, 30])
+        self.assertSameAs(self.record(b"\x09\x03" + bytes(3)) * 2, (2, 2, 9, (), ()))
+
+    def test_layouts_of_too_many_fields_not_remembered(self) -> None:
+        """A record of more than _MAX_LAYOUT_FIELDS fields is walked every time; one of that many is remembered."""
+        self.patch(self.codec, "_MAX_LAYOUT_FIELDS", 3)
+        at_bound = self.record(b"\x09\x01\x00" * 3)
+        over = self.record(b"\x09\x01\x00" * 4)
+        data_records_shape(at_bound)
+        data_records_shape(over)
+        self.assertEqual(sorted(self.codec._LAYOUT_BY_LENGTH), [len(at_bound)])
+        self.assertSameAs(over, (1, 4, 9, (), ()))
+
     def assertRefusedAsDecoded(self, payload: bytes) -> None:
         with self.assertRaises(ProtocolError) as walked:
             data_records_shape(payload)
