@@ -234,12 +234,9 @@ def _readable_file(value: str) -> str:
 
 def _ca_file(value: str) -> str:
     if _readable_file(value):
-        from OpenSSL import SSL  # here only: see oemrelay.tls
+        from .tls import check_ca_file  # here only: pyOpenSSL only where TLS is configured
 
-        try:
-            SSL.Context(SSL.TLS_METHOD).load_verify_locations(value)
-        except Exception:
-            raise ValueError(f"{value!r} holds no PEM CA certificate") from None
+        check_ca_file(value)
     return value
 
 
@@ -836,6 +833,11 @@ class TcpConnectorConfig:
     )
     max_attempts: int = _max_attempts()
 
+    @property
+    def uses_tls(self) -> bool:
+        """Whether it may speak TLS: a ``tls:`` or ``ssl:`` endpoint."""
+        return _is_tls_endpoint(self.endpoint)
+
 
 @dataclass(frozen=True)
 class FileConnectorConfig:
@@ -850,6 +852,9 @@ class FileConnectorConfig:
         " must exist and be writable when the relay starts.",
     )
     max_attempts: int = _max_attempts()
+
+    #: A file needs no TLS.
+    uses_tls = False
 
 
 @dataclass(frozen=True)
@@ -888,16 +893,8 @@ class Config:
         """
         if self.relay.tls_listen or any(_is_tls_endpoint(d) for d in self.relay.listen):
             return True
-        for connector in self.connectors.values():
-            if isinstance(connector, HttpConnectorConfig):
-                if connector.uses_tls:
-                    return True
-            elif isinstance(connector, TcpConnectorConfig):
-                if _is_tls_endpoint(connector.endpoint):
-                    return True
-            elif not isinstance(connector, FileConnectorConfig):
-                return True
-        return False
+        # A connector that does not say (another type) is taken to need it.
+        return any(getattr(c, "uses_tls", True) for c in self.connectors.values())
 
 
 _Schema = Mapping[str, Key]

@@ -31,9 +31,25 @@ from twisted.web.client import BrowserLikePolicyForHTTPS
 from twisted.web.iweb import IPolicyForHTTPS
 from zope.interface import implementer
 
-#: ``tls_min_version`` values (oemrelay.config.TLS_MIN_VERSIONS) and the
-#: protocol version each stands for.
-MIN_VERSIONS = {"1.2": TLSVersion.TLSv1_2, "1.3": TLSVersion.TLSv1_3}
+from .config import TLS_MIN_VERSIONS
+
+#: ``tls_min_version`` values (``config.TLS_MIN_VERSIONS``: "1.2" is TLSv1_2)
+#: and the protocol version each stands for.
+MIN_VERSIONS = {
+    version: TLSVersion.lookupByName("TLSv" + version.replace(".", "_"))
+    for version in TLS_MIN_VERSIONS
+}
+
+
+def check_ca_file(path: str) -> None:
+    """
+    :raises ValueError: if OpenSSL finds no PEM CA certificate in ``path``
+        (the configuration's ``ca_file`` check).
+    """
+    try:
+        SSL.Context(SSL.TLS_METHOD).load_verify_locations(path)
+    except Exception:
+        raise ValueError(f"{path!r} holds no PEM CA certificate") from None
 
 
 def load_client_certificate(cert_file: str, key_file: str = "") -> PrivateCertificate:
