@@ -1630,15 +1630,10 @@ class DevicesUseTlsTests(SynchronousTestCase):
             ("[connector:x]\ntype = azure-iothub\nhub = myhub\nsas_key = c2VjcmV0\n", ""),
             (plain + "[connector:t]\ntype = tcp\nendpoint = tls:host=127.0.0.1:port=5028\n", ""),
             (plain, f"listen = ssl:20500:privateKey={cert}\n"),
+            (plain, f"tls_listen = tcp:20501\ntls_cert = {cert}\n"),
         ]:
             with self.subTest(text=text, relay=relay):
                 self.assertTrue(self.uses(text, relay))
-
-    def test_tls_listen(self) -> None:
-        """[relay] tls_listen does."""
-        cert = write_temp(self, b"".join(client_certificate_pem()))
-        text = "[connector:x]\ntype = http\nurl = http://end.example.com/dm\n"
-        self.assertTrue(self.uses(text, f"tls_listen = tcp:20501\ntls_cert = {cert}\n"))
 
     def test_unknown_connector_type_counts_as_tls(self) -> None:
         """A connector type the check does not know (a future broker's) counts as needing TLS."""

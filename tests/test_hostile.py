@@ -134,19 +134,12 @@ class HelloTimeoutTests(HostileSessionMixin, SynchronousTestCase):
             self.clock.advance(2)
         self.assertFalse(self.is_open)
 
-    def hello_timers(self) -> int:
-        deadlines = self.factory.hello_deadlines()
-        return sum(
-            getattr(call.func, "__self__", None) is deadlines
-            for call in self.clock.getDelayedCalls()
-        )
-
     def test_settled_deadline_not_kept(self) -> None:
         """Once the hello came its deadline is settled and dropped, and its timer with it."""
-        self.assertEqual((len(self.factory.hello_deadlines()), self.hello_timers()), (1, 1))
+        self.assertEqual((len(self.factory.hello_deadlines()), self.timers_of(self.factory.hello_deadlines())), (1, 1))
         self.greet()
         self.assertIsNone(self.protocol.session._hello_deadline)
-        self.assertEqual((len(self.factory.hello_deadlines()), self.hello_timers()), (0, 0))
+        self.assertEqual((len(self.factory.hello_deadlines()), self.timers_of(self.factory.hello_deadlines())), (0, 0))
 
     def test_connections_share_one_hello_timer(self) -> None:
         """
@@ -154,14 +147,14 @@ class HelloTimeoutTests(HostileSessionMixin, SynchronousTestCase):
         is closed at its own hello_timeout.
         """
         self.clock.advance(1)
-        later, later_transport = self.connect()
-        self.assertEqual((len(self.factory.hello_deadlines()), self.hello_timers()), (2, 1))
+        _, later_transport = self.connect()
+        self.assertEqual((len(self.factory.hello_deadlines()), self.timers_of(self.factory.hello_deadlines())), (2, 1))
         self.clock.advance(HELLO_TIMEOUT - 1)
         self.assertFalse(self.is_open)
         self.assertTrue(later_transport.connected)
         self.clock.advance(1)
         self.assertFalse(later_transport.connected)
-        self.assertEqual(self.hello_timers(), 0)
+        self.assertEqual(self.timers_of(self.factory.hello_deadlines()), 0)
 
     def test_hello_in_time_cancels_it(self) -> None:
         """A hello before hello_timeout keeps the connection past it."""

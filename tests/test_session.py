@@ -124,6 +124,13 @@ class SessionTestMixin:
         protocol.makeConnection(transport)
         return protocol, transport
 
+    def timers_of(self, deadlines) -> int:
+        """How many of the clock's timers are ``deadlines``' (a DeadlineQueue's)."""
+        return sum(
+            getattr(call.func, "__self__", None) is deadlines
+            for call in self.clock.getDelayedCalls()
+        )
+
     def send(self, *chunks: bytes) -> None:
         """Each chunk is one dataReceived call."""
         for chunk in chunks:
@@ -964,10 +971,7 @@ class CommitDeadlineTests(SessionTestMixin, SynchronousTestCase):
         deadlines = self.factory.commit_deadlines()
 
         def commit_timers() -> int:
-            return sum(
-                getattr(call.func, "__self__", None) is deadlines
-                for call in self.clock.getDelayedCalls()
-            )
+            return self.timers_of(deadlines)
 
         self.commit_on_second_connection(1)
         self.assertEqual(len(deadlines), 2)
