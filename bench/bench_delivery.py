@@ -60,16 +60,13 @@ class MemoryRegistry:
         self.activity_rows += len(rows)
         return succeed(None)
 
-    def record_presence(self, rows):
-        return succeed(None)
-
     def on_devices_changed(self, listener):
         pass
 
     def _nothing(self, *args):
         return succeed(None)
 
-    device_connected = device_disconnected = _nothing
+    record_presence = _nothing
     due_commands = command_sent = command_result = _nothing
 
 

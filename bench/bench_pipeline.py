@@ -26,6 +26,7 @@ run it under callgrind twice and subtract the start-up::
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import time
@@ -83,9 +84,7 @@ def greeted_devices(factory: DeviceFactory, devices: int) -> list[tuple]:
         protocol = factory.buildProtocol(None)
         transport = StringTransport()
         protocol.makeConnection(transport)
-        protocol.dataReceived(
-            Hello(serial, "353323081669730", "89610185001824844630", 34, 2, 1, 9).to_frame()
-        )
+        protocol.dataReceived(dataclasses.replace(HELLO, serial=serial).to_frame())
         sessions.append((protocol, transport))
     return sessions
 

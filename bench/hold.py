@@ -5,7 +5,8 @@ connected-devices row: ``python bench/hold.py HOST PORT COUNT SERIAL_BASE``.
 Connects COUNT devices to the relay on HOST:PORT (127.0.0.1 or ::1) (at most 2,000
 connecting at once), each sending its hello and waiting for the hello
 response; prints one JSON line (how many are connected, the hello round
-trip p99 in ms) once all answered or failed, then holds them until SIGTERM.
+trip p99 in ms, and the devices that failed by reason) once all answered or
+failed, then holds them until SIGTERM.
 """
 
 from __future__ import annotations
