@@ -6,8 +6,10 @@ One load process of the benchmark: a fleet of simulated devices
 
 The devices (each sending the same pre-encoded records every time, see
 :func:`_cheap_uploads`) connect and upload as fast as the relay commits (or, with RATE,
-that many uploads per second in all); after WARMUP seconds, and once every
-device is connected and has had an upload committed, it prints
+that many uploads per second in all); after WARMUP seconds, and once as
+many connections and committed uploads as devices have been counted (the
+counts are running totals: a device reconnecting, or committing twice,
+counts twice), it prints
 ``measuring`` (the caller samples the relay's CPU then), and after SECONDS
 more one JSON line: records and uploads committed in the window, its length,
 the commit latency percentiles of the window's commits and the devices that
@@ -69,8 +71,9 @@ async def measure(port: int, devices: int, records: int, warmup: float, seconds:
     running = Deferred.fromCoroutine(fleet.run())
     await task.deferLater(reactor, warmup, lambda: None)
     stats = fleet.stats
-    # The window opens once every device is connected and has had an upload
-    # committed: no connection storm inside it.
+    # The window opens once as many connections and commits as devices have
+    # been counted (running totals: reconnects count, as do fast devices'
+    # second commits), so the connection storm is over before it.
     for _ in range(600):
         if stats.connected >= devices and stats.uploads >= devices:
             break
