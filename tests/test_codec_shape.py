@@ -316,10 +316,7 @@ class KnownLayoutTests(SynchronousTestCase):
     def test_frames_bounded(self) -> None:
         """At the bound new payload lengths are not remembered, and are walked right."""
         self.patch(self.codec, "_MAX_KNOWN_FRAMES", 2)
-        for size in (1, 2, 3):
-            data_records_shape(self.record(b"\x09" + bytes([size]) + bytes(size)) * 2)
-        self.assertEqual(sorted(self.codec._FRAME_BY_LENGTH), [28, 30])
-        self.assertSameAs(self.record(b"\x09\x03" + bytes(3)) * 2, (2, 2, 9, (), ()))
+        self.assertThirdLengthWalked()
 
     def test_first_layout_of_a_length_kept(self) -> None:
         """Another layout of a known payload length is walked, and the first stays remembered."""
@@ -334,6 +331,10 @@ class KnownLayoutTests(SynchronousTestCase):
         """Payloads whose headers would pass the bound on all kept are walked, not remembered."""
         # Two records of one field: 4 headers (2 record lengths, 2 field headers) each.
         self.patch(self.codec, "_MAX_KNOWN_FRAME_HEADERS", 8)
+        self.assertThirdLengthWalked()
+
+    def assertThirdLengthWalked(self) -> None:
+        """Three payload lengths in: the first two remembered, the third walked right."""
         for size in (1, 2, 3):
             data_records_shape(self.record(b"\x09" + bytes([size]) + bytes(size)) * 2)
         self.assertEqual(sorted(self.codec._FRAME_BY_LENGTH), [28, 30])
